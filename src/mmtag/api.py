@@ -1,0 +1,340 @@
+"""The Python API: `Tagger` (fit / predict / predict_proba / evaluate / save / load) and the
+file-level jobs that the CLI, the server and the report call. Faces hold no logic; this does.
+
+    from mmtag import Tagger
+    tagger = Tagger.load("runs/fused")
+    preds = tagger.predict(["a.jpg"], ["a man riding a horse"])
+    preds[0].labels, preds[0].scores
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import bundle as bundle_io
+from .config import Config
+from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
+                   train_val_split)
+from .encoders import Encoder, ImageEncoder, TextEncoder, create_encoder
+from .errors import DataError, MmtagError
+from .features import (FeatureCache, Features, FeatureSet, encode_captions, encode_images,
+                       extract)
+from .fusion import Head, create_head, head_needs
+from .io import atomic_write_text
+from .metrics import Metrics, compute
+from .thresholds import Thresholds, decide, tune_global
+from .train import FitResult, fit_head, predict_logits, seed_everything
+
+log = logging.getLogger("mmtag")
+
+
+@dataclass
+class Prediction:
+    """One item's predicted label ids, their names, and the score of every label."""
+
+    labels: list[int]
+    names: list[str]
+    scores: dict[int, float]
+
+
+@dataclass
+class DatasetPredictions:
+    """Predictions for every row of a dataset, in input order."""
+
+    dataset: Dataset
+    probs: np.ndarray  # (N, C)
+    mask: np.ndarray  # (N, C) bool
+    labels: list[list[int]]
+
+
+@dataclass
+class FitReport:
+    """What `Tagger.fit` did: sizes, skipped rows and validation metrics."""
+
+    n_train: int
+    n_val: int
+    skipped: list[DataError] = field(default_factory=list)
+    val_metrics: Metrics | None = None
+    best_epoch: int = 0
+
+
+class Tagger:
+    """A multi-label image+caption tagger: frozen encoders → cached features → fusion head."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.label_space: LabelSpace | None = None
+        self.thresholds: Thresholds | None = None
+        self.head: Head | None = None
+        self.dims: dict[str, int] = {}
+        self.encoders: dict[str, Encoder] = {}
+        self.val_metrics: Metrics | None = None
+        self.history: list[dict[str, float]] = []
+        self.cache = FeatureCache(self.config.cache_dir)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def head_name(self) -> str:
+        return self.config.model.head_name()
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Feature kinds the configured head reads."""
+        return head_needs(self.head_name)
+
+    @property
+    def modalities(self) -> list[str]:
+        kinds = self.needs
+        return [m for m in ("image", "text") if any(k.startswith(m) for k in kinds)]
+
+    def _encoder(self, modality: str) -> Encoder:
+        if modality not in self.encoders:
+            name = (self.config.model.image_encoder if modality == "image"
+                    else self.config.model.text_encoder)
+            self.encoders[modality] = create_encoder(name, modality)
+        return self.encoders[modality]
+
+    def _check_fitted(self) -> None:
+        if self.head is None or self.label_space is None or self.thresholds is None:
+            raise MmtagError("this Tagger is not trained: call fit() or Tagger.load(run)")
+
+    # ------------------------------------------------------------------ features
+    def features(self, dataset: Dataset, *, skip_bad: bool = False, progress: bool = True) -> FeatureSet:
+        """Cached features of the kinds this tagger needs; bad rows raise or (skip_bad) drop."""
+        skipped: list[DataError] = []
+        if "image" in self.modalities:
+            dataset, skipped = check_images_exist(dataset, skip_bad=skip_bad)
+        image_enc = self._encoder("image") if "image" in self.modalities else None
+        text_enc = self._encoder("text") if "text" in self.modalities else None
+        fs = extract(dataset, self.needs, image_encoder=image_enc,  # type: ignore[arg-type]
+                     text_encoder=text_enc, cache=self.cache, skip_bad=skip_bad,  # type: ignore[arg-type]
+                     workers=self.config.data.workers, progress=progress)
+        fs.skipped = skipped + fs.skipped
+        return fs
+
+    def _dims(self, feats: Features) -> dict[str, int]:
+        return {k: int(feats.get(k).shape[-1]) for k in self.needs}  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Dataset, val: Dataset | None = None, *, progress: bool = True) -> FitReport:
+        """Train on `train`; validate on `val`, or on a seeded `val_frac` split of `train`."""
+        if not train.labelled:
+            raise DataError(train.path, "training data needs a Labels column")
+        cfg = self.config
+        skip_bad = cfg.data.skip_bad
+        fs = self.features(train, skip_bad=skip_bad, progress=progress)
+        skipped = list(fs.skipped)
+        if val is None:
+            tr_idx, va_idx = train_val_split(len(fs.dataset), cfg.data.val_frac, cfg.train.seed)
+            tr_data, va_data = fs.dataset.subset(tr_idx), fs.dataset.subset(va_idx)
+            tr_feats, va_feats = fs.features.subset(tr_idx), fs.features.subset(va_idx)
+        else:
+            vs = self.features(val, skip_bad=skip_bad, progress=progress)
+            skipped += vs.skipped
+            tr_data, tr_feats, va_data, va_feats = fs.dataset, fs.features, vs.dataset, vs.features
+        self.label_space = LabelSpace.from_labels(tr_data.labels)  # type: ignore[arg-type]
+        y_tr = self.label_space.encode(tr_data.labels)  # type: ignore[arg-type]
+        y_va = self.label_space.encode(va_data.labels)  # type: ignore[arg-type]
+        self.dims = self._dims(tr_feats)
+        seed_everything(cfg.train.seed)
+        head = create_head(self.head_name, self.dims, len(self.label_space),
+                           hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+        result: FitResult = fit_head(head, tr_feats, y_tr, va_feats, y_va, cfg.train, progress=progress)
+        self.head = result.head
+        self.history = result.history_dicts()
+        probs = self._probs(va_feats)
+        self.thresholds = tune_global(probs, y_va)
+        self.val_metrics = compute(y_va, decide(probs, self.thresholds), self.label_space.ids,
+                                   self.label_space.names)
+        return FitReport(n_train=len(tr_data), n_val=len(va_data), skipped=skipped,
+                         val_metrics=self.val_metrics, best_epoch=result.best_epoch)
+
+    # ------------------------------------------------------------------ prediction
+    def _probs(self, feats: Features) -> np.ndarray:
+        assert self.head is not None
+        return 1.0 / (1.0 + np.exp(-predict_logits(self.head, feats)))
+
+    def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
+        """Scores and decisions for every row (a bad row raises: predictions cover all rows)."""
+        self._check_fitted()
+        fs = self.features(dataset, skip_bad=False, progress=progress)
+        probs = self._probs(fs.features)
+        mask = decide(probs, self.thresholds)  # type: ignore[arg-type]
+        return DatasetPredictions(dataset=fs.dataset, probs=probs, mask=mask,
+                                  labels=self.label_space.decode(mask))  # type: ignore[union-attr]
+
+    def predict_proba(self, images: list[Any] | None = None,
+                      captions: list[str] | None = None) -> np.ndarray:
+        """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
+        self._check_fitted()
+        feats = self._encode(images, captions)
+        return self._probs(feats)
+
+    def predict(self, images: list[Any] | None = None,
+                captions: list[str] | None = None) -> list[Prediction]:
+        """Label lists and per-label scores for in-memory inputs (no cache, no files needed)."""
+        probs = self.predict_proba(images, captions)
+        mask = decide(probs, self.thresholds)  # type: ignore[arg-type]
+        ls = self.label_space
+        assert ls is not None
+        out = []
+        for row_p, row_m in zip(probs, mask):
+            idx = np.flatnonzero(row_m)
+            out.append(Prediction(labels=[ls.ids[j] for j in idx], names=[ls.names[j] for j in idx],
+                                  scores={ls.ids[j]: float(row_p[j]) for j in range(len(ls))}))
+        return out
+
+    def _encode(self, images: list[Any] | None, captions: list[str] | None,
+                batch_size: int = 32) -> Features:
+        feats = Features()
+        n = len(images) if images is not None else len(captions or [])
+        if "image" in self.modalities:
+            if images is None or len(images) != n:
+                raise MmtagError("this model needs one image per item")
+            enc = self._encoder("image")
+            assert isinstance(enc, ImageEncoder)
+            chunks: dict[str, list[np.ndarray]] = {"image": [], "image_tokens": []}
+            for start in range(0, n, batch_size):
+                arrays = []
+                for k, img in enumerate(images[start:start + batch_size]):
+                    try:
+                        arrays.append(load_image(img if isinstance(img, Image.Image) else Path(img),
+                                                 enc.image_size))
+                    except ValueError as exc:
+                        raise MmtagError(f"image {start + k}: {exc}") from None
+                out = encode_images(enc, arrays)
+                for kind in chunks:
+                    chunks[kind].append(out[kind])
+            for kind in self.needs:
+                if kind in chunks:
+                    setattr(feats, kind, np.concatenate(chunks[kind]))
+        if "text" in self.modalities:
+            if captions is None or len(captions) != n:
+                raise MmtagError("this model needs one caption per item")
+            enc = self._encoder("text")
+            assert isinstance(enc, TextEncoder)
+            feats.text = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
+                                         for s in range(0, n, 128)]) if n else None
+        return feats
+
+    def evaluate(self, dataset: Dataset, *, progress: bool = True) -> Metrics:
+        """Metrics of this tagger's decisions on a labelled dataset."""
+        if not dataset.labelled:
+            raise DataError(dataset.path, "evaluation needs a Labels column")
+        preds = self.predict_proba_dataset(dataset, progress=progress)
+        ls = self.label_space
+        assert ls is not None
+        y = ls.encode(preds.dataset.labels)  # type: ignore[arg-type]
+        return compute(y, preds.mask, ls.ids, ls.names)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, run_dir: str | Path) -> dict[str, Any]:
+        """Write the bundle (see `mmtag.bundle`); returns its manifest."""
+        self._check_fitted()
+        for m in self.modalities:
+            self._encoder(m)
+        return bundle_io.save(run_dir, bundle_io.Bundle(
+            config=self.config, label_space=self.label_space, thresholds=self.thresholds,  # type: ignore[arg-type]
+            head_name=self.head_name, dims=self.dims, head_state=self.head.state_dict(),  # type: ignore[union-attr]
+            encoders={m: self.encoders[m] for m in self.modalities},
+            val_metrics=self.val_metrics, history=self.history))
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, cache_dir: str | None = None) -> "Tagger":
+        """Load a trained bundle (weights verified against the manifest's sha256)."""
+        b = bundle_io.load(run_dir)
+        config = b.config
+        if cache_dir is not None:
+            config.cache_dir = cache_dir
+        tagger = cls(config)
+        tagger.label_space, tagger.thresholds = b.label_space, b.thresholds
+        tagger.dims, tagger.encoders = b.dims, b.encoders
+        tagger.head = create_head(b.head_name, b.dims, len(b.label_space),
+                                  hidden=config.model.hidden, dropout=config.model.dropout)
+        tagger.head.load_state_dict(b.head_state)
+        tagger.head.eval()
+        tagger.val_metrics, tagger.history = b.val_metrics, b.history
+        return tagger
+
+
+# ---------------------------------------------------------------------- file-level jobs
+def read_dataset(csv_path: str | Path, images: str | Path | None, *, labelled: bool,
+                 skip_bad: bool = False) -> tuple[Dataset, list[DataError]]:
+    """Read a CSV (strict unless skip_bad) and attach the images directory."""
+    if images is not None and not Path(images).is_dir():
+        raise MmtagError(f"{images}: images directory not found")
+    result = read_csv(csv_path, images_dir=images, require_labels=labelled, skip_bad=skip_bad)
+    if len(result.dataset) == 0:
+        raise DataError(csv_path, "no usable rows")
+    return result.dataset, result.skipped
+
+
+def train(train_csv: str | Path, images: str | Path | None, out: str | Path, config: Config,
+          *, progress: bool = True) -> tuple[Tagger, FitReport, dict[str, Any]]:
+    """Read, train, tune, save: the whole `mmtag train` job. Returns tagger, report, manifest."""
+    tagger = Tagger(config)
+    if "image" in tagger.modalities and images is None:
+        raise MmtagError("--images DIR is required when the image modality is used")
+    dataset, skipped = read_dataset(train_csv, images if "image" in tagger.modalities else None,
+                                    labelled=True, skip_bad=config.data.skip_bad)
+    report = tagger.fit(dataset, progress=progress)
+    report.skipped = skipped + report.skipped
+    manifest = tagger.save(out)
+    return tagger, report, manifest
+
+
+def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *,
+             progress: bool = True) -> Metrics:
+    """Metrics of a saved run on a labelled CSV."""
+    tagger = Tagger.load(run)
+    dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=True)
+    return tagger.evaluate(dataset, progress=progress)
+
+
+def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, out: str | Path, *,
+            progress: bool = True) -> DatasetPredictions:
+    """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order."""
+    tagger = Tagger.load(run)
+    dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=False)
+    preds = tagger.predict_proba_dataset(dataset, progress=progress)
+    write_submission(out, preds.dataset.image_ids, preds.labels)
+    return preds
+
+
+def write_submission(path: str | Path, image_ids: list[str], labels: list[list[int]]) -> None:
+    """`ImageID,Labels` CSV (labels space-separated), written via temp file + rename."""
+    if len(image_ids) != len(labels):
+        raise MmtagError("internal error: predictions do not cover every row")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["ImageID", "Labels"])
+    for image_id, row in zip(image_ids, labels):
+        writer.writerow([image_id, " ".join(str(x) for x in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def info(run: str | Path) -> dict[str, Any]:
+    """What a run holds: config, labels, thresholds, encoders (with hashes), metrics, size."""
+    import json
+
+    manifest = bundle_io.read_manifest(run)
+    run = Path(run)
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    return {
+        "run": str(run),
+        "head": manifest["head"],
+        "encoders": manifest["encoders"],
+        "labels": json.loads((run / "labels.json").read_text(encoding="utf-8")),
+        "thresholds": json.loads((run / "thresholds.json").read_text(encoding="utf-8")),
+        "validation": metrics.get("validation"),
+        "config": Config.from_yaml(run / "config.yaml").to_dict(),
+        "model_size_mb": manifest["model_size_mb"],
+    }

@@ -1,0 +1,188 @@
+"""Command line: parses options, calls `mmtag.api`, prints results. No logic of its own.
+
+argparse (stdlib) rather than typer/click: no extra dependency, fast start-up, and `torchrun -m
+mmtag` works unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, MmtagError
+
+log = logging.getLogger("mmtag")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _report_skipped(skipped: list[DataError]) -> None:
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} bad row(s) (--skip-bad):", file=sys.stderr)
+    for err in skipped[:5]:
+        print(f"  {err}", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"  ... and {len(skipped) - 5} more", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import api
+    from .config import Config
+
+    config = Config.from_yaml(args.config) if args.config else Config()
+    config = config.override({
+        "data.val_frac": args.val_frac, "data.skip_bad": True if args.skip_bad else None,
+        "data.workers": args.workers, "model.modalities": args.modalities,
+        "model.fusion": args.fusion, "model.image_encoder": args.image_encoder,
+        "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
+        "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
+        "train.batch_size": args.batch_size, "train.patience": args.patience,
+        "cache_dir": args.cache_dir,
+    })
+    _, report, manifest = api.train(args.train_csv, args.images, args.out, config,
+                                    progress=_progress(args))
+    _report_skipped(report.skipped)
+    m = report.val_metrics
+    print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
+          f"(best epoch {report.best_epoch})")
+    if m is not None:
+        print(f"validation: {m.headline()}")
+    print(f"model_size_mb: {manifest['model_size_mb']}")
+    print(f"run saved to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import api
+    from .io import atomic_write_text
+
+    metrics = api.evaluate(args.run, args.csv, args.images, progress=_progress(args))
+    print(metrics.table())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(metrics.to_dict(), indent=2) + "\n")
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import api
+
+    preds = api.predict(args.run, args.csv, args.images, args.out, progress=_progress(args))
+    print(f"wrote {len(preds.labels)} predictions to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from . import api
+
+    data: dict[str, Any] = api.info(args.run)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    head = data["head"]
+    print(f"run:            {data['run']}")
+    print(f"head:           {head['name']} (hidden {head['hidden']}, inputs {head['dims']})")
+    for modality, enc in data["encoders"].items():
+        src = enc.get("source", {})
+        print(f"{modality + ' encoder:':<16}{enc['name']}  weights sha256 {enc['weights_sha256'][:16]}…"
+              + (f"  from {src.get('package')}/{src.get('file')} (sha256 {src.get('file_sha256', '')[:16]}…)"
+                 if src else ""))
+    labels = data["labels"]
+    print(f"labels ({len(labels['ids'])}):    " +
+          ", ".join(f"{i} {n}" for i, n in zip(labels["ids"], labels["names"])))
+    thr = data["thresholds"]
+    print(f"thresholds:     {thr['mode']} " + (f"{thr['values'][0]:.2f}" if thr["mode"] == "global"
+                                              else str([round(v, 2) for v in thr["values"]])))
+    val = data.get("validation")
+    if val:
+        print(f"validation:     samples_f1={val['samples_f1']:.4f} micro_f1={val['micro_f1']:.4f} "
+              f"macro_f1={val['macro_f1']:.4f} (n={val['n']})")
+    print(f"model_size_mb:  {data['model_size_mb']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(args.out, progress=_progress(args))
+    print("mmtag demo — synthetic image+caption data; labels 10/13/15 are only in the image,")
+    print("17/18/19 only in the caption. Holdout metrics:")
+    print(f"{'model':<8}{'samples_f1':>12}{'micro_f1':>10}{'macro_f1':>10}")
+    for name, m in result.metrics.items():
+        print(f"{name:<8}{m.samples_f1:>12.4f}{m.micro_f1:>10.4f}{m.macro_f1:>10.4f}")
+    print(f"runs:       {', '.join(str(p) for p in result.runs.values())}")
+    print(f"submission: {result.submission}")
+    print(f"data:       {result.out / 'data'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a tagger on a labelled CSV")
+    p.add_argument("train_csv", type=Path)
+    p.add_argument("--images", type=Path, help="images folder (not needed for --modalities text)")
+    p.add_argument("--out", type=Path, required=True, help="run directory to write")
+    p.add_argument("--config", type=Path, help="YAML config; flags override it")
+    p.add_argument("--modalities", help="image, text or image,text (default)")
+    p.add_argument("--fusion", help="fusion head when both modalities are used (default concat)")
+    p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing")
+    p.add_argument("--image-encoder", help="image encoder (default efficientnet-lite0)")
+    p.add_argument("--text-encoder", help="text encoder (default minilm-l6)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--hidden", type=int)
+    p.add_argument("--workers", type=int, help="image decoding workers (default 2)")
+    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on a labelled CSV")
+    p.add_argument("run", type=Path)
+    p.add_argument("csv", type=Path)
+    p.add_argument("--images", type=Path)
+    p.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
+    p.add_argument("run", type=Path)
+    p.add_argument("csv", type=Path)
+    p.add_argument("--images", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="what a run holds")
+    p.add_argument("run", type=Path)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="train and evaluate on a generated dataset")
+    p.add_argument("--out", type=Path, default=Path("mmtag-demo"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except MmtagError as exc:
+        print(f"mmtag: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmtag: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,125 @@
+"""Training a head on cached features: BCE-with-logits, AdamW, early stopping on validation
+sample-F1 (at its tuned global threshold), best weights kept. Seeded and deterministic on CPU."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .features import Features
+from .fusion import FeatureBatch, Head
+from .metrics import samples_f1
+from .thresholds import decide, tune_global
+
+log = logging.getLogger("mmtag")
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_samples_f1: float
+    threshold: float
+
+
+@dataclass
+class FitResult:
+    """The trained head (best epoch's weights) and the per-epoch history."""
+
+    head: Head
+    history: list[EpochLog] = field(default_factory=list)
+    best_epoch: int = 0
+
+    def history_dicts(self) -> list[dict[str, float]]:
+        return [asdict(e) for e in self.history]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_of(features: Features, needs: tuple[str, ...], index: np.ndarray | slice) -> FeatureBatch:
+    """Rows `index` of the kinds in `needs`, as float32 tensors."""
+    out = FeatureBatch()
+    for kind in needs:
+        arr = features.get(kind)
+        assert arr is not None, f"missing {kind} features"
+        setattr(out, kind, torch.from_numpy(np.asarray(arr[index], dtype=np.float32)))
+    return out
+
+
+def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np.ndarray:
+    """Head logits for every row, in order."""
+    head.eval()
+    n = len(features)
+    outs = []
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            batch = batch_of(features, head.needs, slice(start, min(start + batch_size, n)))
+            outs.append(head(batch).logits.float().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _loss(head: Head, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
+    out = head(batch)
+    loss = criterion(out.logits, y)
+    for branch in out.branches.values():
+        loss = loss + criterion(branch, y)
+    return loss
+
+
+def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
+             cfg: TrainConfig, *, progress: bool = True) -> FitResult:
+    """Train `head` and return it with the weights of its best validation epoch."""
+    seed_everything(cfg.seed)
+    # Re-seed after construction too: the head was built outside, and the shuffling and dropout
+    # streams must not depend on what else consumed random numbers before this call.
+    generator = torch.Generator().manual_seed(cfg.seed)
+    criterion = nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    yt = torch.from_numpy(y_train.astype(np.float32))
+    yv = torch.from_numpy(y_val.astype(np.float32))
+    n = len(y_train)
+    result = FitResult(head=head)
+    best_f1, best_state, stale = -1.0, copy.deepcopy(head.state_dict()), 0
+    bar = tqdm(range(1, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
+    for epoch in bar:
+        head.train()
+        perm = torch.randperm(n, generator=generator).numpy()
+        total = 0.0
+        for start in range(0, n, cfg.batch_size):
+            idx = np.sort(perm[start:start + cfg.batch_size])
+            loss = _loss(head, batch_of(train, head.needs, idx), yt[idx], criterion)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+        val_logits = torch.from_numpy(predict_logits(head, val))
+        val_loss = float(criterion(val_logits, yv))
+        probs = torch.sigmoid(val_logits).numpy()
+        thr = tune_global(probs, y_val)
+        f1 = samples_f1(y_val, decide(probs, thr))
+        result.history.append(EpochLog(epoch, total / n, val_loss, f1, float(thr.values[0])))
+        bar.set_postfix(loss=f"{total / n:.4f}", val_f1=f"{f1:.4f}")
+        if f1 > best_f1 + 1e-6:
+            best_f1, best_state, stale, result.best_epoch = f1, copy.deepcopy(head.state_dict()), 0, epoch
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
+                         epoch, result.best_epoch, best_f1)
+                break
+    bar.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    return result
