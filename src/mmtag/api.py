@@ -195,10 +195,18 @@ class Tagger:
     def _encode(self, images: list[Any] | None, captions: list[str] | None,
                 batch_size: int = 32) -> Features:
         feats = Features()
-        n = len(images) if images is not None else len(captions or [])
+        if "image" in self.modalities and images is None:
+            raise MmtagError("this model needs images (one per item)")
+        if "text" in self.modalities and captions is None:
+            raise MmtagError("this model needs captions (one per item)")
+        sizes = {len(x) for x in (images, captions) if x is not None}
+        if len(sizes) != 1:
+            raise MmtagError(f"got {len(images or [])} images but {len(captions or [])} captions")
+        n = sizes.pop()
+        if n == 0:
+            raise MmtagError("nothing to predict: no items given")
         if "image" in self.modalities:
-            if images is None or len(images) != n:
-                raise MmtagError("this model needs one image per item")
+            assert images is not None
             enc = self._encoder("image")
             assert isinstance(enc, ImageEncoder)
             chunks: dict[str, list[np.ndarray]] = {"image": [], "image_tokens": []}
@@ -217,12 +225,11 @@ class Tagger:
                 if kind in chunks:
                     setattr(feats, kind, np.concatenate(chunks[kind]))
         if "text" in self.modalities:
-            if captions is None or len(captions) != n:
-                raise MmtagError("this model needs one caption per item")
+            assert captions is not None
             enc = self._encoder("text")
             assert isinstance(enc, TextEncoder)
             feats.text = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
-                                         for s in range(0, n, 128)]) if n else None
+                                         for s in range(0, n, 128)])
         return feats
 
     def evaluate(self, dataset: Dataset, *, progress: bool = True) -> Metrics:

@@ -33,7 +33,7 @@ class ModelConfig:
     text_encoder: str = "minilm-l6"
     fusion: str = "concat"
     hidden: int = 512
-    dropout: float = 0.2
+    dropout: float = 0.5
 
     def head_name(self) -> str:
         """The registered head that these modalities and this fusion choice select."""
@@ -50,11 +50,11 @@ class TrainConfig:
     """Optimisation of the head on cached features."""
 
     seed: int = 0
-    epochs: int = 60
-    patience: int = 8  # epochs without a better validation sample-F1 before stopping
+    epochs: int = 100
+    patience: int = 15  # epochs without a better validation sample-F1 before stopping
     batch_size: int = 256
     lr: float = 1e-3
-    weight_decay: float = 1e-2
+    weight_decay: float = 0.05
 
 
 @dataclass

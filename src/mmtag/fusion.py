@@ -118,19 +118,41 @@ class TextHead(Head):
         return HeadOutput(self.net(batch.text))
 
 
+def projection(in_dim: int, out_dim: int, input_dropout: float = 0.0) -> nn.Sequential:
+    """LayerNorm → Dropout → Linear → GELU: brings a modality to a common width and scale."""
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Dropout(input_dropout), nn.Linear(in_dim, out_dim),
+                         nn.GELU())
+
+
+# 1280-d pooled image vectors overfit small training sets far faster than 384-d caption vectors;
+# dropping half of the image inputs while training gave +0.6 points of validation sample-F1 for
+# concat fusion on coco-real (see bench/foundation.py) and costs nothing at inference.
+IMAGE_INPUT_DROPOUT = 0.5
+PROJ_DIM = 256
+
+
 @register_head("concat")
 class ConcatHead(Head):
-    """Early fusion: both pooled vectors concatenated, then one MLP."""
+    """Early fusion: each modality projected to the same width (so the 1280-d image vector cannot
+    drown the 384-d caption vector), concatenated, then an MLP. Each projection also feeds a linear
+    auxiliary classifier whose loss makes it informative on its own."""
 
     needs = ("image", "text")
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:
         super().__init__(dims, num_classes, hidden, dropout)
-        self.net = mlp(dims["image"] + dims["text"], hidden, num_classes, dropout)
+        self.image = projection(dims["image"], PROJ_DIM, IMAGE_INPUT_DROPOUT)
+        self.text = projection(dims["text"], PROJ_DIM)
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * PROJ_DIM, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.aux_image = nn.Linear(PROJ_DIM, num_classes)
+        self.aux_text = nn.Linear(PROJ_DIM, num_classes)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        return HeadOutput(self.net(torch.cat([batch.image, batch.text], dim=1)))
+        zi, zt = self.image(batch.image), self.text(batch.text)
+        return HeadOutput(self.net(torch.cat([zi, zt], dim=1)),
+                          {"image": self.aux_image(zi), "text": self.aux_text(zt)})
 
 
 @register_head("mean")

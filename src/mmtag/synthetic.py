@@ -47,8 +47,9 @@ def _draw(draw: ImageDraw.ImageDraw, label: int, rng: np.random.Generator, size:
     elif label == 15:  # bench: brown planks on legs
         for k in range(3):
             draw.rectangle([x, y + k * s // 6, x + s, y + k * s // 6 + s // 10], fill=(120, 75, 30))
-        draw.rectangle([x + 2, y, x + s // 10, y + s], fill=(60, 40, 20))
-        draw.rectangle([x + s - s // 10, y, x + s - 2, y + s], fill=(60, 40, 20))
+        leg = max(3, s // 10)
+        draw.rectangle([x, y, x + leg, y + s], fill=(60, 40, 20))
+        draw.rectangle([x + s - leg, y, x + s, y + s], fill=(60, 40, 20))
 
 
 def _item(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[int], str]:

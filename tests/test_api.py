@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+
+from mmtag import Tagger, api
+from mmtag.errors import MmtagError
+
+
+def test_fused_beats_single_modalities_on_synthetic(tiny, make_config, fused_run, tmp_path):
+    scores = {}
+    for name, mods in (("image", ["image"]), ("text", ["text"])):
+        api.train(tiny.train_csv, tiny.images, tmp_path / name,
+                  make_config(**{"model.modalities": mods}), progress=False)
+        scores[name] = api.evaluate(tmp_path / name, tiny.holdout_csv, tiny.images, progress=False).samples_f1
+    fused = api.evaluate(fused_run, tiny.holdout_csv, tiny.images, progress=False).samples_f1
+    assert fused > max(scores.values()), (fused, scores)
+
+
+def test_bundle_round_trip_identical_predictions(tiny, fused_run, make_config, tmp_path):
+    tagger = Tagger.load(fused_run)
+    data, _ = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    p1 = tagger.predict_proba_dataset(data, progress=False).probs
+    tagger.save(tmp_path / "copy")
+    again = Tagger.load(tmp_path / "copy")
+    p2 = again.predict_proba_dataset(data, progress=False).probs
+    assert np.array_equal(p1, p2)  # same features in → bit-identical scores out
+    assert np.array_equal(tagger.thresholds.values, again.thresholds.values)
+    # Recomputed features (fresh cache) differ only by batch-composition float noise.
+    fresh = Tagger.load(tmp_path / "copy", cache_dir=str(tmp_path / "fresh-cache"))
+    p3 = fresh.predict_proba_dataset(data, progress=False)
+    assert np.allclose(p1, p3.probs, atol=1e-3)
+
+
+def test_in_memory_predict_matches_file_predictions(tiny, fused_run):
+    tagger = Tagger.load(fused_run)
+    data, _ = api.read_dataset(tiny.test_csv, tiny.images, labelled=False)
+    preds = tagger.predict([data.image_path(i) for i in range(4)], data.captions[:4])
+    from_files = tagger.predict_proba_dataset(data.subset(range(4)), progress=False)
+    assert [p.labels for p in preds] == from_files.labels
+    assert all(p.labels and set(p.scores) == set(tagger.label_space.ids) for p in preds)
+    # cached features are fp16, in-memory ones fp32: scores agree closely, not bit-exactly
+    got = np.array([[p.scores[i] for i in tagger.label_space.ids] for p in preds])
+    assert np.allclose(got, from_files.probs, atol=2e-2)
+
+
+def test_predict_needs_both_inputs_for_fused(fused_run):
+    tagger = Tagger.load(fused_run)
+    with pytest.raises(MmtagError, match="needs captions"):
+        tagger.predict(images=[], captions=None)
+    with pytest.raises(MmtagError, match="2 images but 1 captions"):
+        tagger.predict(images=["a.jpg", "b.jpg"], captions=["x"])
+    with pytest.raises(MmtagError, match="nothing to predict"):
+        tagger.predict(images=[], captions=[])
+
+
+def test_untrained_tagger_says_so():
+    with pytest.raises(MmtagError, match="not trained"):
+        Tagger().predict(captions=["x"])
+
+
+def test_text_only_needs_no_images(tiny, make_config, tmp_path):
+    _, report, _ = api.train(tiny.train_csv, None, tmp_path / "t",
+                             make_config(**{"model.modalities": ["text"]}), progress=False)
+    assert report.val_metrics is not None
+    preds = api.predict(tmp_path / "t", tiny.test_csv, None, tmp_path / "s.csv", progress=False)
+    assert len(preds.labels) == 12
+
+
+def test_training_is_deterministic(tiny, make_config, tmp_path):
+    cfg = make_config(**{"model.modalities": ["text"]})
+    a = api.train(tiny.train_csv, None, tmp_path / "a", cfg, progress=False)[0]
+    b = api.train(tiny.train_csv, None, tmp_path / "b", cfg, progress=False)[0]
+    for k, v in a.head.state_dict().items():
+        assert np.array_equal(v.numpy(), b.head.state_dict()[k].numpy()), k

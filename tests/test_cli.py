@@ -1,0 +1,90 @@
+"""End-to-end through the real `mmtag` entry point (subprocess), on a tiny generated dataset."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def mmtag(*args, cwd=None):
+    env = dict(os.environ, MMTAG_CACHE=os.environ.get("MMTAG_TEST_CACHE", ""))
+    return subprocess.run([sys.executable, "-m", "mmtag", "-q", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["MMTAG_TEST_CACHE"] = str(tmp_path_factory.mktemp("clicache"))
+    yield
+    os.environ.pop("MMTAG_TEST_CACHE", None)
+
+
+def test_train_evaluate_predict_info(tiny, tmp_path):
+    run = tmp_path / "run"
+    r = mmtag("train", tiny.train_csv, "--images", tiny.images, "--out", run, "--fusion", "mean",
+              "--epochs", "10", "--hidden", "64", "--workers", "0", "--val-frac", "0.2", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert "validation: samples_f1=" in r.stdout and "model_size_mb" in r.stdout
+
+    r = mmtag("evaluate", run, tiny.holdout_csv, "--images", tiny.images, "--json", tmp_path / "m.json")
+    assert r.returncode == 0, r.stderr
+    assert "samples F1 (Mean F1)" in r.stdout and "stop sign" in r.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert {"samples_f1", "micro_f1", "macro_f1", "per_class"} <= set(m)
+
+    r = mmtag("predict", run, tiny.test_csv, "--images", tiny.images, "--out", tmp_path / "sub.csv")
+    assert r.returncode == 0, r.stderr
+    with open(tiny.test_csv, newline="") as fh:
+        ids = [row["ImageID"] for row in csv.DictReader(fh)]
+    with open(tmp_path / "sub.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["ImageID"] for row in rows] == ids
+    assert all(row["Labels"].strip() for row in rows)
+
+    r = mmtag("info", run)
+    assert r.returncode == 0 and "model_size_mb" in r.stdout and "mean" in r.stdout
+    info = json.loads(mmtag("info", run, "--json").stdout)
+    assert info["config"]["train"]["seed"] == 3 and info["config"]["data"]["val_frac"] == 0.2
+
+
+def _write(path, text):
+    path.write_bytes(text.encode())
+    return path
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('ImageID,Labels,Caption\r\n0.jpg,1,"unterminated\r\n1.jpg,1,ok\r\n', "row 1 (line 2): malformed CSV"),
+    ("ImageID,Labels,Caption\r\n0.jpg,1,fine\r\n1.jpg,one,bad\r\n", "row 2 (line 3): label 'one'"),
+    ("ImageID,Caption\r\n0.jpg,no labels\r\n", "missing column(s) Labels"),
+    ("ImageID,Labels,Caption\r\n0.jpg,1,\r\n", "row 1 (line 2): Caption is empty"),
+    ("ImageID,Labels,Caption\r\n../0.jpg,1,x\r\n", "outside the images directory"),
+])
+def test_bad_csv_is_one_line_error(tiny, tmp_path, content, needle):
+    csv_path = _write(tmp_path / "bad.csv", content)
+    r = mmtag("train", csv_path, "--images", tiny.images, "--out", tmp_path / "run", "--modalities", "text")
+    assert r.returncode == 2
+    assert needle in r.stderr and str(csv_path) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_missing_image_strict_then_skip_bad(tiny, tmp_path):
+    lines = tiny.train_csv.read_text().splitlines()
+    content = "\r\n".join(lines[:40] + ["nope.jpg,13,a photo of the city"] + lines[40:]) + "\r\n"
+    csv_path = _write(tmp_path / "t.csv", content)
+    r = mmtag("train", csv_path, "--images", tiny.images, "--out", tmp_path / "run", "--epochs", "2",
+              "--hidden", "32", "--workers", "0")
+    assert r.returncode == 2 and "row 40" in r.stderr and "nope.jpg" in r.stderr and "not found" in r.stderr
+    r = mmtag("train", csv_path, "--images", tiny.images, "--out", tmp_path / "run", "--epochs", "2",
+              "--hidden", "32", "--workers", "0", "--skip-bad")
+    assert r.returncode == 0, r.stderr
+    assert "skipped 1 bad row" in r.stderr and "nope.jpg" in r.stderr
+
+
+def test_unknown_fusion_and_missing_run(tiny, tmp_path):
+    r = mmtag("train", tiny.train_csv, "--images", tiny.images, "--out", tmp_path / "r", "--fusion", "nope")
+    assert r.returncode == 2 and "unknown fusion head 'nope'" in r.stderr
+    r = mmtag("info", tmp_path / "missing")
+    assert r.returncode == 2 and "not found" in r.stderr

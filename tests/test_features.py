@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from mmtag import features as features_mod
+from mmtag.api import read_dataset
+from mmtag.encoders import create_encoder
+from mmtag.errors import DataError
+from mmtag.features import FeatureCache, extract
+
+
+@pytest.fixture(scope="module")
+def encoders():
+    return create_encoder("efficientnet-lite0"), create_encoder("minilm-l6")
+
+
+def _extract(data, cache, encoders, kinds=("image", "text"), **kw):
+    img, txt = encoders
+    return extract(data, kinds, image_encoder=img, text_encoder=txt, cache=cache, workers=0,
+                   progress=False, **kw)
+
+
+def test_second_extraction_is_served_from_cache(tiny, tmp_path, encoders, monkeypatch):
+    data, _ = read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    cache = FeatureCache(tmp_path / "c")
+    first = _extract(data, cache, encoders)
+    assert first.features.image.shape == (len(data), 1280) and first.features.text.shape == (len(data), 384)
+    assert first.features.image.dtype == np.float16
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed despite cache")
+
+    monkeypatch.setattr(features_mod, "encode_images", boom)
+    monkeypatch.setattr(features_mod, "encode_captions", boom)
+    again = _extract(data, FeatureCache(tmp_path / "c"), encoders)  # fresh index, read from disk
+    assert np.array_equal(first.features.image, again.features.image)
+    assert np.array_equal(first.features.text, again.features.text)
+    # a subset in another order is also fully cached
+    sub = data.subset([5, 1, 3])
+    part = _extract(sub, FeatureCache(tmp_path / "c"), encoders)
+    assert np.array_equal(part.features.image, first.features.image[[5, 1, 3]])
+
+
+def test_cache_disabled_still_works_and_matches(tiny, tmp_path, encoders):
+    data, _ = read_dataset(tiny.test_csv, tiny.images, labelled=False)
+    a = _extract(data, FeatureCache(None), encoders, kinds=("image_tokens", "image"))
+    b = _extract(data, FeatureCache(tmp_path / "c2"), encoders, kinds=("image_tokens", "image"))
+    assert a.features.image_tokens.shape == (len(data), 49, 1280)
+    assert np.array_equal(a.features.image_tokens, b.features.image_tokens)
+    assert np.allclose(a.features.image.astype(np.float32),
+                       a.features.image_tokens.astype(np.float32).mean(1), atol=2e-2)
+
+
+def test_undecodable_image_strict_and_skip(tiny, tmp_path, encoders):
+    data, _ = read_dataset(tiny.test_csv, tiny.images, labelled=False)
+    bad_dir = tmp_path / "imgs"
+    bad_dir.mkdir()
+    for i in range(len(data)):
+        (bad_dir / data.image_ids[i]).write_bytes(data.image_path(i).read_bytes())
+    (bad_dir / data.image_ids[2]).write_bytes(b"not a jpeg")
+    data.images_dir = bad_dir
+    cache = FeatureCache(tmp_path / "c3")
+    with pytest.raises(DataError, match=r"row 3.*cannot decode"):
+        _extract(data, cache, encoders, kinds=("image",))
+    fs = _extract(data, cache, encoders, kinds=("image",), skip_bad=True)
+    assert len(fs.dataset) == len(data) - 1 and len(fs.skipped) == 1
+    assert data.image_ids[2] not in fs.dataset.image_ids
+    assert fs.features.image.shape[0] == len(data) - 1
