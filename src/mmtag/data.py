@@ -6,8 +6,9 @@ Nothing here drops a row silently: a bad row raises `DataError` naming file, row
 from __future__ import annotations
 
 import csv
-import io
 import math
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -165,8 +166,11 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(path, "not valid UTF-8 text", line=line) from None
 
-    # newline="" keeps CR/LF inside quoted fields intact while still splitting records.
-    physical = list(io.StringIO(text, newline=""))
+    # Split physical lines on LF only (keeping the ends), so line numbers match what an editor or
+    # `grep -n` shows even when a quoted caption holds a lone CR; the csv module joins the lines
+    # of a multi-line quoted field itself. A file with old-Mac CR-only line ends is split on CR.
+    physical = re.split(r"(?<=\n)", text) if "\n" in text else re.split(r"(?<=\r)", text)
+    physical = [line for line in physical if line]
     if not physical:
         raise DataError(path, "file is empty (expected a header ImageID,Labels,Caption)")
 
@@ -276,17 +280,17 @@ def load_image(path: str | Path | Image.Image, size: int) -> np.ndarray:
     Raises ValueError with the reason when the file is not a usable image.
     """
     try:
-        if isinstance(path, Image.Image):
-            img = path
-        else:
-            img = Image.open(path)
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = path if isinstance(path, Image.Image) else Image.open(path)
         img.draft("RGB", (size, size))
         img = _exif_upright(img)
         if img.mode != "RGB":
             img = _to_rgb(img)
         img = img.resize((size, size), Image.BILINEAR)
         arr = np.asarray(img, dtype=np.float32)
-    except Image.DecompressionBombError:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ValueError("image is too large (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ValueError(f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
@@ -312,8 +316,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.split()[-1])
         return background
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit images span 0..65535; 32-bit "I" images are usually 8- or 16-bit data widened.
         arr = np.asarray(img, dtype=np.float32)
-        arr = 255.0 * arr / max(float(arr.max()), 1.0)
+        full = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(255.0 * arr / full, 0, 255)
         return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
 

@@ -1,0 +1,743 @@
+"""Tests for mmtag.data: CSV reading (competition layout), labels, splits and image decoding.
+
+Every input is generated under pytest's tmp_path; CSVs are written as bytes so line endings
+(CRLF, bare CR, LF) are exactly what each test says they are.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmtag.data import (
+    COCO_NAMES,
+    MAX_CAPTION_CHARS,
+    LabelSpace,
+    check_image_id,
+    check_images_exist,
+    load_image,
+    parse_labels,
+    read_csv,
+    train_val_split,
+)
+from mmtag.errors import DataError
+
+HEADER = b"ImageID,Labels,Caption\r\n"
+
+
+def write(tmp_path: Path, data: bytes, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def crlf(*records: bytes) -> bytes:
+    """Join records with CRLF (each record may itself contain quoted line breaks)."""
+    return b"".join(r + b"\r\n" for r in records)
+
+
+def assert_data_error(err: DataError, path: Path, row: int | None, line: int | None,
+                      *fragments: str) -> None:
+    msg = str(err)
+    assert err.path == str(path)
+    assert str(path) in msg
+    assert err.row == row
+    assert err.line == line
+    if row is not None:
+        assert f"row {row}" in msg
+    if line is not None:
+        assert f"line {line}" in msg
+    for fragment in fragments:
+        assert fragment in msg, (fragment, msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. read_csv: parsing the competition layout
+# ----------------------------------------------------------------------------------------------
+
+def test_read_csv_crlf_quoted_captions_parse_exactly(tmp_path: Path) -> None:
+    data = HEADER + crlf(
+        b'a.jpg,1,plain caption',
+        b'b.jpg,1 3  19,"a man, a plan, a canal"',
+        b'c.jpg,2,"she said ""hi"" twice"',
+        b'd.jpg,3,"line one\nline two"',
+        b'e.jpg,4,"crlf one\r\ncrlf two"',
+        b'f.jpg,5,"bare\rreturn"',
+        b'g.jpg,6,"all, of ""them""\r\nand\nmore"',
+        b'h.jpg,7,last',
+    )
+    path = write(tmp_path, data)
+    result = read_csv(path, images_dir=tmp_path / "imgs", require_labels=True)
+    ds = result.dataset
+    assert result.skipped == []
+    assert ds.path == path
+    assert ds.labelled
+    assert ds.image_ids == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg", "g.jpg", "h.jpg"]
+    assert ds.captions == [
+        "plain caption",
+        "a man, a plan, a canal",
+        'she said "hi" twice',
+        "line one\nline two",
+        "crlf one\r\ncrlf two",
+        "bare\rreturn",
+        'all, of "them"\r\nand\nmore',
+        "last",
+    ]
+    assert ds.labels == [[1], [1, 3, 19], [2], [3], [4], [5], [6], [7]]
+    assert ds.rows == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Records up to f.jpg have no bare CR, so their start lines are unambiguous.
+    assert ds.lines[:6] == [2, 3, 4, 5, 7, 9]
+    assert ds.images_dir == tmp_path / "imgs"
+    assert ds.image_path(1) == tmp_path / "imgs" / "b.jpg"
+    assert len(ds) == 8
+
+
+def test_read_csv_lines_with_lf_and_multiline_records(tmp_path: Path) -> None:
+    data = (b"ImageID,Labels,Caption\n"
+            b'a.jpg,1,"one\ntwo\nthree"\n'
+            b"b.jpg,2,single\n"
+            b'c.jpg,3,"x\r\ny"\n'
+            b"d.jpg,4,end")  # no trailing newline
+    ds = read_csv(write(tmp_path, data)).dataset
+    assert ds.captions == ["one\ntwo\nthree", "single", "x\r\ny", "end"]
+    assert ds.rows == [1, 2, 3, 4]
+    assert ds.lines == [2, 5, 6, 8]
+    assert ds.where(3) == {"row": 4, "line": 8}
+
+
+def test_read_csv_utf8_bom_header(tmp_path: Path) -> None:
+    data = b"\xef\xbb\xbf" + HEADER + crlf("x.jpg,1,caf\u00e9 \u2013 ok".encode("utf-8"))
+    ds = read_csv(write(tmp_path, data), require_labels=True).dataset
+    assert ds.image_ids == ["x.jpg"]
+    assert ds.captions == ["caf\u00e9 \u2013 ok"]
+    assert ds.labels == [[1]]
+
+
+def test_read_csv_test_layout_without_labels(tmp_path: Path) -> None:
+    data = b"ImageID,Caption\r\n" + crlf(b"a.jpg,first", b'b.jpg,"second, quoted"')
+    result = read_csv(write(tmp_path, data))
+    ds = result.dataset
+    assert ds.labels is None
+    assert not ds.labelled
+    assert ds.image_ids == ["a.jpg", "b.jpg"]
+    assert ds.captions == ["first", "second, quoted"]
+    assert ds.rows == [1, 2]
+    assert ds.lines == [2, 3]
+    assert ds.subset([1]).labels is None
+
+
+def test_read_csv_columns_in_any_order_and_header_spaces(tmp_path: Path) -> None:
+    data = b" Caption , ImageID ,Labels\r\n" + crlf(b'"hello, world",a.jpg,2 1', b"bye,sub/b.png,5")
+    ds = read_csv(write(tmp_path, data), require_labels=True).dataset
+    assert ds.image_ids == ["a.jpg", "sub/b.png"]
+    assert ds.captions == ["hello, world", "bye"]
+    assert ds.labels == [[1, 2], [5]]
+
+
+def test_read_csv_blank_lines_are_ignored(tmp_path: Path) -> None:
+    data = (HEADER
+            + b"\r\n"                 # line 2: blank
+            + b"a.jpg,1,first\r\n"    # line 3
+            + b"\r\n\r\n"             # lines 4-5: blank
+            + b"   \r\n"              # line 6: whitespace only
+            + b",,\r\n"               # line 7: empty fields only
+            + b'b.jpg,2,"two\r\nlines"\r\n'  # lines 8-9
+            + b"\r\n"                 # line 10: blank
+            + b"c.jpg,3,third\r\n"    # line 11
+            + b"\r\n")                # line 12: trailing blank
+    result = read_csv(write(tmp_path, data), require_labels=True)
+    ds = result.dataset
+    assert result.skipped == []
+    assert ds.image_ids == ["a.jpg", "b.jpg", "c.jpg"]
+    assert ds.captions == ["first", "two\r\nlines", "third"]
+    assert ds.rows == [1, 2, 3]
+    assert ds.lines == [3, 8, 11]
+
+
+def test_read_csv_header_only_gives_empty_dataset(tmp_path: Path) -> None:
+    result = read_csv(write(tmp_path, HEADER))
+    assert len(result.dataset) == 0
+    assert result.dataset.labels == []
+    assert result.skipped == []
+
+
+def test_read_csv_subset_keeps_rows_and_lines(tmp_path: Path) -> None:
+    data = HEADER + crlf(b"a.jpg,1,x", b'b.jpg,2,"y\r\ny"', b"c.jpg,3,z")
+    ds = read_csv(write(tmp_path, data)).dataset
+    sub = ds.subset(np.array([2, 0]))
+    assert sub.image_ids == ["c.jpg", "a.jpg"]
+    assert sub.captions == ["z", "x"]
+    assert sub.labels == [[3], [1]]
+    assert sub.rows == [3, 1]
+    assert sub.lines == [5, 2]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. read_csv: strict errors
+# ----------------------------------------------------------------------------------------------
+
+# (name, records after the header, bad row, bad line, message fragments)
+BAD_ROWS = [
+    ("non_integer_label", [b"a.jpg,1,ok", b"b.jpg,1 x,bad"], 2, 3, ["'x'", "not an integer"]),
+    ("negative_label", [b"a.jpg,-1,bad"], 1, 2, ["'-1'", "negative"]),
+    ("empty_labels", [b"a.jpg,1,ok", b"b.jpg,,bad"], 2, 3, ["Labels is empty"]),
+    ("blank_labels", [b'a.jpg,"   ",bad'], 1, 2, ["Labels is empty"]),
+    ("empty_caption", [b"a.jpg,1,ok", b"b.jpg,2,"], 2, 3, ["Caption is empty"]),
+    ("quoted_empty_caption", [b'a.jpg,2,""'], 1, 2, ["Caption is empty"]),
+    ("blank_caption", [b'a.jpg,1,"  \r\n  "'], 1, 2, ["Caption is empty"]),
+    ("too_many_fields", [b"a.jpg,1,ok", b"b.jpg,2,un,quoted"], 2, 3, ["4 fields", "header has 3"]),
+    ("too_few_fields", [b"a.jpg,1"], 1, 2, ["2 fields", "header has 3"]),
+    ("dotdot_id", [b"a.jpg,1,ok", b"../x.jpg,1,bad"], 2, 3, ["../x.jpg", "outside"]),
+    ("nested_dotdot_id", [b"sub/../../x.jpg,1,bad"], 1, 2, ["outside"]),
+    ("absolute_id", [b"/etc/passwd,1,bad"], 1, 2, ["/etc/passwd", "outside"]),
+    ("windows_drive_id", [b"C:\\x.jpg,1,bad"], 1, 2, ["outside"]),
+    ("windows_relative_drive_id", [b"C:x.jpg,1,bad"], 1, 2, ["outside"]),
+    ("windows_dotdot_id", [b"..\\x.jpg,1,bad"], 1, 2, ["outside"]),
+    ("unc_id", [b"\\\\server\\share\\x.jpg,1,bad"], 1, 2, ["outside"]),
+    ("empty_id", [b",1,bad"], 1, 2, ["ImageID is empty"]),
+    ("after_multiline", [b'a.jpg,1,"two\r\nlines"', b"b.jpg,x,bad"], 2, 4, ["'x'"]),
+    ("after_blank_lines", [b"a.jpg,1,ok", b"", b"", b"b.jpg,,bad"], 2, 5, ["Labels is empty"]),
+    ("caption_too_long", [b"a.jpg,1," + b"w" * (MAX_CAPTION_CHARS + 1)], 1, 2,
+     [f"limit {MAX_CAPTION_CHARS}"]),
+]
+
+
+@pytest.mark.parametrize("records,row,line,fragments",
+                         [pytest.param(r, row, line, f, id=name) for name, r, row, line, f in BAD_ROWS])
+def test_read_csv_bad_row_raises_data_error(tmp_path: Path, records: list[bytes], row: int,
+                                            line: int, fragments: list[str]) -> None:
+    path = write(tmp_path, HEADER + crlf(*records))
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert_data_error(info.value, path, row, line, *fragments)
+
+
+def test_read_csv_caption_at_limit_is_accepted(tmp_path: Path) -> None:
+    caption = "w" * MAX_CAPTION_CHARS
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1," + caption.encode()))
+    assert read_csv(path).dataset.captions == [caption]
+
+
+def test_read_csv_unterminated_quote_to_eof(tmp_path: Path) -> None:
+    data = HEADER + crlf(
+        b'a.jpg,1,"two\r\nlines"',          # row 1, lines 2-3
+        b'b.jpg,2,"never closed',          # row 2, line 4: quote opens here
+        b"c.jpg,3,plain",
+        b"d.jpg,4,plain",
+    )
+    path = write(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 4, "unterminated quote")
+
+
+def test_read_csv_unterminated_quote_closed_by_a_later_quote(tmp_path: Path) -> None:
+    # The stray quote on row 2 pairs with the opening quote of row 3; the error must still
+    # point at the record where the stray quote opened, not where the parser noticed.
+    data = HEADER + crlf(
+        b"a.jpg,1,ok",
+        b'b.jpg,2,"stray',                 # row 2, line 3
+        b'c.jpg,3,"quoted, later"',
+    )
+    path = write(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 3, "malformed CSV")
+
+
+def test_read_csv_junk_after_closing_quote(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1,ok", b'b.jpg,1,"closed"junk'))
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 3, "malformed CSV")
+
+
+@pytest.mark.parametrize("header,require_labels,missing", [
+    (b"ImageID,Caption", True, "Labels"),
+    (b"ImageID,Labels", False, "Caption"),
+    (b"Labels,Caption", False, "ImageID"),
+    (b"id,labels,caption", False, "ImageID, Caption"),
+])
+def test_read_csv_missing_column(tmp_path: Path, header: bytes, require_labels: bool,
+                                 missing: str) -> None:
+    path = write(tmp_path, header + b"\r\n" + b"a.jpg,x\r\n")
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=require_labels)
+    assert_data_error(info.value, path, None, 1, f"missing column(s) {missing}")
+
+
+def test_read_csv_labels_optional_unless_required(tmp_path: Path) -> None:
+    path = write(tmp_path, b"ImageID,Caption\r\na.jpg,x\r\n")
+    assert read_csv(path, require_labels=False).dataset.labels is None
+    with pytest.raises(DataError, match="Labels"):
+        read_csv(path, require_labels=True)
+
+
+def test_read_csv_file_not_found(tmp_path: Path) -> None:
+    path = tmp_path / "nope.csv"
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, None, None, "file not found")
+
+
+def test_read_csv_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        read_csv(tmp_path)
+    assert_data_error(info.value, tmp_path, None, None, "directory")
+
+
+def test_read_csv_empty_file(tmp_path: Path) -> None:
+    path = write(tmp_path, b"")
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, None, None, "empty")
+
+
+def test_read_csv_non_utf8_bytes(tmp_path: Path) -> None:
+    data = HEADER + crlf(b"a.jpg,1,fine", b"b.jpg,2,caf\xe9 latin-1")  # bad byte on line 3
+    path = write(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, None, 3, "UTF-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. read_csv(skip_bad=True)
+# ----------------------------------------------------------------------------------------------
+
+def test_read_csv_skip_bad_reports_and_keeps_good_rows(tmp_path: Path) -> None:
+    data = HEADER + crlf(
+        b"good1.jpg,1,one",                # row 1, line 2
+        b"bad1.jpg,1 x,non-integer",       # row 2, line 3
+        b"bad2.jpg,,empty labels",         # row 3, line 4
+        b'good2.jpg,2,"multi\r\nline"',    # row 4, lines 5-6
+        b"bad3.jpg,3,",                    # row 5, line 7
+        b"bad4.jpg,4,too,many",            # row 6, line 8
+        b"../bad5.jpg,5,escape",           # row 7, line 9
+        b"/etc/passwd,5,absolute",         # row 8, line 10
+        b"C:\\bad7.jpg,5,drive",           # row 9, line 11
+        b"good3.jpg,6,three",              # row 10, line 12
+    )
+    path = write(tmp_path, data)
+    result = read_csv(path, require_labels=True, skip_bad=True)
+    ds = result.dataset
+    assert ds.image_ids == ["good1.jpg", "good2.jpg", "good3.jpg"]
+    assert ds.captions == ["one", "multi\r\nline", "three"]
+    assert ds.labels == [[1], [2], [6]]
+    assert ds.rows == [1, 4, 10]
+    assert ds.lines == [2, 5, 12]
+    assert [e.row for e in result.skipped] == [2, 3, 5, 6, 7, 8, 9]
+    assert [e.line for e in result.skipped] == [3, 4, 7, 8, 9, 10, 11]
+    assert all(isinstance(e, DataError) and e.path == str(path) for e in result.skipped)
+    reasons = [e.reason for e in result.skipped]
+    assert "not an integer" in reasons[0]
+    assert "Labels is empty" in reasons[1]
+    assert "Caption is empty" in reasons[2]
+    assert "4 fields" in reasons[3]
+    assert all("outside" in r for r in reasons[4:])
+    # Without skip_bad the first bad row stops the read.
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert (info.value.row, info.value.line) == (2, 3)
+
+
+def test_read_csv_skip_bad_keeps_rows_after_unterminated_quote(tmp_path: Path) -> None:
+    data = HEADER + crlf(
+        b"a.jpg,1,first",                  # row 1, line 2
+        b'b.jpg,2,"never closed',          # row 2, line 3 (runs to EOF)
+        b"c.jpg,3,third",                  # row 3, line 4
+        b'd.jpg,4,"quoted\r\nsplit"',      # row 4, lines 5-6  (itself fine)
+        b"e.jpg,,bad labels",              # row 5, line 7
+        b"f.jpg,6,sixth",                  # row 6, line 8
+    )
+    path = write(tmp_path, data)
+    result = read_csv(path, require_labels=True, skip_bad=True)
+    ds = result.dataset
+    assert ds.image_ids == ["a.jpg", "c.jpg", "d.jpg", "f.jpg"]
+    assert ds.captions == ["first", "third", "quoted\r\nsplit", "sixth"]
+    assert ds.labels == [[1], [3], [4], [6]]
+    assert ds.rows == [1, 3, 4, 6]
+    assert ds.lines == [2, 4, 5, 8]
+    assert [(e.row, e.line) for e in result.skipped] == [(2, 3), (5, 7)]
+    assert result.skipped[0].reason.startswith("malformed CSV")
+    assert "Labels is empty" in result.skipped[1].reason
+
+
+def test_read_csv_skip_bad_unterminated_quote_on_last_row(tmp_path: Path) -> None:
+    data = HEADER + crlf(b"a.jpg,1,first", b"b.jpg,2,second") + b'c.jpg,3,"open\r\n'
+    path = write(tmp_path, data)
+    result = read_csv(path, skip_bad=True)
+    assert result.dataset.image_ids == ["a.jpg", "b.jpg"]
+    assert [(e.row, e.line) for e in result.skipped] == [(3, 4)]
+    assert "unterminated quote" in str(result.skipped[0])
+
+
+def test_read_csv_skip_bad_does_not_hide_file_level_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="Labels"):
+        read_csv(write(tmp_path, b"ImageID,Caption\r\na.jpg,x\r\n"), require_labels=True,
+                 skip_bad=True)
+    with pytest.raises(DataError, match="UTF-8"):
+        read_csv(write(tmp_path, HEADER + b"a.jpg,1,\xff\r\n", "b.csv"), skip_bad=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. parse_labels / check_image_id
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("1 3  19", [1, 3, 19]),
+    ("19 3 1", [1, 3, 19]),
+    ("3 1 3 3", [1, 3]),
+    ("\t2\r\n 10 ", [2, 10]),
+    ("0", [0]),
+    ("", []),
+    ("   ", []),
+])
+def test_parse_labels(text: str, expected: list[int]) -> None:
+    assert parse_labels(text) == expected
+
+
+@pytest.mark.parametrize("text,token", [("a", "'a'"), ("-1", "'-1'"), ("1 x", "'x'"),
+                                        ("1.5", "'1.5'"), ("2 -3", "'-3'")])
+def test_parse_labels_rejects_bad_tokens(text: str, token: str) -> None:
+    with pytest.raises(ValueError, match=token):
+        parse_labels(text)
+
+
+@pytest.mark.parametrize("image_id", ["a.jpg", "sub/a.jpg", "sub\\a.jpg", "a..b.jpg", "..a.jpg"])
+def test_check_image_id_accepts_relative_ids(image_id: str) -> None:
+    check_image_id(image_id)
+
+
+@pytest.mark.parametrize("image_id", ["", " a.jpg", "a.jpg ", "../x.jpg", "a/../../x.jpg",
+                                      "/etc/passwd", "C:\\x.jpg", "C:x.jpg", "..\\x.jpg",
+                                      "\\\\srv\\share\\x.jpg", "a\x00.jpg"])
+def test_check_image_id_rejects_escaping_ids(image_id: str) -> None:
+    with pytest.raises(ValueError):
+        check_image_id(image_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. LabelSpace
+# ----------------------------------------------------------------------------------------------
+
+def test_label_space_from_labels_sorted_with_coco_names() -> None:
+    space = LabelSpace.from_labels([[19, 3], [1], [3, 1]])
+    assert space.ids == (1, 3, 19)
+    assert space.names == ("person", "car", "horse")
+    assert len(space) == 3
+    assert COCO_NAMES[1] == "person"
+
+
+def test_label_space_unknown_and_custom_names() -> None:
+    assert LabelSpace.from_labels([[12, 1]]).names == ("person", "12")
+    custom = LabelSpace.from_labels([[2, 1]], names={1: "one", 2: "two"})
+    assert custom.ids == (1, 2)
+    assert custom.names == ("one", "two")
+
+
+def test_label_space_encode_decode_round_trip() -> None:
+    space = LabelSpace.from_labels([[1, 3], [19], [7]])  # ids (1, 3, 7, 19)
+    labels = [[3, 1], [19], [], [7, 1, 19]]
+    y = space.encode(labels)
+    assert y.dtype == np.float32
+    assert y.shape == (4, 4)
+    np.testing.assert_array_equal(y, np.array([[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0],
+                                               [1, 0, 1, 1]], dtype=np.float32))
+    assert space.decode(y.astype(bool)) == [[1, 3], [19], [], [1, 7, 19]]
+
+
+def test_label_space_encode_ignores_unknown_ids() -> None:
+    space = LabelSpace.from_labels([[1, 2]])
+    y = space.encode([[1, 99], [42], [2, 2]])
+    np.testing.assert_array_equal(y, np.array([[1, 0], [0, 0], [0, 1]], dtype=np.float32))
+    assert space.decode(y > 0.5) == [[1], [], [2]]
+
+
+def test_label_space_dict_round_trip() -> None:
+    space = LabelSpace.from_labels([[5, 1], [18]])
+    raw = space.to_dict()
+    assert raw == {"ids": [1, 5, 18], "names": ["person", "airplane", "dog"]}
+    assert LabelSpace.from_dict(raw) == space
+    assert LabelSpace.from_dict(json.loads(json.dumps(raw))) == space
+    assert LabelSpace.from_dict({"ids": ["1", "5"], "names": ["a", "b"]}).ids == (1, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. train_val_split
+# ----------------------------------------------------------------------------------------------
+
+def test_train_val_split_deterministic_per_seed() -> None:
+    tr1, va1 = train_val_split(100, 0.2, seed=0)
+    tr2, va2 = train_val_split(100, 0.2, seed=0)
+    np.testing.assert_array_equal(tr1, tr2)
+    np.testing.assert_array_equal(va1, va2)
+    _, va3 = train_val_split(100, 0.2, seed=1)
+    assert not np.array_equal(va1, va3)
+
+
+@pytest.mark.parametrize("n,val_frac,n_val", [(100, 0.2, 20), (10, 0.25, 3), (7, 0.5, 4),
+                                              (2, 0.01, 1), (2, 0.99, 1), (5, 0.99, 4)])
+def test_train_val_split_disjoint_covering_sizes(n: int, val_frac: float, n_val: int) -> None:
+    train, val = train_val_split(n, val_frac, seed=3)
+    assert len(val) == n_val
+    assert len(train) == n - n_val
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(n))
+    assert list(train) == sorted(train)
+    assert list(val) == sorted(val)
+
+
+@pytest.mark.parametrize("n,val_frac", [(10, 0.0), (10, 1.0), (10, -0.1), (10, 1.5),
+                                        (1, 0.5), (0, 0.5)])
+def test_train_val_split_errors(n: int, val_frac: float) -> None:
+    with pytest.raises(ValueError):
+        train_val_split(n, val_frac, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. load_image
+# ----------------------------------------------------------------------------------------------
+
+def assert_image_array(arr: np.ndarray, size: int) -> None:
+    assert arr.shape == (3, size, size)
+    assert arr.dtype == np.float32
+    assert arr.flags["C_CONTIGUOUS"]
+    assert float(arr.min()) >= -1.0 and float(arr.max()) <= 1.0
+
+
+def halves(width: int, height: int, left, right, mode: str = "RGB") -> Image.Image:
+    img = Image.new(mode, (width, height), left)
+    img.paste(right, (width // 2, 0, width, height))
+    return img
+
+
+def test_load_image_rgb_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    halves(64, 48, (255, 0, 0), (0, 0, 255)).save(path, quality=95)
+    arr = load_image(path, 16)
+    assert_image_array(arr, 16)
+    left, right = arr[:, :, :5].mean(axis=(1, 2)), arr[:, :, -5:].mean(axis=(1, 2))
+    np.testing.assert_allclose(left, [1, -1, -1], atol=0.1)   # red
+    np.testing.assert_allclose(right, [-1, -1, 1], atol=0.1)  # blue
+
+
+def test_load_image_accepts_pil_image_and_str_path(tmp_path: Path) -> None:
+    img = Image.new("RGB", (10, 20), (255, 255, 255))
+    np.testing.assert_allclose(load_image(img, 4), np.ones((3, 4, 4)), atol=1e-6)
+    path = tmp_path / "b.png"
+    Image.new("RGB", (10, 20), (0, 0, 0)).save(path)
+    np.testing.assert_allclose(load_image(str(path), 4), -np.ones((3, 4, 4)), atol=1e-6)
+
+
+def test_load_image_rgba_png_composited_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    halves(20, 10, (0, 0, 0, 0), (255, 0, 0, 255), mode="RGBA").save(path)
+    assert Image.open(path).mode == "RGBA"
+    arr = load_image(path, 20)
+    assert_image_array(arr, 20)
+    np.testing.assert_allclose(arr[:, :, :8], 1.0, atol=1e-6)  # transparent black → white
+    np.testing.assert_allclose(arr[:, :, -8:].mean(axis=(1, 2)), [1, -1, -1], atol=1e-6)
+
+
+def test_load_image_grayscale(tmp_path: Path) -> None:
+    path = tmp_path / "g.png"
+    halves(20, 10, 0, 255, mode="L").save(path)
+    arr = load_image(path, 10)
+    assert_image_array(arr, 10)
+    np.testing.assert_array_equal(arr[0], arr[1])
+    np.testing.assert_array_equal(arr[1], arr[2])
+    assert arr[0, :, :3].max() < -0.9 and arr[0, :, -3:].min() > 0.9
+
+
+def test_load_image_cmyk_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "c.jpg"
+    halves(32, 16, (0, 0, 0, 0), (0, 0, 0, 255), mode="CMYK").save(path, quality=95)
+    assert Image.open(path).mode == "CMYK"
+    arr = load_image(path, 16)
+    assert_image_array(arr, 16)
+    assert arr[:, :, :5].min() > 0.8    # no ink → white
+    assert arr[:, :, -5:].max() < -0.8  # full black ink → black
+
+
+def test_load_image_16bit_png(tmp_path: Path) -> None:
+    path = tmp_path / "d.png"
+    a = np.zeros((16, 48), dtype=np.uint16)  # thirds: 0, 32768, 65535
+    a[:, 16:32] = 32768
+    a[:, 32:] = 65535
+    Image.fromarray(a).save(path)
+    assert Image.open(path).mode == "I;16"
+    arr = load_image(path, 48)
+    assert_image_array(arr, 48)
+    assert arr[:, :, :14].max() < -0.99
+    assert abs(arr[:, :, 18:30]).max() < 0.02  # mid-range 16-bit → mid grey, not clipped to white
+    assert arr[:, :, 34:].min() > 0.99
+
+
+def test_load_image_palette_gif(tmp_path: Path) -> None:
+    path = tmp_path / "e.gif"
+    img = Image.new("P", (16, 8), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * (3 * 254))
+    img.paste(1, (8, 0, 16, 8))
+    img.save(path)
+    assert Image.open(path).mode == "P"
+    arr = load_image(path, 8)
+    assert_image_array(arr, 8)
+    np.testing.assert_allclose(arr[:, :, :3].mean(axis=(1, 2)), [1, -1, -1], atol=1e-6)
+    np.testing.assert_allclose(arr[:, :, -3:].mean(axis=(1, 2)), [-1, -1, 1], atol=1e-6)
+
+
+def test_load_image_palette_with_transparency_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "t.gif"
+    img = Image.new("P", (16, 8), 0)
+    img.putpalette([0, 0, 0, 0, 0, 255] + [0] * (3 * 254))
+    img.paste(1, (8, 0, 16, 8))
+    img.save(path, transparency=0)
+    arr = load_image(path, 8)
+    np.testing.assert_allclose(arr[:, :, :3], 1.0, atol=1e-6)  # transparent black → white
+    np.testing.assert_allclose(arr[:, :, -3:].mean(axis=(1, 2)), [-1, -1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_load_image_applies_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    # 40 wide × 20 high: left half black, right half white.
+    img = halves(40, 20, (0, 0, 0), (255, 255, 255))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.jpg"
+    img.save(path, quality=95, exif=exif)
+    arr = load_image(path, 8).mean(axis=0)
+    top, bottom = arr[:3].mean(), arr[-3:].mean()
+    left, right = arr[:, :3].mean(), arr[:, -3:].mean()
+    if orientation == 1:
+        assert left < -0.8 and right > 0.8
+        assert abs(top - bottom) < 0.2
+    else:
+        # Orientation 6: display = rotate 90° clockwise, so the black left half ends up on top.
+        assert top < -0.8 and bottom > 0.8
+        assert abs(left - right) < 0.2
+
+
+def _noisy_jpeg_bytes(tmp_path: Path) -> bytes:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "full.jpg"
+    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(path, quality=90)
+    return path.read_bytes()
+
+
+def test_load_image_truncated_jpeg(tmp_path: Path) -> None:
+    data = _noisy_jpeg_bytes(tmp_path)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot decode image"):
+        load_image(path, 16)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image\n"], ids=["empty", "text"])
+def test_load_image_not_an_image(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "fake.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="cannot decode image"):
+        load_image(path, 16)
+
+
+def test_load_image_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        load_image(tmp_path / "missing.jpg", 16)
+
+
+def test_load_image_decompression_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (60, 40)).save(path)  # 2400 pixels
+    assert load_image(path, 8).shape == (3, 8, 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2400 > 2 × limit
+    with pytest.raises(ValueError, match="too large"):
+        load_image(path, 8)
+
+
+def test_load_image_refuses_images_just_over_the_pixel_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (40, 30)).save(path)  # 1200 pixels: over the limit, under 2 × limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError):
+            load_image(path, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. check_images_exist
+# ----------------------------------------------------------------------------------------------
+
+def _dataset_with_images(tmp_path: Path, present: list[str]) -> Path:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    for name in present:
+        Image.new("RGB", (4, 4)).save(images / name)
+    return images
+
+
+def test_check_images_exist_all_present(tmp_path: Path) -> None:
+    images = _dataset_with_images(tmp_path, ["a.png", "sub/b.png"])
+    path = write(tmp_path, HEADER + crlf(b"a.png,1,x", b"sub/b.png,2,y"))
+    ds = read_csv(path, images_dir=images).dataset
+    kept, skipped = check_images_exist(ds, skip_bad=False)
+    assert kept.image_ids == ["a.png", "sub/b.png"]
+    assert skipped == []
+
+
+def test_check_images_exist_missing_file_raises(tmp_path: Path) -> None:
+    images = _dataset_with_images(tmp_path, ["a.png", "c.png"])
+    (images / "dir.png").mkdir()  # a directory is not an image file
+    path = write(tmp_path, HEADER + crlf(b'a.png,1,"x\r\nx"', b"b.png,2,y", b"c.png,3,z"))
+    ds = read_csv(path, images_dir=images).dataset
+    with pytest.raises(DataError) as info:
+        check_images_exist(ds, skip_bad=False)
+    assert_data_error(info.value, path, 2, 4, "b.png", "not found")
+
+    path2 = write(tmp_path, HEADER + crlf(b"dir.png,1,x"), "d.csv")
+    with pytest.raises(DataError) as info:
+        check_images_exist(read_csv(path2, images_dir=images).dataset, skip_bad=False)
+    assert_data_error(info.value, path2, 1, 2, "dir.png")
+
+
+def test_check_images_exist_skip_bad_drops_and_reports(tmp_path: Path) -> None:
+    images = _dataset_with_images(tmp_path, ["a.png", "c.png"])
+    data = HEADER + crlf(b"a.png,1,x", b"b.png,2,y", b"c.png,3,z", b"d.png,4,w")
+    path = write(tmp_path, data)
+    ds = read_csv(path, images_dir=images).dataset
+    kept, skipped = check_images_exist(ds, skip_bad=True)
+    assert kept.image_ids == ["a.png", "c.png"]
+    assert kept.captions == ["x", "z"]
+    assert kept.labels == [[1], [3]]
+    assert kept.rows == [1, 3]
+    assert kept.lines == [2, 4]
+    assert kept.images_dir == images
+    assert [(e.row, e.line) for e in skipped] == [(2, 3), (4, 5)]
+    assert "b.png" in str(skipped[0]) and "d.png" in str(skipped[1])
+    assert len(ds) == 4  # the input dataset is not modified
+
+
+def test_check_images_exist_without_images_dir(tmp_path: Path) -> None:
+    ds = read_csv(write(tmp_path, HEADER + crlf(b"a.png,1,x"))).dataset
+    with pytest.raises(DataError, match="no images directory"):
+        check_images_exist(ds, skip_bad=True)
+
+
+def test_line_numbers_match_grep_after_a_lone_cr_in_a_caption(tmp_path: Path) -> None:
+    path = tmp_path / "cr.csv"
+    path.write_bytes(b'ImageID,Labels,Caption\r\n0.jpg,1,"two\rlines"\r\n1.jpg,x,bad\r\n')
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert info.value.row == 2 and info.value.line == 3  # `grep -n bad` says line 3
+
+
+def test_dark_16bit_image_stays_dark(tmp_path: Path) -> None:
+    path = tmp_path / "dark16.png"
+    Image.fromarray(np.full((16, 16), 1000, dtype=np.uint16)).save(path)
+    assert load_image(path, 8).max() < -0.9  # 1000/65535 of full scale, not stretched to white
