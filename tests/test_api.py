@@ -71,3 +71,26 @@ def test_training_is_deterministic(tiny, make_config, tmp_path):
     b = api.train(tiny.train_csv, None, tmp_path / "b", cfg, progress=False)[0]
     for k, v in a.head.state_dict().items():
         assert np.array_equal(v.numpy(), b.head.state_dict()[k].numpy()), k
+
+
+def test_extra_text_trains_text_branch_on_more_rows(tiny, make_config, monkeypatch):
+    import mmtag.api as api_mod
+
+    sizes = []
+    original = api_mod.fit_head
+
+    def spy(head, tr, y_tr, *args, **kwargs):
+        sizes.append((type(head).__name__, len(y_tr)))
+        return original(head, tr, y_tr, *args, **kwargs)
+
+    monkeypatch.setattr(api_mod, "fit_head", spy)
+    train, _ = api.read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    extra, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    tagger = Tagger(make_config(**{"model.fusion": "gated"}))
+    report = tagger.fit(train, extra_text=extra, progress=False)
+    n_tr = report.n_train
+    assert ("TextHead", n_tr + len(extra)) in sizes and ("ImageHead", n_tr) in sizes
+    assert ("GatedHead", n_tr) in sizes  # the gate is trained on paired rows only
+    assert report.val_metrics.samples_f1 > 0.5
+    with pytest.raises(MmtagError, match="late-fusion"):
+        Tagger(make_config(**{"model.fusion": "concat"})).fit(train, extra_text=extra, progress=False)

@@ -1,6 +1,9 @@
 import numpy as np
+import pytest
 
-from mmtag.thresholds import Thresholds, decide, tune_global
+from mmtag.errors import MmtagError
+from mmtag.metrics import samples_f1
+from mmtag.thresholds import GRID, Thresholds, decide, tune, tune_global
 
 
 def test_decide_applies_threshold_per_class():
@@ -40,3 +43,128 @@ def test_thresholds_round_trip():
     t = Thresholds("global", np.array([0.3, 0.3], dtype=np.float32))
     back = Thresholds.from_dict(t.to_dict())
     assert back.mode == "global" and np.allclose(back.values, t.values)
+
+
+def _two_scale_case() -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 positives ~0.8 / negatives ~0.6, class 1 positives ~0.3 / negatives ~0.1: no one
+    threshold separates both classes, per-class thresholds do."""
+    rng = np.random.default_rng(1)
+    y = np.array([[1, 0], [0, 1], [1, 1]] * 30, dtype=float)
+    jitter = 0.04 * rng.random(y.shape)
+    probs = np.where(y == 1, [0.78, 0.28], [0.58, 0.08]) + jitter
+    return probs, y
+
+
+def _random_case(seed: int = 0, n: int = 150, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random((n, c)) < np.linspace(0.1, 0.5, c)
+    logits = rng.normal(0, 1, (n, c)) + 2 * y - np.linspace(0, 2, c)
+    return 1 / (1 + np.exp(-logits)), y.astype(float)
+
+
+def test_tune_records_mode_and_dispatches():
+    probs, y = _random_case()
+    for mode in ("global", "per-class", "balanced"):
+        t = tune(mode, probs, y)
+        assert t.mode == mode and t.values.shape == (probs.shape[1],)
+    assert np.array_equal(tune("global", probs, y).values, tune_global(probs, y).values)
+
+
+def test_tune_unknown_mode_lists_modes():
+    probs, y = _random_case()
+    with pytest.raises(MmtagError, match="global, per-class, balanced"):
+        tune("median", probs, y)
+
+
+def test_per_class_separates_classes_global_cannot():
+    probs, y = _two_scale_case()
+    f1_global = samples_f1(y, decide(probs, tune("global", probs, y)))
+    per_class = tune("per-class", probs, y)
+    assert f1_global < 1.0
+    assert samples_f1(y, decide(probs, per_class)) == 1.0
+    for c in range(2):  # each threshold lies between its class's top negative and lowest positive
+        assert probs[y[:, c] == 0, c].max() < per_class.values[c] <= probs[y[:, c] == 1, c].min()
+
+
+def test_per_class_never_worse_than_global_and_coordinatewise_optimal():
+    probs, y = _random_case()
+    per_class = tune("per-class", probs, y)
+    best = samples_f1(y, decide(probs, per_class))
+    assert best >= samples_f1(y, decide(probs, tune_global(probs, y)))
+    # no single class's threshold can be moved on the grid to score better
+    for c in range(probs.shape[1]):
+        for g in GRID:
+            values = per_class.values.copy()
+            values[c] = g
+            assert samples_f1(y, decide(probs, values)) <= best + 1e-12
+
+
+def test_balanced_equalises_false_positives_and_negatives():
+    # class 0: one negative (0.45) above one positive (0.35): FP = FN = 1 for t in (0.35, 0.45]
+    # class 1: separable, FP = FN = 0 for t in (0.12, 0.25]; ties go to the value nearest 0.5
+    probs = np.array([[0.90, 0.30], [0.80, 0.25], [0.70, 0.05], [0.35, 0.10],
+                      [0.10, 0.12], [0.20, 0.05], [0.45, 0.10], [0.30, 0.05]])
+    y = np.array([[1, 1], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=float)
+    t = tune("balanced", probs, y)
+    assert t.values.tolist() == pytest.approx([0.45, 0.25])
+    pred = probs >= t.values
+    fp = (pred & (y == 0)).sum(axis=0)
+    fn = (~pred & (y == 1)).sum(axis=0)
+    assert fp.tolist() == fn.tolist() == [1, 0]
+
+
+def test_balanced_minimises_error_imbalance_over_grid():
+    probs, y = _random_case(seed=3)
+    t = tune("balanced", probs, y)
+    truth = y.astype(bool)
+
+    def gap(c: int, value: float) -> int:
+        pred = probs[:, c] >= np.float32(value)
+        return abs(int((pred & ~truth[:, c]).sum()) - int((~pred & truth[:, c]).sum()))
+
+    for c in range(probs.shape[1]):
+        assert gap(c, t.values[c]) == min(gap(c, g) for g in GRID)
+
+
+def test_every_mode_keeps_top1_fallback():
+    probs, y = _random_case(seed=5)
+    probs[:20] *= 0.05  # rows with every score far below any threshold
+    for mode in ("global", "per-class", "balanced"):
+        pred = decide(probs, tune(mode, probs, y))
+        assert pred.any(axis=1).all()
+        assert (pred[:20].sum(axis=1) == 1).all()
+        assert pred[np.arange(20), probs[:20].argmax(axis=1)].all()
+
+
+def test_union_decision_is_the_union_of_branch_sets():
+    from mmtag.thresholds import Scores
+
+    img = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.1]])
+    txt = np.array([[0.1, 0.1, 0.7], [0.1, 0.2, 0.3]])
+    scores = Scores(probs=np.maximum(img, txt), branches={"image": img, "text": txt}, union=True)
+    thr = Thresholds("union/global", np.full(3, 0.8),
+                     branches={"image": np.full(3, 0.8, np.float32), "text": np.full(3, 0.6, np.float32)})
+    out = decide(scores, thr)
+    # CV says label 0, text says label 2 → {0, 2}; row 2 has nothing above → top-1 of the max scores
+    assert out.tolist() == [[True, False, True], [False, True, False]]
+    back = Thresholds.from_dict(thr.to_dict())
+    assert np.array_equal(decide(scores, back), out)
+
+
+def test_tune_decisions_union_learns_per_branch_thresholds():
+    from mmtag.thresholds import Scores, tune_decisions
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((120, 2))
+    y[:60, 0] = 1
+    y[40:, 1] = 1
+    # the image branch sees class 0 (scores ~0.9 vs ~0.4), the text branch class 1 (~0.35 vs ~0.1)
+    img = np.stack([np.where(y[:, 0] > 0, 0.9, 0.4), np.full(120, 0.05)], 1) + 0.02 * rng.random((120, 2))
+    txt = np.stack([np.full(120, 0.05), np.where(y[:, 1] > 0, 0.35, 0.1)], 1) + 0.02 * rng.random((120, 2))
+    scores = Scores(np.maximum(img, txt), {"image": img, "text": txt}, union=True)
+    thr = tune_decisions("global", scores, y)
+    assert thr.mode == "union/global" and set(thr.branches) == {"image", "text"}
+    assert 0.42 < thr.branches["image"][0] <= 0.9 and 0.12 < thr.branches["text"][0] <= 0.35
+    assert (decide(scores, thr) == y.astype(bool)).all()
+    # a single global threshold on the max scores cannot do this
+    assert not (decide(scores.probs, tune_global(scores.probs, y)) == y.astype(bool)).all()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,15 @@ from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv
                    train_val_split)
 from .encoders import Encoder, ImageEncoder, TextEncoder, create_encoder
 from .errors import DataError, MmtagError
-from .features import (FeatureCache, Features, FeatureSet, encode_captions, encode_images,
-                       extract)
-from .fusion import Head, create_head, head_needs
+from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
+                       encode_images, extract)
+from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs
 from .io import atomic_write_text
 from .metrics import Metrics, compute
-from .thresholds import Thresholds, decide, tune_global
-from .train import FitResult, fit_head, predict_logits, seed_everything
+from .losses import create_loss
+from .selftrain import PseudoRound, select_pseudo_labels
+from .thresholds import Scores, Thresholds, decide, tune_decisions
+from .train import FitResult, fit_head, predict_outputs, seed_everything
 
 log = logging.getLogger("mmtag")
 
@@ -61,9 +63,11 @@ class FitReport:
 
     n_train: int
     n_val: int
+    val_dataset: Dataset | None = None
     skipped: list[DataError] = field(default_factory=list)
     val_metrics: Metrics | None = None
     best_epoch: int = 0
+    pseudo_rounds: list[PseudoRound] = field(default_factory=list)
 
 
 class Tagger:
@@ -78,6 +82,8 @@ class Tagger:
         self.encoders: dict[str, Encoder] = {}
         self.val_metrics: Metrics | None = None
         self.history: list[dict[str, float]] = []
+        self.pseudo_rounds: list[PseudoRound] = []
+        self.finetune_history: dict[str, list[dict[str, float]]] = {}
         self.cache = FeatureCache(self.config.cache_dir)
 
     # ------------------------------------------------------------------ structure
@@ -124,50 +130,190 @@ class Tagger:
         return {k: int(feats.get(k).shape[-1]) for k in self.needs}  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ training
-    def fit(self, train: Dataset, val: Dataset | None = None, *, progress: bool = True) -> FitReport:
-        """Train on `train`; validate on `val`, or on a seeded `val_frac` split of `train`."""
+    def fit(self, train: Dataset, val: Dataset | None = None, *, unlabeled: Dataset | None = None,
+            extra_text: Dataset | None = None, progress: bool = True) -> FitReport:
+        """Train on `train`; validate on `val`, or on a seeded `val_frac` split of `train`.
+
+        With `config.finetune.modalities`, encoders are first fine-tuned on the training rows
+        (two-stage training). With `unlabeled` and `config.pseudo.rounds`, confident
+        pseudo-labels of those rows join the training rows round by round (never validation).
+        With `extra_text` (labelled captions without images) the text branch learns from those
+        rows as well; that needs a text-only model or a late-fusion head (mean, union, gated).
+        """
         if not train.labelled:
             raise DataError(train.path, "training data needs a Labels column")
         cfg = self.config
         skip_bad = cfg.data.skip_bad
-        fs = self.features(train, skip_bad=skip_bad, progress=progress)
-        skipped = list(fs.skipped)
-        if val is None:
-            tr_idx, va_idx = train_val_split(len(fs.dataset), cfg.data.val_frac, cfg.train.seed)
-            tr_data, va_data = fs.dataset.subset(tr_idx), fs.dataset.subset(va_idx)
-            tr_feats, va_feats = fs.features.subset(tr_idx), fs.features.subset(va_idx)
+        skipped: list[DataError] = []
+        if cfg.finetune.modalities:
+            # Features depend on the fine-tuned encoders, so they come after the split and stage one.
+            if "image" in self.modalities:
+                train, skipped = check_images_exist(train, skip_bad=skip_bad)
+            tr_data, va_data = self._split(train, val)
+            self.label_space = LabelSpace.from_labels(tr_data.labels)  # type: ignore[arg-type]
+            self._finetune(tr_data, va_data, progress=progress)
+            tr = self.features(tr_data, skip_bad=skip_bad, progress=progress)
+            va = self.features(va_data, skip_bad=skip_bad, progress=progress)
+            skipped += tr.skipped + va.skipped
         else:
-            vs = self.features(val, skip_bad=skip_bad, progress=progress)
-            skipped += vs.skipped
-            tr_data, tr_feats, va_data, va_feats = fs.dataset, fs.features, vs.dataset, vs.features
-        self.label_space = LabelSpace.from_labels(tr_data.labels)  # type: ignore[arg-type]
+            full = self.features(train, skip_bad=skip_bad, progress=progress)
+            if val is None:
+                tr_idx, va_idx = train_val_split(len(full.dataset), cfg.data.val_frac, cfg.train.seed)
+                tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
+                va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
+            else:
+                tr, va = full, self.features(val, skip_bad=skip_bad, progress=progress)
+            skipped = list(full.skipped) + (va.skipped if val is not None else [])
+        tr_data, va_data = tr.dataset, va.dataset
+        extra_labels = extra_text.labels if extra_text is not None else []
+        self.label_space = LabelSpace.from_labels(tr_data.labels + extra_labels)  # type: ignore[operator]
         y_tr = self.label_space.encode(tr_data.labels)  # type: ignore[arg-type]
         y_va = self.label_space.encode(va_data.labels)  # type: ignore[arg-type]
-        self.dims = self._dims(tr_feats)
+        self.dims = self._dims(tr.features)
+        if extra_text is not None:
+            extra = self._extra_text_features(extra_text, progress=progress)
+            y_extra = self.label_space.encode(extra_text.labels)  # type: ignore[arg-type]
+            result = self._fit_unpaired(tr.features, y_tr, va.features, y_va, extra, y_extra,
+                                        progress=progress)
+        else:
+            result = self._fit_head(tr.features, y_tr, va.features, y_va, progress=progress)
+        self.pseudo_rounds = []
+        if unlabeled is not None and cfg.pseudo.rounds > 0:
+            result = self._self_train(result, unlabeled, tr.features, y_tr, va.features, y_va,
+                                      progress=progress)
+        self.head = result.head
+        self.history = result.history_dicts()
+        scores = self._scores(va.features)
+        self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va)
+        self.val_metrics = compute(y_va, decide(scores, self.thresholds), self.label_space.ids,
+                                   self.label_space.names)
+        return FitReport(n_train=len(tr_data), n_val=len(va_data), val_dataset=va_data,
+                         skipped=skipped, val_metrics=self.val_metrics, best_epoch=result.best_epoch,
+                         pseudo_rounds=self.pseudo_rounds)
+
+    def _split(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset]:
+        if val is not None:
+            return train, val
+        tr_idx, va_idx = train_val_split(len(train), self.config.data.val_frac, self.config.train.seed)
+        return train.subset(tr_idx), train.subset(va_idx)
+
+    def _fit_head(self, tr: Features, y_tr: np.ndarray, va: Features, y_va: np.ndarray, *,
+                  progress: bool) -> FitResult:
+        """A fresh head of the configured kind, trained with early stopping on validation."""
+        cfg = self.config
+        assert self.label_space is not None
         seed_everything(cfg.train.seed)
         head = create_head(self.head_name, self.dims, len(self.label_space),
                            hidden=cfg.model.hidden, dropout=cfg.model.dropout)
-        result: FitResult = fit_head(head, tr_feats, y_tr, va_feats, y_va, cfg.train, progress=progress)
-        self.head = result.head
-        self.history = result.history_dicts()
-        probs = self._probs(va_feats)
-        self.thresholds = tune_global(probs, y_va)
-        self.val_metrics = compute(y_va, decide(probs, self.thresholds), self.label_space.ids,
-                                   self.label_space.names)
-        return FitReport(n_train=len(tr_data), n_val=len(va_data), skipped=skipped,
-                         val_metrics=self.val_metrics, best_epoch=result.best_epoch)
+        return fit_head(head, tr, y_tr, va, y_va, cfg.train,
+                        criterion=create_loss(cfg.train.loss, y_tr), progress=progress)
+
+    def _extra_text_features(self, extra: Dataset, *, progress: bool) -> Features:
+        if not extra.labelled:
+            raise DataError(extra.path, "--extra-text needs a Labels column")
+        if self.head_name != "text" and not issubclass(HEADS[self.head_name], LateFusionHead):
+            late = sorted(n for n, c in HEADS.items() if issubclass(c, LateFusionHead))
+            raise MmtagError(f"--extra-text needs --modalities text or a late-fusion head "
+                             f"({', '.join(late)}); '{self.head_name}' needs both modalities per row")
+        return extract(extra, ["text"], image_encoder=None, text_encoder=self._encoder("text"),  # type: ignore[arg-type]
+                       cache=self.cache, progress=progress).features
+
+    def _fit_unpaired(self, tr: Features, y_tr: np.ndarray, va: Features, y_va: np.ndarray,
+                      extra: Features, y_extra: np.ndarray, *, progress: bool) -> FitResult:
+        """Training with extra captions that have no image.
+
+        A text-only head simply gets more rows. A late-fusion head is trained branch by branch:
+        its text MLP on paired + extra captions, its image MLP on paired rows, then whatever
+        combines them (the gate of `gated`) on paired rows with both branches frozen; validation
+        (paired rows) picks each stage's best epoch and the thresholds.
+        """
+        cfg = self.config
+        assert self.label_space is not None
+        text_rows = Features(text=np.concatenate([tr.text, extra.text]))  # type: ignore[list-item]
+        text_y = np.concatenate([y_tr, y_extra])
+        if self.head_name == "text":
+            return self._fit_head(text_rows, text_y, va, y_va, progress=progress)
+        seed_everything(cfg.train.seed)
+        head = create_head(self.head_name, self.dims, len(self.label_space),
+                           hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+        assert isinstance(head, LateFusionHead)
+        for modality, rows, y in (("text", text_rows, text_y), ("image", tr, y_tr)):
+            branch = create_head(modality, self.dims, len(self.label_space),
+                                 hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+            fitted = fit_head(branch, rows, y, va, y_va, cfg.train,
+                              criterion=create_loss(cfg.train.loss, y), progress=progress)
+            getattr(head, modality).load_state_dict(fitted.head.net.state_dict())  # type: ignore[union-attr]
+            getattr(head, modality).requires_grad_(False)
+        if any(p.requires_grad for p in head.parameters()):
+            return fit_head(head, tr, y_tr, va, y_va, cfg.train,
+                            criterion=create_loss(cfg.train.loss, y_tr), progress=progress)
+        head.eval()
+        return FitResult(head=head, history=fitted.history, best_epoch=fitted.best_epoch)
+
+    def _self_train(self, result: FitResult, unlabeled: Dataset, tr: Features, y_tr: np.ndarray,
+                    va: Features, y_va: np.ndarray, *, progress: bool) -> FitResult:
+        """Pseudo-label rounds: label the unlabelled rows with the current head, keep the confident
+        ones, retrain on train + pseudo rows; stop when validation sample-F1 stops improving."""
+        cfg = self.config
+        pool = self.features(unlabeled, skip_bad=cfg.data.skip_bad, progress=progress).features
+        best = result
+        best_f1 = _val_f1(best)
+        self.pseudo_rounds.append(PseudoRound(0, 0, best_f1))
+        for r in range(1, cfg.pseudo.rounds + 1):
+            self.head = best.head
+            keep, y_pseudo = select_pseudo_labels(self._scores(pool).probs, cfg.pseudo.confidence)
+            train_feats = concat_features(tr, pool.subset(keep))
+            train_y = np.concatenate([y_tr, y_pseudo])
+            candidate = self._fit_head(train_feats, train_y, va, y_va, progress=progress)
+            f1 = _val_f1(candidate)
+            self.pseudo_rounds.append(PseudoRound(r, int(len(keep)), f1))
+            log.info("pseudo-label round %d: %d rows, val sample-F1 %.4f", r, len(keep), f1)
+            if f1 <= best_f1:
+                break
+            best, best_f1 = candidate, f1
+        return best
+
+    def _finetune(self, tr: Dataset, va: Dataset, *, progress: bool) -> None:
+        """Stage one of two-stage training: replace encoders by task-fine-tuned copies."""
+        from .finetune import finetune_image, finetune_text
+
+        cfg = self.config
+        assert self.label_space is not None
+        y_tr = self.label_space.encode(tr.labels)  # type: ignore[arg-type]
+        y_va = self.label_space.encode(va.labels)  # type: ignore[arg-type]
+        for modality in cfg.finetune.modalities:
+            if modality not in self.modalities:
+                raise MmtagError(f"--finetune {modality}: this model does not use the {modality} modality")
+            enc = self._encoder(modality)
+            loss = create_loss(cfg.train.loss, y_tr)
+            if modality == "text":
+                res = finetune_text(enc, tr.captions, y_tr, va.captions, y_va,  # type: ignore[arg-type]
+                                    cfg.finetune, loss=loss, seed=cfg.train.seed, progress=progress)
+            else:
+                res = finetune_image(enc, [tr.image_path(i) for i in range(len(tr))], y_tr,  # type: ignore[arg-type]
+                                     [va.image_path(i) for i in range(len(va))], y_va, cfg.finetune,
+                                     loss=loss, seed=cfg.train.seed, workers=cfg.data.workers,
+                                     progress=progress)
+            self.encoders[modality] = res.encoder
+            self.finetune_history[modality] = res.history
 
     # ------------------------------------------------------------------ prediction
-    def _probs(self, feats: Features) -> np.ndarray:
+    def _scores(self, feats: Features) -> Scores:
         assert self.head is not None
-        return 1.0 / (1.0 + np.exp(-predict_logits(self.head, feats)))
+        logits, branches = predict_outputs(self.head, feats)
+        return Scores(probs=_sigmoid(logits), branches={k: _sigmoid(v) for k, v in branches.items()},
+                      union=self.head.decision == "union")
+
+    def _probs(self, feats: Features) -> np.ndarray:
+        return self._scores(feats).probs
 
     def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
         """Scores and decisions for every row (a bad row raises: predictions cover all rows)."""
         self._check_fitted()
         fs = self.features(dataset, skip_bad=False, progress=progress)
-        probs = self._probs(fs.features)
-        mask = decide(probs, self.thresholds)  # type: ignore[arg-type]
+        scores = self._scores(fs.features)
+        probs = scores.probs
+        mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
         return DatasetPredictions(dataset=fs.dataset, probs=probs, mask=mask,
                                   labels=self.label_space.decode(mask))  # type: ignore[union-attr]
 
@@ -175,14 +321,15 @@ class Tagger:
                       captions: list[str] | None = None) -> np.ndarray:
         """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
         self._check_fitted()
-        feats = self._encode(images, captions)
-        return self._probs(feats)
+        return self._probs(self._encode(images, captions))
 
     def predict(self, images: list[Any] | None = None,
                 captions: list[str] | None = None) -> list[Prediction]:
         """Label lists and per-label scores for in-memory inputs (no cache, no files needed)."""
-        probs = self.predict_proba(images, captions)
-        mask = decide(probs, self.thresholds)  # type: ignore[arg-type]
+        self._check_fitted()
+        scores = self._scores(self._encode(images, captions))
+        probs = scores.probs
+        mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
         ls = self.label_space
         assert ls is not None
         out = []
@@ -252,7 +399,9 @@ class Tagger:
             config=self.config, label_space=self.label_space, thresholds=self.thresholds,  # type: ignore[arg-type]
             head_name=self.head_name, dims=self.dims, head_state=self.head.state_dict(),  # type: ignore[union-attr]
             encoders={m: self.encoders[m] for m in self.modalities},
-            val_metrics=self.val_metrics, history=self.history))
+            val_metrics=self.val_metrics, history=self.history,
+            extra={"pseudo_rounds": [asdict(r) for r in self.pseudo_rounds],
+                   "finetune": self.finetune_history}))
 
     @classmethod
     def load(cls, run_dir: str | Path, *, cache_dir: str | None = None) -> "Tagger":
@@ -270,6 +419,14 @@ class Tagger:
         tagger.head.eval()
         tagger.val_metrics, tagger.history = b.val_metrics, b.history
         return tagger
+
+
+def _val_f1(result: FitResult) -> float:
+    return result.history[result.best_epoch - 1].val_samples_f1 if result.history else 0.0
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 # ---------------------------------------------------------------------- file-level jobs
@@ -290,9 +447,19 @@ def train(train_csv: str | Path, images: str | Path | None, out: str | Path, con
     tagger = Tagger(config)
     if "image" in tagger.modalities and images is None:
         raise MmtagError("--images DIR is required when the image modality is used")
-    dataset, skipped = read_dataset(train_csv, images if "image" in tagger.modalities else None,
-                                    labelled=True, skip_bad=config.data.skip_bad)
-    report = tagger.fit(dataset, progress=progress)
+    image_dir = images if "image" in tagger.modalities else None
+    dataset, skipped = read_dataset(train_csv, image_dir, labelled=True, skip_bad=config.data.skip_bad)
+    unlabeled = None
+    if config.data.unlabeled:
+        unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
+                                               skip_bad=config.data.skip_bad)
+        skipped += pool_skipped
+    extra_text = None
+    if config.data.extra_text:
+        extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
+                                                 skip_bad=config.data.skip_bad)
+        skipped += extra_skipped
+    report = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
     report.skipped = skipped + report.skipped
     manifest = tagger.save(out)
     return tagger, report, manifest

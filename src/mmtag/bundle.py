@@ -42,6 +42,7 @@ class Bundle:
     encoders: dict[str, Encoder]  # modality → encoder
     val_metrics: Metrics | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # pseudo-label rounds, fine-tuning logs
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,7 +64,7 @@ def save(run_dir: str | Path, bundle: Bundle) -> dict[str, Any]:
                               "weights_sha256": enc.weights_sha256, "source": enc.source}
     _write_json(run / "metrics.json", {
         "validation": bundle.val_metrics.to_dict() if bundle.val_metrics else None,
-        "history": bundle.history})
+        "history": bundle.history, **bundle.extra})
     files = sorted(p for p in run.rglob("*") if p.is_file() and p.name != "manifest.json"
                    and not p.name.startswith(".") and p.suffix != ".tmp"
                    and not p.relative_to(run).parts[0] in ("checkpoints", "report"))
@@ -126,7 +127,9 @@ def load(run_dir: str | Path, *, verify: bool = True) -> Bundle:
         head_name=manifest["head"]["name"], dims={k: int(v) for k, v in manifest["head"]["dims"].items()},
         head_state=load_file(str(run / "head.safetensors")), encoders=encoders,
         val_metrics=Metrics.from_dict(metrics_raw["validation"]) if metrics_raw.get("validation") else None,
-        history=metrics_raw.get("history", []), manifest=manifest)
+        history=metrics_raw.get("history", []),
+        extra={k: v for k, v in metrics_raw.items() if k not in ("validation", "history")},
+        manifest=manifest)
 
 
 def _write_json(path: Path, obj: Any) -> None:

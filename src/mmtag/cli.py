@@ -43,6 +43,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
+        "train.optimizer": args.optimizer, "train.loss": args.loss,
+        "train.thresholds": args.thresholds, "train.oversample": True if args.oversample else None,
+        "data.unlabeled": args.unlabeled, "data.extra_text": args.extra_text,
+        "pseudo.rounds": args.pseudo_rounds,
+        "pseudo.confidence": args.pseudo_confidence,
+        "finetune.modalities": (["image", "text"] if args.finetune == "both" else args.finetune),
+        "finetune.unfreeze_blocks": args.unfreeze_blocks, "finetune.epochs": args.ft_epochs,
+        "finetune.lr": args.ft_lr, "finetune.head_lr": args.ft_head_lr,
+        "finetune.batch_size": args.ft_batch_size, "finetune.optimizer": args.ft_optimizer,
         "cache_dir": args.cache_dir,
     })
     _, report, manifest = api.train(args.train_csv, args.images, args.out, config,
@@ -53,8 +62,26 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"(best epoch {report.best_epoch})")
     if m is not None:
         print(f"validation: {m.headline()}")
+    for r in report.pseudo_rounds:
+        print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
+              f"val samples_f1={r.val_samples_f1:.4f}")
     print(f"model_size_mb: {manifest['model_size_mb']}")
     print(f"run saved to {args.out}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from .ablate import run_ablation
+    from .config import Config
+
+    config = Config.from_yaml(args.config) if args.config else Config()
+    config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
+                              "cache_dir": args.cache_dir})
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    run_ablation(args.train_csv, args.images, args.out, config, variants,
+                 extra_text=args.extra_text, progress=_progress(args))
+    print((args.out / "ablation.md").read_text(encoding="utf-8"), end="")
+    print(f"tables written to {args.out / 'ablation.csv'} and {args.out / 'ablation.md'}")
     return 0
 
 
@@ -146,8 +173,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--hidden", type=int)
     p.add_argument("--workers", type=int, help="image decoding workers (default 2)")
+    p.add_argument("--optimizer", help="adam or adamw (default)")
+    p.add_argument("--loss", help="bce (default), weighted-bce, asl or focal")
+    p.add_argument("--thresholds", help="global (default), per-class or balanced")
+    p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
+    p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
+    p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
+                                        "the text branch learns from them too")
+    p.add_argument("--pseudo-rounds", type=int, help="pseudo-label rounds (default 0)")
+    p.add_argument("--pseudo-confidence", type=float, help="score needed to trust a pseudo-label (0.9)")
+    p.add_argument("--finetune", choices=["text", "image", "both"],
+                   help="two-stage: fine-tune these encoders on the task first")
+    p.add_argument("--unfreeze-blocks", type=int, help="image fine-tuning: last K blocks trained (2)")
+    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (4)")
+    p.add_argument("--ft-lr", type=float, help="fine-tuning encoder learning rate (5e-5)")
+    p.add_argument("--ft-head-lr", type=float, help="fine-tuning task-head learning rate (1e-3)")
+    p.add_argument("--ft-batch-size", type=int, help="fine-tuning batch size (32)")
+    p.add_argument("--ft-optimizer", help="fine-tuning optimizer: adam or adamw (default)")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ablate", help="train every fusion variant on one split and tabulate")
+    p.add_argument("train_csv", type=Path)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", help="comma-separated (default: all)")
+    p.add_argument("--extra-text", help="labelled captions without images, for text and late fusion")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-frac", type=float)
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a labelled CSV")
     p.add_argument("run", type=Path)

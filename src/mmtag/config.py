@@ -22,6 +22,8 @@ class DataConfig:
     val_frac: float = 0.1
     skip_bad: bool = False
     workers: int = 2  # DataLoader workers that decode JPEGs while the encoder computes
+    extra_text: str = ""  # labelled captions without images: the text branch learns from them too
+    unlabeled: str = ""  # unlabelled CSV for pseudo-label self-training
 
 
 @dataclass
@@ -55,6 +57,33 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.05
+    optimizer: str = "adamw"  # adam | adamw
+    loss: str = "bce"  # bce | weighted-bce | asl | focal
+    thresholds: str = "global"  # global | per-class | balanced
+    oversample: bool = False  # repeat rows that carry rare labels
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage one of two-stage training: fine-tune encoders on the task before fitting the head."""
+
+    modalities: list[str] = field(default_factory=list)  # [], ["text"], ["image"] or both
+    epochs: int = 4
+    lr: float = 5e-5  # encoder learning rate; the task head gets head_lr
+    head_lr: float = 1e-3
+    batch_size: int = 32
+    warmup_frac: float = 0.06  # linear warm-up, then linear decay to zero
+    weight_decay: float = 0.01
+    optimizer: str = "adamw"
+    unfreeze_blocks: int = 2  # image encoder: how many of the last MBConv blocks are trained
+
+
+@dataclass
+class PseudoConfig:
+    """Pseudo-label self-training on an unlabelled CSV (`--unlabeled`)."""
+
+    rounds: int = 0
+    confidence: float = 0.9  # a label is kept when its score is >= this, or <= 1 - this for all
 
 
 @dataclass
@@ -64,6 +93,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     cache_dir: str = field(default_factory=lambda: default_cache_dir())
 
     def to_dict(self) -> dict[str, Any]:

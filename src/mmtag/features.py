@@ -53,6 +53,16 @@ class Features:
         return getattr(self, kind)
 
 
+def concat_features(a: Features, b: Features) -> Features:
+    """Rows of `a` followed by rows of `b` (kinds present in both)."""
+    out = Features()
+    for kind in FEATURE_KINDS:
+        x, y = a.get(kind), b.get(kind)
+        if x is not None and y is not None:
+            setattr(out, kind, np.concatenate([x, y]))
+    return out
+
+
 @dataclass
 class FeatureSet:
     """Features plus the dataset rows they belong to (rows with bad images may be dropped)."""

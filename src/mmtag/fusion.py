@@ -47,9 +47,13 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
 
 
 class Head(nn.Module):
-    """Base class: `needs` lists the feature kinds read from a FeatureBatch."""
+    """Base class: `needs` lists the feature kinds read from a FeatureBatch; `decision` says how
+    logits become labels: "threshold" (one threshold set on `HeadOutput.logits`) or "union" (each
+    branch gets its own tuned thresholds and the label sets are united — the final logits are then
+    only a summary, so code that decides must look at the branches)."""
 
     needs: ClassVar[tuple[str, ...]] = ()
+    decision: ClassVar[str] = "threshold"
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:
@@ -155,9 +159,10 @@ class ConcatHead(Head):
                           {"image": self.aux_image(zi), "text": self.aux_text(zt)})
 
 
-@register_head("mean")
-class MeanHead(Head):
-    """Late fusion: an image MLP and a text MLP, final logits are the mean of the two."""
+class LateFusionHead(Head):
+    """Shared base of heads that keep a complete classifier per modality: an image MLP and a text
+    MLP on the pooled vectors (`self.image`, `self.text`), whose logits the loss supervises as
+    branches. Subclasses only decide how the two are combined."""
 
     needs = ("image", "text")
 
@@ -167,6 +172,185 @@ class MeanHead(Head):
         self.image = mlp(dims["image"], hidden, num_classes, dropout)
         self.text = mlp(dims["text"], hidden, num_classes, dropout)
 
+    def branch_logits(self, batch: FeatureBatch) -> dict[str, torch.Tensor]:
+        """{"image": image-MLP logits, "text": text-MLP logits}."""
+        return {"image": self.image(batch.image), "text": self.text(batch.text)}
+
+
+@register_head("mean")
+class MeanHead(LateFusionHead):
+    """Late fusion: an image MLP and a text MLP, final logits are the mean of the two."""
+
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        li, lt = self.image(batch.image), self.text(batch.text)
-        return HeadOutput((li + lt) / 2, {"image": li, "text": lt})
+        b = self.branch_logits(batch)
+        return HeadOutput((b["image"] + b["text"]) / 2, b)
+
+
+@register_head("union")
+class UnionHead(LateFusionHead):
+    """Late fusion by label-set union: each modality keeps its own classifier and, at decision
+    time, its own tuned thresholds; a label is predicted if either modality predicts it. Useful
+    when a tag is visible in only one modality (an object the caption omits, a word the image
+    cannot show). The logits are the elementwise max of the branches — the union at one shared
+    threshold — so the head still works where only one threshold is available."""
+
+    decision = "union"
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:
+        b = self.branch_logits(batch)
+        return HeadOutput(torch.maximum(b["image"], b["text"]), b)
+
+
+# The gate only has to pick between two modalities; a narrow hidden layer is plenty and keeps it
+# from becoming a third classifier that overfits.
+GATE_HIDDEN = 64
+
+
+@register_head("gated")
+class GatedHead(LateFusionHead):
+    """Late fusion with learned per-sample modality weights: a small gate network reads both
+    (LayerNorm'd) pooled vectors and outputs softmax weights (w_image, w_text), so a blurry photo
+    with a detailed caption can lean on the text and vice versa, where `mean` always weighs 1:1.
+    The gate's last layer starts at zero, i.e. the head starts as `mean` and learns departures."""
+
+    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(dims, num_classes, hidden, dropout)
+        self.gate_norm_image = nn.LayerNorm(dims["image"])
+        self.gate_norm_text = nn.LayerNorm(dims["text"])
+        self.gate = nn.Sequential(nn.Dropout(dropout),
+                                  nn.Linear(dims["image"] + dims["text"], GATE_HIDDEN), nn.GELU(),
+                                  nn.Linear(GATE_HIDDEN, 2))
+        nn.init.zeros_(self.gate[-1].weight)
+        nn.init.zeros_(self.gate[-1].bias)
+
+    def gate_weights(self, batch: FeatureBatch) -> torch.Tensor:
+        """(B, 2) softmax weights, column 0 for the image branch and column 1 for the text one."""
+        x = torch.cat([self.gate_norm_image(batch.image), self.gate_norm_text(batch.text)], dim=1)
+        return torch.softmax(self.gate(x), dim=1)
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:
+        b = self.branch_logits(batch)
+        w = self.gate_weights(batch)
+        return HeadOutput(w[:, :1] * b["image"] + w[:, 1:] * b["text"], b)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head scaled dot-product attention of one query vector per sample over a set of
+    tokens, written out (rather than nn.MultiheadAttention) so the weights that are actually used
+    can be inspected. Keys and values get separate maps: keys decide where to look, values what is
+    carried back."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise MmtagError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) → (B, heads, T, D / heads)."""
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def weights(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, heads, T): softmax over tokens of query·key / sqrt(head width)."""
+        q = self._split(self.to_q(query).unsqueeze(1))             # (B, H, 1, d)
+        k = self._split(self.to_k(tokens))                         # (B, H, T, d)
+        scores = (q @ k.transpose(-1, -2)).squeeze(2) / q.shape[-1] ** 0.5
+        return torch.softmax(scores, dim=-1)
+
+    def forward(self, query: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, D) query, (B, T, D) tokens → (B, D) attended values."""
+        w = self.dropout(self.weights(query, tokens))              # (B, H, T)
+        v = self._split(self.to_v(tokens))                         # (B, H, T, d)
+        attended = (w.unsqueeze(2) @ v).squeeze(2)                 # (B, H, d)
+        return self.out(attended.flatten(1))
+
+
+@register_head("xattn")
+class CrossAttentionHead(Head):
+    """Early fusion by cross-attention: the pooled caption asks *where* in the image to look. The
+    caption vector (one query) attends over the image's spatial tokens (keys and values), both
+    brought to PROJ_DIM by parallel LayerNorm+Linear maps; the attended vector is added back to the
+    query (residual) and normalised. The pooled image throws away the spatial detail a caption may
+    point at ("a dog *next to* a bicycle"); attention recovers it. The result is concatenated with
+    the projected pooled image and text (as in `concat`) and classified by an MLP; linear
+    auxiliary classifiers on the two projections are supervised as branches. Tokens carry no
+    position encoding, so the head treats them as a set: their order does not matter."""
+
+    needs = ("image", "image_tokens", "text")
+    attention_heads: ClassVar[int] = 4
+
+    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(dims, num_classes, hidden, dropout)
+        self.query = nn.Sequential(nn.LayerNorm(dims["text"]), nn.Linear(dims["text"], PROJ_DIM))
+        self.tokens = nn.Sequential(nn.LayerNorm(dims["image_tokens"]),
+                                    nn.Linear(dims["image_tokens"], PROJ_DIM))
+        self.attn = CrossAttention(PROJ_DIM, self.attention_heads, dropout)
+        self.attn_norm = nn.LayerNorm(PROJ_DIM)
+        self.image = projection(dims["image"], PROJ_DIM, IMAGE_INPUT_DROPOUT)
+        self.text = projection(dims["text"], PROJ_DIM)
+        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(3 * PROJ_DIM, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        self.aux_image = nn.Linear(PROJ_DIM, num_classes)
+        self.aux_text = nn.Linear(PROJ_DIM, num_classes)
+
+    def attention_weights(self, batch: FeatureBatch) -> torch.Tensor:
+        """(B, heads, T): how much each attention head of each caption looks at each token."""
+        return self.attn.weights(self.query(batch.text), self.tokens(batch.image_tokens))
+
+    def attend(self, batch: FeatureBatch) -> torch.Tensor:
+        """(B, PROJ_DIM): LayerNorm(query + attention of the caption query over image tokens)."""
+        q = self.query(batch.text)
+        return self.attn_norm(q + self.attn(q, self.tokens(batch.image_tokens)))
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:
+        zi, zt = self.image(batch.image), self.text(batch.text)
+        fused = torch.cat([self.attend(batch), zi, zt], dim=1)
+        return HeadOutput(self.net(fused), {"image": self.aux_image(zi), "text": self.aux_text(zt)})
+
+
+class MeanWithBranchesHead(LateFusionHead):
+    """An early-fusion head (`fused`) whose logits are averaged with a separate image MLP's and
+    text MLP's (the "FM2"/"FM3" references): the fused head captures cross-modal evidence, the
+    single-modality classifiers stay usable where fusion overfits, and averaging hedges between
+    them. The fused head's logits are a branch named `fused_name`, so it is supervised as a
+    classifier on its own; its auxiliary branches stay supervised too, renamed
+    `<fused_name>_<branch>` so they do not collide with the MLP branches "image" and "text"."""
+
+    fused_cls: ClassVar[type[Head]]
+    fused_name: ClassVar[str]
+
+    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
+                 dropout: float = 0.2) -> None:
+        super().__init__(dims, num_classes, hidden, dropout)
+        self.fused = self.fused_cls(dims, num_classes, hidden, dropout)
+
+    def forward(self, batch: FeatureBatch) -> HeadOutput:
+        b = self.branch_logits(batch)
+        f = self.fused(batch)
+        branches = {**b, self.fused_name: f.logits,
+                    **{f"{self.fused_name}_{k}": v for k, v in f.branches.items()}}
+        return HeadOutput((f.logits + b["image"] + b["text"]) / 3, branches)
+
+
+@register_head("concat+mean")
+class ConcatMeanHead(MeanWithBranchesHead):
+    """`concat` averaged with an image MLP and a text MLP (reference "FM2")."""
+
+    needs = ConcatHead.needs
+    fused_cls = ConcatHead
+    fused_name = "concat"
+
+
+@register_head("xattn+mean")
+class CrossAttentionMeanHead(MeanWithBranchesHead):
+    """`xattn` averaged with an image MLP and a text MLP (reference "FM3")."""
+
+    needs = CrossAttentionHead.needs
+    fused_cls = CrossAttentionHead
+    fused_name = "xattn"

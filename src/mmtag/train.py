@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .errors import MmtagError
 from .features import Features
 from .fusion import FeatureBatch, Head
 from .metrics import samples_f1
@@ -58,16 +59,25 @@ def batch_of(features: Features, needs: tuple[str, ...], index: np.ndarray | sli
     return out
 
 
-def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np.ndarray:
-    """Head logits for every row, in order."""
+def predict_outputs(head: Head, features: Features,
+                    batch_size: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Head logits and each branch's logits for every row, in order."""
     head.eval()
     n = len(features)
-    outs = []
+    logits: list[np.ndarray] = []
+    branches: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            batch = batch_of(features, head.needs, slice(start, min(start + batch_size, n)))
-            outs.append(head(batch).logits.float().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, 0), dtype=np.float32)
+            out = head(batch_of(features, head.needs, slice(start, min(start + batch_size, n))))
+            logits.append(out.logits.float().numpy())
+            for name, value in out.branches.items():
+                branches.setdefault(name, []).append(value.float().numpy())
+    return np.concatenate(logits), {k: np.concatenate(v) for k, v in branches.items()}
+
+
+def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np.ndarray:
+    """Head logits for every row, in order."""
+    return predict_outputs(head, features, batch_size)[0]
 
 
 def _loss(head: Head, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
@@ -78,15 +88,48 @@ def _loss(head: Head, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module
     return loss
 
 
+def make_optimizer(name: str, params: list[dict] | object, lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """`adam` (L2 penalty in the gradient) or `adamw` (decoupled weight decay)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
+    raise MmtagError(f"unknown optimizer '{name}'; available: adam, adamw")
+
+
+def repeat_factors(y: np.ndarray, threshold: float = 0.05) -> np.ndarray:
+    """Per-row repeat factors for rare labels, LVIS-style repeat-factor sampling (Gupta et al.
+    2019): a label on a fraction f < threshold of rows gets r = sqrt(threshold / f), and a row
+    repeats as often as its rarest label asks. Common-label rows keep factor 1."""
+    freq = y.mean(axis=0)
+    per_class = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
+    per_class = np.maximum(per_class, 1.0)
+    return np.where(y > 0, per_class[None, :], 1.0).max(axis=1)
+
+
+def epoch_order(n: int, factors: np.ndarray | None, generator: torch.Generator) -> np.ndarray:
+    """A shuffled epoch of row indices; with repeat factors, rows are repeated by stochastic
+    rounding (factor 2.3 → 2 copies, or 3 with probability 0.3)."""
+    if factors is None:
+        return torch.randperm(n, generator=generator).numpy()
+    u = torch.rand(n, generator=generator).numpy()
+    copies = np.floor(factors + u).astype(np.int64)
+    rows = np.repeat(np.arange(n), copies)
+    return rows[torch.randperm(len(rows), generator=generator).numpy()]
+
+
 def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
-             cfg: TrainConfig, *, progress: bool = True) -> FitResult:
+             cfg: TrainConfig, *, criterion: nn.Module | None = None,
+             progress: bool = True) -> FitResult:
     """Train `head` and return it with the weights of its best validation epoch."""
     seed_everything(cfg.seed)
     # Re-seed after construction too: the head was built outside, and the shuffling and dropout
     # streams must not depend on what else consumed random numbers before this call.
     generator = torch.Generator().manual_seed(cfg.seed)
-    criterion = nn.BCEWithLogitsLoss()
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    criterion = criterion if criterion is not None else nn.BCEWithLogitsLoss()
+    optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
+    factors = repeat_factors(y_train) if cfg.oversample else None
     yt = torch.from_numpy(y_train.astype(np.float32))
     yv = torch.from_numpy(y_val.astype(np.float32))
     n = len(y_train)
@@ -95,22 +138,24 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     bar = tqdm(range(1, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
-        perm = torch.randperm(n, generator=generator).numpy()
+        perm = epoch_order(n, factors, generator)
         total = 0.0
-        for start in range(0, n, cfg.batch_size):
+        for start in range(0, len(perm), cfg.batch_size):
             idx = np.sort(perm[start:start + cfg.batch_size])
             loss = _loss(head, batch_of(train, head.needs, idx), yt[idx], criterion)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
+        total_n = len(perm)
         val_logits = torch.from_numpy(predict_logits(head, val))
-        val_loss = float(criterion(val_logits, yv))
+        with torch.no_grad():
+            val_loss = float(criterion(val_logits, yv))
         probs = torch.sigmoid(val_logits).numpy()
         thr = tune_global(probs, y_val)
         f1 = samples_f1(y_val, decide(probs, thr))
-        result.history.append(EpochLog(epoch, total / n, val_loss, f1, float(thr.values[0])))
-        bar.set_postfix(loss=f"{total / n:.4f}", val_f1=f"{f1:.4f}")
+        result.history.append(EpochLog(epoch, total / total_n, val_loss, f1, float(thr.values[0])))
+        bar.set_postfix(loss=f"{total / total_n:.4f}", val_f1=f"{f1:.4f}")
         if f1 > best_f1 + 1e-6:
             best_f1, best_state, stale, result.best_epoch = f1, copy.deepcopy(head.state_dict()), 0, epoch
         else:

@@ -1,0 +1,331 @@
+"""Stage one of two-stage training: fine-tune an encoder on the multi-label task.
+
+A temporary task head (dropout + linear on the pooled output) is trained together with the
+encoder's trainable part; the head is then thrown away and the encoder, restored to its best
+validation epoch, is finalized again (fp16-rounded, frozen, re-hashed). Its new `encoder_id` is
+the feature-cache key, so the normal pipeline caches the fine-tuned features separately from the
+pretrained ones and fits its fusion head on them.
+
+Text encoders train the whole transformer; image encoders only their last `unfreeze_blocks` MBConv
+blocks plus the head conv/BN, with the frozen BatchNorm layers kept in eval mode (their running
+statistics are ImageNet's and a small task batch would only corrupt them).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .config import FinetuneConfig
+from .data import load_image
+from .encoders import Encoder, ImageEncoder, TextEncoder
+from .errors import DataError, MmtagError
+from .metrics import samples_f1
+from .thresholds import decide, tune_global
+
+log = logging.getLogger("mmtag")
+
+HEAD_DROPOUT = 0.1  # dropout before the temporary task head's linear layer
+GRAD_CLIP = 1.0  # max global grad norm, the usual guard for transformer fine-tuning
+CROP_SCALE = (0.6, 1.0)  # random resized crop: fraction of the image area kept
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # ... and the crop's aspect-ratio range (log-uniform)
+
+
+@dataclass
+class FinetuneResult:
+    """The fine-tuned, finalized encoder (best validation epoch) and the per-epoch history."""
+
+    encoder: Encoder
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based epoch whose weights the encoder carries
+
+
+# ---------------------------------------------------------------------------- public API
+def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_captions: list[str],
+                  y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
+                  seed: int = 0, progress: bool = True) -> FinetuneResult:
+    """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched."""
+    if not isinstance(encoder, TextEncoder):
+        raise MmtagError(f"finetune_text needs a text encoder, got {type(encoder).__name__}")
+    y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
+    torch.manual_seed(seed)
+    enc = copy.deepcopy(encoder)
+    for p in enc.parameters():
+        p.requires_grad_(True)
+
+    def set_train() -> None:
+        enc.train()
+
+    def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            yield idx, enc(**enc.tokenize([captions[i] for i in idx]))
+
+    def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        # Length-sorted batches waste less compute on padding; results go back by index.
+        order = np.argsort([len(c) for c in val_captions], kind="stable")
+        size = max(2 * cfg.batch_size, 64)
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            yield idx, enc(**enc.tokenize([val_captions[i] for i in idx]))
+
+    return _train(enc, list(enc.parameters()), set_train, train_batches, val_batches,
+                  len(captions), y, y_val, cfg, loss=loss, seed=seed, progress=progress,
+                  source=encoder)
+
+
+def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val_images: list[Path],
+                   y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
+                   seed: int = 0, workers: int = 2, augment: bool = True,
+                   progress: bool = True) -> FinetuneResult:
+    """Fine-tune a copy of the image encoder's last `cfg.unfreeze_blocks` blocks + head conv/BN.
+
+    Images are decoded in `workers` DataLoader processes; with `augment`, training views get a
+    random resized crop (scale 0.6-1.0) and a horizontal flip. Validation uses the plain view.
+    """
+    if not isinstance(encoder, ImageEncoder):
+        raise MmtagError(f"finetune_image needs an image encoder, got {type(encoder).__name__}")
+    y, y_val = _check_inputs(len(images), y, len(val_images), y_val, cfg)
+    if workers < 0:
+        raise MmtagError(f"workers must be >= 0, got {workers}")
+    torch.manual_seed(seed)
+    enc = copy.deepcopy(encoder)
+    trainable = _image_trainable_modules(enc, cfg.unfreeze_blocks)
+    params = [p for m in trainable for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    size = int(enc.image_size)
+    rng = torch.Generator().manual_seed(seed + 1)  # augmentation seeds, separate from shuffling
+
+    def set_train() -> None:
+        enc.eval()  # frozen blocks (and their BatchNorm statistics) stay in eval mode
+        for m in trainable:
+            m.train()
+
+    def loader(paths: list[Path], items: list[tuple[int, int | None]], batch_size: int) -> Iterable:
+        return torch.utils.data.DataLoader(
+            _ImageItems(paths, size), batch_size=batch_size, sampler=items, num_workers=workers,
+            collate_fn=_collate_images, persistent_workers=False)
+
+    def forward(batch: tuple[np.ndarray, torch.Tensor | None, list[str]],
+                paths: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
+        idx, x, errors = batch
+        if errors:
+            i, msg = errors[0]
+            raise DataError(paths[i], msg)
+        assert x is not None
+        return idx, enc(x.contiguous(memory_format=torch.channels_last))[0]
+
+    def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        seeds = torch.randint(0, 2**62, (len(order),), generator=rng).tolist()
+        items = [(int(i), int(s) if augment else None) for i, s in zip(order, seeds)]
+        for batch in loader(images, items, cfg.batch_size):
+            yield forward(batch, images)
+
+    def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        items = [(i, None) for i in range(len(val_images))]
+        for batch in loader(val_images, items, max(2 * cfg.batch_size, 64)):
+            yield forward(batch, val_images)
+
+    return _train(enc, params, set_train, train_batches, val_batches, len(images), y, y_val, cfg,
+                  loss=loss, seed=seed, progress=progress, source=encoder)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_inputs(n: int, y: np.ndarray, n_val: int, y_val: np.ndarray,
+                  cfg: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y, dtype=np.float32)
+    y_val = np.asarray(y_val, dtype=np.float32)
+    if y.ndim != 2 or y_val.ndim != 2:
+        raise MmtagError(f"labels must be (N, C) matrices, got shapes {y.shape} and {y_val.shape}")
+    if len(y) != n:
+        raise MmtagError(f"{n} training inputs but {len(y)} label rows")
+    if len(y_val) != n_val:
+        raise MmtagError(f"{n_val} validation inputs but {len(y_val)} label rows")
+    if y.shape[1] != y_val.shape[1] or y.shape[1] == 0:
+        raise MmtagError(f"training labels have {y.shape[1]} classes, validation {y_val.shape[1]}")
+    if n == 0 or n_val == 0:
+        raise MmtagError("fine-tuning needs at least one training and one validation row")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise MmtagError(f"finetune epochs and batch_size must be >= 1 "
+                         f"(got {cfg.epochs}, {cfg.batch_size})")
+    if not 0.0 <= cfg.warmup_frac < 1.0:
+        raise MmtagError(f"finetune warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise MmtagError(f"unknown optimizer '{cfg.optimizer}'; available: adam, adamw")
+    return y, y_val
+
+
+def _image_trainable_modules(enc: ImageEncoder, k: int) -> list[nn.Module]:
+    net = getattr(enc, "net", None)
+    blocks = getattr(net, "_blocks", None)
+    if net is None or blocks is None or not hasattr(net, "_conv_head") or not hasattr(net, "_bn1"):
+        raise MmtagError(f"image encoder '{enc.name}' has no EfficientNet blocks to fine-tune")
+    if not 0 <= k <= len(blocks):
+        raise MmtagError(f"unfreeze_blocks must be in [0, {len(blocks)}] for '{enc.name}', got {k}")
+    tail = list(blocks[len(blocks) - k:]) if k else []
+    return tail + [net._conv_head, net._bn1]
+
+
+def _schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
+    """LR factor at optimiser step s: linear warm-up to 1, then linear decay towards 0."""
+    warmup = int(round(warmup_frac * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], None],
+           train_batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, torch.Tensor]]],
+           val_batches: Callable[[], Iterator[tuple[np.ndarray, torch.Tensor]]],
+           n: int, y: np.ndarray, y_val: np.ndarray, cfg: FinetuneConfig, *,
+           loss: nn.Module | None, seed: int, progress: bool, source: Encoder) -> FinetuneResult:
+    """The loop shared by both modalities: train, validate each epoch, keep the best weights."""
+    criterion = loss if loss is not None else nn.BCEWithLogitsLoss()
+    head = nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(enc.dim, y.shape[1]))
+    groups = [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
+    generator = torch.Generator().manual_seed(seed)
+    yt = torch.from_numpy(y)
+    yv = torch.from_numpy(y_val)
+    clip = list(params) + list(head.parameters())
+
+    result = FinetuneResult(encoder=enc)
+    best_key: tuple[float, float] | None = None
+    best_state = _clone_state(enc)
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        set_train()
+        head.train()
+        order = torch.randperm(n, generator=generator).numpy()
+        total = 0.0
+        bar = tqdm(total=n, desc=f"finetune {enc.name} {epoch}/{cfg.epochs}", unit="row",
+                   disable=not progress)
+        try:
+            for idx, pooled in train_batches(order):
+                batch_loss = criterion(head(pooled), yt[torch.from_numpy(np.asarray(idx))])
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss.backward()
+                torch.nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
+                optimizer.step()
+                scheduler.step()
+                total += float(batch_loss.detach()) * len(idx)
+                bar.update(len(idx))
+                bar.set_postfix(loss=f"{float(batch_loss.detach()):.4f}")
+        finally:
+            bar.close()
+        train_loss = total / n
+
+        val_logits = _predict(enc, head, val_batches, len(y_val), y.shape[1])
+        with torch.no_grad():
+            val_loss = float(criterion(val_logits, yv))
+        probs = torch.sigmoid(val_logits).numpy()
+        thr = tune_global(probs, y_val)
+        f1 = samples_f1(y_val, decide(probs, thr))
+        seconds = time.perf_counter() - t0
+        result.history.append({"epoch": float(epoch), "train_loss": train_loss, "val_loss": val_loss,
+                               "val_samples_f1": f1, "threshold": float(thr.values[0]),
+                               "seconds": seconds})
+        log.info("finetune %s epoch %d: train loss %.4f, val loss %.4f, val sample-F1 %.4f (%.0f s)",
+                 enc.name, epoch, train_loss, val_loss, f1, seconds)
+        # Best = highest validation sample-F1; a tie (common on small validation sets) goes to
+        # the lower validation loss.
+        key = (round(f1, 6), -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_state, result.best_epoch = key, _clone_state(enc), epoch
+
+    enc.load_state_dict(best_state)
+    enc.finalize()
+    enc.source = {**source.source, "finetuned_from": source.weights_sha256}
+    return result
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _predict(enc: Encoder, head: nn.Module,
+             val_batches: Callable[[], Iterator[tuple[np.ndarray, torch.Tensor]]],
+             n: int, c: int) -> torch.Tensor:
+    enc.eval()
+    head.eval()
+    out = torch.empty(n, c)
+    with torch.inference_mode():
+        for idx, pooled in val_batches():
+            out[torch.from_numpy(np.asarray(idx))] = head(pooled).float()
+    return out.clone()  # a normal tensor, usable outside inference mode
+
+
+# ------------------------------------------------------------------------ image loading
+class _ImageItems(torch.utils.data.Dataset):
+    """Decodes `paths[i]` for sampler items (i, aug_seed); aug_seed None gives the plain view.
+
+    Each item carries its own augmentation seed, so the views do not depend on how many workers
+    decode them or in which order. A file that cannot be decoded yields its error message.
+    """
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths = paths
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int | None]) -> tuple[int, torch.Tensor | None, str]:
+        i, aug_seed = item
+        try:
+            x = torch.from_numpy(load_image(self.paths[i], self.size))
+        except ValueError as exc:
+            return i, None, str(exc)
+        except OSError as exc:
+            return i, None, f"cannot read image ({exc.strerror or exc})"
+        if aug_seed is not None:
+            x = random_resized_crop_flip(x, torch.Generator().manual_seed(aug_seed))
+        return i, x, ""
+
+
+def _collate_images(batch: list[tuple[int, torch.Tensor | None, str]]
+                    ) -> tuple[np.ndarray, torch.Tensor | None, list[tuple[int, str]]]:
+    errors = [(i, msg) for i, _, msg in batch if msg]
+    idx = np.array([i for i, _, _ in batch], dtype=np.int64)
+    x = None if errors else torch.stack([t for _, t, _ in batch])  # type: ignore[misc]
+    return idx, x, errors
+
+
+def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
+                             scale: tuple[float, float] = CROP_SCALE,
+                             ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """A random crop covering `scale` of the area (aspect ratio in `ratio`), resized back to the
+    input size, then flipped left-right with probability 1/2. `x` is (3, H, W)."""
+    _, h, w = x.shape
+    u = torch.rand(3, generator=generator).tolist()
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
+    r = math.exp(log_r)
+    cw = min(w, max(1, int(round(math.sqrt(area * r)))))
+    ch = min(h, max(1, int(round(math.sqrt(area / r)))))
+    top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    crop = x[:, top:top + ch, left:left + cw]
+    out = F.interpolate(crop.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False)[0]
+    if u[2] < 0.5:
+        out = out.flip(-1)
+    return out.contiguous()
