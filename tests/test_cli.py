@@ -88,3 +88,14 @@ def test_unknown_fusion_and_missing_run(tiny, tmp_path):
     assert r.returncode == 2 and "unknown fusion head 'nope'" in r.stderr
     r = mmtag("info", tmp_path / "missing")
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_ablate_cli_and_union_info(tiny, tmp_path):
+    r = mmtag("ablate", tiny.train_csv, "--images", tiny.images, "--out", tmp_path / "ab",
+              "--variants", "text,union")
+    assert r.returncode == 0, r.stderr
+    assert "| union |" in r.stdout or "| **union** |" in r.stdout
+    assert (tmp_path / "ab" / "ablation.csv").is_file()
+    r = mmtag("info", tmp_path / "ab" / "runs" / "union")
+    assert r.returncode == 0, r.stderr
+    assert "union/global image" in r.stdout and "union/global text" in r.stdout

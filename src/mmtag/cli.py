@@ -124,8 +124,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"labels ({len(labels['ids'])}):    " +
           ", ".join(f"{i} {n}" for i, n in zip(labels["ids"], labels["names"])))
     thr = data["thresholds"]
-    print(f"thresholds:     {thr['mode']} " + (f"{thr['values'][0]:.2f}" if thr["mode"] == "global"
-                                              else str([round(v, 2) for v in thr["values"]])))
+    for name, values in (thr.get("branches") or {"": thr["values"]}).items():
+        shown = f"{values[0]:.2f}" if len(set(values)) == 1 else str([round(v, 2) for v in values])
+        print(f"thresholds:     {thr['mode']}{' ' + name if name else ''} {shown}")
     val = data.get("validation")
     if val:
         print(f"validation:     samples_f1={val['samples_f1']:.4f} micro_f1={val['micro_f1']:.4f} "
