@@ -94,3 +94,20 @@ def test_extra_text_trains_text_branch_on_more_rows(tiny, make_config, monkeypat
     assert report.val_metrics.samples_f1 > 0.5
     with pytest.raises(MmtagError, match="late-fusion"):
         Tagger(make_config(**{"model.fusion": "concat"})).fit(train, extra_text=extra, progress=False)
+
+
+def test_two_stage_finetune_is_saved_and_reloaded(tiny, make_config, tmp_path):
+    cfg = make_config(**{"model.modalities": ["text"], "finetune.modalities": ["text"],
+                         "finetune.epochs": 1, "finetune.batch_size": 32, "train.epochs": 5})
+    tagger, report, manifest = api.train(tiny.train_csv, None, tmp_path / "ft", cfg, progress=False)
+    from mmtag.encoders import create_encoder
+
+    stock = create_encoder("minilm-l6")
+    assert tagger.encoders["text"].encoder_id != stock.encoder_id  # stage one changed the encoder
+    assert manifest["encoders"]["text"]["weights_sha256"] == tagger.encoders["text"].weights_sha256
+    assert len(tagger.finetune_history["text"]) == 1
+    back = Tagger.load(tmp_path / "ft")
+    assert back.encoders["text"].encoder_id == tagger.encoders["text"].encoder_id
+    data, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    assert back.predict_proba_dataset(data, progress=False).labels == \
+        tagger.predict_proba_dataset(data, progress=False).labels

@@ -92,34 +92,34 @@ def head_needs(name: str) -> tuple[str, ...]:
     return cls.needs
 
 
-@register_head("image")
-class ImageHead(Head):
-    """Image-only: MLP on the pooled image vector."""
+class SingleModalityHead(Head):
+    """An MLP on one modality's pooled vector; the other modality is never read."""
 
-    needs = ("image",)
+    modality: ClassVar[str]
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:
         super().__init__(dims, num_classes, hidden, dropout)
-        self.net = mlp(dims["image"], hidden, num_classes, dropout)
+        self.net = mlp(dims[self.modality], hidden, num_classes, dropout)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        return HeadOutput(self.net(batch.image))
+        return HeadOutput(self.net(getattr(batch, self.modality)))
+
+
+@register_head("image")
+class ImageHead(SingleModalityHead):
+    """Image-only: MLP on the pooled image vector."""
+
+    modality = "image"
+    needs = ("image",)
 
 
 @register_head("text")
-class TextHead(Head):
+class TextHead(SingleModalityHead):
     """Text-only: MLP on the pooled caption vector."""
 
+    modality = "text"
     needs = ("text",)
-
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
-        self.net = mlp(dims["text"], hidden, num_classes, dropout)
-
-    def forward(self, batch: FeatureBatch) -> HeadOutput:
-        return HeadOutput(self.net(batch.text))
 
 
 def projection(in_dim: int, out_dim: int, input_dropout: float = 0.0) -> nn.Sequential:
