@@ -65,3 +65,70 @@ def test_save_load_gives_identical_outputs(fixture, request, tmp_path):
         else:
             x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32))
             assert torch.equal(enc(x)[0], back(x)[0])
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny randomly initialised BERT + WordPiece tokenizer saved like a local HF model."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "horse", "photo", "of", "the"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(d))
+    return d
+
+
+def test_hf_text_encoder_from_local_dir(tiny_bert_dir, tmp_path):
+    enc = create_encoder(f"hf:{tiny_bert_dir}", "text")
+    assert enc.dim == 32 and enc.name == f"hf:{tiny_bert_dir}"
+    b = enc.tokenize(["a photo of a dog", "the cat"])
+    with torch.inference_mode():
+        out = enc(**b)
+    assert out.shape == (2, 32)
+    enc.save(tmp_path / "e")
+    back = load_encoder(enc.name, tmp_path / "e")
+    with torch.inference_mode():
+        assert torch.equal(back(**b), out)
+
+
+def test_hf_missing_weights_needs_random_init(tiny_bert_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "no-weights"
+    shutil.copytree(tiny_bert_dir, d)
+    for f in d.glob("model.safetensors"):
+        f.unlink()
+    with pytest.raises(MmtagError, match="--random-init"):
+        create_encoder(f"hf:{d}", "text")
+    assert create_encoder(f"hf:{d}", "text", random_init=True).dim == 32
+    with pytest.raises(MmtagError, match="never downloads"):
+        create_encoder("hf:no/such-model-here", "text")
+
+
+def test_timm_is_optional():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(MmtagError, match=r"mmtag\[timm\]"):
+            create_encoder("timm:resnet18", "image")
+    else:
+        pytest.skip("timm is installed; the missing-extra message cannot be shown")
+
+
+def test_random_init_is_explicit_for_builtin_encoders():
+    a = create_encoder("efficientnet-lite0", random_init=True)
+    b = create_encoder("efficientnet-lite0")
+    assert a.weights_sha256 != b.weights_sha256 and a.source == {"random_init": "true"}
+
+
+def test_list_encoders_reports_parameters():
+    from mmtag.encoders import list_encoders
+
+    rows = {e.name: e for e in list_encoders()}
+    assert rows["minilm-l6"].weights_present and 20 < rows["minilm-l6"].params_m < 25
+    assert 3 < rows["efficientnet-lite0"].params_m < 4

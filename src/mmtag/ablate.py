@@ -89,7 +89,7 @@ def write_tables(out: Path, rows: list[AblationRow], *, extra_text: str | Path |
                      f"{r.train_s:.1f} | {r.predict_s:.2f} | {r.model_size_mb:.1f} |")
     lines.append("")
     lines.append(f"Best variant by validation sample-F1: {best.variant}.")
-    if extra_text:
-        users = [r.variant for r in rows if uses_extra_text(r.variant)]
+    users = [r.variant for r in rows if uses_extra_text(r.variant)]
+    if extra_text and users:
         lines.append(f"Extra captions without images ({extra_text}) trained: {', '.join(users)}.")
     atomic_write_text(out / "ablation.md", "\n".join(lines) + "\n")

