@@ -89,7 +89,9 @@ def test_extra_text_trains_text_branch_on_more_rows(tiny, make_config, monkeypat
     tagger = Tagger(make_config(**{"model.fusion": "gated"}))
     report = tagger.fit(train, extra_text=extra, progress=False)
     n_tr = report.n_train
-    assert ("TextHead", n_tr + len(extra)) in sizes and ("ImageHead", n_tr) in sizes
+    n_extra = len(api._without_captions_of(extra, report.val_dataset))
+    assert 0 < n_extra <= len(extra)
+    assert ("TextHead", n_tr + n_extra) in sizes and ("ImageHead", n_tr) in sizes
     assert ("GatedHead", n_tr) in sizes  # the gate is trained on paired rows only
     assert report.val_metrics.samples_f1 > 0.5
     with pytest.raises(MmtagError, match="late-fusion"):
@@ -111,3 +113,21 @@ def test_two_stage_finetune_is_saved_and_reloaded(tiny, make_config, tmp_path):
     data, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
     assert back.predict_proba_dataset(data, progress=False).labels == \
         tagger.predict_proba_dataset(data, progress=False).labels
+
+
+def test_extra_text_never_contains_validation_captions(tiny, make_config, monkeypatch):
+    import mmtag.api as api_mod
+
+    seen = {}
+    original = api_mod.Tagger._extra_text_features
+
+    def spy(self, extra, *, progress):
+        seen["captions"] = list(extra.captions)
+        return original(self, extra, progress=progress)
+
+    monkeypatch.setattr(api_mod.Tagger, "_extra_text_features", spy)
+    train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
+    tagger = Tagger(make_config(**{"model.modalities": ["text"], "train.epochs": 3}))
+    report = tagger.fit(train, extra_text=train, progress=False)  # extra = the training CSV itself
+    val_caps = {c.lower() for c in report.val_dataset.captions}
+    assert seen["captions"] and not val_caps & {c.lower() for c in seen["captions"]}

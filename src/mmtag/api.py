@@ -173,6 +173,7 @@ class Tagger:
         y_va = self.label_space.encode(va_data.labels)  # type: ignore[arg-type]
         self.dims = self._dims(tr.features)
         if extra_text is not None:
+            extra_text = _without_captions_of(extra_text, va_data)
             extra = self._extra_text_features(extra_text, progress=progress)
             y_extra = self.label_space.encode(extra_text.labels)  # type: ignore[arg-type]
             result = self._fit_unpaired(tr.features, y_tr, va.features, y_va, extra, y_extra,
@@ -421,6 +422,18 @@ class Tagger:
         tagger.head.eval()
         tagger.val_metrics, tagger.history = b.val_metrics, b.history
         return tagger
+
+
+def _without_captions_of(extra: Dataset, val: Dataset) -> Dataset:
+    """Extra rows minus those whose caption is also a validation caption: corpora built from the
+    same source (e.g. two COCO-derived sets) share items, and a validation caption seen with its
+    labels in training would inflate validation scores."""
+    seen = {c.strip().lower() for c in val.captions}
+    keep = [i for i, c in enumerate(extra.captions) if c.strip().lower() not in seen]
+    if len(keep) < len(extra):
+        log.warning("--extra-text: dropped %d row(s) whose caption is also a validation caption",
+                    len(extra) - len(keep))
+    return extra.subset(keep) if len(keep) < len(extra) else extra
 
 
 def _val_f1(result: FitResult) -> float:
