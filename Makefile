@@ -5,7 +5,18 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: setup test bench clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed wordnet
+
+# WordNet 3.0 dict files for caption synonym augmentation (mmtag.augment); Debian's wordnet-base
+# puts them in /usr/share/wordnet. Best effort: without apt or root it only warns.
+.PHONY: wordnet
+wordnet:
+	@test -f /usr/share/wordnet/index.noun || test -n "$$MMTAG_WORDNET" || { \
+	  command -v apt-get >/dev/null && \
+	  (apt-get install -y -q --no-install-recommends wordnet-base || \
+	   (apt-get update -q && apt-get install -y -q --no-install-recommends wordnet-base)) || \
+	  echo "warning: could not install wordnet-base; caption synonym augmentation needs it" \
+	       "(run 'sudo apt-get install wordnet-base' or set MMTAG_WORDNET to a WordNet 3.0 dict dir)"; }
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)

@@ -131,3 +131,32 @@ def test_extra_text_never_contains_validation_captions(tiny, make_config, monkey
     report = tagger.fit(train, extra_text=train, progress=False)  # extra = the training CSV itself
     val_caps = {c.lower() for c in report.val_dataset.captions}
     assert seen["captions"] and not val_caps & {c.lower() for c in seen["captions"]}
+
+
+@pytest.mark.parametrize("mods, aug", [(["image"], {"augment.image": "crop,flip"}),
+                                       (["text"], {"augment.text": "synonyms:2"})])
+def test_augmented_views_reach_the_head(tiny, make_config, monkeypatch, mods, aug):
+    import mmtag.api as api_mod
+
+    got = {}
+    original = api_mod.fit_head
+
+    def spy(head, tr, y_tr, va, y_va, cfg, **kwargs):
+        got["plain"], got["views"] = tr, kwargs.get("views")
+        return original(head, tr, y_tr, va, y_va, cfg, **kwargs)
+
+    monkeypatch.setattr(api_mod, "fit_head", spy)
+    train, _ = api.read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    cfg = make_config(**{"model.modalities": mods, "augment.views": 2, "train.epochs": 3, **aug})
+    Tagger(cfg).fit(train, progress=False)
+    kind = mods[0]
+    plain = got["plain"].get(kind)
+    views = [v.get(kind) for v in got["views"]]
+    assert len(views) == 2 and all(v.shape == plain.shape for v in views)
+    assert not np.array_equal(views[0], plain) and not np.array_equal(views[0], views[1])
+    # the plain features are the unaugmented ones (what validation and prediction use)
+    from mmtag.data import train_val_split
+
+    tr_idx, _ = train_val_split(len(train), cfg.data.val_frac, cfg.train.seed)
+    unaugmented = Tagger(make_config(**{"model.modalities": mods})).features(train, progress=False)
+    assert np.array_equal(unaugmented.features.get(kind)[tr_idx], plain)

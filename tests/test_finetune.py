@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mmtag.augment import parse_image_aug
 from mmtag.config import FinetuneConfig
 from mmtag.encoders import Encoder, create_encoder
 from mmtag.errors import DataError, MmtagError
 from mmtag.features import encode_captions
-from mmtag.finetune import (FinetuneResult, finetune_image, finetune_text,
-                            random_resized_crop_flip)
+from mmtag.finetune import (FinetuneResult, finetune_image, finetune_text)
 
 ANIMALS = ["dog", "cat", "horse", "bird"]
 VEHICLES = ["car", "bus", "truck", "train"]
@@ -200,7 +200,7 @@ def image_run(image_data: tuple[list[Path], np.ndarray]) -> Run:
     before_id, before_state = enc.encoder_id, snapshot(enc)
     cfg = FinetuneConfig(epochs=1, batch_size=6, lr=1e-3, head_lr=1e-2, unfreeze_blocks=2)
     result = finetune_image(enc, paths[:12], y[:12], paths[12:], y[12:], cfg, workers=2,
-                            progress=False)
+                            augment=parse_image_aug("crop,flip"), progress=False)
     return Run(enc, before_id, before_state, result, cfg.epochs,
                {"blocks": float(len(enc.net._blocks)), "k": float(cfg.unfreeze_blocks)})
 
@@ -253,18 +253,18 @@ def test_image_errors(image_run: Run, image_data: tuple[list[Path], np.ndarray],
                        FinetuneConfig(epochs=1, batch_size=4), workers=0, progress=False)
 
 
-def test_augmentation_is_seeded_and_keeps_the_shape() -> None:
-    x = torch.arange(3 * 32 * 32, dtype=torch.float32).reshape(3, 32, 32) / 3072.0
-    a = random_resized_crop_flip(x, torch.Generator().manual_seed(1))
-    b = random_resized_crop_flip(x, torch.Generator().manual_seed(1))
-    c = random_resized_crop_flip(x, torch.Generator().manual_seed(2))
-    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
-    assert float(a.min()) >= float(x.min()) - 1e-6 and float(a.max()) <= float(x.max()) + 1e-6
-    # A full-size crop is the image itself or its mirror image, each for some seeds.
-    flipped = set()
-    for s in range(8):
-        v = random_resized_crop_flip(x, torch.Generator().manual_seed(s), scale=(1.0, 1.0),
-                                     ratio=(1.0, 1.0))
-        assert torch.allclose(v, x, atol=1e-6) or torch.allclose(v, x.flip(-1), atol=1e-6)
-        flipped.add(bool(torch.allclose(v, x.flip(-1), atol=1e-6)))
-    assert flipped == {True, False}
+
+
+def test_text_augmentation_reaches_training_but_not_validation(text_run: Run) -> None:
+    caps, y = toy_captions(24)
+    seen: list[str] = []
+
+    class Spy:
+        def __call__(self, caption: str, rng: object) -> str:
+            seen.append(caption)
+            return caption + " indeed"
+
+    cfg = FinetuneConfig(epochs=1, batch_size=8)
+    finetune_text(text_run.original, caps[:16], y[:16], caps[16:24], y[16:24], cfg,
+                  augment=Spy(), progress=False)  # type: ignore[arg-type]
+    assert sorted(seen) == sorted(caps[:16])  # every training caption once, no validation caption

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from . import bundle as bundle_io
+from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config
 from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
                    train_val_split)
@@ -27,7 +28,7 @@ from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_e
                        list_encoders)
 from .errors import DataError, MmtagError
 from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
-                       encode_images, extract)
+                       encode_images, extract, extract_views)
 from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs
 from .io import atomic_write_text
 from .metrics import Metrics, compute
@@ -179,7 +180,9 @@ class Tagger:
             result = self._fit_unpaired(tr.features, y_tr, va.features, y_va, extra, y_extra,
                                         progress=progress)
         else:
-            result = self._fit_head(tr.features, y_tr, va.features, y_va, progress=progress)
+            views = self._views(tr.dataset, progress=progress)
+            result = self._fit_head(tr.features, y_tr, va.features, y_va, views=views,
+                                    progress=progress)
         self.pseudo_rounds = []
         if unlabeled is not None and cfg.pseudo.rounds > 0:
             result = self._self_train(result, unlabeled, tr.features, y_tr, va.features, y_va,
@@ -200,8 +203,24 @@ class Tagger:
         tr_idx, va_idx = train_val_split(len(train), self.config.data.val_frac, self.config.train.seed)
         return train.subset(tr_idx), train.subset(va_idx)
 
+    def _views(self, tr: Dataset, *, progress: bool) -> list[Features] | None:
+        """`augment.views` cached augmented feature views of the training rows, or None."""
+        aug = self.config.augment
+        if aug.views <= 0:
+            return None
+        image_aug = self._image_augment() if "image" in self.modalities else None
+        text_aug = self._text_augment() if "text" in self.modalities else None
+        if image_aug is None and text_aug is None:
+            raise MmtagError("--aug-views needs --image-aug or --text-aug for a modality the model uses")
+        return extract_views(tr, self.needs, aug.views,
+                             image_encoder=self.encoders.get("image"),  # type: ignore[arg-type]
+                             text_encoder=self.encoders.get("text"),  # type: ignore[arg-type]
+                             cache=self.cache, image_augment=image_aug, text_augment=text_aug,
+                             seed=self.config.train.seed, workers=self.config.data.workers,
+                             progress=progress)
+
     def _fit_head(self, tr: Features, y_tr: np.ndarray, va: Features, y_va: np.ndarray, *,
-                  progress: bool) -> FitResult:
+                  views: list[Features] | None = None, progress: bool) -> FitResult:
         """A fresh head of the configured kind, trained with early stopping on validation."""
         cfg = self.config
         assert self.label_space is not None
@@ -209,7 +228,7 @@ class Tagger:
         head = create_head(self.head_name, self.dims, len(self.label_space),
                            hidden=cfg.model.hidden, dropout=cfg.model.dropout)
         return fit_head(head, tr, y_tr, va, y_va, cfg.train,
-                        criterion=create_loss(cfg.train.loss, y_tr), progress=progress)
+                        criterion=create_loss(cfg.train.loss, y_tr), views=views, progress=progress)
 
     def _extra_text_features(self, extra: Dataset, *, progress: bool) -> Features:
         if not extra.labelled:
@@ -276,6 +295,14 @@ class Tagger:
             best, best_f1 = candidate, f1
         return best
 
+    def _image_augment(self, *, finetuning: bool = False) -> ImageAugment | None:
+        return parse_image_aug(self.config.augment.image_spec(finetuning))
+
+    def _text_augment(self) -> TextAugment | None:
+        assert self.label_space is not None
+        # Words naming any label class are never replaced (a "dog" must stay a dog).
+        return parse_text_aug(self.config.augment.text, protected=label_words(self.label_space.names))
+
     def _finetune(self, tr: Dataset, va: Dataset, *, progress: bool) -> None:
         """Stage one of two-stage training: replace encoders by task-fine-tuned copies."""
         from .finetune import finetune_image, finetune_text
@@ -291,11 +318,13 @@ class Tagger:
             loss = create_loss(cfg.train.loss, y_tr)
             if modality == "text":
                 res = finetune_text(enc, tr.captions, y_tr, va.captions, y_va,  # type: ignore[arg-type]
-                                    cfg.finetune, loss=loss, seed=cfg.train.seed, progress=progress)
+                                    cfg.finetune, loss=loss, seed=cfg.train.seed,
+                                    augment=self._text_augment(), progress=progress)
             else:
                 res = finetune_image(enc, [tr.image_path(i) for i in range(len(tr))], y_tr,  # type: ignore[arg-type]
                                      [va.image_path(i) for i in range(len(va))], y_va, cfg.finetune,
                                      loss=loss, seed=cfg.train.seed, workers=cfg.data.workers,
+                                     augment=self._image_augment(finetuning=True),
                                      progress=progress)
             self.encoders[modality] = res.encoder
             self.finetune_history[modality] = res.history

@@ -47,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train.optimizer": args.optimizer, "train.loss": args.loss,
         "train.thresholds": args.thresholds, "train.oversample": True if args.oversample else None,
         "data.unlabeled": args.unlabeled, "data.extra_text": args.extra_text,
+        "augment.image": args.image_aug, "augment.text": args.text_aug, "augment.views": args.aug_views,
         "pseudo.rounds": args.pseudo_rounds,
         "pseudo.confidence": args.pseudo_confidence,
         "finetune.modalities": (["image", "text"] if args.finetune == "both" else args.finetune),
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", help="bce (default), weighted-bce, asl or focal")
     p.add_argument("--thresholds", help="global (default), per-class or balanced")
     p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
+    p.add_argument("--image-aug", help="image augmentation, e.g. crop,flip (default: on when the image "
+                                       "encoder is fine-tuned or --aug-views is set); none to disable")
+    p.add_argument("--text-aug", help="caption augmentation, e.g. synonyms:2 (WordNet synonyms)")
+    p.add_argument("--aug-views", type=int, help="frozen encoders: cache K augmented views per "
+                                                 "training item, draw one per epoch (default 0)")
     p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
     p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
                                         "the text branch learns from them too")

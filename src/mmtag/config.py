@@ -80,6 +80,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation (validation and test always see the plain input)."""
+
+    image: str = "auto"  # "crop,flip", "none"; auto = crop,flip whenever augmented views are used
+    text: str = ""  # e.g. "synonyms:2" (WordNet synonym replacement of 2 words)
+    views: int = 0  # frozen encoders: K augmented views per training item cached, one drawn per epoch
+
+    def image_spec(self, finetuning_image: bool) -> str:
+        if self.image != "auto":
+            return self.image
+        return "crop,flip" if finetuning_image or self.views > 0 else ""
+
+
+@dataclass
 class PseudoConfig:
     """Pseudo-label self-training on an unlabelled CSV (`--unlabeled`)."""
 
@@ -95,6 +109,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     cache_dir: str = field(default_factory=lambda: default_cache_dir())
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from .augment import ImageAugment, TextAugment
 from .data import Dataset, load_image
 from .encoders import Encoder, ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
@@ -161,18 +162,24 @@ def file_key(path: Path) -> str:
 class _ImageFiles(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers; a bad file yields its error instead of raising."""
 
-    def __init__(self, paths: list[Path], size: int) -> None:
+    def __init__(self, paths: list[Path], size: int, augment: ImageAugment | None = None,
+                 seeds: list[int] | None = None) -> None:
         self.paths = paths
         self.size = size
+        self.augment = augment
+        self.seeds = seeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
         try:
-            return i, load_image(self.paths[i], self.size), ""
+            x = load_image(self.paths[i], self.size)
         except ValueError as exc:
             return i, None, str(exc)
+        if self.augment is not None and self.seeds is not None:
+            x = self.augment(torch.from_numpy(x), seed=self.seeds[i]).numpy()
+        return i, x, ""
 
 
 def _collate(batch: list[tuple[int, np.ndarray | None, str]]) -> list[tuple[int, np.ndarray | None, str]]:
@@ -213,14 +220,15 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
 
 
 def _extract_images(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, cache: FeatureCache,
-                    *, skip_bad: bool, workers: int, batch_size: int,
-                    progress: bool) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
+                    *, skip_bad: bool, workers: int, batch_size: int, progress: bool,
+                    view: tuple[ImageAugment, str] | None = None) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
     paths = [dataset.image_path(i) for i in range(len(dataset))]
     keys: list[str] = []
     bad: list[tuple[int, DataError]] = []
     for i, p in enumerate(paths):
         try:
-            keys.append(file_key(p))
+            # An augmented view is its own cache entry: file content + augmentation + view tag.
+            keys.append(file_key(p) if view is None else _view_key(file_key(p), view[1]))
         except OSError as exc:
             err = DataError(dataset.path, f"cannot read image {str(p)!r} ({exc.strerror or exc})",
                             **dataset.where(i))
@@ -238,7 +246,9 @@ def _extract_images(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, c
     if todo:
         order = list(todo.items())
         loader = torch.utils.data.DataLoader(
-            _ImageFiles([paths[i] for _, i in order], encoder.image_size), batch_size=batch_size,
+            _ImageFiles([paths[i] for _, i in order], encoder.image_size,
+                        view[0] if view else None, [_seed_of(k) for k, _ in order]),
+            batch_size=batch_size,
             num_workers=workers, collate_fn=_collate, persistent_workers=False)
         pending: dict[str, tuple[list[str], list[np.ndarray]]] = {k: ([], []) for k in kinds}
         bar = tqdm(total=len(order), desc=f"{encoder.name} features", unit="img", disable=not progress)
@@ -278,6 +288,46 @@ def _extract_images(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, c
     arrays = {kind: cache.gather(encoder.encoder_id, kind, [keys[i] for i in keep], extra[kind])
               for kind in kinds}
     return arrays, keep, sorted(bad, key=lambda b: b[0])
+
+
+def _view_key(key: str, tag: str) -> str:
+    return hashlib.sha1(f"{key}|{tag}".encode()).hexdigest()
+
+
+def _seed_of(key: str) -> int:
+    """A deterministic augmentation seed per cached item, whichever worker decodes it."""
+    return int(key[:15], 16)
+
+
+def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
+                  image_encoder: ImageEncoder | None, text_encoder: TextEncoder | None,
+                  cache: FeatureCache, image_augment: ImageAugment | None,
+                  text_augment: TextAugment | None, seed: int = 0, workers: int = 2,
+                  progress: bool = True) -> list[Features]:
+    """K augmented views of every row's features, each cached like plain features.
+
+    With frozen encoders, augmentation only reaches the model through features: a training run
+    caches `views` augmented versions of each item once and draws one per row per epoch. Kinds of
+    a modality without augmentation are left None (the caller uses the plain ones).
+    """
+    kinds = set(kinds)
+    out: list[Features] = []
+    for k in range(views):
+        f = Features()
+        image_kinds = sorted(kinds & {"image", "image_tokens"})
+        if image_kinds and image_augment is not None and image_encoder is not None:
+            tag = f"{image_augment.spec}|seed{seed}|view{k}"
+            arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
+                                                skip_bad=False, workers=workers, batch_size=32,
+                                                progress=progress, view=(image_augment, tag))
+            for kind, arr in arrays.items():
+                setattr(f, kind, arr)
+        if "text" in kinds and text_augment is not None and text_encoder is not None:
+            captions = [text_augment(c, _seed_of(_view_key(caption_key(c), f"{seed}|{k}")))
+                        for c in dataset.captions]
+            f.text = _extract_text(captions, text_encoder, cache, progress=progress)
+        out.append(f)
+    return out
 
 
 def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:

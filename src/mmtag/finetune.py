@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from .augment import ImageAugment, TextAugment
 from .config import FinetuneConfig
 from .data import load_image
 from .encoders import Encoder, ImageEncoder, TextEncoder
@@ -37,8 +37,6 @@ log = logging.getLogger("mmtag")
 
 HEAD_DROPOUT = 0.1  # dropout before the temporary task head's linear layer
 GRAD_CLIP = 1.0  # max global grad norm, the usual guard for transformer fine-tuning
-CROP_SCALE = (0.6, 1.0)  # random resized crop: fraction of the image area kept
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # ... and the crop's aspect-ratio range (log-uniform)
 
 
 @dataclass
@@ -53,8 +51,11 @@ class FinetuneResult:
 # ---------------------------------------------------------------------------- public API
 def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_captions: list[str],
                   y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
-                  seed: int = 0, progress: bool = True) -> FinetuneResult:
-    """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched."""
+                  seed: int = 0, augment: TextAugment | None = None,
+                  progress: bool = True) -> FinetuneResult:
+    """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched.
+    With `augment` (e.g. synonym replacement), training captions are rewritten with a fresh
+    seed each time they are drawn; validation captions never are."""
     if not isinstance(encoder, TextEncoder):
         raise MmtagError(f"finetune_text needs a text encoder, got {type(encoder).__name__}")
     y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
@@ -66,10 +67,15 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     def set_train() -> None:
         enc.train()
 
+    rng = np.random.default_rng(seed + 1)  # augmentation stream, separate from shuffling
+
     def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            yield idx, enc(**enc.tokenize([captions[i] for i in idx]))
+            batch = [captions[i] for i in idx]
+            if augment is not None:
+                batch = [augment(c, rng) for c in batch]
+            yield idx, enc(**enc.tokenize(batch))
 
     def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         # Length-sorted batches waste less compute on padding; results go back by index.
@@ -86,12 +92,13 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
 
 def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val_images: list[Path],
                    y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
-                   seed: int = 0, workers: int = 2, augment: bool = True,
+                   seed: int = 0, workers: int = 2, augment: ImageAugment | None = None,
                    progress: bool = True) -> FinetuneResult:
     """Fine-tune a copy of the image encoder's last `cfg.unfreeze_blocks` blocks + head conv/BN.
 
-    Images are decoded in `workers` DataLoader processes; with `augment`, training views get a
-    random resized crop (scale 0.6-1.0) and a horizontal flip. Validation uses the plain view.
+    Images are decoded in `workers` DataLoader processes; with `augment` (see mmtag.augment,
+    e.g. random resized crop + flip) every training view is augmented with its own seed.
+    Validation uses the plain view.
     """
     if not isinstance(encoder, ImageEncoder):
         raise MmtagError(f"finetune_image needs an image encoder, got {type(encoder).__name__}")
@@ -114,7 +121,7 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
 
     def loader(paths: list[Path], items: list[tuple[int, int | None]], batch_size: int) -> Iterable:
         return torch.utils.data.DataLoader(
-            _ImageItems(paths, size), batch_size=batch_size, sampler=items, num_workers=workers,
+            _ImageItems(paths, size, augment), batch_size=batch_size, sampler=items, num_workers=workers,
             collate_fn=_collate_images, persistent_workers=False)
 
     def forward(batch: tuple[np.ndarray, torch.Tensor | None, list[str]],
@@ -128,7 +135,7 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
 
     def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         seeds = torch.randint(0, 2**62, (len(order),), generator=rng).tolist()
-        items = [(int(i), int(s) if augment else None) for i, s in zip(order, seeds)]
+        items = [(int(i), int(s) if augment is not None else None) for i, s in zip(order, seeds)]
         for batch in loader(images, items, cfg.batch_size):
             yield forward(batch, images)
 
@@ -282,9 +289,10 @@ class _ImageItems(torch.utils.data.Dataset):
     decode them or in which order. A file that cannot be decoded yields its error message.
     """
 
-    def __init__(self, paths: list[Path], size: int) -> None:
+    def __init__(self, paths: list[Path], size: int, augment: ImageAugment | None = None) -> None:
         self.paths = paths
         self.size = size
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -297,9 +305,9 @@ class _ImageItems(torch.utils.data.Dataset):
             return i, None, str(exc)
         except OSError as exc:
             return i, None, f"cannot read image ({exc.strerror or exc})"
-        if aug_seed is not None:
-            x = random_resized_crop_flip(x, torch.Generator().manual_seed(aug_seed))
-        return i, x, ""
+        if aug_seed is not None and self.augment is not None:
+            x = self.augment(x, seed=aug_seed)
+        return i, x.contiguous(), ""
 
 
 def _collate_images(batch: list[tuple[int, torch.Tensor | None, str]]
@@ -308,24 +316,3 @@ def _collate_images(batch: list[tuple[int, torch.Tensor | None, str]]
     idx = np.array([i for i, _, _ in batch], dtype=np.int64)
     x = None if errors else torch.stack([t for _, t, _ in batch])  # type: ignore[misc]
     return idx, x, errors
-
-
-def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
-                             scale: tuple[float, float] = CROP_SCALE,
-                             ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
-    """A random crop covering `scale` of the area (aspect ratio in `ratio`), resized back to the
-    input size, then flipped left-right with probability 1/2. `x` is (3, H, W)."""
-    _, h, w = x.shape
-    u = torch.rand(3, generator=generator).tolist()
-    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1]
-    r = math.exp(log_r)
-    cw = min(w, max(1, int(round(math.sqrt(area * r)))))
-    ch = min(h, max(1, int(round(math.sqrt(area / r)))))
-    top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-    left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-    crop = x[:, top:top + ch, left:left + cw]
-    out = F.interpolate(crop.unsqueeze(0), size=(h, w), mode="bilinear", align_corners=False)[0]
-    if u[2] < 0.5:
-        out = out.flip(-1)
-    return out.contiguous()

@@ -119,10 +119,33 @@ def epoch_order(n: int, factors: np.ndarray | None, generator: torch.Generator) 
     return rows[torch.randperm(len(rows), generator=generator).numpy()]
 
 
+def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...],
+                idx: np.ndarray) -> FeatureBatch:
+    """Rows `idx`, each taken from the view `choice[row]` (view 0 = the plain features; a view
+    lacking a kind, e.g. an unaugmented modality, falls back to the plain one)."""
+    out = FeatureBatch()
+    for kind in needs:
+        plain = views[0].get(kind)
+        assert plain is not None, f"missing {kind} features"
+        arr = np.empty((len(idx),) + plain.shape[1:], dtype=np.float32)
+        picked = choice[idx]
+        for v in np.unique(picked):
+            source = views[v].get(kind)
+            source = plain if source is None else source
+            mask = picked == v
+            arr[mask] = source[idx[mask]]
+        setattr(out, kind, torch.from_numpy(arr))
+    return out
+
+
 def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
              cfg: TrainConfig, *, criterion: nn.Module | None = None,
-             progress: bool = True) -> FitResult:
-    """Train `head` and return it with the weights of its best validation epoch."""
+             views: list[Features] | None = None, progress: bool = True) -> FitResult:
+    """Train `head` and return it with the weights of its best validation epoch.
+
+    With `views` (augmented versions of `train`, row-aligned), each row is drawn each epoch from
+    its plain features or one of its views, uniformly.
+    """
     seed_everything(cfg.seed)
     # Re-seed after construction too: the head was built outside, and the shuffling and dropout
     # streams must not depend on what else consumed random numbers before this call.
@@ -139,10 +162,14 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     for epoch in bar:
         head.train()
         perm = epoch_order(n, factors, generator)
+        choice = (torch.randint(0, len(views) + 1, (n,), generator=generator).numpy()
+                  if views else None)
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
             idx = np.sort(perm[start:start + cfg.batch_size])
-            loss = _loss(head, batch_of(train, head.needs, idx), yt[idx], criterion)
+            batch = (batch_of(train, head.needs, idx) if choice is None
+                     else views_batch([train, *views], choice, head.needs, idx))  # type: ignore[list-item]
+            loss = _loss(head, batch, yt[idx], criterion)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
