@@ -99,3 +99,15 @@ def test_ablate_cli_and_union_info(tiny, tmp_path):
     r = mmtag("info", tmp_path / "ab" / "runs" / "union")
     assert r.returncode == 0, r.stderr
     assert "union/global image" in r.stdout and "union/global text" in r.stdout
+
+
+def test_sweep_cli(tiny, tmp_path):
+    r = mmtag("sweep", tiny.train_csv, "--out", tmp_path / "sw", "--grid",
+              "modalities=text lr=1e-3,3e-3 epochs=3")
+    assert r.returncode == 0, r.stderr
+    assert "Best configuration" in r.stdout and (tmp_path / "sw" / "sweep.png").is_file()
+    best = r.stdout.strip().splitlines()[-1].split(": ", 1)[1]
+    r = mmtag("predict", best, tiny.test_csv, "--out", tmp_path / "s.csv")
+    assert r.returncode == 0, r.stderr
+    r = mmtag("sweep", tiny.train_csv, "--out", tmp_path / "sw2")
+    assert r.returncode == 2 and "exactly one of --grid" in r.stderr

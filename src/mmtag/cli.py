@@ -87,6 +87,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .config import Config
+    from .sweep import best_row, load_grid_file, parse_grid, run_sweep
+
+    if bool(args.grid) == bool(args.grid_file):
+        raise MmtagError("give exactly one of --grid \"lr=1e-4,5e-4 batch=32,64\" or --grid-file FILE")
+    grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
+    config = Config.from_yaml(args.config) if args.config else Config()
+    config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
+                              "cache_dir": args.cache_dir})
+    rows = run_sweep(args.train_csv, args.images, args.out, config, grid, progress=_progress(args))
+    print((args.out / "sweep.md").read_text(encoding="utf-8"), end="")
+    print(f"tables: {args.out / 'sweep.csv'}, {args.out / 'sweep.md'}; plot: {args.out / 'sweep.png'}")
+    print(f"best run (a bundle for mmtag predict): {best_row(rows).run}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
     from .io import atomic_write_text
@@ -228,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-frac", type=float)
     p.add_argument("--cache-dir")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("sweep", help="train every combination of a hyper-parameter grid")
+    p.add_argument("train_csv", type=Path)
+    p.add_argument("--images", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--grid", help='e.g. "lr=1e-4,5e-4 batch=32,64 optimizer=adam,adamw"')
+    p.add_argument("--grid-file", type=Path, help="YAML mapping axis -> list of values")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--val-frac", type=float)
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a labelled CSV")
     p.add_argument("run", type=Path)
