@@ -190,7 +190,9 @@ class Tagger:
         self.head = result.head
         self.history = result.history_dicts()
         scores = self._scores(va.features)
-        self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va)
+        ranges = {name: (float(r[0]), float(r[1])) for name, r in
+                  (("image", cfg.train.union_image_range), ("text", cfg.train.union_text_range)) if r}
+        self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va, ranges)
         self.val_metrics = compute(y_va, decide(scores, self.thresholds), self.label_space.ids,
                                    self.label_space.names)
         return FitReport(n_train=len(tr_data), n_val=len(va_data), val_dataset=va_data,

@@ -34,8 +34,14 @@ def _report_skipped(skipped: list[DataError]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from . import api
     from .config import Config
+    from .presets import load_preset
 
-    config = Config.from_yaml(args.config) if args.config else Config()
+    if args.preset and args.config:
+        raise MmtagError("give --preset or --config, not both (copy the preset's YAML to edit it)")
+    config = (load_preset(args.preset) if args.preset
+              else Config.from_yaml(args.config) if args.config else Config())
+    for note in config.substitutions:
+        print(f"preset {config.preset}: substituted {note} (weights not available here)")
     config = config.override({
         "data.val_frac": args.val_frac, "data.skip_bad": True if args.skip_bad else None,
         "data.workers": args.workers, "model.modalities": args.modalities,
@@ -192,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="images folder (not needed for --modalities text)")
     p.add_argument("--out", type=Path, required=True, help="run directory to write")
     p.add_argument("--config", type=Path, help="YAML config; flags override it")
+    p.add_argument("--preset", help="start from a named preset: effnet-albert-union, effnet-berttiny-fm3")
     p.add_argument("--modalities", help="image, text or image,text (default)")
     p.add_argument("--fusion", help="fusion head when both modalities are used (default concat)")
     p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")

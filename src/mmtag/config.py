@@ -62,6 +62,9 @@ class TrainConfig:
     loss: str = "bce"  # bce | weighted-bce | asl | focal
     thresholds: str = "global"  # global | per-class | balanced
     oversample: bool = False  # repeat rows that carry rare labels
+    # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
+    union_image_range: list[float] = field(default_factory=list)
+    union_text_range: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     cache_dir: str = field(default_factory=lambda: default_cache_dir())
+    preset: str = ""  # the preset this config started from, if any
+    substitutions: list[str] = field(default_factory=list)  # "wanted -> used" backbone swaps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

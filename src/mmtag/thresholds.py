@@ -190,14 +190,26 @@ def tune(mode: str, probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
     return tuner(probs, y_true)
 
 
-def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray) -> Thresholds:
+def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
+                   ranges: dict[str, tuple[float, float]] | None = None) -> Thresholds:
     """Thresholds for a head's scores: `tune(mode)` on the final probabilities, or for union
     heads one threshold vector per branch.
 
     For union with `global` mode the two branch thresholds are searched jointly (a coarse pair
     grid) for the sample-F1 of the united label sets, since tuning each branch alone for its own
     F1 ignores what the other branch already covers; other modes tune each branch on its own.
+    `ranges` confines a branch's threshold to [lo, hi] (reference design A fixes the image
+    threshold at 0.8 and searches the text one in 0.3-0.6).
     """
+    ranges = ranges or {}
+
+    def grid_for(name: str, grid: np.ndarray) -> np.ndarray:
+        if name not in ranges:
+            return grid
+        lo, hi = ranges[name]
+        inside = grid[(grid >= lo - 1e-9) & (grid <= hi + 1e-9)]
+        return inside if len(inside) else np.array([lo], dtype=grid.dtype)
+
     if not scores.union:
         return tune(mode, scores.probs, y_true)
     names = sorted(scores.branches)
@@ -205,9 +217,9 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray) -> Thresholds:
         coarse = np.round(np.arange(0.1, 0.951, 0.05), 2)
         a, b = scores.branches[names[0]], scores.branches[names[1]]
         best, best_pair = -1.0, (0.5, 0.5)
-        for ta in coarse:
+        for ta in grid_for(names[0], coarse):
             pa = a >= ta
-            for tb in coarse:
+            for tb in grid_for(names[1], coarse):
                 f1 = samples_f1(y_true, _top1_fallback(pa | (b >= tb), scores.probs))
                 closer = abs(ta - 0.5) + abs(tb - 0.5) < abs(best_pair[0] - 0.5) + abs(best_pair[1] - 0.5)
                 if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and closer):
@@ -216,7 +228,8 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray) -> Thresholds:
         branches = {names[0]: np.full(c, best_pair[0], np.float32),
                     names[1]: np.full(c, best_pair[1], np.float32)}
     else:
-        branches = {n: tune(mode, scores.branches[n], y_true).values for n in names}
+        branches = {n: np.clip(tune(mode, scores.branches[n], y_true).values, *ranges.get(n, (0.0, 1.0)))
+                    for n in names}
     return Thresholds(mode=f"union/{mode}", values=branches[names[0]], branches=branches)
 
 
