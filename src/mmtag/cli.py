@@ -187,6 +187,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    """Options of the many-runs commands: the base config and the one split they all share."""
+    p.add_argument("--config", type=Path, help="YAML config every run starts from")
+    p.add_argument("--seed", type=int, help="random seed of the shared split (default 0)")
+    p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
+    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -247,10 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--variants", help="comma-separated (default: all)")
     p.add_argument("--extra-text", help="labelled captions without images, for text and late fusion")
-    p.add_argument("--config", type=Path)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-frac", type=float)
-    p.add_argument("--cache-dir")
+    _add_split_options(p)
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("sweep", help="train every combination of a hyper-parameter grid")
@@ -259,10 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--grid", help='e.g. "lr=1e-4,5e-4 batch=32,64 optimizer=adam,adamw"')
     p.add_argument("--grid-file", type=Path, help="YAML mapping axis -> list of values")
-    p.add_argument("--config", type=Path)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-frac", type=float)
-    p.add_argument("--cache-dir")
+    _add_split_options(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a labelled CSV")

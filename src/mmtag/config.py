@@ -128,15 +128,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise MmtagError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            raise MmtagError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
-        if raw is not None and not isinstance(raw, dict):
-            raise MmtagError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(raw or {}, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path, "config file"), source=str(path))
 
     def save_yaml(self, path: str | Path) -> None:
         from .io import atomic_write_text
@@ -157,6 +149,19 @@ class Config:
                 raise MmtagError(f"unknown config option '{key}'")
             node[leaf] = value
         return Config.from_dict(raw)
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file → {}), or a one-line MmtagError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MmtagError(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        raise MmtagError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise MmtagError(f"{path}: expected a mapping at the top level")
+    return raw or {}
 
 
 def default_cache_dir() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config
+from .config import Config, read_yaml_mapping
 from .encoders import _entry
 from .errors import MmtagError
 
@@ -54,7 +54,7 @@ def load_preset(name: str) -> Config:
         known = ", ".join(p.name for p in list_presets())
         raise MmtagError(f"unknown preset '{name}'; available: {known} (or a preset file path)")
     name = path.stem
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw = read_yaml_mapping(path, "preset file")
     config = Config.from_dict(raw.get("config") or {}, source=str(path))
     substitutes: dict[str, str] = raw.get("substitutes") or {}
     notes: list[str] = []

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .ablate import uses_extra_text
 from .api import Tagger, read_dataset
-from .config import Config
+from .config import Config, read_yaml_mapping
 from .data import Dataset, train_val_split
 from .encoders import Encoder, _entry
 from .errors import MmtagError
@@ -148,13 +147,8 @@ def load_grid_file(path: str | Path) -> dict[str, list[Any]]:
         fusion: [concat, concat+mean, gated]
         modalities: [[text], [image, text]]   # or "text", "image+text"
     """
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MmtagError(f"{path}: grid file not found") from None
-    except yaml.YAMLError as exc:
-        raise MmtagError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
-    if not isinstance(raw, dict):
+    raw = read_yaml_mapping(path, "grid file")
+    if not raw:
         raise MmtagError(f"{path}: expected a mapping of axis → list of values")
     grid: dict[str, list[Any]] = {}
     for axis, values in raw.items():
