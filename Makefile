@@ -21,7 +21,6 @@ wordnet:
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel; anything unpinned would pull a CUDA build.
-	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "torch==2.13.0"
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
@@ -29,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+# Benchmarks need ../shared/data; they print tables (see README, "Results").
 bench: setup
-	$(VENV)/bin/python bench/run.py
+	$(VENV)/bin/python bench/foundation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
