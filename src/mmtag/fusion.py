@@ -135,18 +135,18 @@ IMAGE_INPUT_DROPOUT = 0.5
 PROJ_DIM = 256
 
 
-def _add_projected_pair(head: nn.Module, dims: dict[str, int], num_classes: int) -> None:
-    """Give an early-fusion head its pooled-image and pooled-text projections (`image`, `text`)
-    and the linear auxiliary classifiers on them (`aux_image`, `aux_text`)."""
+def _add_projected_pair(head: nn.Module, dims: dict[str, int], num_classes: int, hidden: int,
+                        dropout: float, fused_dim: int) -> None:
+    """Give an early-fusion head its pooled-image and pooled-text projections (`image`, `text`),
+    the classifier over the fused vector (`net`) and linear auxiliary classifiers on the
+    projections (`aux_image`, `aux_text`). Modules are created in this order on purpose: it fixes
+    how the seeded random initialisation is consumed, so a seed reproduces earlier runs."""
     head.image = projection(dims["image"], PROJ_DIM, IMAGE_INPUT_DROPOUT)
     head.text = projection(dims["text"], PROJ_DIM)
+    head.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused_dim, hidden), nn.GELU(),
+                             nn.Dropout(dropout), nn.Linear(hidden, num_classes))
     head.aux_image = nn.Linear(PROJ_DIM, num_classes)
     head.aux_text = nn.Linear(PROJ_DIM, num_classes)
-
-
-def _fused_classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(),
-                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 @register_head("concat")
@@ -160,8 +160,7 @@ class ConcatHead(Head):
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:
         super().__init__(dims, num_classes, hidden, dropout)
-        _add_projected_pair(self, dims, num_classes)
-        self.net = _fused_classifier(2 * PROJ_DIM, hidden, num_classes, dropout)
+        _add_projected_pair(self, dims, num_classes, hidden, dropout, 2 * PROJ_DIM)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         zi, zt = self.image(batch.image), self.text(batch.text)
@@ -302,8 +301,7 @@ class CrossAttentionHead(Head):
                                     nn.Linear(dims["image_tokens"], PROJ_DIM))
         self.attn = CrossAttention(PROJ_DIM, self.attention_heads, dropout)
         self.attn_norm = nn.LayerNorm(PROJ_DIM)
-        _add_projected_pair(self, dims, num_classes)
-        self.net = _fused_classifier(3 * PROJ_DIM, hidden, num_classes, dropout)
+        _add_projected_pair(self, dims, num_classes, hidden, dropout, 3 * PROJ_DIM)
 
     def attention_weights(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, heads, T): how much each attention head of each caption looks at each token."""
