@@ -338,9 +338,6 @@ class Tagger:
         return Scores(probs=_sigmoid(logits), branches={k: _sigmoid(v) for k, v in branches.items()},
                       union=self.head.decision == "union")
 
-    def _probs(self, feats: Features) -> np.ndarray:
-        return self._scores(feats).probs
-
     def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
         """Scores and decisions for every row (a bad row raises: predictions cover all rows)."""
         self._check_fitted()
@@ -355,7 +352,7 @@ class Tagger:
                       captions: list[str] | None = None) -> np.ndarray:
         """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
         self._check_fitted()
-        return self._probs(self._encode(images, captions))
+        return self._scores(self._encode(images, captions)).probs
 
     def predict(self, images: list[Any] | None = None,
                 captions: list[str] | None = None) -> list[Prediction]:

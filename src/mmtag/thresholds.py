@@ -231,9 +231,3 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
         branches = {n: np.clip(tune(mode, scores.branches[n], y_true).values, *ranges.get(n, (0.0, 1.0)))
                     for n in names}
     return Thresholds(mode=f"union/{mode}", values=branches[names[0]], branches=branches)
-
-
-def threshold_curve(probs: np.ndarray, y_true: np.ndarray,
-                    grid: np.ndarray = GRID) -> tuple[np.ndarray, np.ndarray]:
-    """(grid, sample-F1 at each global threshold) for plots and reports."""
-    return grid, np.array([samples_f1(y_true, decide(probs, t)) for t in grid])
