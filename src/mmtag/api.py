@@ -161,7 +161,7 @@ class Tagger:
         else:
             full = self.features(train, skip_bad=skip_bad, progress=progress)
             if val is None:
-                tr_idx, va_idx = train_val_split(len(full.dataset), cfg.data.val_frac, cfg.train.seed)
+                tr_idx, va_idx = self._split_indices(len(full.dataset))
                 tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
                 va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
             else:
@@ -202,8 +202,12 @@ class Tagger:
     def _split(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset]:
         if val is not None:
             return train, val
-        tr_idx, va_idx = train_val_split(len(train), self.config.data.val_frac, self.config.train.seed)
+        tr_idx, va_idx = self._split_indices(len(train))
         return train.subset(tr_idx), train.subset(va_idx)
+
+    def _split_indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The seeded train/validation split every training path uses."""
+        return train_val_split(n, self.config.data.val_frac, self.config.train.seed)
 
     def _views(self, tr: Dataset, *, progress: bool) -> list[Features] | None:
         """`augment.views` cached augmented feature views of the training rows, or None."""
