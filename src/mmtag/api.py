@@ -542,6 +542,31 @@ def write_submission(path: str | Path, image_ids: list[str], labels: list[list[i
     atomic_write_text(path, buf.getvalue())
 
 
+def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool = False) -> dict[str, Any]:
+    """Write a copy of a run whose encoders run in ONNX Runtime (`mmtag export`); returns its
+    manifest. `int8` quantises the text encoder. The head, thresholds and labels are unchanged."""
+    import shutil
+
+    from .runtime import export_encoders
+
+    if format != "onnx":
+        raise MmtagError(f"unknown export format '{format}' (available: onnx)")
+    if Path(out).resolve() == Path(run).resolve():
+        raise MmtagError(f"{out}: export into a new directory, not over the run itself")
+    b = bundle_io.load(run)
+    encoders, workdir = export_encoders(b.encoders, int8=int8)
+    try:
+        config = b.config
+        for modality, enc in encoders.items():
+            setattr(config.model, f"{modality}_encoder", enc.name)
+        b.config, b.encoders, b.manifest = config, encoders, {}
+        b.extra = {**b.extra, "export": {"format": format, "int8": int8, "from_run": str(run),
+                                         "from_manifest_sha256": bundle_io.manifest_sha256(run)}}
+        return bundle_io.save(out, b)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def available_encoders() -> list[EncoderInfo]:
     """Encoders usable here and now (`mmtag encoders`)."""
     return list_encoders()

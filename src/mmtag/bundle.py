@@ -99,6 +99,12 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_sha256(run_dir: str | Path) -> str:
+    """sha256 of a run's manifest: names the exact bundle (it holds every file's hash)."""
+    read_manifest(run_dir)
+    return sha256_file(Path(run_dir) / "manifest.json")
+
+
 def load(run_dir: str | Path, *, verify: bool = True) -> Bundle:
     """Load a bundle; with `verify`, every file must match the sha256 in its manifest."""
     run = Path(run_dir)

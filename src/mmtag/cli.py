@@ -130,6 +130,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import api
+
+    manifest = api.export(args.run, args.out, format=args.format, int8=args.int8)
+    print(f"exported {args.run} -> {args.out} ({args.format}{', int8 text encoder' if args.int8 else ''}), "
+          f"model_size_mb {manifest['model_size_mb']}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import api
 
@@ -280,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="copy a run with its encoders exported for ONNX Runtime")
+    p.add_argument("run", type=Path)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--int8", action="store_true", help="quantise the text encoder to int8")
+    p.add_argument("--out", type=Path, required=True, help="directory of the exported bundle")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="what a run holds")
     p.add_argument("run", type=Path)

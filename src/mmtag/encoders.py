@@ -472,6 +472,34 @@ def _timm_entry(model_name: str) -> EncoderEntry:
 PREFIXES["timm"] = _timm_entry
 
 
+# ------------------------------------------- onnx:NAME (written by `mmtag export`, see runtime)
+def _onnx_entry(source_name: str) -> EncoderEntry:
+    name = f"onnx:{source_name}"
+    source = _entry(source_name)
+
+    def create(random_init: bool) -> Encoder:
+        raise MmtagError(f"encoder '{name}' is an export: train with '{source_name}', then run "
+                         "`mmtag export RUN --format onnx`")
+
+    def load(directory: Path) -> Encoder:
+        from .runtime import load_onnx_encoder
+
+        return load_onnx_encoder(name, directory)
+
+    def present() -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+            return True
+        except ImportError:
+            return False
+
+    return EncoderEntry(name, source.modality, create, load, present,
+                        f"ONNX Runtime export of {source_name}")
+
+
+PREFIXES["onnx"] = _onnx_entry
+
+
 @dataclass
 class EncoderInfo:
     """One row of `mmtag encoders`."""

@@ -1,0 +1,203 @@
+"""Issue-5 benchmark: prediction speed, memory, model size and the 30k-pair training estimate.
+
+    .venv/bin/python bench/predict_speed.py --run RUN [--shared ../shared/data] [--work DIR]
+
+RUN is a fused image+text run trained on ../shared/data/coco-real/train.csv, e.g.
+    .venv/bin/mmtag train ../shared/data/coco-real/train.csv --images ../shared/data/coco-real/images --out RUN
+
+Prints, in one run:
+  1. end-to-end throughput (CSV + JPEG files → submission CSV) of `mmtag predict` on the eager
+     bundle and on its ONNX exports, against a plain eager fp32 PyTorch pipeline written here
+     (PIL decode, one batch at a time, no workers) doing the same work; startup time apart;
+  2. peak RSS of each `mmtag predict` process;
+  3. model_size_mb and validation sample-F1 (the run's own seeded split) of every variant;
+  4. the full-training time for 30k pairs, extrapolated from rates measured here.
+Every `mmtag predict` runs as its own process with an empty feature cache (nothing reused).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmtag import api
+from mmtag.config import Config
+from mmtag.data import LabelSpace, read_csv, train_val_split
+from mmtag.features import Features, extract
+from mmtag.fusion import FeatureBatch
+from mmtag.thresholds import Scores, decide, tune
+from mmtag.train import predict_logits
+
+MMTAG = str(Path(sys.executable).with_name("mmtag"))
+
+
+# ------------------------------------------------------------------------- helpers
+def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> tuple[float, float]:
+    """`mmtag predict` in a fresh process with an empty cache → (wall seconds, peak RSS MiB)."""
+    cache = Path(tempfile.mkdtemp(prefix="mmtag-bench-cache-"))
+    env = {**os.environ, "MMTAG_CACHE": str(cache)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([MMTAG, "predict", str(bundle), str(csv_path), "--images", str(images),
+                             "--out", str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"mmtag predict {bundle} failed ({proc.returncode})")
+    return wall, usage.ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+# ------------------------------------------------------------ the eager baseline
+def eager_baseline(run: Path, ids: list[str], captions: list[str], images: Path, out: Path,
+                   batch: int = 32) -> float:
+    """A plain eager fp32 PyTorch pipeline doing `mmtag predict`'s work one batch at a time:
+    PIL full decode + resize, the bundle's own encoders and head in fp32, no workers, no
+    overlap. Returns seconds after the model is loaded (its startup is not counted)."""
+    tagger = api.Tagger.load(run)
+    img_enc, txt_enc, head = tagger.encoders["image"], tagger.encoders["text"], tagger.head
+    size = img_enc.image_size
+    t0 = time.perf_counter()
+    rows = []
+    with torch.no_grad():
+        for s in range(0, len(ids), batch):
+            pics = []
+            for image_id in ids[s:s + batch]:
+                img = Image.open(images / image_id).convert("RGB").resize((size, size), Image.BILINEAR)
+                pics.append(torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1))
+            x = torch.stack(pics) / 127.5 - 1.0
+            pooled, tokens = img_enc(x)
+            tok = txt_enc.tokenize(captions[s:s + batch])
+            text = txt_enc(**tok)
+            feats = {"image": pooled, "image_tokens": tokens, "text": text}
+            fb = FeatureBatch(**{k: feats[k] for k in tagger.needs})
+            out_ = head(fb)
+            probs = torch.sigmoid(out_.logits).numpy()
+            branches = {k: torch.sigmoid(v).numpy() for k, v in out_.branches.items()}
+            mask = decide(Scores(probs, branches, union=head.decision == "union"), tagger.thresholds)
+            rows += [[i, " ".join(str(tagger.label_space.ids[j]) for j in np.flatnonzero(m))]
+                     for i, m in zip(ids[s:s + batch], mask)]
+    write_rows(out, ["ImageID", "Labels"], rows)
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------ training estimate
+def training_estimate(shared: Path, images: Path, work: Path) -> None:
+    """Rates measured here, scaled to 30k pairs (stated as an extrapolation)."""
+    cfg = Config().override({"cache_dir": str(work / "train-cache")})
+    tagger = api.Tagger(cfg)
+    coco, _ = api.read_dataset(shared / "coco-real/train.csv", images, labelled=True)
+    comp, _ = api.read_dataset(shared / "comp5329/train.csv", None, labelled=True)
+    n_img = min(800, len(coco))
+    t0 = time.perf_counter()
+    extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger._encoder("image"),
+            text_encoder=None, cache=tagger.cache, progress=False)
+    img_rate = n_img / (time.perf_counter() - t0)
+    n_txt = min(8000, len(comp))
+    t0 = time.perf_counter()
+    extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
+            text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False)
+    txt_rate = n_txt / (time.perf_counter() - t0)
+    # Head training + thresholds on 27k training rows of fused features: real comp5329 text
+    # features, image features resampled from the coco-real ones (their values do not change
+    # the cost); the default schedule (100 epochs max, early stopping) runs as it would.
+    fs_img = tagger.features(coco.subset(list(range(n_img))), progress=False).features
+    fs_txt = tagger.features(comp.subset(list(range(n_txt))), progress=False).features
+    rng = np.random.default_rng(0)
+    n = 30000
+    feats = Features(image=fs_img.image[rng.integers(0, n_img, n)],
+                     text=fs_txt.text[rng.integers(0, n_txt, n)])
+    labels = [comp.labels[i] for i in rng.integers(0, len(comp), n)]
+    tagger.label_space = LabelSpace.from_labels(labels)
+    y = tagger.label_space.encode(labels)
+    tr, va = train_val_split(n, 0.1, 0)
+    t0 = time.perf_counter()
+    result = tagger._fit_head(feats.subset(tr), y[tr], feats.subset(va), y[va], progress=False)
+    tune("global", 1 / (1 + np.exp(-predict_logits(result.head, feats.subset(va)))), y[va])
+    head_s = time.perf_counter() - t0
+    img_s, txt_s = 30000 / img_rate, 30000 / txt_rate
+    print("\n## 4. Full training on 30k pairs (extrapolated)")
+    print(f"image features: {img_rate:.1f} img/s measured on {n_img} coco-real images -> {img_s / 60:.1f} min for 30k")
+    print(f"text features:  {txt_rate:.1f} captions/s measured on {n_txt} comp5329 captions -> {txt_s / 60:.1f} min for 30k")
+    print(f"head + thresholds: {head_s / 60:.1f} min measured on 30k fused rows ({len(result.history)} epochs, early stopping)")
+    print(f"estimate: {(img_s + txt_s + head_s) / 60:.1f} min for features + training + thresholds")
+
+
+# ---------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", type=Path, required=True, help="fused eager run trained on coco-real")
+    ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--skip-training", action="store_true")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="mmtag-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["MMTAG_CACHE"] = str(work / "eval-cache")
+    csv_path = args.shared / "coco-real/train.csv"
+    images = args.shared / "coco-real/images"
+    data = read_csv(csv_path, images_dir=images).dataset
+    ids, captions = list(data.image_ids), list(data.captions)
+    n = len(ids)
+
+    # The run's own validation split, as a CSV, for F1 of every variant.
+    cfg = Config.from_yaml(args.run / "config.yaml")
+    _, va = train_val_split(n, cfg.data.val_frac, cfg.train.seed)
+    val_csv = write_rows(work / "val.csv", ["ImageID", "Labels", "Caption"],
+                         [[ids[i], " ".join(map(str, data.labels[i])), captions[i]] for i in va])
+    test_csv = write_rows(work / "test.csv", ["ImageID", "Caption"], [[i, c] for i, c in zip(ids, captions)])
+    one_csv = write_rows(work / "one.csv", ["ImageID", "Caption"], [[ids[0], captions[0]]])
+
+    variants = {"eager (fp16-stored weights)": args.run}
+    for name, int8 in (("onnx fp32", False), ("onnx int8 text", True)):
+        out = work / name.replace(" ", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        api.export(args.run, out, int8=int8)
+        variants[name] = out
+
+    print(f"# mmtag predict benchmark: {n} coco-real pairs, {torch.get_num_threads()} threads\n")
+    print("## 3. Model size and validation sample-F1 "
+          f"(seeded split val_frac {cfg.data.val_frac} seed {cfg.train.seed}, n={len(va)})")
+    print("| variant | model_size_mb | samples_f1 | micro_f1 | macro_f1 |\n|---|---|---|---|---|")
+    for name, bundle in variants.items():
+        m = api.evaluate(bundle, val_csv, images, progress=False)
+        print(f"| {name} | {api.info(bundle)['model_size_mb']:.2f} | {m.samples_f1:.4f} | "
+              f"{m.micro_f1:.4f} | {m.macro_f1:.4f} |")
+
+    print(f"\n## 1-2. End-to-end prediction, {n} pairs (CSV + JPEGs -> submission), cold cache")
+    base_s = eager_baseline(args.run, ids, captions, images, work / "baseline.csv")
+    base_rate = n / base_s
+    print("| pipeline | startup s | predict s | pairs/s | vs baseline | peak RSS MiB |\n|---|---|---|---|---|---|")
+    print(f"| eager fp32 baseline (bench/, one batch at a time) | - | {base_s:.1f} | {base_rate:.1f} | 1.00x | - |")
+    for name, bundle in variants.items():
+        startup, _ = run_predict(bundle, one_csv, images, work / "one-pred.csv")
+        wall, rss = run_predict(bundle, test_csv, images, work / f"pred-{bundle.name}.csv")
+        rate = n / max(wall - startup, 1e-9)
+        print(f"| mmtag predict, {name} | {startup:.1f} | {wall - startup:.1f} | {rate:.1f} | "
+              f"{rate / base_rate:.2f}x | {rss:.0f} |")
+    same = sum(a == b for a, b in zip(open(work / "baseline.csv"), open(work / f"pred-{args.run.name}.csv")))
+    print(f"\nbaseline and `mmtag predict` (eager bundle) submissions agree on {same - 1}/{n} rows")
+    if not args.skip_training:
+        training_estimate(args.shared, images, work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""ONNX export: exported bundles predict like the eager ones, verify, and refuse misuse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmtag import api
+from mmtag.encoders import create_encoder
+from mmtag.errors import MmtagError
+from mmtag.synthetic import SyntheticPaths
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(fused_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    api.export(fused_run, root / "fp32")
+    api.export(fused_run, root / "int8", int8=True)
+    return {"fp32": root / "fp32", "int8": root / "int8"}
+
+
+def _holdout(tiny: SyntheticPaths) -> tuple[list[Path], list[str]]:
+    data, _ = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    return [data.image_path(i) for i in range(len(data))], list(data.captions)
+
+
+def test_fp32_export_scores_match_eager(fused_run: Path, exported: dict[str, Path],
+                                        tiny: SyntheticPaths) -> None:
+    images, captions = _holdout(tiny)
+    eager = api.Tagger.load(fused_run).predict_proba(images, captions)
+    onnx = api.Tagger.load(exported["fp32"]).predict_proba(images, captions)
+    assert np.abs(eager - onnx).max() < 1e-3
+
+
+def test_int8_export_is_smaller_and_agrees(fused_run: Path, exported: dict[str, Path],
+                                           tiny: SyntheticPaths) -> None:
+    sizes = {k: api.info(v)["model_size_mb"] for k, v in exported.items()}
+    assert sizes["int8"] < 0.5 * sizes["fp32"]
+    images, captions = _holdout(tiny)
+    eager = [p.labels for p in api.Tagger.load(fused_run).predict(images, captions)]
+    int8 = [p.labels for p in api.Tagger.load(exported["int8"]).predict(images, captions)]
+    assert sum(a == b for a, b in zip(eager, int8)) >= 0.9 * len(eager)
+
+
+def test_exported_bundle_records_its_origin(exported: dict[str, Path]) -> None:
+    info = api.info(exported["int8"])
+    assert info["encoders"]["image"]["name"] == "onnx:efficientnet-lite0"
+    assert info["encoders"]["text"]["name"] == "onnx:minilm-l6"
+    meta = json.loads((exported["int8"] / "encoders/text/encoder.json").read_text())
+    assert meta["precision"] == "int8" and meta["probe_cosine"] >= 0.98
+    metrics = json.loads((exported["int8"] / "metrics.json").read_text())
+    assert metrics["export"]["int8"] is True and len(metrics["export"]["from_manifest_sha256"]) == 64
+
+
+def test_predict_job_with_exported_bundle(exported: dict[str, Path], tiny: SyntheticPaths,
+                                          tmp_path: Path, cache_dir: str) -> None:
+    out = tmp_path / "sub.csv"
+    preds = api.predict(exported["int8"], tiny.test_csv, tiny.images, out, progress=False)
+    rows = out.read_text().splitlines()
+    assert rows[0] == "ImageID,Labels" and len(rows) == len(preds.labels) + 1
+    assert all(r.split(",")[1] for r in rows[1:])  # top-1 fallback: never an empty label set
+
+
+def test_tampered_onnx_graph_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["fp32"], copy)
+    graph = copy / "encoders/image/model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(MmtagError, match="sha256 does not match"):
+        api.Tagger.load(copy)
+
+
+def test_export_refuses_misuse(fused_run: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(MmtagError, match="new directory"):
+        api.export(fused_run, fused_run)
+    with pytest.raises(MmtagError, match="unknown export format"):
+        api.export(fused_run, tmp_path / "x", format="tflite")
+    with pytest.raises(MmtagError, match="already an ONNX export"):
+        api.export(exported["fp32"], tmp_path / "again")
+
+
+def test_onnx_encoder_cannot_be_created_for_training() -> None:
+    with pytest.raises(MmtagError, match="mmtag export"):
+        create_encoder("onnx:minilm-l6", "text")
