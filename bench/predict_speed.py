@@ -53,10 +53,10 @@ def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> tuple[float, float]:
     """`mmtag predict` in a fresh process with an empty cache → (wall seconds, peak RSS MiB)."""
     cache = Path(tempfile.mkdtemp(prefix="mmtag-bench-cache-"))
-    env = {**os.environ, "MMTAG_CACHE": str(cache)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([MMTAG, "predict", str(bundle), str(csv_path), "--images", str(images),
-                             "--out", str(out), "--quiet"], env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([MMTAG, "--quiet", "predict", str(bundle), str(csv_path), "--images",
+                             str(images), "--out", str(out), "--cache-dir", str(cache)],
+                            stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -151,7 +151,6 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mmtag-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["MMTAG_CACHE"] = str(work / "eval-cache")
     csv_path = args.shared / "coco-real/train.csv"
     images = args.shared / "coco-real/images"
     data = read_csv(csv_path, images_dir=images).dataset
@@ -178,7 +177,7 @@ def main() -> None:
           f"(seeded split val_frac {cfg.data.val_frac} seed {cfg.train.seed}, n={len(va)})")
     print("| variant | model_size_mb | samples_f1 | micro_f1 | macro_f1 |\n|---|---|---|---|---|")
     for name, bundle in variants.items():
-        m = api.evaluate(bundle, val_csv, images, progress=False)
+        m = api.evaluate(bundle, val_csv, images, progress=False, cache_dir=str(work / "eval-cache"))
         print(f"| {name} | {api.info(bundle)['model_size_mb']:.2f} | {m.samples_f1:.4f} | "
               f"{m.micro_f1:.4f} | {m.macro_f1:.4f} |")
 

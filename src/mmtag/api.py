@@ -21,7 +21,7 @@ from PIL import Image
 
 from . import bundle as bundle_io
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
-from .config import Config
+from .config import Config, default_cache_dir
 from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
                    train_val_split)
 from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_encoder,
@@ -86,7 +86,7 @@ class Tagger:
         self.history: list[dict[str, float]] = []
         self.pseudo_rounds: list[PseudoRound] = []
         self.finetune_history: dict[str, list[dict[str, float]]] = {}
-        self.cache = FeatureCache(self.config.cache_dir)
+        self.cache = FeatureCache(self.config.cache_dir or default_cache_dir())
 
     # ------------------------------------------------------------------ structure
     @property
@@ -184,6 +184,9 @@ class Tagger:
             result = self._fit_head(tr.features, y_tr, va.features, y_va, views=views,
                                     progress=progress)
         self.pseudo_rounds = []
+        if unlabeled is None and cfg.pseudo.rounds > 0:
+            log.warning("pseudo.rounds is %d but no unlabelled rows were given (--unlabeled CSV); "
+                        "training without self-training", cfg.pseudo.rounds)
         if unlabeled is not None and cfg.pseudo.rounds > 0:
             result = self._self_train(result, unlabeled, tr.features, y_tr, va.features, y_va,
                                       progress=progress)
@@ -513,17 +516,17 @@ def train(train_csv: str | Path, images: str | Path | None, out: str | Path, con
 
 
 def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *,
-             progress: bool = True) -> Metrics:
+             progress: bool = True, cache_dir: str | None = None) -> Metrics:
     """Metrics of a saved run on a labelled CSV."""
-    tagger = Tagger.load(run)
+    tagger = Tagger.load(run, cache_dir=cache_dir)
     dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=True)
     return tagger.evaluate(dataset, progress=progress)
 
 
 def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, out: str | Path, *,
-            progress: bool = True) -> DatasetPredictions:
+            progress: bool = True, cache_dir: str | None = None) -> DatasetPredictions:
     """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order."""
-    tagger = Tagger.load(run)
+    tagger = Tagger.load(run, cache_dir=cache_dir)
     dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=False)
     preds = tagger.predict_proba_dataset(dataset, progress=progress)
     write_submission(out, preds.dataset.image_ids, preds.labels)

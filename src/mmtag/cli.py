@@ -40,8 +40,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MmtagError("give --preset or --config, not both (copy the preset's YAML to edit it)")
     config = (load_preset(args.preset) if args.preset
               else Config.from_yaml(args.config) if args.config else Config())
-    for note in config.substitutions:
-        print(f"preset {config.preset}: substituted {note} (weights not available here)")
     config = config.override({
         "data.val_frac": args.val_frac, "data.skip_bad": True if args.skip_bad else None,
         "data.workers": args.workers, "model.modalities": args.modalities,
@@ -114,7 +112,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api
     from .io import atomic_write_text
 
-    metrics = api.evaluate(args.run, args.csv, args.images, progress=_progress(args))
+    metrics = api.evaluate(args.run, args.csv, args.images, progress=_progress(args),
+                           cache_dir=args.cache_dir)
     print(metrics.table())
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics.to_dict(), indent=2) + "\n")
@@ -125,7 +124,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
 
-    preds = api.predict(args.run, args.csv, args.images, args.out, progress=_progress(args))
+    preds = api.predict(args.run, args.csv, args.images, args.out, progress=_progress(args),
+                        cache_dir=args.cache_dir)
     print(f"wrote {len(preds.labels)} predictions to {args.out}")
     return 0
 
@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("csv", type=Path)
     p.add_argument("--images", type=Path)
     p.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("csv", type=Path)
     p.add_argument("--images", type=Path)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="copy a run with its encoders exported for ONNX Runtime")

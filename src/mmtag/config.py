@@ -114,7 +114,9 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
-    cache_dir: str = field(default_factory=lambda: default_cache_dir())
+    # Empty: $MMTAG_CACHE or ~/.cache/mmtag, looked up when used, so a bundle carried to another
+    # machine or user does not point at the trainer's cache.
+    cache_dir: str = ""
     preset: str = ""  # the preset this config started from, if any
     substitutions: list[str] = field(default_factory=list)  # "wanted -> used" backbone swaps
 
