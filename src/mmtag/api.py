@@ -377,6 +377,16 @@ class Tagger:
                                   scores={ls.ids[j]: float(row_p[j]) for j in range(len(ls))}))
         return out
 
+    def thresholds_by_label(self) -> dict[str, dict[int, float]]:
+        """Decision thresholds per label id: {"fused": …}, or one map per branch when the
+        decision is the union of each branch's labels."""
+        self._check_fitted()
+        thr, ls = self.thresholds, self.label_space
+        assert thr is not None and ls is not None
+        tables = thr.branches if thr.branches else {"fused": thr.values}
+        return {name: {i: float(np.broadcast_to(v, (len(ls),))[j]) for j, i in enumerate(ls.ids)}
+                for name, v in tables.items()}
+
     def _encode(self, images: list[Any] | None, captions: list[str] | None,
                 batch_size: int = 32) -> Features:
         feats = Features()

@@ -139,6 +139,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import Limits, serve
+
+    serve(args.run, host=args.host, port=args.port,
+          limits=Limits(max_upload_mb=args.max_upload_mb, max_side=args.max_side,
+                        max_batch=args.max_batch, timeout_s=args.timeout))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import api
 
@@ -298,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="quantise the text encoder to int8")
     p.add_argument("--out", type=Path, required=True, help="directory of the exported bundle")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit (10)")
+    p.add_argument("--max-side", type=int, default=8192, help="image side limit in pixels (8192)")
+    p.add_argument("--max-batch", type=int, default=64, help="items per /predict/batch (64)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="what a run holds")
     p.add_argument("run", type=Path)

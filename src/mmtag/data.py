@@ -300,6 +300,27 @@ def load_image(path: str | Path | Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def open_image_bytes(data: bytes, *, max_side: int = 8192) -> Image.Image:
+    """Open image bytes (an upload) lazily, after checking what the header promises: a known
+    image format, at most `max_side` pixels per side. ValueError says why it is not usable."""
+    import io
+
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError("image is too large (possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"not an image Pillow can read ({exc.__class__.__name__})") from None
+    w, h = img.size
+    if w < 1 or h < 1 or max(w, h) > max_side:
+        raise ValueError(f"image is {w}x{h} pixels; the limit is {max_side} per side")
+    return img
+
+
 def _exif_upright(img: Image.Image) -> Image.Image:
     from PIL import ImageOps
 
