@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from . import bundle as bundle_io
+from .bundle import ValidationRecord
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
 from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
@@ -86,6 +87,7 @@ class Tagger:
         self.history: list[dict[str, float]] = []
         self.pseudo_rounds: list[PseudoRound] = []
         self.finetune_history: dict[str, list[dict[str, float]]] = {}
+        self.validation: ValidationRecord | None = None
         self.cache = FeatureCache(self.config.cache_dir or default_cache_dir())
 
     # ------------------------------------------------------------------ structure
@@ -198,6 +200,11 @@ class Tagger:
         self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va, ranges)
         self.val_metrics = compute(y_va, decide(scores, self.thresholds), self.label_space.ids,
                                    self.label_space.names)
+        self.validation = ValidationRecord(
+            probs=scores.probs, y_true=y_va, branches=scores.branches,
+            image_ids=list(va_data.image_ids), captions=list(va_data.captions),
+            image_paths=[str(va_data.image_path(i)) if "image" in self.modalities else ""
+                         for i in range(len(va_data))])
         return FitReport(n_train=len(tr_data), n_val=len(va_data), val_dataset=va_data,
                          skipped=skipped, val_metrics=self.val_metrics, best_epoch=result.best_epoch,
                          pseudo_rounds=self.pseudo_rounds)
@@ -449,7 +456,8 @@ class Tagger:
             encoders={m: self.encoders[m] for m in self.modalities},
             val_metrics=self.val_metrics, history=self.history,
             extra={"pseudo_rounds": [asdict(r) for r in self.pseudo_rounds],
-                   "finetune": self.finetune_history}))
+                   "finetune": self.finetune_history},
+            validation=self.validation))
 
     @classmethod
     def load(cls, run_dir: str | Path, *, cache_dir: str | None = None) -> "Tagger":
@@ -466,6 +474,8 @@ class Tagger:
         tagger.head.load_state_dict(b.head_state)
         tagger.head.eval()
         tagger.val_metrics, tagger.history = b.val_metrics, b.history
+        tagger.validation = b.validation
+        tagger.finetune_history = b.extra.get("finetune") or {}
         return tagger
 
 
@@ -519,10 +529,11 @@ def train(train_csv: str | Path, images: str | Path | None, out: str | Path, con
         extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
                                                  skip_bad=config.data.skip_bad)
         skipped += extra_skipped
-    report = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
-    report.skipped = skipped + report.skipped
+    fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
+    fit.skipped = skipped + fit.skipped
     manifest = tagger.save(out)
-    return tagger, report, manifest
+    report(out, progress=False)
+    return tagger, fit, manifest
 
 
 def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *,
@@ -572,12 +583,60 @@ def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool
         config = b.config
         for modality, enc in encoders.items():
             setattr(config.model, f"{modality}_encoder", enc.name)
-        b.config, b.encoders, b.manifest = config, encoders, {}
+        # The validation record holds the eager model's scores; an export must not pass them off
+        # as its own (`mmtag evaluate --report` measures the export itself).
+        b.config, b.encoders, b.manifest, b.validation = config, encoders, {}, None
         b.extra = {**b.extra, "export": {"format": format, "int8": int8, "from_run": str(run),
                                          "from_manifest_sha256": bundle_io.manifest_sha256(run)}}
         return bundle_io.save(out, b)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Path | None = None,
+           images: str | Path | None = None, progress: bool = True) -> Path:
+    """Write a self-contained HTML report of a run (default RUN/report.html): of its validation
+    split, or with `csv_path`, of that labelled CSV scored by the run."""
+    from .report import ReportData, render
+
+    tagger = Tagger.load(run)
+    assert tagger.label_space is not None and tagger.thresholds is not None
+    if csv_path is not None:
+        dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None,
+                                  labelled=True)
+        preds = tagger.predict_proba_dataset(dataset, progress=progress)
+        d = preds.dataset
+        scores = tagger._scores(tagger.features(d, progress=False).features)
+        record = ValidationRecord(
+            probs=scores.probs, branches=scores.branches,
+            y_true=tagger.label_space.encode(d.labels),  # type: ignore[arg-type]
+            image_ids=list(d.image_ids), captions=list(d.captions),
+            image_paths=[str(d.image_path(i)) if "image" in tagger.modalities else ""
+                         for i in range(len(d))])
+        title = f"{Path(run).name} on {Path(csv_path).name}"
+    elif tagger.validation is not None:
+        record, title = tagger.validation, f"{Path(run).name}: validation split"
+    else:
+        raise MmtagError(f"{run}: no validation record in this run (an export, or trained before "
+                         "mmtag kept one); use --csv to report on a labelled CSV")
+    scores = Scores(probs=record.probs, branches=record.branches,
+                    union=tagger.head.decision == "union")  # type: ignore[union-attr]
+    mask = decide(scores, tagger.thresholds)
+    ls = tagger.label_space
+    data = ReportData(
+        title=title, label_ids=list(ls.ids), label_names=list(ls.names), record=record, mask=mask,
+        thresholds=tagger.thresholds, metrics=compute(record.y_true, mask, ls.ids, ls.names),
+        history=tagger.history, finetune_history=tagger.finetune_history,
+        config_yaml=_yaml(tagger.config.to_dict()))
+    target = Path(out) if out is not None else Path(run) / "report.html"
+    atomic_write_text(target, render(data))
+    return target
+
+
+def _yaml(obj: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)
 
 
 def available_encoders() -> list[EncoderInfo]:

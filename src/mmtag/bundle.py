@@ -6,6 +6,7 @@
     RUN/head.safetensors   fusion head weights
     RUN/encoders/<modality>/weights.safetensors (+ config/tokenizer files)  fp16 encoder weights
     RUN/metrics.json       validation metrics and per-epoch history
+    RUN/validation.safetensors + validation.json  validation scores, truth and items (report)
     RUN/manifest.json      written last: head and encoder ids, sha256 of every file, model size
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from .config import Config
@@ -27,6 +30,18 @@ from .metrics import Metrics
 from .thresholds import Thresholds
 
 FORMAT = "mmtag-bundle/1"
+
+
+@dataclass
+class ValidationRecord:
+    """The validation split as the final model scored it: what `report.html` is drawn from."""
+
+    probs: np.ndarray  # (N, C)
+    y_true: np.ndarray  # (N, C) 0/1
+    image_ids: list[str]
+    captions: list[str]
+    image_paths: list[str]  # "" where the model used no image
+    branches: dict[str, np.ndarray] = field(default_factory=dict)  # late fusion: per branch
 
 
 @dataclass
@@ -44,6 +59,7 @@ class Bundle:
     history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # pseudo-label rounds, fine-tuning logs
     manifest: dict[str, Any] = field(default_factory=dict)
+    validation: ValidationRecord | None = None
 
 
 def save(run_dir: str | Path, bundle: Bundle) -> dict[str, Any]:
@@ -65,6 +81,13 @@ def save(run_dir: str | Path, bundle: Bundle) -> dict[str, Any]:
     _write_json(run / "metrics.json", {
         "validation": bundle.val_metrics.to_dict() if bundle.val_metrics else None,
         "history": bundle.history, **bundle.extra})
+    if bundle.validation is not None:
+        v = bundle.validation
+        arrays = {"probs": v.probs.astype(np.float32), "y_true": v.y_true.astype(np.uint8),
+                  **{f"branch.{k}": b.astype(np.float32) for k, b in v.branches.items()}}
+        atomic_write_with(run / "validation.safetensors", lambda p: save_numpy(arrays, str(p)))
+        _write_json(run / "validation.json", {"image_ids": v.image_ids, "captions": v.captions,
+                                              "image_paths": v.image_paths})
     files = sorted(p for p in run.rglob("*") if p.is_file() and p.name != "manifest.json"
                    and not p.name.startswith(".") and p.suffix != ".tmp"
                    and not p.relative_to(run).parts[0] in ("checkpoints", "report"))
@@ -135,7 +158,18 @@ def load(run_dir: str | Path, *, verify: bool = True) -> Bundle:
         val_metrics=Metrics.from_dict(metrics_raw["validation"]) if metrics_raw.get("validation") else None,
         history=metrics_raw.get("history", []),
         extra={k: v for k, v in metrics_raw.items() if k not in ("validation", "history")},
-        manifest=manifest)
+        manifest=manifest, validation=_load_validation(run))
+
+
+def _load_validation(run: Path) -> ValidationRecord | None:
+    if not (run / "validation.safetensors").is_file():
+        return None  # runs from before validation records, or exports of them
+    arrays = load_numpy(str(run / "validation.safetensors"))
+    items = json.loads((run / "validation.json").read_text(encoding="utf-8"))
+    return ValidationRecord(
+        probs=arrays["probs"], y_true=arrays["y_true"], image_ids=items["image_ids"],
+        captions=items["captions"], image_paths=items["image_paths"],
+        branches={k.removeprefix("branch."): v for k, v in arrays.items() if k.startswith("branch.")})
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                     progress=_progress(args))
     _report_skipped(report.skipped)
     m = report.val_metrics
+    print(f"report: {Path(args.out) / 'report.html'}")
     print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
           f"(best epoch {report.best_epoch})")
     if m is not None:
@@ -118,6 +119,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics.to_dict(), indent=2) + "\n")
         print(f"metrics written to {args.json}")
+    if args.report:
+        api.report(args.run, args.report, csv_path=args.csv, images=args.images, progress=False)
+        print(f"report written to {args.report}")
     return 0
 
 
@@ -145,6 +149,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.run, host=args.host, port=args.port,
           limits=Limits(max_upload_mb=args.max_upload_mb, max_side=args.max_side,
                         max_batch=args.max_batch, timeout_s=args.timeout))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from . import api
+
+    path = api.report(args.run, args.out, csv_path=args.csv, images=args.images,
+                      progress=_progress(args))
+    print(f"report written to {path}")
     return 0
 
 
@@ -290,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("csv", type=Path)
     p.add_argument("--images", type=Path)
     p.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    p.add_argument("--report", type=Path, help="also write an HTML report of this CSV")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -317,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="items per /predict/batch (64)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="(re)write a run's HTML report")
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path, help="HTML file (default RUN/report.html)")
+    p.add_argument("--csv", type=Path, help="report on this labelled CSV instead of the validation split")
+    p.add_argument("--images", type=Path)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("info", help="what a run holds")
     p.add_argument("run", type=Path)

@@ -82,3 +82,17 @@ def compute(y_true: np.ndarray, y_pred: np.ndarray, label_ids: tuple[int, ...],
                                 labels=np.flatnonzero(yt.any(0) | yp.any(0)).tolist()))
         if (yt.any(0) | yp.any(0)).any() else 0.0,
         per_class=per_class, n=int(len(yt)))
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
+    """(C, 4) per-class counts TP, FP, FN, TN of 0/1 matrices (N, C)."""
+    t, p = y_true.astype(bool), y_pred.astype(bool)
+    return np.stack([(t & p).sum(0), (~t & p).sum(0), (t & ~p).sum(0), (~t & ~p).sum(0)], axis=1)
+
+
+def pr_curve(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Precision, recall and average precision of one class (scikit-learn's)."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(y_true.astype(int), scores)
+    return precision, recall, float(average_precision_score(y_true.astype(int), scores))

@@ -83,8 +83,14 @@ def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) 
 
     Ties go to the threshold closest to 0.5, so a flat curve does not drift to an extreme.
     """
-    scores = np.array([samples_f1(y_true, decide(probs, t)) for t in grid])
-    return Thresholds.constant(_best_near_half(grid, scores), probs.shape[1])
+    return Thresholds.constant(_best_near_half(grid, f1_by_threshold(probs, y_true, grid)),
+                               probs.shape[1])
+
+
+def f1_by_threshold(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
+    """(G,) validation sample-F1 with one global threshold at each grid value (top-1 fallback
+    included): the curve `tune_global` maximises, for plotting."""
+    return np.array([samples_f1(y_true, decide(probs, t)) for t in grid])
 
 
 def _best_near_half(grid: np.ndarray, scores: np.ndarray, *, maximise: bool = True) -> float:
