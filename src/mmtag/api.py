@@ -21,6 +21,7 @@ from PIL import Image
 
 from . import bundle as bundle_io
 from .bundle import ValidationRecord
+from .checkpoint import RunLog
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
 from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
@@ -88,6 +89,8 @@ class Tagger:
         self.pseudo_rounds: list[PseudoRound] = []
         self.finetune_history: dict[str, list[dict[str, float]]] = {}
         self.validation: ValidationRecord | None = None
+        # Set by `train(..., out)`: per-epoch checkpoints and metrics.csv in the run directory.
+        self.run_log: RunLog | None = None
         self.cache = FeatureCache(self.config.cache_dir or default_cache_dir())
 
     # ------------------------------------------------------------------ structure
@@ -236,7 +239,7 @@ class Tagger:
                              progress=progress)
 
     def _fit_head(self, tr: Features, y_tr: np.ndarray, va: Features, y_va: np.ndarray, *,
-                  views: list[Features] | None = None, progress: bool) -> FitResult:
+                  views: list[Features] | None = None, progress: bool, stage: str = "head") -> FitResult:
         """A fresh head of the configured kind, trained with early stopping on validation."""
         cfg = self.config
         assert self.label_space is not None
@@ -244,7 +247,8 @@ class Tagger:
         head = create_head(self.head_name, self.dims, len(self.label_space),
                            hidden=cfg.model.hidden, dropout=cfg.model.dropout)
         return fit_head(head, tr, y_tr, va, y_va, cfg.train,
-                        criterion=create_loss(cfg.train.loss, y_tr), views=views, progress=progress)
+                        criterion=create_loss(cfg.train.loss, y_tr), views=views, progress=progress,
+                        run_log=self.run_log, stage=stage)
 
     def _extra_text_features(self, extra: Dataset, *, progress: bool) -> Features:
         if not extra.labelled:
@@ -279,12 +283,14 @@ class Tagger:
             branch = create_head(modality, self.dims, len(self.label_space),
                                  hidden=cfg.model.hidden, dropout=cfg.model.dropout)
             fitted = fit_head(branch, rows, y, va, y_va, cfg.train,
-                              criterion=create_loss(cfg.train.loss, y), progress=progress)
+                              criterion=create_loss(cfg.train.loss, y), progress=progress,
+                              run_log=self.run_log, stage=f"branch-{modality}")
             getattr(head, modality).load_state_dict(fitted.head.net.state_dict())  # type: ignore[union-attr]
             getattr(head, modality).requires_grad_(False)
         if any(p.requires_grad for p in head.parameters()):
             return fit_head(head, tr, y_tr, va, y_va, cfg.train,
-                            criterion=create_loss(cfg.train.loss, y_tr), progress=progress)
+                            criterion=create_loss(cfg.train.loss, y_tr), progress=progress,
+                            run_log=self.run_log, stage="combine")
         head.eval()
         return FitResult(head=head, history=fitted.history, best_epoch=fitted.best_epoch)
 
@@ -302,7 +308,8 @@ class Tagger:
             keep, y_pseudo = select_pseudo_labels(self._scores(pool).probs, cfg.pseudo.confidence)
             train_feats = concat_features(tr, pool.subset(keep))
             train_y = np.concatenate([y_tr, y_pseudo])
-            candidate = self._fit_head(train_feats, train_y, va, y_va, progress=progress)
+            candidate = self._fit_head(train_feats, train_y, va, y_va, progress=progress,
+                                       stage=f"pseudo-{r}")
             f1 = _val_f1(candidate)
             self.pseudo_rounds.append(PseudoRound(r, int(len(keep)), f1))
             log.info("pseudo-label round %d: %d rows, val sample-F1 %.4f", r, len(keep), f1)
@@ -511,13 +518,35 @@ def read_dataset(csv_path: str | Path, images: str | Path | None, *, labelled: b
     return result.dataset, result.skipped
 
 
-def train(train_csv: str | Path, images: str | Path | None, out: str | Path, config: Config,
-          *, progress: bool = True) -> tuple[Tagger, FitReport, dict[str, Any]]:
-    """Read, train, tune, save: the whole `mmtag train` job. Returns tagger, report, manifest."""
+def train(train_csv: str | Path | None, images: str | Path | None, out: str | Path, config: Config,
+          *, progress: bool = True, resume: bool = False,
+          tensorboard: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
+    """Read, train, tune, save: the whole `mmtag train` job. Returns tagger, report, manifest.
+
+    `train_csv` / `images` default to the config's `data.train_csv` / `data.images`. The resolved
+    config goes to OUT/config.yaml first, so `train --config OUT/config.yaml` reproduces the run
+    and `resume=True` continues it from its per-epoch checkpoints (see `mmtag.checkpoint`).
+    """
+    import shutil
+
+    out = Path(out)
+    train_csv = train_csv or config.data.train_csv or None
+    images = images or config.data.images or None
+    if train_csv is None:
+        raise MmtagError("no training CSV: give TRAIN_CSV or data.train_csv in the config")
+    config.data.train_csv = str(Path(train_csv).resolve())
+    config.data.images = str(Path(images).resolve()) if images else ""
     tagger = Tagger(config)
     if "image" in tagger.modalities and images is None:
         raise MmtagError("--images DIR is required when the image modality is used")
     image_dir = images if "image" in tagger.modalities else None
+    if not resume:
+        # A fresh run must not continue someone else's checkpoints left in the directory.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.csv").unlink(missing_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
+    config.save_yaml(out / "config.yaml")
+    tagger.run_log = RunLog(out, tensorboard=tensorboard)
     dataset, skipped = read_dataset(train_csv, image_dir, labelled=True, skip_bad=config.data.skip_bad)
     unlabeled = None
     if config.data.unlabeled:
@@ -532,8 +561,22 @@ def train(train_csv: str | Path, images: str | Path | None, out: str | Path, con
     fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
     fit.skipped = skipped + fit.skipped
     manifest = tagger.save(out)
+    tagger.run_log.close()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
     report(out, progress=False)
     return tagger, fit, manifest
+
+
+def resume(run: str | Path, *, progress: bool = True,
+           tensorboard: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
+    """Continue an interrupted `train` into the same directory, from its saved config."""
+    run = Path(run)
+    if (run / "manifest.json").is_file():
+        raise MmtagError(f"{run}: this run finished already; nothing to resume")
+    if not (run / "config.yaml").is_file():
+        raise MmtagError(f"{run}: no config.yaml, so not an mmtag run directory that can be resumed")
+    config = Config.from_yaml(run / "config.yaml")
+    return train(None, None, run, config, progress=progress, resume=True, tensorboard=tensorboard)
 
 
 def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *,

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import Config
     from .presets import load_preset
 
+    if args.resume:
+        if args.train_csv or args.config or args.preset:
+            raise MmtagError("--resume RUN continues with the run's own config.yaml; give no other inputs")
+        print(f"resuming {args.resume}")
+        _, report, manifest = api.resume(args.resume, progress=_progress(args),
+                                         tensorboard=args.tensorboard)
+        return _print_trained(args.resume, report, manifest)
     if args.preset and args.config:
         raise MmtagError("give --preset or --config, not both (copy the preset's YAML to edit it)")
     config = (load_preset(args.preset) if args.preset
@@ -59,12 +67,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         "finetune.lr": args.ft_lr, "finetune.head_lr": args.ft_head_lr,
         "finetune.batch_size": args.ft_batch_size, "finetune.optimizer": args.ft_optimizer,
         "cache_dir": args.cache_dir,
+        "data.train_csv": str(args.train_csv) if args.train_csv else None,
+        "data.images": str(args.images) if args.images else None,
     })
-    _, report, manifest = api.train(args.train_csv, args.images, args.out, config,
-                                    progress=_progress(args))
+    out = args.out or Path("runs") / time.strftime("mmtag-%Y%m%d-%H%M%S")
+    print(f"run directory: {out}")
+    _, report, manifest = api.train(args.train_csv, args.images, out, config,
+                                    progress=_progress(args), tensorboard=args.tensorboard)
+    return _print_trained(out, report, manifest)
+
+
+def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
     _report_skipped(report.skipped)
     m = report.val_metrics
-    print(f"report: {Path(args.out) / 'report.html'}")
+    print(f"report: {Path(out) / 'report.html'}")
     print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
           f"(best epoch {report.best_epoch})")
     if m is not None:
@@ -73,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
               f"val samples_f1={r.val_samples_f1:.4f}")
     print(f"model_size_mb: {manifest['model_size_mb']}")
-    print(f"run saved to {args.out}")
+    print(f"run saved to {out}")
     return 0
 
 
@@ -233,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a tagger on a labelled CSV")
-    p.add_argument("train_csv", type=Path)
+    p.add_argument("train_csv", type=Path, nargs="?", help="labelled CSV (default: data.train_csv of --config)")
     p.add_argument("--images", type=Path, help="images folder (not needed for --modalities text)")
-    p.add_argument("--out", type=Path, required=True, help="run directory to write")
-    p.add_argument("--config", type=Path, help="YAML config; flags override it")
+    p.add_argument("--out", type=Path, help="run directory to write (default runs/mmtag-DATE-TIME)")
+    p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--tensorboard", action="store_true", help="also log epochs to RUN/tensorboard")
+    p.add_argument("--config", type=Path, help="YAML config (e.g. RUN/config.yaml); flags override it")
     p.add_argument("--preset", help="start from a named preset: effnet-albert-union, effnet-berttiny-fm3")
     p.add_argument("--modalities", help="image, text or image,text (default)")
     p.add_argument("--fusion", help="fusion head when both modalities are used (default concat)")

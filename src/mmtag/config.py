@@ -19,6 +19,8 @@ from .errors import MmtagError
 class DataConfig:
     """How the input is read and split."""
 
+    train_csv: str = ""  # labelled CSV (the TRAIN_CSV argument); saved so a run can be re-run
+    images: str = ""  # images directory (--images)
     val_frac: float = 0.1
     skip_bad: bool = False
     workers: int = 2  # DataLoader workers that decode JPEGs while the encoder computes

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import RunLog, StageState
 from .config import TrainConfig
 from .errors import MmtagError
 from .features import Features
@@ -140,11 +141,14 @@ def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...
 
 def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
              cfg: TrainConfig, *, criterion: nn.Module | None = None,
-             views: list[Features] | None = None, progress: bool = True) -> FitResult:
+             views: list[Features] | None = None, progress: bool = True,
+             run_log: RunLog | None = None, stage: str = "head") -> FitResult:
     """Train `head` and return it with the weights of its best validation epoch.
 
     With `views` (augmented versions of `train`, row-aligned), each row is drawn each epoch from
-    its plain features or one of its views, uniformly.
+    its plain features or one of its views, uniformly. With `run_log`, every epoch is logged and
+    checkpointed under `stage` (head, optimizer, RNG states), and a checkpoint left by an
+    interrupted run is continued from: the result equals that of an uninterrupted run.
     """
     seed_everything(cfg.seed)
     # Re-seed after construction too: the head was built outside, and the shuffling and dropout
@@ -158,7 +162,21 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     n = len(y_train)
     result = FitResult(head=head)
     best_f1, best_state, stale = -1.0, copy.deepcopy(head.state_dict()), 0
-    bar = tqdm(range(1, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
+    start = 1
+    saved = run_log.load(stage) if run_log is not None else None
+    if saved is not None:
+        head.load_state_dict(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        torch.set_rng_state(saved.rng["torch"])
+        generator.set_state(saved.rng["generator"])
+        result.history = [EpochLog(**h) for h in saved.history]  # type: ignore[arg-type]
+        best_f1, best_state, stale = saved.best_f1, saved.best_model, saved.stale
+        result.best_epoch, start = saved.best_epoch, saved.epoch + 1
+        if saved.done:
+            start = cfg.epochs + 1  # finished before the interruption: nothing left to train
+        else:
+            log.info("%s: resuming after epoch %d", stage, saved.epoch)
+    bar = tqdm(range(start, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
         perm = epoch_order(n, factors, generator)
@@ -183,14 +201,23 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
         f1 = samples_f1(y_val, decide(probs, thr))
         result.history.append(EpochLog(epoch, total / total_n, val_loss, f1, float(thr.values[0])))
         bar.set_postfix(loss=f"{total / total_n:.4f}", val_f1=f"{f1:.4f}")
+        stop = False
         if f1 > best_f1 + 1e-6:
             best_f1, best_state, stale, result.best_epoch = f1, copy.deepcopy(head.state_dict()), 0, epoch
         else:
             stale += 1
-            if stale >= cfg.patience:
-                log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
-                         epoch, result.best_epoch, best_f1)
-                break
+            stop = stale >= cfg.patience
+        if run_log is not None:
+            run_log.log_epoch(stage, asdict(result.history[-1]))
+            run_log.save(stage, StageState(
+                epoch=epoch, best_epoch=result.best_epoch, best_f1=best_f1, stale=stale,
+                done=stop or epoch == cfg.epochs, history=result.history_dicts(),
+                model=head.state_dict(), best_model=best_state, optimizer=optimizer.state_dict(),
+                rng={"torch": torch.get_rng_state(), "generator": generator.get_state()}))
+        if stop:
+            log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
+                     epoch, result.best_epoch, best_f1)
+            break
     bar.close()
     head.load_state_dict(best_state)
     head.eval()

@@ -1,0 +1,142 @@
+"""Per-epoch checkpoints: an interrupted run resumes to exactly the uninterrupted result,
+in-process and after SIGKILL of the real `mmtag train`; metrics.csv and config reproduction."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmtag.checkpoint import RunLog, StageState
+from mmtag.config import TrainConfig
+from mmtag.features import Features
+from mmtag.fusion import create_head
+from mmtag.train import fit_head
+
+
+def _problem(seed: int = 0) -> tuple[Features, np.ndarray, Features, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(240, 16)).astype(np.float16)
+    y = (x[:, :4].astype(np.float32) + 0.3 * rng.normal(size=(240, 4)) > 0).astype(np.float32)
+    return Features(text=x[:200]), y[:200], Features(text=x[200:]), y[200:]
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DiesAfter(RunLog):
+    """A RunLog whose process "dies" right after writing epoch `k`'s checkpoint."""
+
+    def __init__(self, run_dir: Path, k: int) -> None:
+        super().__init__(run_dir)
+        self.k = k
+
+    def save(self, stage: str, state: StageState) -> None:
+        super().save(stage, state)
+        if state.epoch == self.k:
+            raise _Killed
+
+
+def _fit(run_log: RunLog | None, cfg: TrainConfig):
+    tr, ytr, va, yva = _problem()
+    torch.manual_seed(123)  # head init; fit_head reseeds its own streams
+    head = create_head("text", {"text": 16}, 4, hidden=32, dropout=0.3)
+    return fit_head(head, tr, ytr, va, yva, cfg, progress=False, run_log=run_log)
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=12, patience=100, batch_size=32, lr=3e-3)
+    straight = _fit(None, cfg)
+    with pytest.raises(_Killed):
+        _fit(_DiesAfter(tmp_path, 5), cfg)
+    state = RunLog(tmp_path).load("head")
+    assert state is not None and state.epoch == 5 and not state.done
+    resumed = _fit(RunLog(tmp_path), cfg)
+    assert [h.epoch for h in resumed.history] == list(range(1, 13))
+    assert resumed.history_dicts() == straight.history_dicts()
+    for k, v in straight.head.state_dict().items():
+        assert torch.equal(v, resumed.head.state_dict()[k]), k
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13)) and rows[0]["stage"] == "head"
+
+
+def test_finished_stage_is_not_retrained(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=4, patience=100, batch_size=64)
+    first = _fit(RunLog(tmp_path), cfg)
+    again = _fit(RunLog(tmp_path), cfg)
+    assert again.history_dicts() == first.history_dicts()
+    assert len(list((tmp_path / "checkpoints").glob("*.safetensors"))) == 1  # old epochs pruned
+
+
+def test_corrupt_checkpoint_metadata_is_a_clear_error(tmp_path: Path) -> None:
+    from mmtag.errors import MmtagError
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints/head.json").write_text("{not json")
+    with pytest.raises(MmtagError, match="corrupt checkpoint"):
+        RunLog(tmp_path).load("head")
+
+
+# ------------------------------------------------------------------ the real CLI, killed
+def _mmtag(*args: object, cache: str) -> list[str]:
+    return [sys.executable, "-m", "mmtag", "-q", *map(str, args), "--cache-dir", cache]
+
+
+def test_sigkill_mid_training_then_resume_gives_same_metrics(tiny, tmp_path: Path, cache_dir: str) -> None:
+    # batch size 4 makes each epoch take long enough to be killed inside one
+    opts = ["--images", tiny.images, "--modalities", "text", "--epochs", "60", "--patience", "60",
+            "--batch-size", "4", "--hidden", "64", "--workers", "0"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = subprocess.run(_mmtag("train", tiny.train_csv, "--out", ref, *opts, cache=cache_dir),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    proc = subprocess.Popen(_mmtag("train", tiny.train_csv, "--out", run, *opts, cache=cache_dir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = run / "checkpoints/head.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if meta.is_file() and json.loads(meta.read_text()).get("epoch", 0) >= 3:
+            break
+        assert proc.poll() is None, "training ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "manifest.json").exists()
+    killed_at = json.loads(meta.read_text())["epoch"]
+    assert killed_at < 60
+
+    r = subprocess.run([sys.executable, "-m", "mmtag", "-q", "train", "--resume", run],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, MMTAG_CACHE=cache_dir))
+    assert r.returncode == 0, r.stderr
+    want = json.loads((ref / "metrics.json").read_text())
+    got = json.loads((run / "metrics.json").read_text())
+    assert got["validation"] == want["validation"]
+    assert got["history"] == want["history"]
+    assert (run / "report.html").is_file() and not (run / "checkpoints").exists()
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [int(h["epoch"]) for h in want["history"]]
+
+
+def test_train_config_yaml_reproduces_the_run(tiny, tmp_path: Path, cache_dir: str) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    r = subprocess.run(_mmtag("train", tiny.train_csv, "--images", tiny.images, "--out", first,
+                              "--epochs", "8", "--hidden", "64", "--workers", "0", "--fusion", "mean",
+                              cache=cache_dir), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(_mmtag("train", "--config", first / "config.yaml", "--out", second,
+                              cache=cache_dir), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a = json.loads((first / "metrics.json").read_text())
+    b = json.loads((second / "metrics.json").read_text())
+    assert a["validation"] == b["validation"] and a["history"] == b["history"]
