@@ -77,6 +77,7 @@ class Encoder(nn.Module):
 class ImageEncoder(Encoder):
     modality = "image"
     image_size: int
+    channels_last = True  # eager PyTorch convolutions run ≈ 1.5x faster on CPU in NHWC
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) normalised images → pooled (B, D) and spatial tokens (B, T, D)."""

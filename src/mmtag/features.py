@@ -332,7 +332,9 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
 
 def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     """One batch of decoded images (see `data.load_image`) → {"image", "image_tokens"} arrays."""
-    x = torch.from_numpy(np.stack(arrays)).contiguous(memory_format=torch.channels_last)
+    x = torch.from_numpy(np.stack(arrays))
+    if encoder.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         pooled, tokens = encoder(x)
     return {"image": pooled.numpy(), "image_tokens": tokens.numpy()}
