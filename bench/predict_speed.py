@@ -50,26 +50,30 @@ def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def _tree_pss_mib(pid: int) -> float:
-    """Proportional set size of a process and all its descendants (DataLoader workers): PSS
-    splits pages shared after fork between the processes, so the sum is real memory use."""
-    pids, total = [pid], 0.0
+def _tree_memory_mib(pid: int) -> float:
+    """Memory of a process and its descendants (DataLoader workers): the main process's resident
+    set plus each descendant's private anonymous pages (pages shared with the parent after fork
+    are counted once). Read from /proc/*/status, which is cheap: smaps-based PSS would take the
+    process's memory lock on every sample and slow it down."""
+    total, pids, first = 0.0, [pid], True
     while pids:
         p = pids.pop()
         try:
-            with open(f"/proc/{p}/smaps_rollup") as fh:
-                total += sum(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
+            with open(f"/proc/{p}/status") as fh:
+                fields = dict(line.split(":", 1) for line in fh if ":" in line)
+            total += int(fields["VmRSS" if first else "RssAnon"].split()[0]) / 1024
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/children") as fh:
                     pids += [int(c) for c in fh.read().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
+        except (FileNotFoundError, ProcessLookupError, KeyError):
+            pass
+        first = False
     return total
 
 
 def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> tuple[float, float]:
     """`mmtag predict` in a fresh process with an empty cache → (wall seconds, peak memory MiB
-    of its whole process tree, sampled every 50 ms)."""
+    of its whole process tree, sampled every 0.2 s)."""
     cache = Path(tempfile.mkdtemp(prefix="mmtag-bench-cache-"))
     t0 = time.perf_counter()
     proc = subprocess.Popen([MMTAG, "--quiet", "predict", str(bundle), str(csv_path), "--images",
@@ -77,8 +81,8 @@ def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> tuple[
                             stdout=subprocess.DEVNULL)
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, _tree_pss_mib(proc.pid))
-        time.sleep(0.05)
+        peak = max(peak, _tree_memory_mib(proc.pid))
+        time.sleep(0.2)
     wall = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
@@ -136,17 +140,20 @@ def training_estimate(shared: Path, images: Path, work: Path) -> None:
     extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
             text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False)
     txt_rate = n_txt / (time.perf_counter() - t0)
-    # Head training + thresholds on 27k training rows of fused features: real comp5329 text
-    # features, image features resampled from the coco-real ones (their values do not change
-    # the cost); the default schedule (100 epochs max, early stopping) runs as it would.
-    fs_img = tagger.features(coco.subset(list(range(n_img))), progress=False).features
-    fs_txt = tagger.features(comp.subset(list(range(n_txt))), progress=False).features
+    # Head training + thresholds on 30k rows of fused features: real comp5329 text features,
+    # image features resampled from the coco-real ones (their values do not change the cost);
+    # the default schedule (100 epochs max, early stopping) runs as it would.
+    fs_img = extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger._encoder("image"),
+                     text_encoder=None, cache=tagger.cache, progress=False).features
+    fs_txt = extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
+                     text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False).features
     rng = np.random.default_rng(0)
     n = 30000
     feats = Features(image=fs_img.image[rng.integers(0, n_img, n)],
                      text=fs_txt.text[rng.integers(0, n_txt, n)])
     labels = [comp.labels[i] for i in rng.integers(0, len(comp), n)]
     tagger.label_space = LabelSpace.from_labels(labels)
+    tagger.dims = {"image": feats.image.shape[1], "text": feats.text.shape[1]}
     y = tagger.label_space.encode(labels)
     tr, va = train_val_split(n, 0.1, 0)
     t0 = time.perf_counter()
@@ -168,9 +175,13 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--only-training", action="store_true", help="just the 30k training estimate")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mmtag-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.only_training:
+        training_estimate(args.shared, args.shared / "coco-real/images", work)
+        return
     csv_path = args.shared / "coco-real/train.csv"
     images = args.shared / "coco-real/images"
     data = read_csv(csv_path, images_dir=images).dataset
@@ -204,7 +215,7 @@ def main() -> None:
     print(f"\n## 1-2. End-to-end prediction, {n} pairs (CSV + JPEGs -> submission), cold cache")
     base_s = eager_baseline(args.run, ids, captions, images, work / "baseline.csv")
     base_rate = n / base_s
-    print("| pipeline | startup s | predict s | pairs/s | vs baseline | peak memory MiB (PSS, process tree) |\n|---|---|---|---|---|---|")
+    print("| pipeline | startup s | predict s | pairs/s | vs baseline | peak memory MiB (process tree) |\n|---|---|---|---|---|---|")
     print(f"| eager fp32 baseline (bench/, one batch at a time) | - | {base_s:.1f} | {base_rate:.1f} | 1.00x | - |")
     for name, bundle in variants.items():
         startup, _ = run_predict(bundle, one_csv, images, work / "one-pred.csv")

@@ -44,8 +44,25 @@ def test_report_regenerates_and_reports_on_a_csv(fused_run: Path, tiny: Syntheti
     assert f"{m.samples_f1:.4f}" in html
 
 
-def test_report_of_an_export_needs_a_csv(fused_run: Path, tmp_path: Path) -> None:
+def test_report_of_an_export_is_of_the_export(fused_run: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    api.export(fused_run, tmp_path / "onnx")
+    api.export(fused_run, tmp_path / "onnx", int8=True)
+    html = api.report(tmp_path / "onnx").read_text()
+    _check(html)
+    assert f"{api.info(tmp_path / 'onnx')['validation']['samples_f1']:.4f}" in html
+
+
+def test_run_without_validation_record_needs_a_csv(fused_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from mmtag import bundle
+
+    copy = tmp_path / "old"
+    shutil.copytree(fused_run, copy)
+    b = bundle.load(copy)
+    b.validation = None  # as runs saved before mmtag kept validation records
+    (copy / "validation.safetensors").unlink()
+    (copy / "validation.json").unlink()
+    bundle.save(copy, b)
     with pytest.raises(MmtagError, match="--csv"):
-        api.report(tmp_path / "onnx")
+        api.report(copy)

@@ -54,6 +54,25 @@ def test_exported_bundle_records_its_origin(exported: dict[str, Path]) -> None:
     assert meta["precision"] == "int8" and meta["probe_cosine"] >= 0.98
     metrics = json.loads((exported["int8"] / "metrics.json").read_text())
     assert metrics["export"]["int8"] is True and len(metrics["export"]["from_manifest_sha256"]) == 64
+    assert metrics["export"]["thresholds_retuned"] is True
+
+
+def test_int8_export_reports_its_own_validation_metrics(exported: dict[str, Path]) -> None:
+    # the export's metrics are of the export: re-scoring its validation split reproduces them
+    t = api.Tagger.load(exported["int8"])
+    recorded = t.val_metrics
+    again = t.recalibrate()
+    assert again is not None and recorded is not None
+    assert again.samples_f1 == pytest.approx(recorded.samples_f1, abs=1e-9)
+
+
+def test_recalibrate_needs_the_validation_images(fused_run: Path) -> None:
+    t = api.Tagger.load(fused_run)
+    before = t.thresholds.to_dict()
+    assert t.validation is not None
+    t.validation.image_paths = ["/nonexistent/" + i for i in t.validation.image_ids]
+    assert t.recalibrate() is None
+    assert t.thresholds.to_dict() == before
 
 
 def test_predict_job_with_exported_bundle(exported: dict[str, Path], tiny: SyntheticPaths,

@@ -198,11 +198,7 @@ class Tagger:
         self.head = result.head
         self.history = result.history_dicts()
         scores = self._scores(va.features)
-        ranges = {name: (float(r[0]), float(r[1])) for name, r in
-                  (("image", cfg.train.union_image_range), ("text", cfg.train.union_text_range)) if r}
-        self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va, ranges)
-        self.val_metrics = compute(y_va, decide(scores, self.thresholds), self.label_space.ids,
-                                   self.label_space.names)
+        self._tune(scores, y_va)
         self.validation = ValidationRecord(
             probs=scores.probs, y_true=y_va, branches=scores.branches,
             image_ids=list(va_data.image_ids), captions=list(va_data.captions),
@@ -211,6 +207,39 @@ class Tagger:
         return FitReport(n_train=len(tr_data), n_val=len(va_data), val_dataset=va_data,
                          skipped=skipped, val_metrics=self.val_metrics, best_epoch=result.best_epoch,
                          pseudo_rounds=self.pseudo_rounds)
+
+    def _tune(self, scores: Scores, y_va: np.ndarray) -> None:
+        """Thresholds tuned on validation scores, and the validation metrics they give."""
+        cfg = self.config
+        assert self.label_space is not None
+        ranges = {name: (float(r[0]), float(r[1])) for name, r in
+                  (("image", cfg.train.union_image_range), ("text", cfg.train.union_text_range)) if r}
+        self.thresholds = tune_decisions(cfg.train.thresholds, scores, y_va, ranges)
+        self.val_metrics = compute(y_va, decide(scores, self.thresholds), self.label_space.ids,
+                                   self.label_space.names)
+
+    def recalibrate(self, *, progress: bool = False) -> Metrics | None:
+        """Re-score the run's validation split with the current encoders (e.g. after an int8
+        export) and re-tune the thresholds on it, as training did. None, and nothing changed,
+        when the run kept no validation record or its images are no longer where they were."""
+        rec = self.validation
+        if rec is None or self.label_space is None:
+            return None
+        images_dir = None
+        if "image" in self.modalities:
+            # path = <images dir>/<ImageID>; one images folder per dataset
+            dirs = {p[:len(p) - len(i)] for p, i in zip(rec.image_paths, rec.image_ids)}
+            if len(dirs) != 1 or not all(Path(p).is_file() for p in rec.image_paths):
+                return None
+            images_dir = Path(dirs.pop())
+        data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
+                       captions=list(rec.captions), labels=None, images_dir=images_dir)
+        scores = self._scores(self.features(data, progress=progress).features)
+        self._tune(scores, rec.y_true.astype(np.float32))
+        self.validation = ValidationRecord(
+            probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
+            captions=rec.captions, image_paths=rec.image_paths)
+        return self.val_metrics
 
     def _split(self, train: Dataset, val: Dataset | None) -> tuple[Dataset, Dataset]:
         if val is not None:
@@ -626,11 +655,21 @@ def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool
         config = b.config
         for modality, enc in encoders.items():
             setattr(config.model, f"{modality}_encoder", enc.name)
-        # The validation record holds the eager model's scores; an export must not pass them off
-        # as its own (`mmtag evaluate --report` measures the export itself).
-        b.config, b.encoders, b.manifest, b.validation = config, encoders, {}, None
+        b.config, b.encoders, b.manifest = config, encoders, {}
+        # int8 shifts the scores a little, so the thresholds are re-tuned on the run's own
+        # validation split, scored by the export; the export then reports its own metrics.
+        # Where that split cannot be replayed, the record (of the eager model) is dropped.
+        tagger = Tagger.load(run)
+        tagger.config, tagger.encoders = config, dict(encoders)
+        recalibrated = tagger.recalibrate() is not None
+        if recalibrated:
+            b.thresholds, b.val_metrics, b.validation = (tagger.thresholds, tagger.val_metrics,  # type: ignore[assignment]
+                                                         tagger.validation)
+        else:
+            b.validation = None
         b.extra = {**b.extra, "export": {"format": format, "int8": int8, "from_run": str(run),
-                                         "from_manifest_sha256": bundle_io.manifest_sha256(run)}}
+                                         "from_manifest_sha256": bundle_io.manifest_sha256(run),
+                                         "thresholds_retuned": recalibrated}}
         return bundle_io.save(out, b)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
