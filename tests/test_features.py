@@ -65,3 +65,34 @@ def test_undecodable_image_strict_and_skip(tiny, tmp_path, encoders):
     assert len(fs.dataset) == len(data) - 1 and len(fs.skipped) == 1
     assert data.image_ids[2] not in fs.dataset.image_ids
     assert fs.features.image.shape[0] == len(data) - 1
+
+
+def test_interrupted_extraction_resumes_where_it_stopped(tiny, tmp_path, encoders, monkeypatch):
+    data, _ = read_dataset(tiny.holdout_csv, tiny.images, labelled=True)  # 40 items
+    monkeypatch.setattr(features_mod, "SHARD_ITEMS", 8)
+    real = features_mod.encode_images
+    seen: list[int] = []
+
+    def killed_after_three_batches(enc, arrays):
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C (or a kill between shards) leaves behind
+        seen.append(len(arrays))
+        return real(enc, arrays)
+
+    monkeypatch.setattr(features_mod, "encode_images", killed_after_three_batches)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
+    done = sum(seen)
+    assert done == 24
+
+    counted: list[int] = []
+
+    def counting(enc, arrays):
+        counted.append(len(arrays))
+        return real(enc, arrays)
+
+    monkeypatch.setattr(features_mod, "encode_images", counting)
+    resumed = _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
+    assert sum(counted) == len(data) - done  # only what was missing
+    full = _extract(data, FeatureCache(tmp_path / "fresh"), encoders, kinds=("image",), batch_size=8)
+    assert np.array_equal(resumed.features.image, full.features.image)
