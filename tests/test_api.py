@@ -160,3 +160,30 @@ def test_augmented_views_reach_the_head(tiny, make_config, monkeypatch, mods, au
     tr_idx, _ = train_val_split(len(train), cfg.data.val_frac, cfg.train.seed)
     unaugmented = Tagger(make_config(**{"model.modalities": mods})).features(train, progress=False)
     assert np.array_equal(unaugmented.features.get(kind)[tr_idx], plain)
+
+
+def test_check_finds_every_kind_of_problem(tiny, tmp_path):
+    import shutil
+
+    from mmtag import api
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny.images, images)
+    rows = tiny.train_csv.read_text().splitlines()
+    header, body = rows[0], rows[1:6]
+    first_id = body[0].split(",")[0]
+    (images / body[1].split(",")[0]).unlink()  # missing
+    (images / body[2].split(",")[0]).write_bytes(b"not a jpeg")  # corrupt
+    bad = [f"{first_id},1,a duplicate id", "x.jpg,one,label is not a number", "y.jpg,1,"]
+    csv = tmp_path / "t.csv"
+    csv.write_text("\n".join([header, *body, *bad]) + "\n")
+    r = api.check(csv, images, progress=False)
+    assert r.rows == 8 and r.labelled
+    assert len(r.bad_rows) == 2 and "row 7" in str(r.bad_rows[0]) and "row 8" in str(r.bad_rows[1])
+    assert len(r.missing_images) == 1 and "row 2" in str(r.missing_images[0])
+    assert len(r.corrupt_images) == 1 and "row 3" in str(r.corrupt_images[0])
+    assert r.duplicate_ids == {first_id: 2}
+    assert r.problems == 5 and sum(r.label_counts.values()) >= 6
+
+    clean = api.check(tiny.train_csv, tiny.images, progress=False)
+    assert clean.problems == 0 and clean.rows == len(tiny.train_csv.read_text().splitlines()) - 1

@@ -111,3 +111,14 @@ def test_sweep_cli(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
     r = mmtag("sweep", tiny.train_csv, "--out", tmp_path / "sw2")
     assert r.returncode == 2 and "exactly one of --grid" in r.stderr
+
+
+def test_check_exit_codes(tiny, tmp_path):
+    r = mmtag("check", tiny.train_csv, "--images", tiny.images)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout and "rows per label" in r.stdout
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ImageID,Labels,Caption\n../etc/passwd,1,escape\nmissing.jpg,1,a cat\n")
+    r = mmtag("check", bad, "--images", tiny.images)
+    assert r.returncode == 1
+    assert "bad rows: 1" in r.stdout and "missing images: 1" in r.stdout and "2 problem(s)" in r.stdout

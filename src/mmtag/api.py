@@ -721,6 +721,66 @@ def _yaml(obj: dict[str, Any]) -> str:
     return yaml.safe_dump(obj, sort_keys=False)
 
 
+@dataclass
+class CheckReport:
+    """What `mmtag check` found in a dataset (nothing trained, nothing written)."""
+
+    path: Path
+    rows: int  # data rows read, bad ones included
+    labelled: bool
+    label_counts: dict[int, int]  # label id → rows carrying it
+    bad_rows: list[DataError]  # rows the reader refuses (quoting, labels, empty captions, paths)
+    missing_images: list[DataError]
+    corrupt_images: list[DataError]
+    duplicate_ids: dict[str, int]  # ImageID → times it occurs (only those occurring twice or more)
+
+    @property
+    def problems(self) -> int:
+        return (len(self.bad_rows) + len(self.missing_images) + len(self.corrupt_images)
+                + len(self.duplicate_ids))
+
+
+def check(csv_path: str | Path, images: str | Path | None = None, *,
+          progress: bool = True) -> CheckReport:
+    """Validate a dataset without training: every row parsed, every image opened and decoded."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    if images is not None and not Path(images).is_dir():
+        raise MmtagError(f"{images}: images directory not found")
+    result = read_csv(csv_path, images_dir=images, skip_bad=True)
+    d = result.dataset
+    counts: Counter[int] = Counter(label for row in (d.labels or []) for label in set(row))
+    dup = {i: n for i, n in Counter(d.image_ids).items() if n > 1}
+    missing: list[DataError] = []
+    corrupt: list[DataError] = []
+    if images is not None:
+        order = []
+        for i in range(len(d)):
+            if d.image_path(i).is_file():
+                order.append(i)
+            else:
+                missing.append(DataError(d.path, f"image {str(d.image_path(i))!r} not found", **d.where(i)))
+
+        def decode(i: int) -> DataError | None:
+            try:
+                load_image(d.image_path(i), 64)  # a real decode; draft mode keeps it cheap
+                return None
+            except ValueError as exc:
+                return DataError(d.path, f"image {d.image_ids[i]!r}: {exc}", **d.where(i))
+
+        # Pillow releases the GIL while decoding, so threads use both cores.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(tqdm(pool.map(decode, order), total=len(order), desc="checking images",
+                                unit="img", disable=not progress))
+        corrupt = [e for e in results if e is not None]
+    return CheckReport(path=Path(csv_path), rows=len(d) + len(result.skipped), labelled=d.labelled,
+                       label_counts=dict(sorted(counts.items())), bad_rows=result.skipped,
+                       missing_images=missing, corrupt_images=corrupt, duplicate_ids=dup)
+
+
 def available_encoders() -> list[EncoderInfo]:
     """Encoders usable here and now (`mmtag encoders`)."""
     return list_encoders()

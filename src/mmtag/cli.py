@@ -177,6 +177,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import api
+    from .data import COCO_NAMES
+
+    r = api.check(args.csv, args.images, progress=_progress(args))
+    print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
+    if r.label_counts:
+        print("rows per label: " + ", ".join(f"{i} {COCO_NAMES.get(i, '')}".rstrip() + f" {n}"
+                                             for i, n in r.label_counts.items()))
+    for title, errors in (("bad rows", r.bad_rows), ("missing images", r.missing_images),
+                          ("corrupt images", r.corrupt_images)):
+        print(f"{title}: {len(errors)}")
+        for err in errors[:5]:
+            print(f"  {err}")
+        if len(errors) > 5:
+            print(f"  ... and {len(errors) - 5} more")
+    print(f"duplicate ImageIDs: {len(r.duplicate_ids)}"
+          + (f" (e.g. {', '.join(list(r.duplicate_ids)[:5])})" if r.duplicate_ids else ""))
+    if args.images is None:
+        print("images: not checked (give --images DIR)")
+    print("OK" if r.problems == 0 else f"{r.problems} problem(s) found")
+    return 0 if r.problems == 0 else 1
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from . import api
 
@@ -356,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, help="report on this labelled CSV instead of the validation split")
     p.add_argument("--images", type=Path)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check", help="validate a dataset without training (exit 1 on problems)")
+    p.add_argument("csv", type=Path)
+    p.add_argument("--images", type=Path, help="also check every image exists and decodes")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("info", help="what a run holds")
     p.add_argument("run", type=Path)
