@@ -5,6 +5,7 @@ Every input is generated under pytest's tmp_path; CSVs are written as bytes so l
 """
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -741,3 +742,66 @@ def test_dark_16bit_image_stays_dark(tmp_path: Path) -> None:
     path = tmp_path / "dark16.png"
     Image.fromarray(np.full((16, 16), 1000, dtype=np.uint16)).save(path)
     assert load_image(path, 8).max() < -0.9  # 1000/65535 of full scale, not stretched to white
+
+
+# ------------------------------------------------------------------ property-based fuzzing
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+
+_captions = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                    min_size=1, max_size=60).filter(lambda c: c.strip() != "")
+_rows = st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9_]{1,8}\.jpg", fullmatch=True),
+                           st.lists(st.integers(1, 19), min_size=1, max_size=4),
+                           _captions), min_size=0, max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=_rows, quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]),
+       newline=st.sampled_from(["\r\n", "\n"]), bom=st.booleans(), extra=st.booleans())
+def test_fuzz_written_csv_reads_back_exactly(tmp_path: Path, rows, quoting, newline, bom, extra) -> None:
+    """Whatever a CSV writer produces (any quoting, CRLF or LF, BOM, an extra column, unicode and
+    quotes/commas/CR/LF inside captions) reads back to exactly the rows written."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, quoting=quoting, lineterminator=newline)
+    w.writerow(["ImageID", "Labels", "Caption"] + (["Extra"] if extra else []))
+    for image_id, labels, caption in rows:
+        w.writerow([image_id, " ".join(map(str, labels)), caption] + (["x"] if extra else []))
+    path = tmp_path / "fuzz.csv"
+    path.write_bytes(("\ufeff" if bom else "").encode() + buf.getvalue().encode("utf-8"))
+    try:
+        d = read_csv(path).dataset
+    except DataError as err:
+        # The reader may refuse a caption only for a reason it names (e.g. blank after stripping).
+        assert err.row is not None and "caption" in str(err)
+        return
+    assert d.image_ids == [r[0] for r in rows]
+    assert [sorted(x) for x in d.labels] == [sorted(set(r[1])) for r in rows]  # repeats count once
+    assert d.captions == [r[2].strip() for r in rows]  # surrounding whitespace is trimmed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=400), header=st.sampled_from([b"ImageID,Labels,Caption\r\n", b"ImageID,Caption\n", b""]))
+def test_fuzz_arbitrary_bytes_parse_or_raise_data_error(tmp_path: Path, data: bytes, header: bytes) -> None:
+    """Random bytes after a header either parse or raise mmtag's DataError — never anything else —
+    and with skip_bad every refused row is reported with its row number."""
+    path = tmp_path / "junk.csv"
+    path.write_bytes(header + data)
+    for skip_bad in (False, True):
+        try:
+            result = read_csv(path, skip_bad=skip_bad)
+        except DataError:
+            continue
+        assert all(e.row is not None for e in result.skipped)
+
+
+@given(text=st.text(max_size=30))
+def test_fuzz_parse_labels_returns_ints_or_value_error(text: str) -> None:
+    try:
+        labels = parse_labels(text)
+    except ValueError:
+        return
+    assert all(isinstance(x, int) for x in labels)
