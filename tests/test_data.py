@@ -805,3 +805,50 @@ def test_fuzz_parse_labels_returns_ints_or_value_error(text: str) -> None:
     except ValueError:
         return
     assert all(isinstance(x, int) for x in labels)
+
+
+def _encoded(fmt: str) -> bytes:
+    import io
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    if fmt == "gif-animated":
+        frames = [Image.fromarray(rgb).convert("P"), Image.fromarray(255 - rgb).convert("P")]
+        frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    elif fmt == "png-rgba":
+        Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(buf, "PNG")
+    elif fmt == "png-16bit":
+        Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(buf, "PNG")
+    elif fmt == "jpeg-cmyk":
+        Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG")
+    else:
+        Image.fromarray(rgb).save(buf, fmt.upper())
+    return buf.getvalue()
+
+
+_FORMATS = ["jpeg", "png", "bmp", "tiff", "webp", "gif-animated", "png-rgba", "png-16bit", "jpeg-cmyk"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(_FORMATS), cut=st.floats(0.0, 1.0),
+       flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)), max_size=4),
+       ext=st.sampled_from([".jpg", ".png", ".gif", ".bin"]))
+def test_fuzz_damaged_images_decode_or_raise_value_error(tmp_path: Path, fmt: str, cut: float,
+                                                         flips: list, ext: str) -> None:
+    """Any format, truncated anywhere, with bytes flipped, under any extension: load_image gives
+    a finite (3, S, S) array in [-1, 1] or a ValueError saying why — nothing else."""
+    data = bytearray(_encoded(fmt))
+    data = data[: max(0, int(len(data) * cut))] if cut < 0.98 else data
+    for where, xor in flips:
+        if data:
+            data[int(where * (len(data) - 1))] ^= xor
+    path = tmp_path / f"img{ext}"
+    path.write_bytes(bytes(data))
+    try:
+        arr = load_image(path, 32)
+    except ValueError as exc:
+        assert str(exc)
+        return
+    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
+    assert np.isfinite(arr).all() and arr.min() >= -1.0 and arr.max() <= 1.0
