@@ -488,11 +488,9 @@ def _onnx_entry(source_name: str) -> EncoderEntry:
         return load_onnx_encoder(name, directory)
 
     def present() -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-            return True
-        except ImportError:
-            return False
+        import importlib.util
+
+        return importlib.util.find_spec("onnxruntime") is not None
 
     return EncoderEntry(name, source.modality, create, load, present,
                         f"ONNX Runtime export of {source_name}")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .augment import ImageAugment, TextAugment
 from .data import Dataset, load_image
-from .encoders import Encoder, ImageEncoder, TextEncoder
+from .encoders import ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .io import atomic_write_with
 
