@@ -757,7 +757,7 @@ _rows = st.lists(st.tuples(st.from_regex(r"[A-Za-z0-9_]{1,8}\.jpg", fullmatch=Tr
                            _captions), min_size=0, max_size=8)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=_rows, quoting=st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL, csv.QUOTE_NONNUMERIC]),
        newline=st.sampled_from(["\r\n", "\n"]), bom=st.booleans(), extra=st.booleans())
 def test_fuzz_written_csv_reads_back_exactly(tmp_path: Path, rows, quoting, newline, bom, extra) -> None:
@@ -775,15 +775,17 @@ def test_fuzz_written_csv_reads_back_exactly(tmp_path: Path, rows, quoting, newl
     try:
         d = read_csv(path).dataset
     except DataError as err:
-        # The reader may refuse a caption only for a reason it names (e.g. blank after stripping).
-        assert err.row is not None and "caption" in str(err)
+        # The one refusal allowed: a writer told to end lines with LF leaves a lone CR in a caption
+        # unquoted, which no reader can tell from an old-Mac line end. It must name the row.
+        assert err.row is not None
+        assert any("\r" in r[2] for r in rows) and quoting == csv.QUOTE_MINIMAL and newline == "\n"
         return
     assert d.image_ids == [r[0] for r in rows]
     assert [sorted(x) for x in d.labels] == [sorted(set(r[1])) for r in rows]  # repeats count once
     assert d.captions == [r[2].strip() for r in rows]  # surrounding whitespace is trimmed
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=400), header=st.sampled_from([b"ImageID,Labels,Caption\r\n", b"ImageID,Caption\n", b""]))
 def test_fuzz_arbitrary_bytes_parse_or_raise_data_error(tmp_path: Path, data: bytes, header: bytes) -> None:
     """Random bytes after a header either parse or raise mmtag's DataError — never anything else —
@@ -798,6 +800,7 @@ def test_fuzz_arbitrary_bytes_parse_or_raise_data_error(tmp_path: Path, data: by
         assert all(e.row is not None for e in result.skipped)
 
 
+@settings(derandomize=True)
 @given(text=st.text(max_size=30))
 def test_fuzz_parse_labels_returns_ints_or_value_error(text: str) -> None:
     try:
@@ -830,7 +833,7 @@ def _encoded(fmt: str) -> bytes:
 _FORMATS = ["jpeg", "png", "bmp", "tiff", "webp", "gif-animated", "png-rgba", "png-16bit", "jpeg-cmyk"]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fmt=st.sampled_from(_FORMATS), cut=st.floats(0.0, 1.0),
        flips=st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 255)), max_size=4),
        ext=st.sampled_from([".jpg", ".png", ".gif", ".bin"]))
@@ -852,3 +855,11 @@ def test_fuzz_damaged_images_decode_or_raise_value_error(tmp_path: Path, fmt: st
         return
     assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
     assert np.isfinite(arr).all() and arr.min() >= -1.0 and arr.max() <= 1.0
+
+
+def test_read_csv_malformed_header_is_a_data_error(tmp_path: Path) -> None:
+    # found by the fuzzer: a lone quote as the whole file escaped as csv.Error
+    path = tmp_path / "q.csv"
+    path.write_bytes(b'"')
+    with pytest.raises(DataError, match="line 1.*malformed header"):
+        read_csv(path)

@@ -174,7 +174,10 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
     if not physical:
         raise DataError(path, "file is empty (expected a header ImageID,Labels,Caption)")
 
-    header = next(csv.reader([physical[0]], strict=True), [])
+    try:
+        header = next(csv.reader([physical[0]], strict=True), [])
+    except csv.Error as exc:
+        raise DataError(path, f"malformed header ({exc})", line=1) from None
     header = [h.strip() for h in header]
     col = {name: i for i, name in enumerate(header)}
     missing = [c for c in ("ImageID", "Caption") if c not in col]
