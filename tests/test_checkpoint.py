@@ -140,3 +140,34 @@ def test_train_config_yaml_reproduces_the_run(tiny, tmp_path: Path, cache_dir: s
     a = json.loads((first / "metrics.json").read_text())
     b = json.loads((second / "metrics.json").read_text())
     assert a["validation"] == b["validation"] and a["history"] == b["history"]
+
+
+def test_sigkill_at_random_points_then_rerun_or_resume(tiny, tmp_path: Path) -> None:
+    """Three kill trials at seeded random moments, each with a cold feature cache, so kills land
+    in feature extraction as well as in training; every trial must end identical to the
+    uninterrupted run."""
+    opts = ["--images", tiny.images, "--epochs", "30", "--patience", "30", "--batch-size", "8",
+            "--hidden", "64", "--workers", "0"]
+    ref = tmp_path / "ref"
+    r = subprocess.run(_mmtag("train", tiny.train_csv, "--out", ref, *opts, cache=str(tmp_path / "c-ref")),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    want = json.loads((ref / "metrics.json").read_text())
+    rng = np.random.default_rng(7)
+    for trial, delay in enumerate(rng.uniform(3.0, 15.0, size=3)):
+        run, cache = tmp_path / f"run{trial}", str(tmp_path / f"c{trial}")
+        cmd = _mmtag("train", tiny.train_csv, "--out", run, *opts, cache=cache)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if not (run / "manifest.json").exists():
+            # killed before the config was written: start again; afterwards: resume
+            again = ([sys.executable, "-m", "mmtag", "-q", "train", "--resume", run]
+                     if (run / "config.yaml").exists() else cmd)
+            r = subprocess.run(again, capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, MMTAG_CACHE=cache))
+            assert r.returncode == 0, (trial, r.stderr)
+        got = json.loads((run / "metrics.json").read_text())
+        assert got["validation"] == want["validation"], trial
+        assert got["history"] == want["history"], trial
