@@ -685,9 +685,9 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
     if csv_path is not None:
         dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None,
                                   labelled=True)
-        preds = tagger.predict_proba_dataset(dataset, progress=progress)
-        d = preds.dataset
-        scores = tagger._scores(tagger.features(d, progress=False).features)
+        fs = tagger.features(dataset, progress=progress)
+        d = fs.dataset
+        scores = tagger._scores(fs.features)
         record = ValidationRecord(
             probs=scores.probs, branches=scores.branches,
             y_true=tagger.label_space.encode(d.labels),  # type: ignore[arg-type]
