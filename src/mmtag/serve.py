@@ -49,11 +49,12 @@ class _TooLarge(Exception):
     pass
 
 
-class _BodyLimit:
-    """ASGI middleware: refuses bodies over the limit by header or, when chunked, by counting."""
+class _Guard:
+    """ASGI middleware for every HTTP request: a body over the limit (by header, or counted when
+    chunked) gets 413; a request running past the time limit gets 504 instead of hanging."""
 
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app, self.limit, self.seconds = app, limits.max_bytes, limits.timeout_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -63,7 +64,7 @@ class _BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _send_json(send, 413, f"request body is {int(declared)} bytes; the limit is {self.limit}")
             return
-        seen = 0
+        seen, started = 0, False
 
         async def counted() -> dict:
             nonlocal seen
@@ -74,31 +75,15 @@ class _BodyLimit:
                     raise _TooLarge
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _send_json(send, 413, f"request body exceeds the limit of {self.limit} bytes")
-
-
-class _Timeout:
-    """ASGI middleware: a request that runs past the limit gets 504 instead of hanging."""
-
-    def __init__(self, app: Any, seconds: float) -> None:
-        self.app, self.seconds = app, seconds
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
         async def watched(message: dict) -> None:
             nonlocal started
             started = True
             await send(message)
 
         try:
-            await asyncio.wait_for(self.app(scope, receive, watched), self.seconds)
+            await asyncio.wait_for(self.app(scope, counted, watched), self.seconds)
+        except _TooLarge:
+            await _send_json(send, 413, f"request body exceeds the limit of {self.limit} bytes")
         except asyncio.TimeoutError:
             if not started:
                 await _send_json(send, 504, f"request took longer than {self.seconds:g} s")
@@ -226,8 +211,7 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
         caps = [check_caption(c, f"captions[{k}]") for k, c in enumerate(captions or [None] * n)]
         return {"predictions": await asyncio.to_thread(run_model, imgs, caps)}
 
-    app.add_middleware(_Timeout, seconds=limits.timeout_s)
-    app.add_middleware(_BodyLimit, limit=limits.max_bytes)
+    app.add_middleware(_Guard, limits=limits)
     return app
 
 
