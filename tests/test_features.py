@@ -96,3 +96,41 @@ def test_interrupted_extraction_resumes_where_it_stopped(tiny, tmp_path, encoder
     assert sum(counted) == len(data) - done  # only what was missing
     full = _extract(data, FeatureCache(tmp_path / "fresh"), encoders, kinds=("image",), batch_size=8)
     assert np.array_equal(resumed.features.image, full.features.image)
+
+
+@pytest.mark.parametrize("damage", ["flip-bit", "truncate", "no-checksum"])
+def test_corrupt_shard_is_detected_and_recomputed(tiny, tmp_path, encoders, monkeypatch, damage):
+    data, _ = read_dataset(tiny.holdout_csv, tiny.images, labelled=True)  # 40 items
+    monkeypatch.setattr(features_mod, "SHARD_ITEMS", 16)
+    first = _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
+    shards = sorted((tmp_path / "c").rglob("*.safetensors"))
+    assert len(shards) == 3
+    victim = shards[1]
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip-bit":
+        raw[-7] ^= 0x10  # inside the fp16 payload: the file still parses, only the checksum knows
+    elif damage == "truncate":
+        raw = raw[: len(raw) - 40]
+    else:  # a shard written without a checksum (older mmtag, or a foreign tool)
+        from safetensors import safe_open
+        from safetensors.numpy import save_file
+        with safe_open(str(victim), "np") as fh:
+            keys, arr = fh.metadata()["keys"], fh.get_tensor("x")
+        save_file({"x": arr}, str(victim), metadata={"keys": keys})
+        raw = bytearray(victim.read_bytes())
+    victim.write_bytes(bytes(raw))
+
+    counted: list[int] = []
+    real = features_mod.encode_images
+
+    def counting(enc, arrays):
+        counted.append(len(arrays))
+        return real(enc, arrays)
+
+    monkeypatch.setattr(features_mod, "encode_images", counting)
+    again = _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
+    assert sum(counted) == 16  # exactly the damaged shard's items, nothing else
+    assert np.array_equal(again.features.image, first.features.image)
+    counted.clear()
+    _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
+    assert counted == []  # the recomputed items were cached again, with a good checksum

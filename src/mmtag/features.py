@@ -3,15 +3,18 @@
 The cache is content-addressed: an image's key is the SHA-1 of its file bytes, a caption's the
 SHA-1 of its text. So a second `train`, an `evaluate` on a subset, or another CSV naming the same
 files reuses what was computed. Shards are written as extraction proceeds (atomically), so an
-interrupted extraction resumes where it stopped.
+interrupted extraction resumes where it stopped. Each shard carries the SHA-256 of its array;
+a shard whose bytes no longer match (a flipped bit, a file truncated behind mmtag's back) is
+deleted when read and its items are computed again.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +32,7 @@ log = logging.getLogger("mmtag")
 
 FEATURE_KINDS = ("image", "image_tokens", "text")
 SHARD_ITEMS = 512  # items per cache shard: the unit of work lost if extraction is killed
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,6 +77,14 @@ class FeatureSet:
     skipped: list[DataError] = field(default_factory=list)
 
 
+class CorruptShard(MmtagError):
+    """A cache shard failed its checksum; it has been removed and its items must be recomputed."""
+
+
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).data).hexdigest()
+
+
 class FeatureCache:
     """Shards of `<root>/<encoder_id>/<kind>/*.safetensors`, each holding keys + an fp16 array."""
 
@@ -113,8 +125,8 @@ class FeatureCache:
         name = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
         path = directory / f"{name}.safetensors"
         arr = np.ascontiguousarray(values.astype(np.float16))
-        atomic_write_with(path, lambda p: save_file({"x": arr}, str(p),
-                                                     metadata={"keys": "\n".join(keys)}))
+        meta = {"keys": "\n".join(keys), "sha256": _digest(arr)}
+        atomic_write_with(path, lambda p: save_file({"x": arr}, str(p), metadata=meta))
         idx = self.index(encoder_id, kind)
         for row, key in enumerate(keys):
             idx[key] = (path, row)
@@ -135,8 +147,7 @@ class FeatureCache:
                 shard, row = idx[key]
                 by_shard.setdefault(shard, []).append((i, row))
         for shard, pairs in by_shard.items():
-            with safe_open(str(shard), "np") as fh:
-                data = fh.get_tensor("x")
+            data = self._read_verified(encoder_id, kind, shard)
             if out is None:
                 out = np.empty((len(keys),) + data.shape[1:], dtype=np.float16)
             rows_out = np.array([p[0] for p in pairs])
@@ -145,6 +156,37 @@ class FeatureCache:
         if out is None:
             raise MmtagError("no features to gather (empty dataset)")
         return out
+
+
+    def _read_verified(self, encoder_id: str, kind: str, shard: Path) -> np.ndarray:
+        """The shard's array, or CorruptShard (after forgetting the shard) if it fails its checksum."""
+        try:
+            with safe_open(str(shard), "np") as fh:
+                expected = (fh.metadata() or {}).get("sha256")
+                data = fh.get_tensor("x")
+            ok = expected is not None and _digest(data) == expected
+        except Exception:  # torn after indexing, or deleted by another process
+            ok = False
+        if ok:
+            return data
+        log.warning("cache shard %s is corrupt or has no checksum; recomputing its items", shard)
+        shard.unlink(missing_ok=True)
+        idx = self.index(encoder_id, kind)
+        for key in [k for k, (s, _) in idx.items() if s == shard]:
+            del idx[key]
+        raise CorruptShard(f"cache shard {shard} failed its checksum")
+
+
+def _recomputing(compute: Callable[[], T]) -> T:
+    """Run an extraction; if a cache shard turns out corrupt, run it again (it recomputes the
+    items that shard held, since the shard has been forgotten)."""
+    for attempt in range(3):
+        try:
+            return compute()
+        except CorruptShard:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def caption_key(caption: str) -> str:
@@ -219,7 +261,11 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
     return FeatureSet(features=features, dataset=dataset, skipped=skipped)
 
 
-def _extract_images(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, cache: FeatureCache,
+def _extract_images(*args, **kwargs) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
+    return _recomputing(lambda: _extract_images_once(*args, **kwargs))
+
+
+def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, cache: FeatureCache,
                     *, skip_bad: bool, workers: int, batch_size: int, progress: bool,
                     view: tuple[ImageAugment, str] | None = None) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
     paths = [dataset.image_path(i) for i in range(len(dataset))]
@@ -348,6 +394,12 @@ def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:
 
 def _extract_text(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
                   progress: bool, batch_size: int = 128) -> np.ndarray:
+    return _recomputing(lambda: _extract_text_once(captions, encoder, cache, progress=progress,
+                                                   batch_size=batch_size))
+
+
+def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
+                       progress: bool, batch_size: int) -> np.ndarray:
     keys = [caption_key(c) for c in captions]
     index = cache.index(encoder.encoder_id, "text")
     todo: dict[str, str] = {}
