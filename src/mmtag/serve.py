@@ -212,7 +212,33 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
         return {"predictions": await asyncio.to_thread(run_model, imgs, caps)}
 
     app.add_middleware(_Guard, limits=limits)
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = schema_of()
+        for name, body in schema.get("components", {}).get("schemas", {}).items():
+            if name.startswith("Body_"):
+                _plain_form_fields(body)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def _plain_form_fields(body: dict[str, Any]) -> None:
+    """Describe optional multipart fields as "absent or this", not "this or null".
+
+    A form field cannot carry null, and FastAPI's `anyOf [..., null]` hides from client
+    generators and schema fuzzers that `image` is a file upload (`format: binary`).
+    """
+    for prop in body.get("properties", {}).values():
+        options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1 and len(prop["anyOf"]) == 2:
+            del prop["anyOf"]
+            prop.update(options[0])
+        for node in (prop, prop.get("items", {})):
+            if node.get("contentMediaType") == "application/octet-stream":
+                node.setdefault("format", "binary")
 
 
 class _Bad(Exception):
