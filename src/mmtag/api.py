@@ -20,6 +20,7 @@ from PIL import Image
 
 from . import bundle as bundle_io
 from .bundle import ValidationRecord
+from . import dist
 from .checkpoint import RunLog
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
@@ -113,15 +114,21 @@ class Tagger:
                     else self.config.model.text_encoder)
             self.encoders[modality] = create_encoder(name, modality,
                                                      random_init=self.config.model.random_init)
-        return self.encoders[modality]
+        enc = self.encoders[modality]
+        device = dist.context().device
+        if any(True for _ in enc.parameters()) and next(enc.parameters()).device != device:
+            enc.to(device)  # --device: features are computed where the encoder lives
+        return enc
 
     def _check_fitted(self) -> None:
         if self.head is None or self.label_space is None or self.thresholds is None:
             raise MmtagError("this Tagger is not trained: call fit() or Tagger.load(run)")
 
     # ------------------------------------------------------------------ features
-    def features(self, dataset: Dataset, *, skip_bad: bool = False, progress: bool = True) -> FeatureSet:
-        """Cached features of the kinds this tagger needs; bad rows raise or (skip_bad) drop."""
+    def features(self, dataset: Dataset, *, skip_bad: bool = False, progress: bool = True,
+                 distribute: bool = True) -> FeatureSet:
+        """Cached features of the kinds this tagger needs; bad rows raise or (skip_bad) drop.
+        Under torchrun the ranks share the computing (see `features.extract`)."""
         skipped: list[DataError] = []
         if "image" in self.modalities:
             dataset, skipped = check_images_exist(dataset, skip_bad=skip_bad)
@@ -129,7 +136,7 @@ class Tagger:
         text_enc = self._encoder("text") if "text" in self.modalities else None
         fs = extract(dataset, self.needs, image_encoder=image_enc,  # type: ignore[arg-type]
                      text_encoder=text_enc, cache=self.cache, skip_bad=skip_bad,  # type: ignore[arg-type]
-                     workers=self.config.data.workers, progress=progress)
+                     workers=self.config.data.workers, progress=progress, distribute=distribute)
         fs.skipped = skipped + fs.skipped
         return fs
 
@@ -388,13 +395,31 @@ class Tagger:
                       union=self.head.decision == "union")
 
     def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
-        """Scores and decisions for every row (a bad row raises: predictions cover all rows)."""
+        """Scores and decisions for every row (a bad row raises: predictions cover all rows).
+
+        Under torchrun each rank scores its contiguous shard of the rows and every rank gets
+        all rows back, in input order, each exactly once.
+        """
         self._check_fitted()
-        fs = self.features(dataset, skip_bad=False, progress=progress)
-        scores = self._scores(fs.features)
-        probs = scores.probs
-        mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
-        return DatasetPredictions(dataset=fs.dataset, probs=probs, mask=mask,
+        ctx = dist.context()
+        part = dataset.subset(ctx.shard(len(dataset))) if ctx.distributed else dataset
+        error: BaseException | None = None
+        try:
+            fs = self.features(part, skip_bad=False, progress=progress, distribute=False)
+            scores = self._scores(fs.features)
+            mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
+        except MmtagError as exc:
+            if not ctx.distributed:
+                raise
+            error = exc
+        if ctx.distributed:
+            dist.raise_if_any_failed(error)
+            shards = dist.all_gather((scores.probs, mask))
+            probs = np.concatenate([p for p, _ in shards])
+            mask = np.concatenate([m for _, m in shards])
+        else:
+            probs, dataset = scores.probs, fs.dataset
+        return DatasetPredictions(dataset=dataset, probs=probs, mask=mask,
                                   labels=self.label_space.decode(mask))  # type: ignore[union-attr]
 
     def predict_proba(self, images: list[Any] | None = None,
@@ -568,13 +593,15 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
     if "image" in tagger.modalities and images is None:
         raise MmtagError("--images DIR is required when the image modality is used")
     image_dir = images if "image" in tagger.modalities else None
-    if not resume:
-        # A fresh run must not continue someone else's checkpoints left in the directory.
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.csv").unlink(missing_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    config.save_yaml(out / "config.yaml")
-    tagger.run_log = RunLog(out, tensorboard=tensorboard)
+    writer = dist.context().is_main  # under torchrun, rank 0 alone writes the run directory
+    if writer:
+        if not resume:
+            # A fresh run must not continue someone else's checkpoints left in the directory.
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            (out / "metrics.csv").unlink(missing_ok=True)
+        (out / "manifest.json").unlink(missing_ok=True)
+        config.save_yaml(out / "config.yaml")
+        tagger.run_log = RunLog(out, tensorboard=tensorboard)
     dataset, skipped = read_dataset(train_csv, image_dir, labelled=True, skip_bad=config.data.skip_bad)
     unlabeled = None
     if config.data.unlabeled:
@@ -588,10 +615,13 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
         skipped += extra_skipped
     fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
     fit.skipped = skipped + fit.skipped
-    manifest = tagger.save(out)
-    tagger.run_log.close()
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the run is complete: nothing to resume
-    report(out, progress=False)
+    manifest: dict[str, Any] = {}
+    if writer:
+        manifest = tagger.save(out)
+        tagger.run_log.close()  # type: ignore[union-attr]
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # complete: nothing to resume
+        report(out, progress=False)
+    dist.barrier()  # no rank reports success before the bundle exists
     return tagger, fit, manifest
 
 
@@ -621,7 +651,9 @@ def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, ou
     tagger = Tagger.load(run, cache_dir=cache_dir)
     dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=False)
     preds = tagger.predict_proba_dataset(dataset, progress=progress)
-    write_submission(out, preds.dataset.image_ids, preds.labels)
+    if dist.context().is_main:
+        write_submission(out, preds.dataset.image_ids, preds.labels)
+    dist.barrier()
     return preds
 
 

@@ -6,8 +6,11 @@ mmtag` works unchanged.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +22,9 @@ log = logging.getLogger("mmtag")
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not args.quiet and sys.stderr.isatty()
+    from . import dist
+
+    return not args.quiet and sys.stderr.isatty() and dist.context().is_main
 
 
 def _report_skipped(skipped: list[DataError]) -> None:
@@ -33,7 +38,7 @@ def _report_skipped(skipped: list[DataError]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import api
+    from . import api, dist
     from .config import Config
     from .presets import load_preset
 
@@ -66,18 +71,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         "finetune.unfreeze_blocks": args.unfreeze_blocks, "finetune.epochs": args.ft_epochs,
         "finetune.lr": args.ft_lr, "finetune.head_lr": args.ft_head_lr,
         "finetune.batch_size": args.ft_batch_size, "finetune.optimizer": args.ft_optimizer,
-        "cache_dir": args.cache_dir,
+        "cache_dir": args.cache_dir, "device": args.device, "amp": args.amp,
         "data.train_csv": str(args.train_csv) if args.train_csv else None,
         "data.images": str(args.images) if args.images else None,
     })
-    out = args.out or Path("runs") / time.strftime("mmtag-%Y%m%d-%H%M%S")
-    print(f"run directory: {out}")
+    ctx = dist.setup(config.device, config.amp)
+    # One directory for all ranks: rank 0's clock names it.
+    out = args.out or dist.broadcast(Path("runs") / time.strftime("mmtag-%Y%m%d-%H%M%S"))
+    print(f"run directory: {out}" + (f" ({ctx.world} processes)" if ctx.distributed else ""))
     _, report, manifest = api.train(args.train_csv, args.images, out, config,
                                     progress=_progress(args), tensorboard=args.tensorboard)
     return _print_trained(out, report, manifest)
 
 
 def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
+    if not manifest:  # a rank other than 0 under torchrun: it wrote nothing to describe
+        return 0
     _report_skipped(report.skipped)
     m = report.val_metrics
     print(f"report: {Path(out) / 'report.html'}")
@@ -126,12 +135,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import api
+    from . import api, dist
     from .io import atomic_write_text
 
     metrics = api.evaluate(args.run, args.csv, args.images, progress=_progress(args),
                            cache_dir=args.cache_dir)
     print(metrics.table())
+    if not dist.context().is_main:
+        return 0  # under torchrun, rank 0 writes the files
     if args.json:
         atomic_write_text(args.json, json.dumps(metrics.to_dict(), indent=2) + "\n")
         print(f"metrics written to {args.json}")
@@ -266,6 +277,17 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
 
 
+def _add_device_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--device", default=default,
+                   help="auto (default: CUDA if available), cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", default=None,
+                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPU")
+
+
+# Commands that run as ranks under torchrun; the others refuse a process group.
+DISTRIBUTED = ("train", "evaluate", "predict")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -320,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-batch-size", type=int, help="fine-tuning batch size (32)")
     p.add_argument("--ft-optimizer", help="fine-tuning optimizer: adam or adamw (default)")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    _add_device_options(p, default=None)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("ablate", help="train every fusion variant on one split and tabulate")
@@ -347,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the metrics as JSON")
     p.add_argument("--report", type=Path, help="also write an HTML report of this CSV")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    _add_device_options(p, default="auto")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
@@ -355,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    _add_device_options(p, default="auto")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="copy a run with its encoders exported for ONNX Runtime")
@@ -404,11 +429,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
+    from . import dist
+
     try:
-        return int(args.func(args))
+        if args.command in DISTRIBUTED:
+            # train sets up again once its config (which may name a device) is resolved
+            dist.setup(args.device or "auto", bool(args.amp))
+        elif args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise MmtagError(f"'mmtag {args.command}' does not run under torchrun; "
+                             f"only {', '.join(DISTRIBUTED)} do")
+        # Under torchrun only rank 0 speaks; the others' results are the same.
+        quiet = contextlib.nullcontext() if dist.context().is_main else contextlib.redirect_stdout(io.StringIO())
+        with quiet:
+            return int(args.func(args))
     except MmtagError as exc:
-        print(f"mmtag: error: {exc}", file=sys.stderr)
+        rank = dist.context()
+        where = f" (rank {rank.rank})" if rank.distributed else ""
+        print(f"mmtag: error{where}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mmtag: interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.teardown()

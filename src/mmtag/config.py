@@ -119,6 +119,8 @@ class Config:
     # Empty: $MMTAG_CACHE or ~/.cache/mmtag, looked up when used, so a bundle carried to another
     # machine or user does not point at the trainer's cache.
     cache_dir: str = ""
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, "cuda" = this rank's GPU)
+    amp: bool = False  # mixed precision (fp16 autocast + grad scaling) on CUDA
     preset: str = ""  # the preset this config started from, if any
     substitutions: list[str] = field(default_factory=list)  # "wanted -> used" backbone swaps
 

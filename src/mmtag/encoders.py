@@ -49,9 +49,9 @@ class Encoder(nn.Module):
                 t = state[key]
                 if t.is_floating_point():
                     t.copy_(t.half().float())
-                    h.update(key.encode() + t.half().numpy().tobytes())
+                    h.update(key.encode() + t.half().cpu().numpy().tobytes())
                 else:
-                    h.update(key.encode() + t.numpy().tobytes())
+                    h.update(key.encode() + t.cpu().numpy().tobytes())
         self._weights_hash = h.hexdigest()
         self.eval()
         for p in self.parameters():

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from . import dist
 from .augment import ImageAugment, TextAugment
 from .data import Dataset, load_image
 from .encoders import ImageEncoder, TextEncoder
@@ -115,6 +116,10 @@ class FeatureCache:
                         found[key] = (shard, row)
         self._index[cache_key] = found
         return found
+
+    def forget_index(self) -> None:
+        """Drop the in-memory index, so the next lookup sees shards other processes wrote."""
+        self._index.clear()
 
     def put(self, encoder_id: str, kind: str, keys: list[str], values: np.ndarray) -> None:
         """Store one shard; the in-memory index learns it too."""
@@ -230,12 +235,30 @@ def _collate(batch: list[tuple[int, np.ndarray | None, str]]) -> list[tuple[int,
 
 def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncoder | None,
             text_encoder: TextEncoder | None, cache: FeatureCache, skip_bad: bool = False,
-            workers: int = 2, batch_size: int = 32, progress: bool = True) -> FeatureSet:
+            workers: int = 2, batch_size: int = 32, progress: bool = True,
+            distribute: bool = True) -> FeatureSet:
     """Features of `kinds` for every row of `dataset`, computing only what the cache lacks.
 
     A row whose image cannot be decoded raises DataError (after everything computed so far has
     been cached), or with `skip_bad` is dropped and reported in `FeatureSet.skipped`.
+
+    Under torchrun (and `distribute`), each rank first computes its shard of the rows into the
+    cache; then every rank reads all rows from it. With the cache on storage all ranks share,
+    every item is computed once; on a cache private to a machine, a rank computes what it
+    cannot find (slower, same result).
     """
+    ctx = dist.context()
+    if distribute and ctx.distributed and cache.root is not None:
+        error: BaseException | None = None
+        try:
+            extract(dataset.subset(ctx.shard(len(dataset))), kinds, image_encoder=image_encoder,
+                    text_encoder=text_encoder, cache=cache, skip_bad=skip_bad, workers=workers,
+                    batch_size=batch_size, progress=progress, distribute=False)
+        except MmtagError as exc:
+            error = exc
+        dist.raise_if_any_failed(error)
+        cache.forget_index()
+        progress = False  # what is left is reading the cache
     kinds = set(kinds)
     unknown = kinds - set(FEATURE_KINDS)
     if unknown:
@@ -376,20 +399,29 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
     return out
 
 
+def _device_of(encoder: torch.nn.Module) -> torch.device:
+    param = next(encoder.parameters(), None)  # ONNX Runtime encoders have none: CPU
+    return param.device if param is not None else torch.device("cpu")
+
+
 def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """One batch of decoded images (see `data.load_image`) → {"image", "image_tokens"} arrays."""
-    x = torch.from_numpy(np.stack(arrays))
+    """One batch of decoded images (see `data.load_image`) → {"image", "image_tokens"} arrays,
+    computed on the encoder's device (autocast under `--amp` on CUDA)."""
+    device = _device_of(encoder)
+    x = torch.from_numpy(np.stack(arrays)).to(device)
     if encoder.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), dist.context().autocast():
         pooled, tokens = encoder(x)
-    return {"image": pooled.numpy(), "image_tokens": tokens.numpy()}
+    return {"image": pooled.float().cpu().numpy(), "image_tokens": tokens.float().cpu().numpy()}
 
 
 def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:
-    """One batch of captions → (B, D) float32 vectors."""
-    with torch.inference_mode():
-        return encoder(**encoder.tokenize(captions)).numpy()
+    """One batch of captions → (B, D) float32 vectors (on the encoder's device)."""
+    device = _device_of(encoder)
+    inputs = {k: v.to(device) for k, v in encoder.tokenize(captions).items()}
+    with torch.inference_mode(), dist.context().autocast():
+        return encoder(**inputs).float().cpu().numpy()
 
 
 def _extract_text(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,

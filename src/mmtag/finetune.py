@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .augment import ImageAugment, TextAugment
 from .config import FinetuneConfig
 from .data import load_image
@@ -63,19 +64,23 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     enc = copy.deepcopy(encoder)
     for p in enc.parameters():
         p.requires_grad_(True)
+    device = dist.context().device
+    net = dist.wrap(enc.to(device))
 
     def set_train() -> None:
         enc.train()
 
     rng = np.random.default_rng(seed + 1)  # augmentation stream, separate from shuffling
 
-    def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
+    def tokens(batch: list[str]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in enc.tokenize(batch).items()}
+
+    def train_batches(batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for idx in batches:
             batch = [captions[i] for i in idx]
             if augment is not None:
                 batch = [augment(c, rng) for c in batch]
-            yield idx, enc(**enc.tokenize(batch))
+            yield idx, net(**tokens(batch))
 
     def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         # Length-sorted batches waste less compute on padding; results go back by index.
@@ -83,7 +88,7 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
         size = max(2 * cfg.batch_size, 64)
         for start in range(0, len(order), size):
             idx = order[start:start + size]
-            yield idx, enc(**enc.tokenize([val_captions[i] for i in idx]))
+            yield idx, enc(**tokens([val_captions[i] for i in idx]))
 
     return _train(enc, list(enc.parameters()), set_train, train_batches, val_batches,
                   len(captions), y, y_val, cfg, loss=loss, seed=seed, progress=progress,
@@ -111,6 +116,8 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
     params = [p for m in trainable for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
+    device = dist.context().device
+    net = dist.wrap(enc.to(device))
     size = int(enc.image_size)
     rng = torch.Generator().manual_seed(seed + 1)  # augmentation seeds, separate from shuffling
 
@@ -119,30 +126,35 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
         for m in trainable:
             m.train()
 
-    def loader(paths: list[Path], items: list[tuple[int, int | None]], batch_size: int) -> Iterable:
+    def loader(paths: list[Path], batches: list[list[tuple[int, int | None]]]) -> Iterable:
         return torch.utils.data.DataLoader(
-            _ImageItems(paths, size, augment), batch_size=batch_size, sampler=items, num_workers=workers,
+            _ImageItems(paths, size, augment), batch_sampler=batches, num_workers=workers,
             collate_fn=_collate_images, persistent_workers=False)
 
-    def forward(batch: tuple[np.ndarray, torch.Tensor | None, list[str]],
+    def forward(model: nn.Module, batch: tuple[np.ndarray, torch.Tensor | None, list[str]],
                 paths: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
         idx, x, errors = batch
         if errors:
             i, msg = errors[0]
             raise DataError(paths[i], msg)
         assert x is not None
-        return idx, enc(x.contiguous(memory_format=torch.channels_last))[0]
+        return idx, model(x.to(device).contiguous(memory_format=torch.channels_last))[0]
 
-    def train_batches(order: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        seeds = torch.randint(0, 2**62, (len(order),), generator=rng).tolist()
-        items = [(int(i), int(s) if augment is not None else None) for i, s in zip(order, seeds)]
-        for batch in loader(images, items, cfg.batch_size):
-            yield forward(batch, images)
+    def train_batches(batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        # One augmentation seed per row drawn, in batch order, whichever worker decodes it.
+        n_rows = sum(len(b) for b in batches)
+        seeds = iter(torch.randint(0, 2**62, (n_rows,), generator=rng).tolist())
+        items = [[(int(i), int(next(seeds)) if augment is not None else None) for i in b]
+                 for b in batches]
+        for batch in loader(images, items):
+            yield forward(net, batch, images)
 
     def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        items = [(i, None) for i in range(len(val_images))]
-        for batch in loader(val_images, items, max(2 * cfg.batch_size, 64)):
-            yield forward(batch, val_images)
+        size = max(2 * cfg.batch_size, 64)
+        items = [[(i, None) for i in range(s, min(s + size, len(val_images)))]
+                 for s in range(0, len(val_images), size)]
+        for batch in loader(val_images, items):
+            yield forward(enc, batch, val_images)
 
     return _train(enc, params, set_train, train_batches, val_batches, len(images), y, y_val, cfg,
                   loss=loss, seed=seed, progress=progress, source=encoder)
@@ -202,8 +214,11 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
            n: int, y: np.ndarray, y_val: np.ndarray, cfg: FinetuneConfig, *,
            loss: nn.Module | None, seed: int, progress: bool, source: Encoder) -> FinetuneResult:
     """The loop shared by both modalities: train, validate each epoch, keep the best weights."""
-    criterion = loss if loss is not None else nn.BCEWithLogitsLoss()
-    head = nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(enc.dim, y.shape[1]))
+    ctx = dist.context()
+    criterion = (loss if loss is not None else nn.BCEWithLogitsLoss()).to(ctx.device)
+    head = nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(enc.dim, y.shape[1])).to(ctx.device)
+    head_net = dist.wrap(head)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
     groups = [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -223,27 +238,40 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
         set_train()
         head.train()
         order = torch.randperm(n, generator=generator).numpy()
+        # Under torchrun each rank takes its strided share of every global batch; a tail with
+        # fewer rows than ranks is dropped (never in a single process).
+        global_batches = [order[k:k + cfg.batch_size] for k in range(0, n, cfg.batch_size)]
+        global_batches = [b for b in global_batches if len(b) >= ctx.world]
+        sizes = iter([len(b) for b in global_batches])
         total = 0.0
         bar = tqdm(total=n, desc=f"finetune {enc.name} {epoch}/{cfg.epochs}", unit="row",
                    disable=not progress)
         try:
-            for idx, pooled in train_batches(order):
-                batch_loss = criterion(head(pooled), yt[torch.from_numpy(np.asarray(idx))])
+            for idx, pooled in train_batches([dist.local_batch(b) for b in global_batches]):
+                with ctx.autocast():
+                    logits = head_net(pooled)
+                target = yt[torch.from_numpy(np.asarray(idx))].to(ctx.device)
+                batch_loss = criterion(logits.float(), target)
+                scale = dist.loss_scale(len(idx), next(sizes)) if ctx.distributed else 1.0
                 optimizer.zero_grad(set_to_none=True)
-                batch_loss.backward()
+                scaler.scale(batch_loss * scale if ctx.distributed else batch_loss).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 total += float(batch_loss.detach()) * len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{float(batch_loss.detach()):.4f}")
         finally:
             bar.close()
-        train_loss = total / n
+        total, seen = map(sum, zip(*dist.all_gather((total, sum(len(b) for b in global_batches)
+                                                     if ctx.is_main else 0))))
+        train_loss = total / max(1, seen)
 
         val_logits = _predict(enc, head, val_batches, len(y_val), y.shape[1])
         with torch.no_grad():
-            val_loss = float(criterion(val_logits, yv))
+            val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
         probs = torch.sigmoid(val_logits).numpy()
         thr = tune_global(probs, y_val)
         f1 = samples_f1(y_val, decide(probs, thr))
@@ -260,6 +288,7 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
             best_key, best_state, result.best_epoch = key, _clone_state(enc), epoch
 
     enc.load_state_dict(best_state)
+    enc.cpu()  # the bundle and the hash are made from CPU weights; Tagger moves it back
     enc.finalize()
     enc.source = {**source.source, "finetuned_from": source.weights_sha256}
     return result
@@ -275,9 +304,9 @@ def _predict(enc: Encoder, head: nn.Module,
     enc.eval()
     head.eval()
     out = torch.empty(n, c)
-    with torch.inference_mode():
+    with torch.inference_mode(), dist.context().autocast():
         for idx, pooled in val_batches():
-            out[torch.from_numpy(np.asarray(idx))] = head(pooled).float()
+            out[torch.from_numpy(np.asarray(idx))] = head(pooled).float().cpu()
     return out.clone()  # a normal tensor, usable outside inference mode
 
 

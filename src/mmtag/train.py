@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .checkpoint import RunLog, StageState
 from .config import TrainConfig
 from .errors import MmtagError
@@ -60,19 +61,28 @@ def batch_of(features: Features, needs: tuple[str, ...], index: np.ndarray | sli
     return out
 
 
+def to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:
+    if device.type == "cpu":
+        return batch
+    return FeatureBatch(*(None if t is None else t.to(device, non_blocking=True)
+                          for t in (batch.image, batch.image_tokens, batch.text)))
+
+
 def predict_outputs(head: Head, features: Features,
                     batch_size: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Head logits and each branch's logits for every row, in order."""
+    """Head logits and each branch's logits for every row, in order (on the head's device)."""
     head.eval()
+    device = next(head.parameters()).device
     n = len(features)
     logits: list[np.ndarray] = []
     branches: dict[str, list[np.ndarray]] = {}
     with torch.inference_mode():
         for start in range(0, n, batch_size):
-            out = head(batch_of(features, head.needs, slice(start, min(start + batch_size, n))))
-            logits.append(out.logits.float().numpy())
+            batch = batch_of(features, head.needs, slice(start, min(start + batch_size, n)))
+            out = head(to_device(batch, device))
+            logits.append(out.logits.float().cpu().numpy())
             for name, value in out.branches.items():
-                branches.setdefault(name, []).append(value.float().numpy())
+                branches.setdefault(name, []).append(value.float().cpu().numpy())
     return np.concatenate(logits), {k: np.concatenate(v) for k, v in branches.items()}
 
 
@@ -81,11 +91,11 @@ def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np
     return predict_outputs(head, features, batch_size)[0]
 
 
-def _loss(head: Head, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
+def _loss(head: nn.Module, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
     out = head(batch)
-    loss = criterion(out.logits, y)
+    loss = criterion(out.logits.float(), y)
     for branch in out.branches.values():
-        loss = loss + criterion(branch, y)
+        loss = loss + criterion(branch.float(), y)
     return loss
 
 
@@ -149,12 +159,23 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     its plain features or one of its views, uniformly. With `run_log`, every epoch is logged and
     checkpointed under `stage` (head, optimizer, RNG states), and a checkpoint left by an
     interrupted run is continued from: the result equals that of an uninterrupted run.
+
+    Under torchrun every rank calls this with the same data: each global batch of
+    `cfg.batch_size` rows is split across ranks, DDP averages the gradients (weighted so the
+    step equals the single-process one), and only the caller's rank 0 should pass `run_log`.
+    The head trains on the context's device (`--device`), with autocast under `--amp`, and is
+    returned on the CPU.
     """
+    ctx = dist.context()
     seed_everything(cfg.seed)
     # Re-seed after construction too: the head was built outside, and the shuffling and dropout
     # streams must not depend on what else consumed random numbers before this call.
     generator = torch.Generator().manual_seed(cfg.seed)
     criterion = criterion if criterion is not None else nn.BCEWithLogitsLoss()
+    head.to(ctx.device)
+    criterion.to(ctx.device)
+    model = dist.wrap(head)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
     optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
     factors = repeat_factors(y_train) if cfg.oversample else None
     yt = torch.from_numpy(y_train.astype(np.float32))
@@ -163,7 +184,7 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     result = FitResult(head=head)
     best_f1, best_state, stale = -1.0, copy.deepcopy(head.state_dict()), 0
     start = 1
-    saved = run_log.load(stage) if run_log is not None else None
+    saved = dist.broadcast(run_log.load(stage) if run_log is not None else None)
     if saved is not None:
         head.load_state_dict(saved.model)
         optimizer.load_state_dict(saved.optimizer)
@@ -184,18 +205,24 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
                   if views else None)
         total = 0.0
         for start in range(0, len(perm), cfg.batch_size):
-            idx = np.sort(perm[start:start + cfg.batch_size])
+            global_idx = np.sort(perm[start:start + cfg.batch_size])
+            if len(global_idx) < ctx.world:
+                continue  # a tail too short to give every rank a row (only when distributed)
+            idx = dist.local_batch(global_idx)
             batch = (batch_of(train, head.needs, idx) if choice is None
                      else views_batch([train, *views], choice, head.needs, idx))  # type: ignore[list-item]
-            loss = _loss(head, batch, yt[idx], criterion)
+            with ctx.autocast():
+                loss = _loss(model, to_device(batch, ctx.device), yt[idx].to(ctx.device), criterion)
+            scaled = loss * dist.loss_scale(len(idx), len(global_idx)) if ctx.distributed else loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(scaled).backward()
+            scaler.step(optimizer)
+            scaler.update()
             total += float(loss.detach()) * len(idx)
-        total_n = len(perm)
+        total, total_n = map(sum, zip(*dist.all_gather((total, len(perm) if ctx.is_main else 0))))
         val_logits = torch.from_numpy(predict_logits(head, val))
         with torch.no_grad():
-            val_loss = float(criterion(val_logits, yv))
+            val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
         probs = torch.sigmoid(val_logits).numpy()
         thr = tune_global(probs, y_val)
         f1 = samples_f1(y_val, decide(probs, thr))
@@ -207,6 +234,8 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
         else:
             stale += 1
             stop = stale >= cfg.patience
+        # Ranks compute the same validation numbers, but one decision keeps them in lockstep.
+        stop = dist.broadcast(stop)
         if run_log is not None:
             run_log.log_epoch(stage, asdict(result.history[-1]))
             run_log.save(stage, StageState(
@@ -220,5 +249,5 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
             break
     bar.close()
     head.load_state_dict(best_state)
-    head.eval()
+    head.cpu().eval()
     return result
