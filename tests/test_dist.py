@@ -166,3 +166,16 @@ def test_a_bad_image_on_one_rank_stops_both_with_its_message(data: SyntheticPath
     assert proc.returncode != 0
     assert last in proc.stderr and "another rank failed" in proc.stderr  # rank 0 names rank 1's row
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_torchrun_two_stage_finetuning_runs_under_ddp(data: SyntheticPaths, tmp_path: Path) -> None:
+    """Stage one (text encoder fine-tuning) under DDP, then the head: a loadable bundle whose
+    fine-tuned text encoder is a new one (its own weight hash)."""
+    (tmp_path / "cfg.yaml").write_text(
+        "model:\n  modalities: [text]\n  hidden: 32\ntrain:\n  epochs: 3\n"
+        "finetune:\n  modalities: [text]\n  epochs: 1\n  batch_size: 32\ndata:\n  workers: 0\n")
+    proc = _mmtag(["train", str(data.train_csv), "--config", "cfg.yaml", "--out", "ft",
+                   "--cache-dir", "c"], nproc=2, cwd=tmp_path)
+    assert proc.stdout.count("run saved to") == 1
+    manifest = json.loads((tmp_path / "ft" / "manifest.json").read_text())
+    assert "finetuned_from" in manifest["encoders"]["text"]["source"]
