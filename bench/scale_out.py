@@ -56,17 +56,21 @@ def launch(nproc: int, args: list[str]) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, action="append", required=True)
+    parser.add_argument("--run", type=Path, action="append")
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--worker", choices=["extract"], help=argparse.SUPPRESS)
+    # not --run: torchrun's own parser would take it for an abbreviation of its --run-path
+    parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "extract":
-        worker_extract(args.run[0], args.csv, args.images, args.cache)
+        worker_extract(args.bundle, args.csv, args.images, args.cache)
         return
+    if not args.run:
+        parser.error("give at least one --run RUN")
 
     data = args.shared / "coco-real"
     csv_path, images = data / "train.csv", data / "images"
@@ -79,7 +83,7 @@ def main() -> None:
         for nproc in (1, 2):
             cache = work / f"extract-{run.name}-{nproc}"
             shutil.rmtree(cache, ignore_errors=True)
-            _, out = launch(nproc, [__file__, "--worker", "extract", "--run", str(run), "--csv",
+            _, out = launch(nproc, [__file__, "--worker", "extract", "--bundle", str(run), "--csv",
                                     str(csv_path), "--images", str(images), "--cache", str(cache)])
             times[nproc] = json.loads(out.strip().splitlines()[-1])["seconds"]
         print(f"{'feature extraction, ' + run.name:<44}{times[1]:>11.1f}s{times[2]:>13.1f}s"
