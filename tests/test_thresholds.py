@@ -168,3 +168,71 @@ def test_tune_decisions_union_learns_per_branch_thresholds():
     assert (decide(scores, thr) == y.astype(bool)).all()
     # a single global threshold on the max scores cannot do this
     assert not (decide(scores.probs, tune_global(scores.probs, y)) == y.astype(bool)).all()
+
+
+# --- Fuzzing the decision logic (hypothesis, seeded): any scores, any thresholds.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+from mmtag.thresholds import Scores  # noqa: E402
+
+_unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
+
+
+@st.composite
+def _scores_and_thresholds(draw):
+    n, c = draw(st.integers(1, 12)), draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    probs = draw(arrays(dtype, (n, c), elements=_unit))
+    t = draw(st.one_of(_unit, arrays(np.float32, (c,), elements=_unit)))
+    return probs, t
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(_scores_and_thresholds())
+def test_fuzz_decide_thresholds_then_top1(case) -> None:
+    probs, t = case
+    before = probs.copy()
+    out = decide(probs, t)
+    passed = probs >= np.asarray(t, dtype=probs.dtype)
+    assert out.dtype == bool and out.shape == probs.shape
+    assert np.array_equal(probs, before)  # inputs are never modified
+    assert out.any(axis=1).all()  # every item gets a label
+    assert (out >= passed).all()  # everything above threshold is kept
+    for row in np.flatnonzero(~passed.any(axis=1)):  # and only empty rows get their top-1
+        assert out[row].sum() == 1 and probs[row, out[row]].max() == probs[row].max()
+    assert np.array_equal(out[passed.any(axis=1)], passed[passed.any(axis=1)])
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(_scores_and_thresholds(), _scores_and_thresholds())
+def test_fuzz_union_is_the_union_of_branch_sets(a, b) -> None:
+    (pi, ti), (pt, tt) = a, b
+    n, c = min(len(pi), len(pt)), min(pi.shape[1], pt.shape[1])
+    pi, pt = pi[:n, :c].astype(np.float32), pt[:n, :c].astype(np.float32)
+    ti, tt = (np.full(c, t, np.float32) if np.ndim(t) == 0 else np.asarray(t, np.float32)[:c]
+              for t in (ti, tt))
+    fused = (pi + pt) / 2
+    thr = Thresholds("global", np.full(c, 0.5, np.float32), branches={"image": ti, "text": tt})
+    out = decide(Scores(probs=fused, branches={"image": pi, "text": pt}, union=True), thr)
+    union = (pi >= ti) | (pt >= tt)
+    assert out.any(axis=1).all() and (out >= union).all()
+    assert np.array_equal(out[union.any(axis=1)], union[union.any(axis=1)])
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["global", "per-class", "balanced"]))
+def test_fuzz_tuning_gives_valid_thresholds(seed: int, mode: str) -> None:
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+    y = rng.random((n, c)) < rng.random(c)
+    y[np.arange(n), rng.integers(0, c, n)] = True  # every item has a label, as in the task
+    probs = np.clip(y * rng.random() + rng.normal(0, rng.random(), (n, c)), 0, 1).astype(np.float32)
+    t = tune(mode, probs, y.astype(float))
+    assert t.mode == mode and t.values.shape == (c,) and np.isfinite(t.values).all()
+    assert ((t.values >= GRID.min()) & (t.values <= GRID.max())).all()
+    f1 = samples_f1(y.astype(float), decide(probs, t))
+    assert 0.0 <= f1 <= 1.0
+    if mode == "per-class":  # coordinate ascent starts from the global optimum
+        assert f1 >= samples_f1(y.astype(float), decide(probs, tune("global", probs, y.astype(float)))) - 1e-9
