@@ -115,9 +115,8 @@ class Tagger:
             self.encoders[modality] = create_encoder(name, modality,
                                                      random_init=self.config.model.random_init)
         enc = self.encoders[modality]
-        device = dist.context().device
-        if any(True for _ in enc.parameters()) and next(enc.parameters()).device != device:
-            enc.to(device)  # --device: features are computed where the encoder lives
+        if dist.device_of(enc) != dist.context().device:
+            enc.to(dist.context().device)  # --device: features are computed where the encoder lives
         return enc
 
     def _check_fitted(self) -> None:
@@ -403,22 +402,14 @@ class Tagger:
         self._check_fitted()
         ctx = dist.context()
         part = dataset.subset(ctx.shard(len(dataset))) if ctx.distributed else dataset
-        error: BaseException | None = None
-        try:
-            fs = self.features(part, skip_bad=False, progress=progress, distribute=False)
-            scores = self._scores(fs.features)
-            mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
-        except MmtagError as exc:
-            if not ctx.distributed:
-                raise
-            error = exc
-        if ctx.distributed:
-            dist.raise_if_any_failed(error)
-            shards = dist.all_gather((scores.probs, mask))
-            probs = np.concatenate([p for p, _ in shards])
-            mask = np.concatenate([m for _, m in shards])
-        else:
-            probs, dataset = scores.probs, fs.dataset
+
+        def score() -> tuple[np.ndarray, np.ndarray]:
+            scores = self._scores(self.features(part, progress=progress, distribute=False).features)
+            return scores.probs, decide(scores, self.thresholds)  # type: ignore[arg-type]
+
+        shards = dist.all_gather(dist.checked(score))  # in rank order: the input order
+        probs = np.concatenate([p for p, _ in shards])
+        mask = np.concatenate([m for _, m in shards])
         return DatasetPredictions(dataset=dataset, probs=probs, mask=mask,
                                   labels=self.label_space.decode(mask))  # type: ignore[union-attr]
 

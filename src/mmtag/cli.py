@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in DISTRIBUTED:
             # train sets up again once its config (which may name a device) is resolved
             dist.setup(args.device or "auto", bool(args.amp))
-        elif args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MmtagError(f"'mmtag {args.command}' does not run under torchrun; "
                              f"only {', '.join(DISTRIBUTED)} do")
         # Under torchrun only rank 0 speaks; the others' results are the same.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -164,6 +165,29 @@ def raise_if_any_failed(error: BaseException | None) -> None:
     for item in errors:
         if item is not None:
             raise MmtagError(f"another rank failed: {item[0]}: {item[1]}")
+
+
+def checked(compute: Callable[[], T]) -> T:
+    """Collective: `compute()` on every rank; if it raised MmtagError on any rank, every rank
+    raises (see `raise_if_any_failed`). In a single process it is just `compute()`."""
+    try:
+        result = compute()
+    except MmtagError as exc:
+        raise_if_any_failed(exc)
+        raise
+    raise_if_any_failed(None)
+    return result
+
+
+def sum_over_ranks(*values: float) -> tuple[float, ...]:
+    """Each value summed over all ranks (the values themselves in a single process)."""
+    return tuple(sum(column) for column in zip(*all_gather(values)))
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's weights live (CPU for weightless ones, e.g. ONNX Runtime encoders)."""
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def wrap(module: nn.Module) -> nn.Module:

@@ -151,47 +151,54 @@ class FeatureCache:
             else:
                 shard, row = idx[key]
                 by_shard.setdefault(shard, []).append((i, row))
+        corrupt: list[Path] = []
         for shard, pairs in by_shard.items():
-            data = self._read_verified(encoder_id, kind, shard)
+            data = self._read_verified(shard)
+            if data is None:
+                corrupt.append(shard)
+                continue
             if out is None:
                 out = np.empty((len(keys),) + data.shape[1:], dtype=np.float16)
             rows_out = np.array([p[0] for p in pairs])
             rows_in = np.array([p[1] for p in pairs])
             out[rows_out] = data[rows_in]
+        if corrupt:
+            self._forget(encoder_id, kind, corrupt)
+            raise CorruptShard(f"{len(corrupt)} cache shard(s) failed their checksum, e.g. {corrupt[0]}")
         if out is None:
             raise MmtagError("no features to gather (empty dataset)")
         return out
 
 
-    def _read_verified(self, encoder_id: str, kind: str, shard: Path) -> np.ndarray:
-        """The shard's array, or CorruptShard (after forgetting the shard) if it fails its checksum."""
+    @staticmethod
+    def _read_verified(shard: Path) -> np.ndarray | None:
+        """The shard's array, or None if it is unreadable or fails its checksum."""
         try:
             with safe_open(str(shard), "np") as fh:
                 expected = (fh.metadata() or {}).get("sha256")
                 data = fh.get_tensor("x")
-            ok = expected is not None and _digest(data) == expected
         except Exception:  # torn after indexing, or deleted by another process
-            ok = False
-        if ok:
-            return data
-        log.warning("cache shard %s is corrupt or has no checksum; recomputing its items", shard)
-        shard.unlink(missing_ok=True)
+            return None
+        return data if expected is not None and _digest(data) == expected else None
+
+    def _forget(self, encoder_id: str, kind: str, shards: list[Path]) -> None:
+        """Delete bad shards and drop their keys from the index, so their items get recomputed."""
+        bad = set(shards)
+        for shard in bad:
+            log.warning("cache shard %s is corrupt or has no checksum; recomputing its items", shard)
+            shard.unlink(missing_ok=True)
         idx = self.index(encoder_id, kind)
-        for key in [k for k, (s, _) in idx.items() if s == shard]:
+        for key in [k for k, (s, _) in idx.items() if s in bad]:
             del idx[key]
-        raise CorruptShard(f"cache shard {shard} failed its checksum")
 
 
 def _recomputing(compute: Callable[[], T]) -> T:
-    """Run an extraction; if a cache shard turns out corrupt, run it again (it recomputes the
-    items that shard held, since the shard has been forgotten)."""
-    for attempt in range(3):
-        try:
-            return compute()
-        except CorruptShard:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+    """Run an extraction; if cache shards turned out corrupt (they are forgotten by then), run
+    it once more, which recomputes exactly their items."""
+    try:
+        return compute()
+    except CorruptShard:
+        return compute()
 
 
 def caption_key(caption: str) -> str:
@@ -249,14 +256,10 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
     """
     ctx = dist.context()
     if distribute and ctx.distributed and cache.root is not None:
-        error: BaseException | None = None
-        try:
-            extract(dataset.subset(ctx.shard(len(dataset))), kinds, image_encoder=image_encoder,
-                    text_encoder=text_encoder, cache=cache, skip_bad=skip_bad, workers=workers,
-                    batch_size=batch_size, progress=progress, distribute=False)
-        except MmtagError as exc:
-            error = exc
-        dist.raise_if_any_failed(error)
+        dist.checked(lambda: extract(
+            dataset.subset(ctx.shard(len(dataset))), kinds, image_encoder=image_encoder,
+            text_encoder=text_encoder, cache=cache, skip_bad=skip_bad, workers=workers,
+            batch_size=batch_size, progress=progress, distribute=False))
         cache.forget_index()
         progress = False  # what is left is reading the cache
     kinds = set(kinds)
@@ -399,15 +402,10 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
     return out
 
 
-def _device_of(encoder: torch.nn.Module) -> torch.device:
-    param = next(encoder.parameters(), None)  # ONNX Runtime encoders have none: CPU
-    return param.device if param is not None else torch.device("cpu")
-
-
 def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     """One batch of decoded images (see `data.load_image`) → {"image", "image_tokens"} arrays,
     computed on the encoder's device (autocast under `--amp` on CUDA)."""
-    device = _device_of(encoder)
+    device = dist.device_of(encoder)
     x = torch.from_numpy(np.stack(arrays)).to(device)
     if encoder.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -418,7 +416,7 @@ def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, 
 
 def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:
     """One batch of captions → (B, D) float32 vectors (on the encoder's device)."""
-    device = _device_of(encoder)
+    device = dist.device_of(encoder)
     inputs = {k: v.to(device) for k, v in encoder.tokenize(captions).items()}
     with torch.inference_mode(), dist.context().autocast():
         return encoder(**inputs).float().cpu().numpy()

@@ -243,7 +243,7 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
         global_batches = [order[k:k + cfg.batch_size] for k in range(0, n, cfg.batch_size)]
         global_batches = [b for b in global_batches if len(b) >= ctx.world]
         sizes = iter([len(b) for b in global_batches])
-        total = 0.0
+        total, seen = 0.0, 0
         bar = tqdm(total=n, desc=f"finetune {enc.name} {epoch}/{cfg.epochs}", unit="row",
                    disable=not progress)
         try:
@@ -252,21 +252,20 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
                     logits = head_net(pooled)
                 target = yt[torch.from_numpy(np.asarray(idx))].to(ctx.device)
                 batch_loss = criterion(logits.float(), target)
-                scale = dist.loss_scale(len(idx), next(sizes)) if ctx.distributed else 1.0
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(batch_loss * scale if ctx.distributed else batch_loss).backward()
+                scaler.scale(batch_loss * dist.loss_scale(len(idx), next(sizes))).backward()
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 total += float(batch_loss.detach()) * len(idx)
+                seen += len(idx)
                 bar.update(len(idx))
                 bar.set_postfix(loss=f"{float(batch_loss.detach()):.4f}")
         finally:
             bar.close()
-        total, seen = map(sum, zip(*dist.all_gather((total, sum(len(b) for b in global_batches)
-                                                     if ctx.is_main else 0))))
+        total, seen = dist.sum_over_ranks(total, seen)
         train_loss = total / max(1, seen)
 
         val_logits = _predict(enc, head, val_batches, len(y_val), y.shape[1])

@@ -203,7 +203,7 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
         perm = epoch_order(n, factors, generator)
         choice = (torch.randint(0, len(views) + 1, (n,), generator=generator).numpy()
                   if views else None)
-        total = 0.0
+        total, seen = 0.0, 0
         for start in range(0, len(perm), cfg.batch_size):
             global_idx = np.sort(perm[start:start + cfg.batch_size])
             if len(global_idx) < ctx.world:
@@ -213,13 +213,14 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
                      else views_batch([train, *views], choice, head.needs, idx))  # type: ignore[list-item]
             with ctx.autocast():
                 loss = _loss(model, to_device(batch, ctx.device), yt[idx].to(ctx.device), criterion)
-            scaled = loss * dist.loss_scale(len(idx), len(global_idx)) if ctx.distributed else loss
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(scaled).backward()
+            # × 1.0 in a single process: the same code path, bit-identical results
+            scaler.scale(loss * dist.loss_scale(len(idx), len(global_idx))).backward()
             scaler.step(optimizer)
             scaler.update()
             total += float(loss.detach()) * len(idx)
-        total, total_n = map(sum, zip(*dist.all_gather((total, len(perm) if ctx.is_main else 0))))
+            seen += len(idx)
+        total, total_n = dist.sum_over_ranks(total, seen)
         val_logits = torch.from_numpy(predict_logits(head, val))
         with torch.no_grad():
             val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
