@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmtag.data import (
@@ -20,7 +21,9 @@ from mmtag.data import (
     LabelSpace,
     check_image_id,
     check_images_exist,
+    decode_image,
     load_image,
+    normalize_images,
     parse_labels,
     read_csv,
     train_val_split,
@@ -525,6 +528,23 @@ def test_load_image_rgb_jpeg(tmp_path: Path) -> None:
     left, right = arr[:, :, :5].mean(axis=(1, 2)), arr[:, :, -5:].mean(axis=(1, 2))
     np.testing.assert_allclose(left, [1, -1, -1], atol=0.1)   # red
     np.testing.assert_allclose(right, [-1, -1, 1], atol=0.1)  # blue
+
+
+def test_decode_then_normalize_is_load_image_bit_for_bit(tmp_path: Path) -> None:
+    # Workers send uint8 and the main process normalises whole batches with torch; features
+    # must not depend on which path an image took (the cache holds both kinds of result).
+    rng = np.random.default_rng(0)
+    path = tmp_path / "noise.jpg"
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path, quality=90)
+    raw = decode_image(path, 24)
+    assert raw.dtype == np.uint8 and raw.shape == (3, 24, 24) and raw.flags["C_CONTIGUOUS"]
+    want = load_image(path, 24)
+    assert np.array_equal(normalize_images(raw), want)
+    batch = torch.from_numpy(np.stack([raw, raw]))
+    got = normalize_images(batch)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy()[1], want)
+    assert batch.dtype == torch.uint8 and int(batch.max()) > 1  # the input is left as it was
+    assert normalize_images(got) is got  # already normalised: passed through
 
 
 def test_load_image_accepts_pil_image_and_str_path(tmp_path: Path) -> None:

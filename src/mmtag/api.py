@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import bundle as bundle_io
@@ -24,7 +25,7 @@ from . import dist
 from .checkpoint import RunLog
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
-from .data import (Dataset, LabelSpace, check_images_exist, load_image, read_csv,
+from .data import (Dataset, LabelSpace, check_images_exist, decode_image, read_csv,
                    train_val_split)
 from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_encoder,
                        list_encoders)
@@ -467,11 +468,11 @@ class Tagger:
                 arrays = []
                 for k, img in enumerate(images[start:start + batch_size]):
                     try:
-                        arrays.append(load_image(img if isinstance(img, Image.Image) else Path(img),
-                                                 enc.image_size))
+                        arrays.append(decode_image(img if isinstance(img, Image.Image) else Path(img),
+                                                   enc.image_size))
                     except ValueError as exc:
                         raise MmtagError(f"image {start + k}: {exc}") from None
-                out = encode_images(enc, arrays)
+                out = encode_images(enc, torch.from_numpy(np.stack(arrays)))
                 for kind in chunks:
                     chunks[kind].append(out[kind])
             for kind in self.needs:
@@ -788,7 +789,7 @@ def check(csv_path: str | Path, images: str | Path | None = None, *,
 
         def decode(i: int) -> DataError | None:
             try:
-                load_image(d.image_path(i), 64)  # a real decode; draft mode keeps it cheap
+                decode_image(d.image_path(i), 64)  # a real decode; draft mode keeps it cheap
                 return None
             except ValueError as exc:
                 return DataError(d.path, f"image {d.image_ids[i]!r}: {exc}", **d.where(i))

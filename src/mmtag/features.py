@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .augment import ImageAugment, TextAugment
-from .data import Dataset, load_image
+from .data import Dataset, decode_image, normalize_images
 from .encoders import ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .io import atomic_write_with
@@ -214,7 +214,11 @@ def file_key(path: Path) -> str:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; a bad file yields its error instead of raising."""
+    """Decodes images in DataLoader workers; a bad file yields its error instead of raising.
+
+    Plain images stay uint8 (a quarter of float32's bytes to hand to the main process, which
+    normalises whole batches); augmented views are normalised here, since augmentation works
+    on normalised floats."""
 
     def __init__(self, paths: list[Path], size: int, augment: ImageAugment | None = None,
                  seeds: list[int] | None = None) -> None:
@@ -226,18 +230,32 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            x = load_image(self.paths[i], self.size)
+            x = torch.from_numpy(decode_image(self.paths[i], self.size))
         except ValueError as exc:
             return i, None, str(exc)
         if self.augment is not None and self.seeds is not None:
-            x = self.augment(torch.from_numpy(x), seed=self.seeds[i]).numpy()
+            x = self.augment(normalize_images(x), seed=self.seeds[i])
         return i, x, ""
 
 
-def _collate(batch: list[tuple[int, np.ndarray | None, str]]) -> list[tuple[int, np.ndarray | None, str]]:
-    return batch
+@dataclass
+class _ImageBatch:
+    """What a DataLoader worker hands over: the decoded images stacked into one tensor (sent
+    through shared memory, where a list of arrays would be pickled through a pipe), the
+    positions they belong to, and (position, reason) for each file that failed."""
+
+    items: list[int]
+    images: torch.Tensor | None
+    errors: list[tuple[int, str]]
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> _ImageBatch:
+    good = [(i, x) for i, x, _ in batch if x is not None]
+    return _ImageBatch(items=[i for i, _ in good],
+                       images=torch.stack([x for _, x in good]) if good else None,
+                       errors=[(i, msg) for i, x, msg in batch if x is None])
 
 
 def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncoder | None,
@@ -326,26 +344,24 @@ def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncod
         bar = tqdm(total=len(order), desc=f"{encoder.name} features", unit="img", disable=not progress)
         try:
             for batch in loader:
-                good = [(j, arr) for j, arr, msg in batch if arr is not None]
-                for j, _, msg in batch:
-                    if msg:
-                        row = order[j][1]
-                        err = DataError(dataset.path, f"image {str(paths[row])!r}: {msg}",
-                                        **dataset.where(row))
-                        if not skip_bad:
-                            raise err
-                        bad.extend((i, err) for i, k in enumerate(keys) if k == order[j][0])
-                if good:
-                    outs = encode_images(encoder, [a for _, a in good])
+                for j, msg in batch.errors:
+                    row = order[j][1]
+                    err = DataError(dataset.path, f"image {str(paths[row])!r}: {msg}",
+                                    **dataset.where(row))
+                    if not skip_bad:
+                        raise err
+                    bad.extend((i, err) for i, k in enumerate(keys) if k == order[j][0])
+                if batch.images is not None:
+                    outs = encode_images(encoder, batch.images)
                     for kind in kinds:
                         ks, vs = pending[kind]
-                        ks.extend(order[j][0] for j, _ in good)
+                        ks.extend(order[j][0] for j in batch.items)
                         vs.extend(outs[kind].astype(np.float16))
                         if len(ks) >= SHARD_ITEMS:
                             cache.put(encoder.encoder_id, kind, ks, np.stack(vs))
                             extra[kind].update(zip(ks, vs))
                             pending[kind] = ([], [])
-                bar.update(len(batch))
+                bar.update(len(batch.items) + len(batch.errors))
         finally:
             bar.close()
             # Whatever finished is kept, even when a bad image stops the run.
@@ -402,11 +418,13 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
     return out
 
 
-def encode_images(encoder: ImageEncoder, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """One batch of decoded images (see `data.load_image`) → {"image", "image_tokens"} arrays,
-    computed on the encoder's device (autocast under `--amp` on CUDA)."""
+def encode_images(encoder: ImageEncoder, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """One batch of decoded images (B, 3, S, S), uint8 (`data.decode_image`) or normalised
+    float (`data.load_image`) → {"image", "image_tokens"} arrays, computed on the encoder's
+    device (autocast under `--amp` on CUDA)."""
     device = dist.device_of(encoder)
-    x = torch.from_numpy(np.stack(arrays)).to(device)
+    # Normalised after the move: on a GPU the uint8 batch is the smaller transfer.
+    x = normalize_images(images.to(device))
     if encoder.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), dist.context().autocast():
