@@ -36,6 +36,20 @@ def test_fp32_export_scores_match_eager(fused_run: Path, exported: dict[str, Pat
     assert np.abs(eager - onnx).max() < 1e-3
 
 
+def test_parallel_runs_match_one_at_a_time(exported: dict[str, Path], tiny: SyntheticPaths) -> None:
+    # The ONNX encoders run several batches at once on single-threaded sessions; the order of
+    # rows and the values must be what one sequential run gives.
+    images, captions = _holdout(tiny)
+    tagger = api.Tagger.load(exported["fp32"])
+    for enc in tagger.encoders.values():
+        enc._threads = 3  # more runs at once than this machine has cores: still in order
+    parallel = tagger.predict_proba(images, captions)
+    for enc in tagger.encoders.values():
+        enc._threads = 1
+    sequential = tagger.predict_proba(images, captions)
+    assert np.abs(parallel - sequential).max() < 1e-5
+
+
 def test_int8_export_is_smaller_and_agrees(fused_run: Path, exported: dict[str, Path],
                                            tiny: SyntheticPaths) -> None:
     sizes = {k: api.info(v)["model_size_mb"] for k, v in exported.items()}
