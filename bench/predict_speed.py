@@ -1,6 +1,6 @@
 """Issue-5 benchmark: prediction speed, memory, model size and the 30k-pair training estimate.
 
-    .venv/bin/python bench/predict_speed.py --run RUN [--shared ../shared/data] [--work DIR]
+    .venv/bin/python bench/predict_speed.py --run RUN [--repeat N] [--shared ../shared/data] [--work DIR]
 
 RUN is a fused image+text run trained on ../shared/data/coco-real/train.csv, e.g.
     .venv/bin/mmtag train ../shared/data/coco-real/train.csv --images ../shared/data/coco-real/images --out RUN
@@ -9,7 +9,7 @@ Prints, in one run:
   1. end-to-end throughput (CSV + JPEG files → submission CSV) of `mmtag predict` on the eager
      bundle and on its ONNX exports, against a plain eager fp32 PyTorch pipeline written here
      (PIL decode, one batch at a time, no workers) doing the same work; startup time apart;
-  2. peak RSS of each `mmtag predict` process;
+  2. peak memory (PSS) of each `mmtag predict` process tree, in a run of its own;
   3. model_size_mb and validation sample-F1 (the run's own seeded split) of every variant;
   4. the full-training time for 30k pairs, extrapolated from rates measured here.
 Every `mmtag predict` runs as its own process with an empty feature cache (nothing reused).
@@ -50,44 +50,46 @@ def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def _tree_memory_mib(pid: int) -> float:
-    """Memory of a process and its descendants (DataLoader workers): the main process's resident
-    set plus each descendant's private anonymous pages (pages shared with the parent after fork
-    are counted once). Read from /proc/*/status, which is cheap: smaps-based PSS would take the
-    process's memory lock on every sample and slow it down."""
-    total, pids, first = 0.0, [pid], True
+def _tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and its descendants (DataLoader workers): each page
+    shared between processes (after fork, or in shared memory) is split among them, so the sum
+    is the memory the job really holds. Read from /proc/*/smaps_rollup, which walks the page
+    tables, so it is only sampled in a run that is not timed."""
+    total, pids = 0.0, [pid]
     while pids:
         p = pids.pop()
         try:
-            with open(f"/proc/{p}/status") as fh:
-                fields = dict(line.split(":", 1) for line in fh if ":" in line)
-            total += int(fields["VmRSS" if first else "RssAnon"].split()[0]) / 1024
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:")) / 1024
             for tid in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{tid}/children") as fh:
                     pids += [int(c) for c in fh.read().split()]
-        except (FileNotFoundError, ProcessLookupError, KeyError):
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
             pass
-        first = False
     return total
 
 
-def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> tuple[float, float]:
-    """`mmtag predict` in a fresh process with an empty cache → (wall seconds, peak memory MiB
-    of its whole process tree, sampled every 0.2 s)."""
+def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path, *,
+                memory: bool = False) -> float:
+    """`mmtag predict` in a fresh process with an empty cache → wall seconds, or with `memory`
+    the peak PSS in MiB of its process tree, sampled every 0.25 s (sampling costs CPU, so a
+    memory run is never a timed one)."""
     cache = Path(tempfile.mkdtemp(prefix="mmtag-bench-cache-"))
     t0 = time.perf_counter()
     proc = subprocess.Popen([MMTAG, "--quiet", "predict", str(bundle), str(csv_path), "--images",
                              str(images), "--out", str(out), "--cache-dir", str(cache)],
                             stdout=subprocess.DEVNULL)
     peak = 0.0
-    while proc.poll() is None:
-        peak = max(peak, _tree_memory_mib(proc.pid))
-        time.sleep(0.2)
+    if memory:
+        while proc.poll() is None:
+            peak = max(peak, _tree_pss_mib(proc.pid))
+            time.sleep(0.25)
+    proc.wait()
     wall = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
     if proc.returncode != 0:
         raise SystemExit(f"mmtag predict {bundle} failed ({proc.returncode})")
-    return wall, peak
+    return peak if memory else wall
 
 
 # ------------------------------------------------------------ the eager baseline
@@ -176,6 +178,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip-training", action="store_true")
     ap.add_argument("--only-training", action="store_true", help="just the 30k training estimate")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed runs per variant (this machine's speed varies run to run)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mmtag-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -215,14 +219,23 @@ def main() -> None:
     print(f"\n## 1-2. End-to-end prediction, {n} pairs (CSV + JPEGs -> submission), cold cache")
     base_s = eager_baseline(args.run, ids, captions, images, work / "baseline.csv")
     base_rate = n / base_s
-    print("| pipeline | startup s | predict s | pairs/s | vs baseline | peak memory MiB (process tree) |\n|---|---|---|---|---|---|")
+    print(f"Each timed run is a 1-row predict (startup: imports, model load, one item) then the "
+          f"full predict; pairs/s = {n} / (full - startup). {args.repeat} run(s) per variant: "
+          "median, then [min, max]. Peak memory (PSS) from one more, untimed run.\n")
+    print("| pipeline | startup s | predict s | pairs/s | vs baseline | peak PSS MiB (process tree) |\n|---|---|---|---|---|---|")
     print(f"| eager fp32 baseline (bench/, one batch at a time) | - | {base_s:.1f} | {base_rate:.1f} | 1.00x | - |")
     for name, bundle in variants.items():
-        startup, _ = run_predict(bundle, one_csv, images, work / "one-pred.csv")
-        wall, rss = run_predict(bundle, test_csv, images, work / f"pred-{bundle.name}.csv")
-        rate = n / max(wall - startup, 1e-9)
-        print(f"| mmtag predict, {name} | {startup:.1f} | {wall - startup:.1f} | {rate:.1f} | "
-              f"{rate / base_rate:.2f}x | {rss:.0f} |")
+        startups, predicts, rates = [], [], []
+        for _ in range(args.repeat):
+            startups.append(run_predict(bundle, one_csv, images, work / "one-pred.csv"))
+            wall = run_predict(bundle, test_csv, images, work / f"pred-{bundle.name}.csv")
+            predicts.append(wall - startups[-1])
+            rates.append(n / max(predicts[-1], 1e-9))
+        pss = run_predict(bundle, test_csv, images, work / "mem-pred.csv", memory=True)
+        rate = float(np.median(rates))
+        spread = f" [{min(rates):.1f}, {max(rates):.1f}]" if len(rates) > 1 else ""
+        print(f"| mmtag predict, {name} | {np.median(startups):.1f} | {np.median(predicts):.1f} | "
+              f"{rate:.1f}{spread} | {rate / base_rate:.2f}x | {pss:.0f} |")
     same = sum(a == b for a, b in zip(open(work / "baseline.csv"), open(work / f"pred-{args.run.name}.csv")))
     print(f"\nbaseline and `mmtag predict` (eager bundle) submissions agree on {same - 1}/{n} rows")
     if not args.skip_training:
