@@ -143,9 +143,10 @@ class OnnxTextEncoder(_OnnxEncoder, TextEncoder):
                 "attention_mask": torch.from_numpy(batch["attention_mask"].astype(np.int64))}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        ids, mask = input_ids.numpy(), attention_mask.numpy()
-        parts = np.array_split(np.arange(len(ids)), max(1, min(self._threads, len(ids))))
-        outs = self._run([{"input_ids": ids[p], "attention_mask": mask[p]} for p in parts])
+        parts = max(1, min(self._threads, len(input_ids)))  # contiguous row blocks, as views
+        outs = self._run([{"input_ids": i, "attention_mask": m} for i, m in
+                          zip(np.array_split(input_ids.numpy(), parts),
+                              np.array_split(attention_mask.numpy(), parts))])
         return torch.from_numpy(np.concatenate([o[0] for o in outs]))
 
     def save(self, directory: Path) -> list[Path]:
