@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -69,27 +71,39 @@ def _tree_pss_mib(pid: int) -> float:
     return total
 
 
-def run_predict(bundle: Path, csv_path: Path, images: Path, out: Path, *,
-                memory: bool = False) -> float:
-    """`mmtag predict` in a fresh process with an empty cache → wall seconds, or with `memory`
-    the peak PSS in MiB of its process tree, sampled every 0.25 s (sampling costs CPU, so a
-    memory run is never a timed one)."""
+@contextmanager
+def _predict_process(bundle: Path, csv_path: Path, images: Path, out: Path) -> Iterator[subprocess.Popen]:
+    """`mmtag predict` in a fresh process with an empty feature cache; the caller waits for it."""
     cache = Path(tempfile.mkdtemp(prefix="mmtag-bench-cache-"))
-    t0 = time.perf_counter()
     proc = subprocess.Popen([MMTAG, "--quiet", "predict", str(bundle), str(csv_path), "--images",
                              str(images), "--out", str(out), "--cache-dir", str(cache)],
                             stdout=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"mmtag predict {bundle} failed ({proc.returncode})")
+
+
+def time_predict(bundle: Path, csv_path: Path, images: Path, out: Path) -> float:
+    """Wall seconds of one `mmtag predict`, with nothing sampling it."""
+    t0 = time.perf_counter()
+    with _predict_process(bundle, csv_path, images, out) as proc:
+        proc.wait()
+        return time.perf_counter() - t0
+
+
+def peak_pss(bundle: Path, csv_path: Path, images: Path, out: Path) -> float:
+    """Peak PSS in MiB of one `mmtag predict` process tree, sampled every 0.25 s (sampling costs
+    CPU, so this run is never a timed one)."""
     peak = 0.0
-    if memory:
+    with _predict_process(bundle, csv_path, images, out) as proc:
         while proc.poll() is None:
             peak = max(peak, _tree_pss_mib(proc.pid))
             time.sleep(0.25)
-    proc.wait()
-    wall = time.perf_counter() - t0
-    shutil.rmtree(cache, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"mmtag predict {bundle} failed ({proc.returncode})")
-    return peak if memory else wall
+    return peak
 
 
 # ------------------------------------------------------------ the eager baseline
@@ -227,11 +241,11 @@ def main() -> None:
     for name, bundle in variants.items():
         startups, predicts, rates = [], [], []
         for _ in range(args.repeat):
-            startups.append(run_predict(bundle, one_csv, images, work / "one-pred.csv"))
-            wall = run_predict(bundle, test_csv, images, work / f"pred-{bundle.name}.csv")
+            startups.append(time_predict(bundle, one_csv, images, work / "one-pred.csv"))
+            wall = time_predict(bundle, test_csv, images, work / f"pred-{bundle.name}.csv")
             predicts.append(wall - startups[-1])
             rates.append(n / max(predicts[-1], 1e-9))
-        pss = run_predict(bundle, test_csv, images, work / "mem-pred.csv", memory=True)
+        pss = peak_pss(bundle, test_csv, images, work / "mem-pred.csv")
         rate = float(np.median(rates))
         spread = f" [{min(rates):.1f}, {max(rates):.1f}]" if len(rates) > 1 else ""
         print(f"| mmtag predict, {name} | {np.median(startups):.1f} | {np.median(predicts):.1f} | "
