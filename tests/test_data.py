@@ -6,28 +6,35 @@ Every input is generated under pytest's tmp_path; CSVs are written as bytes so l
 from __future__ import annotations
 
 import csv
+import io
 import json
+import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mmtag.data import (
     COCO_NAMES,
+    IMAGE_FORMATS,
     MAX_CAPTION_CHARS,
+    ImageDecodeError,
     LabelSpace,
     check_image_id,
     check_images_exist,
     decode_image,
+    decode_thumbnail,
     load_image,
     normalize_images,
+    open_image_bytes,
     parse_labels,
     read_csv,
     train_val_split,
 )
+from mmtag.encoders import ImageEncoder
 from mmtag.errors import DataError
 
 HEADER = b"ImageID,Labels,Caption\r\n"
@@ -148,18 +155,18 @@ def test_read_csv_blank_lines_are_ignored(tmp_path: Path) -> None:
             + b"a.jpg,1,first\r\n"    # line 3
             + b"\r\n\r\n"             # lines 4-5: blank
             + b"   \r\n"              # line 6: whitespace only
-            + b",,\r\n"               # line 7: empty fields only
-            + b'b.jpg,2,"two\r\nlines"\r\n'  # lines 8-9
-            + b"\r\n"                 # line 10: blank
-            + b"c.jpg,3,third\r\n"    # line 11
-            + b"\r\n")                # line 12: trailing blank
+            + b'b.jpg,2,"two\r\nlines"\r\n'  # lines 7-8
+            + b"\r\n"                 # line 9: blank
+            + b"c.jpg,3,third\r\n"    # line 10
+            + b"\r\n")                # line 11: trailing blank
+    # (a record of empty fields, `,,`, is not a blank line: see test_read_csv_record_of_empty_fields)
     result = read_csv(write(tmp_path, data), require_labels=True)
     ds = result.dataset
     assert result.skipped == []
     assert ds.image_ids == ["a.jpg", "b.jpg", "c.jpg"]
     assert ds.captions == ["first", "two\r\nlines", "third"]
     assert ds.rows == [1, 2, 3]
-    assert ds.lines == [3, 8, 11]
+    assert ds.lines == [3, 7, 10]
 
 
 def test_read_csv_header_only_gives_empty_dataset(tmp_path: Path) -> None:
@@ -883,3 +890,311 @@ def test_read_csv_malformed_header_is_a_data_error(tmp_path: Path) -> None:
     path.write_bytes(b'"')
     with pytest.raises(DataError, match="line 1.*malformed header"):
         read_csv(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Any image that cannot be decoded is one ImageDecodeError, whatever Pillow raised (issue 14)
+# ----------------------------------------------------------------------------------------------
+
+def _dds_with_unknown_pixel_format() -> bytes:
+    """A DDS texture header with no pixel-format flags: Pillow's DDS plugin raises
+    NotImplementedError when opening it (neither OSError nor ValueError)."""
+    return b"DDS " + struct.pack("<I", 124) + struct.pack("<3I", 0, 4, 4) + bytes(108)
+
+
+def _written(fmt: str) -> bytes | None:
+    """A small seeded image written by Pillow in `fmt`, if Pillow can write it in some mode and
+    identify it again from its content; else None."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (29, 37, 3), dtype=np.uint8))
+    for mode in ("RGB", "L", "1", "F"):
+        buf = io.BytesIO()
+        try:
+            rgb.convert(mode).save(buf, fmt)
+            with Image.open(io.BytesIO(buf.getvalue())):
+                return buf.getvalue()
+        except Exception:  # this format cannot be written or identified in this mode
+            continue
+    return None
+
+
+Image.init()
+# Every format this Pillow can both write and identify by content, written once (seeded).
+PILLOW_WRITTEN = {fmt: data for fmt in sorted(Image.SAVE) if (data := _written(fmt)) is not None}
+
+
+def _identified(data: bytes) -> str:
+    with Image.open(io.BytesIO(data)) as img:
+        return str(img.format)
+
+
+def test_pillow_writes_and_identifies_every_supported_format() -> None:
+    # the fuzzing below covers the supported formats, and many more that must be refused
+    assert set(IMAGE_FORMATS) <= set(PILLOW_WRITTEN)
+    assert len(PILLOW_WRITTEN) > len(IMAGE_FORMATS) + 5
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_every_supported_format_decodes_in_both_paths(tmp_path: Path, fmt: str) -> None:
+    data = PILLOW_WRITTEN[fmt]
+    path = tmp_path / "img.bin"  # the content decides, not the name
+    path.write_bytes(data)
+    assert_image_array(normalize_images(decode_image(path, 16)), 16)
+    assert_image_array(normalize_images(decode_image(open_image_bytes(data), 16)), 16)
+
+
+@pytest.mark.parametrize("fmt", sorted(f for f, d in PILLOW_WRITTEN.items()
+                                       if _identified(d) not in IMAGE_FORMATS))
+def test_formats_outside_image_formats_are_refused_in_both_paths(tmp_path: Path, fmt: str) -> None:
+    """A valid PCX, TGA, DDS, EPS ... file named .jpg is not decoded: only the formats a user
+    can mean reach a decoder."""
+    data = PILLOW_WRITTEN[fmt]
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    with pytest.raises(ImageDecodeError, match="not a JPEG, PNG"):
+        decode_image(path, 16)
+    with pytest.raises(ImageDecodeError, match="not a JPEG, PNG"):
+        open_image_bytes(data)
+
+
+def test_dds_named_jpg_whose_decoder_raises_not_implemented(tmp_path: Path) -> None:
+    # found by fuzzing: Pillow's DDS plugin raises NotImplementedError, which escaped as a traceback
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_dds_with_unknown_pixel_format())
+    with pytest.raises(ImageDecodeError):
+        load_image(path, 16)
+    with pytest.raises(ImageDecodeError):
+        decode_image(open_image_bytes(path.read_bytes()), 16)
+
+
+@pytest.mark.parametrize("exc", [NotImplementedError, AttributeError, TypeError, IndexError,
+                                 KeyError, struct.error, EOFError, RuntimeError, ZeroDivisionError,
+                                 MemoryError, Image.DecompressionBombError])
+def test_decoder_raising_any_exception_type_is_an_image_decode_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: type[Exception]) -> None:
+    """Pillow plugins raise many exception types on corrupt input; whichever one a decoder
+    raises, every decode path says ImageDecodeError (a ValueError) with the reason."""
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    data = path.read_bytes()
+    thumb = tmp_path / "b.png"
+    thumb.write_bytes(data)
+
+    def broken_load(self: object) -> None:
+        raise exc("decoder bug")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    for decode in (lambda: decode_image(path, 16), lambda: load_image(path, 16),
+                   lambda: decode_image(open_image_bytes(data), 16),
+                   lambda: decode_thumbnail(thumb, 16)):
+        with pytest.raises(ImageDecodeError) as info:
+            decode()
+        assert str(info.value)
+        assert isinstance(info.value, ValueError)  # the contract serve and every caller rely on
+
+
+class _TinyImageEncoder(ImageEncoder):
+    """A weightless-fast stand-in for a real image encoder, to drive feature extraction."""
+
+    name = "tiny-test-encoder"
+    dim = 3
+    image_size = 16
+    channels_last = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 3)
+        self.finalize()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.proj(images.flatten(2).transpose(1, 2))
+        return tokens.mean(1), tokens
+
+
+def _images_with_one_dds_named_jpg(tmp_path: Path) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.jpg", "c.jpg"):
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(images / name)
+    (images / "b.jpg").write_bytes(_dds_with_unknown_pixel_format())
+    csv_path = write(tmp_path, HEADER + crlf(b"a.jpg,1,x", b"b.jpg,2,y", b"c.jpg,3,z"))
+    return csv_path, images
+
+
+def test_extract_strict_and_skip_bad_on_an_image_whose_decoder_raises_oddly(tmp_path: Path) -> None:
+    """The train/predict path: a decoder's NotImplementedError is a DataError naming file and
+    row, and --skip-bad skips the row (before the fix it aborted even with --skip-bad)."""
+    from mmtag.features import FeatureCache, extract
+
+    csv_path, images = _images_with_one_dds_named_jpg(tmp_path)
+    ds = read_csv(csv_path, images_dir=images).dataset
+    enc = _TinyImageEncoder()
+    run = dict(image_encoder=enc, text_encoder=None, workers=0, progress=False)
+    with pytest.raises(DataError) as info:
+        extract(ds, ["image"], cache=FeatureCache(tmp_path / "c1"), **run)
+    assert_data_error(info.value, csv_path, 2, 3, "b.jpg")
+    fs = extract(ds, ["image"], cache=FeatureCache(tmp_path / "c2"), skip_bad=True, **run)
+    assert fs.dataset.image_ids == ["a.jpg", "c.jpg"]
+    assert [(e.row, e.line) for e in fs.skipped] == [(2, 3)] and "b.jpg" in str(fs.skipped[0])
+    assert fs.features.image.shape == (2, 3)
+
+
+def test_check_lists_an_image_whose_decoder_raises_oddly(tmp_path: Path) -> None:
+    from mmtag.api import check
+
+    csv_path, images = _images_with_one_dds_named_jpg(tmp_path)
+    report = check(csv_path, images, progress=False)
+    assert [e.row for e in report.corrupt_images] == [2] and "b.jpg" in str(report.corrupt_images[0])
+    assert report.problems == 1
+
+
+def test_decode_thumbnail_keeps_aspect_and_upright(tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    Image.new("RGBA", (400, 100), (0, 0, 0, 0)).save(path)
+    thumb = decode_thumbnail(path, 180)
+    assert thumb.mode == "RGB" and thumb.size == (180, 45)
+    assert thumb.getpixel((0, 0)) == (255, 255, 255)  # transparency on white, as for the model
+
+
+def _damaged(data: bytes, rng: np.random.Generator) -> bytes:
+    """`data` truncated anywhere (half the time) with up to 4 bytes flipped, half of them in the
+    first 128 bytes, where the header tells Pillow which decoder to use and how."""
+    out = bytearray(data[: int(rng.integers(0, len(data) + 1))] if rng.random() < 0.5 else data)
+    for _ in range(int(rng.integers(0, 5))):
+        if out:
+            limit = min(len(out), 128) if rng.random() < 0.5 else len(out)
+            out[int(rng.integers(0, limit))] ^= int(rng.integers(1, 256))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("fmt", sorted(PILLOW_WRITTEN))
+def test_fuzz_every_pillow_format_damaged_decodes_or_raises_image_decode_error(
+        tmp_path: Path, fmt: str) -> None:
+    """Every format Pillow can write and identify, damaged 60 seeded ways and named .jpg, through
+    the training and prediction path (decode_image on a file) and the serving path
+    (open_image_bytes, then decode_image): a (3, S, S) image or ImageDecodeError, nothing else."""
+    rng = np.random.default_rng(sorted(PILLOW_WRITTEN).index(fmt))
+    path = tmp_path / "img.jpg"
+    for _ in range(60):
+        data = _damaged(PILLOW_WRITTEN[fmt], rng)
+        path.write_bytes(data)
+        try:
+            assert_image_array(normalize_images(decode_image(path, 32)), 32)
+        except ImageDecodeError as exc:
+            assert str(exc)
+        try:
+            img = open_image_bytes(data)
+            assert_image_array(normalize_images(decode_image(img, 32)), 32)
+        except ImageDecodeError as exc:
+            assert str(exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Bad data is never silently accepted (issue 14)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("token", ["1_8", "١٢", "１２", "٣", "+3", "0x1", "1e2", "²", "𝟗"])
+def test_parse_labels_accepts_ascii_digits_only(token: str) -> None:
+    # Python's int() reads '1_8' as 18 and '١٢' / '１２' as 12; a label is ASCII digits only
+    with pytest.raises(ValueError, match="ASCII digits"):
+        parse_labels(f"1 {token}")
+
+
+def test_parse_labels_keeps_plain_integers() -> None:
+    assert parse_labels("007 10 3") == [3, 7, 10]
+
+
+def test_read_csv_refuses_a_label_with_an_underscore_with_its_row(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1,ok", "b.jpg,1_8 ١٢,bad".encode()))
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 3, "'1_8'")
+
+
+@pytest.mark.parametrize("header,name", [(b"ImageID,Labels,Caption,Caption", "Caption"),
+                                         (b"ImageID,Labels,ImageID,Caption", "ImageID"),
+                                         (b"ImageID, Labels ,Caption,Labels", "Labels")])
+def test_read_csv_refuses_a_duplicated_column(tmp_path: Path, header: bytes, name: str) -> None:
+    path = write(tmp_path, crlf(header, b"a.jpg,1,b.jpg,x"))
+    for skip_bad in (False, True):
+        with pytest.raises(DataError) as info:
+            read_csv(path, skip_bad=skip_bad)
+        assert_data_error(info.value, path, None, 1, f"'{name}'", "more than once")
+
+
+def test_read_csv_other_repeated_columns_are_ignored(tmp_path: Path) -> None:
+    # columns mmtag does not read (e.g. a spreadsheet's empty trailing ones) may repeat
+    path = write(tmp_path, crlf(b"ImageID,Labels,Caption,,", b"a.jpg,1,x,,"))
+    assert read_csv(path).dataset.image_ids == ["a.jpg"]
+
+
+def test_read_csv_record_of_empty_fields_is_a_bad_row(tmp_path: Path) -> None:
+    data = HEADER + crlf(b"a.jpg,1,x", b",,", b'"","",""', b"   ", b"", b"c.jpg,3,z")
+    path = write(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 3, "every field is empty")
+    result = read_csv(path, skip_bad=True)
+    assert result.dataset.image_ids == ["a.jpg", "c.jpg"]
+    assert result.dataset.rows == [1, 4]  # blank lines are not rows; empty records are
+    assert [(e.row, e.line) for e in result.skipped] == [(2, 3), (3, 4)]
+
+
+@pytest.mark.parametrize("image_id", [b" a.jpg", b"a.jpg ", b'" a.jpg"', b"a.jpg\t"])
+def test_read_csv_refuses_image_ids_with_surrounding_spaces(tmp_path: Path, image_id: bytes) -> None:
+    """The rule: an ImageID is used exactly (it names a file and is echoed in the submission),
+    so one with leading or trailing whitespace is refused, not trimmed into another name."""
+    path = write(tmp_path, HEADER + crlf(b"b.jpg,1,ok", image_id + b",1,x"))
+    with pytest.raises(DataError) as info:
+        read_csv(path)
+    assert_data_error(info.value, path, 2, 3, "spaces")
+
+
+def _images_with_symlinks(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(outside / "secret.png")
+    Image.new("RGB", (4, 4)).save(outside / "dir" / "x.png")
+    images = tmp_path / "images"
+    (images / "real").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(images / "real" / "a.png")
+    (images / "inside.png").symlink_to(images / "real" / "a.png")  # stays inside: fine
+    (images / "evil.png").symlink_to(outside / "secret.png")
+    (images / "linkdir").symlink_to(outside / "dir")
+    (images / "dangling.png").symlink_to(outside / "gone.png")
+    (images / "loop.png").symlink_to(images / "loop.png")
+    return images
+
+
+def test_symlinks_resolving_outside_the_images_dir_are_refused(tmp_path: Path) -> None:
+    images = _images_with_symlinks(tmp_path)
+    rows = [b"real/a.png,1,x", b"inside.png,1,x", b"evil.png,1,x", b"linkdir/x.png,1,x",
+            b"dangling.png,1,x", b"loop.png,1,x"]
+    path = write(tmp_path, HEADER + crlf(*rows))
+    ds = read_csv(path, images_dir=images).dataset
+    with pytest.raises(DataError) as info:
+        check_images_exist(ds, skip_bad=False)
+    assert_data_error(info.value, path, 3, 4, "evil.png", "outside the images directory")
+    with pytest.raises(DataError, match="outside the images directory"):
+        ds.image_path(3)  # every path built from the dataset is checked, not just this pass
+    kept, skipped = check_images_exist(ds, skip_bad=True)
+    assert kept.image_ids == ["real/a.png", "inside.png"]
+    assert [(e.row, e.line) for e in skipped] == [(3, 4), (4, 5), (5, 6), (6, 7)]
+    assert all("outside the images directory" in str(e) for e in skipped[:3])
+    assert "loop.png" in str(skipped[3])  # a symlink loop is one line too
+
+
+def test_check_reports_symlinks_resolving_outside(tmp_path: Path) -> None:
+    from mmtag.api import check
+
+    images = _images_with_symlinks(tmp_path)
+    path = write(tmp_path, HEADER + crlf(b"inside.png,1,x", b"evil.png,1,x"))
+    report = check(path, images, progress=False)
+    assert [e.row for e in report.bad_rows] == [2] and "outside" in str(report.bad_rows[0])
+    assert report.missing_images == [] and report.corrupt_images == []
+
+
+def test_label_space_reports_unknown_ids() -> None:
+    space = LabelSpace.from_labels([[1, 2]])
+    assert space.unknown([[1, 99], [42, 99], [2]]) == {42: 1, 99: 2}
+    assert space.unknown([[1], [2]]) == {}

@@ -6,16 +6,20 @@ Nothing here drops a row silently: a bad row raises `DataError` naming file, row
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
 
@@ -31,8 +35,19 @@ COCO_NAMES: dict[int, str] = {
 # Pillow refuses images above this many pixels (decompression bombs); 8k × 8k is plenty for photos.
 Image.MAX_IMAGE_PIXELS = 64_000_000
 
+# The image formats mmtag decodes (Pillow format names). Pillow picks a decoder from a file's
+# content, not its name, and has ~40 of them, several of which raise arbitrary exceptions on
+# corrupt input; a photo dataset or an upload means one of these, so no other decoder is run.
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
 # Captions are encoded with a 128-token limit anyway; this bound stops a 100 MB "caption".
 MAX_CAPTION_CHARS = 10_000
+
+
+class ImageDecodeError(ValueError):
+    """An image (file or upload) that cannot be decoded; the message says why. Every decode path
+    (`decode_image`, `load_image`, `open_image_bytes`, `decode_thumbnail`) raises this and only
+    this for a bad image, whatever Pillow raised, so callers catch one type."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +68,8 @@ class LabelSpace:
         return len(self.ids)
 
     def encode(self, labels: list[list[int]]) -> np.ndarray:
-        """Label lists → (N, C) 0/1 float32 matrix; ids outside the space are ignored."""
+        """Label lists → (N, C) 0/1 float32 matrix; ids outside the space are ignored (see
+        `unknown` for what was ignored: evaluation must not hide them)."""
         index = {label: j for j, label in enumerate(self.ids)}
         y = np.zeros((len(labels), len(self.ids)), dtype=np.float32)
         for i, row in enumerate(labels):
@@ -62,6 +78,12 @@ class LabelSpace:
                 if j is not None:
                     y[i, j] = 1.0
         return y
+
+    def unknown(self, labels: list[list[int]]) -> dict[int, int]:
+        """Label ids outside this space → number of rows carrying each (sorted by id)."""
+        known = set(self.ids)
+        counts = Counter(label for row in labels for label in set(row) if label not in known)
+        return dict(sorted(counts.items()))
 
     def decode(self, mask: np.ndarray) -> list[list[int]]:
         """(N, C) boolean matrix → label id lists in label-space order."""
@@ -95,9 +117,21 @@ class Dataset:
         return self.labels is not None
 
     def image_path(self, i: int) -> Path:
+        """`<images>/<ImageID>`; DataError (with the row) when it resolves outside the images
+        directory through a symlink, the way `check_image_id` refuses `../` in the id itself."""
         if self.images_dir is None:
             raise DataError(self.path, "no images directory given (--images)")
-        return self.images_dir / self.image_ids[i]
+        path = self.images_dir / self.image_ids[i]
+        # Checked on every call, so no path handed out (to a decoder, a report) skips the check.
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop, before Python 3.13
+            raise DataError(self.path, f"image {self.image_ids[i]!r}: cannot resolve its path "
+                            f"({exc})", **self.where(i)) from None
+        if not target.is_relative_to(self.images_dir.resolve()):
+            raise DataError(self.path, f"image {self.image_ids[i]!r} is a symlink that resolves "
+                            f"outside the images directory (to {str(target)!r})", **self.where(i))
+        return path
 
     def subset(self, index: list[int] | np.ndarray) -> "Dataset":
         idx = [int(i) for i in index]
@@ -125,24 +159,33 @@ class ReadResult:
     skipped: list[DataError]
 
 
+_LABEL = re.compile(r"[0-9]+")
+
+
 def parse_labels(text: str) -> list[int]:
-    """'1 3  19' → [1, 3, 19] (sorted, unique); raises ValueError naming the bad token."""
+    """'1 3  19' → [1, 3, 19] (sorted, unique); raises ValueError naming the bad token.
+
+    The one place a Labels field is read. A label is a string of ASCII digits: Python's int()
+    also reads '1_8' as 18, '+3', and Arabic-Indic or full-width digits, none of which a
+    label file means.
+    """
     out: set[int] = set()
     for token in text.split():
-        try:
-            value = int(token)
-        except ValueError:
-            raise ValueError(f"label {token!r} is not an integer") from None
-        if value < 0:
-            raise ValueError(f"label {token!r} is negative")
-        out.add(value)
+        if not _LABEL.fullmatch(token):
+            kind = "negative" if _LABEL.fullmatch(token.removeprefix("-")) else "not an integer"
+            raise ValueError(f"label {token!r} is {kind} (labels are ASCII digits 0-9)")
+        out.add(int(token))
     return sorted(out)
 
 
 def check_image_id(image_id: str) -> None:
-    """Reject ids that would escape the images directory (absolute paths, '..', drive letters)."""
-    if not image_id or image_id != image_id.strip():
-        raise ValueError("ImageID is empty or has surrounding spaces")
+    """Reject ids that would escape the images directory (absolute paths, '..', drive letters)
+    and ids with leading or trailing whitespace: an id names a file and is echoed in the
+    submission, so it is used exactly, never trimmed into another name."""
+    if not image_id:
+        raise ValueError("ImageID is empty")
+    if image_id != image_id.strip():
+        raise ValueError(f"ImageID {image_id!r} has leading or trailing spaces (ids are used exactly)")
     posix, win = PurePosixPath(image_id), PureWindowsPath(image_id)
     if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
         raise ValueError(f"ImageID {image_id!r} points outside the images directory")
@@ -183,6 +226,11 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
     except csv.Error as exc:
         raise DataError(path, f"malformed header ({exc})", line=1) from None
     header = [h.strip() for h in header]
+    for name in ("ImageID", "Labels", "Caption"):
+        if header.count(name) > 1:
+            # Otherwise one of the two silently wins, and a submission could list the wrong ids.
+            raise DataError(path, f"column {name!r} appears more than once in the header "
+                            f"{','.join(header)!r}", line=1)
     col = {name: i for i, name in enumerate(header)}
     missing = [c for c in ("ImageID", "Caption") if c not in col]
     if require_labels and "Labels" not in col:
@@ -208,10 +256,13 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
                 seen_rows += 1
                 line = record_line
                 record_line = start + reader.line_num + 1
-                if not record or all(not f.strip() for f in record):
-                    seen_rows -= 1  # blank lines are not rows
+                if len(record) <= 1 and not "".join(record).strip():
+                    seen_rows -= 1  # blank (or whitespace-only) lines are not rows
                     continue
                 try:
+                    if not any(f.strip() for f in record):
+                        # `,,` is a record, unlike a blank line: something was meant to be here.
+                        raise ValueError("every field is empty")
                     image_id, caption, row_labels = _parse_record(record, header, col, has_labels)
                 except ValueError as exc:
                     err = DataError(path, str(exc), row=seen_rows, line=line)
@@ -248,7 +299,7 @@ def _parse_record(record: list[str], header: list[str], col: dict[str, int],
                   has_labels: bool) -> tuple[str, str, list[int]]:
     if len(record) != len(header):
         raise ValueError(f"has {len(record)} fields, the header has {len(header)}")
-    image_id = record[col["ImageID"]].strip()
+    image_id = record[col["ImageID"]]
     check_image_id(image_id)
     caption = record[col["Caption"]].strip()
     if not caption:
@@ -264,19 +315,99 @@ def _parse_record(record: list[str], header: list[str], col: dict[str, int],
 
 
 def check_images_exist(dataset: Dataset, *, skip_bad: bool) -> tuple[Dataset, list[DataError]]:
-    """Fail (or, with skip_bad, drop) rows whose image file is missing, before any compute."""
+    """Fail (or, with skip_bad, drop) rows whose image file is missing or is a symlink leading
+    outside the images directory, before any compute."""
+    if dataset.images_dir is None:
+        raise DataError(dataset.path, "no images directory given (--images)")
     keep: list[int] = []
     skipped: list[DataError] = []
     for i in range(len(dataset)):
-        p = dataset.image_path(i)
-        if p.is_file():
+        err = _image_problem(dataset, i)
+        if err is None:
             keep.append(i)
             continue
-        err = DataError(dataset.path, f"image {str(p)!r} not found", **dataset.where(i))
         if not skip_bad:
             raise err
         skipped.append(err)
     return (dataset if not skipped else dataset.subset(keep)), skipped
+
+
+def check_images_decode(dataset: Dataset, *, skip_bad: bool,
+                        progress: bool = False) -> tuple[Dataset, list[DataError]]:
+    """Fail (or, with skip_bad, drop) rows whose image does not decode: a real decode of every
+    image, at a small size (draft mode keeps it cheap). For work that reads images outside the
+    feature cache, e.g. fine-tuning, where one bad file must not stop an epoch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    def problem(i: int) -> DataError | None:
+        try:
+            decode_image(dataset.image_path(i), 64)
+            return None
+        except ImageDecodeError as exc:
+            return DataError(dataset.path, f"image {dataset.image_ids[i]!r}: {exc}",
+                             **dataset.where(i))
+
+    # Pillow releases the GIL while decoding, so threads use both cores.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = list(tqdm(pool.map(problem, range(len(dataset))), total=len(dataset),
+                          desc="checking images", unit="img", disable=not progress))
+    skipped = [e for e in found if e is not None]
+    if skipped and not skip_bad:
+        raise skipped[0]
+    keep = [i for i, e in enumerate(found) if e is None]
+    return (dataset if not skipped else dataset.subset(keep)), skipped
+
+
+def _image_problem(dataset: Dataset, i: int) -> DataError | None:
+    """Why row i's image cannot be read (outside the images directory, or not a file), or None."""
+    try:
+        p = dataset.image_path(i)
+    except DataError as err:
+        return err
+    if p.is_file():
+        return None
+    return DataError(dataset.path, f"image {str(p)!r} not found", **dataset.where(i))
+
+
+@contextmanager
+def _decoding() -> Iterator[None]:
+    """Turn any failure to decode inside the block into ImageDecodeError.
+
+    Pillow's plugins raise NotImplementedError, struct.error, IndexError, EOFError, RuntimeError
+    (libavif), ... on corrupt input, besides OSError and ValueError, and which one depends on the
+    decoder the content selects: one bad file must not abort a run or answer HTTP 500, so every
+    exception here is the image's fault. (KeyboardInterrupt and SystemExit are not Exceptions.)
+    """
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError("image is too large (possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"cannot decode image: not a {_FORMAT_LIST} file") from None
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+
+
+_FORMAT_LIST = ", ".join(IMAGE_FORMATS[:-1]) + f" or {IMAGE_FORMATS[-1]}"
+
+
+def _open(source: str | Path | BinaryIO) -> Image.Image:
+    """Open lazily (header only), trying only the decoders of IMAGE_FORMATS; call in `_decoding`."""
+    img = Image.open(source, formats=IMAGE_FORMATS)
+    w, h = img.size
+    # Checked here as well as by Pillow's warning: warning filters are process-wide, and a
+    # thread leaving `catch_warnings` can reset them while another thread opens an image.
+    if Image.MAX_IMAGE_PIXELS is not None and w * h > Image.MAX_IMAGE_PIXELS:
+        img.close()
+        raise Image.DecompressionBombError(f"{w}x{h} pixels")
+    return img
 
 
 def decode_image(path: str | Path | Image.Image, size: int) -> np.ndarray:
@@ -286,26 +417,37 @@ def decode_image(path: str | Path | Image.Image, size: int) -> np.ndarray:
     resolution and shrinking. The whole frame is resized (no crop) so no labelled object is cut off.
     Decoding stops at uint8 because DataLoader workers hand batches to the main process: a uint8
     batch is a quarter of the bytes of a float32 one, and normalising a whole batch at once is
-    cheaper than image by image. Raises ValueError with the reason when the file is not usable.
+    cheaper than image by image. Files are decoded only in IMAGE_FORMATS; an image already open
+    (e.g. from `open_image_bytes`) is decoded as it is. Raises ImageDecodeError saying why.
     """
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = path if isinstance(path, Image.Image) else Image.open(path)
-        img.draft("RGB", (size, size))
-        img = _exif_upright(img)
-        if img.mode != "RGB":
-            img = _to_rgb(img)
-        img = img.resize((size, size), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError("image is too large (possible decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+    with _decoding():
+        if isinstance(path, Image.Image):
+            arr = _pixels(path, size)
+        else:
+            with _open(path) as img:
+                arr = _pixels(img, size)
     if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"unexpected image shape {arr.shape}")
+        raise ImageDecodeError(f"unexpected image shape {arr.shape}")
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _pixels(img: Image.Image, size: int) -> np.ndarray:
+    img.draft("RGB", (size, size))
+    img = _exif_upright(img)
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def decode_thumbnail(path: str | Path, max_side: int) -> Image.Image:
+    """An upright RGB copy of an image file, at most `max_side` pixels per side, aspect kept
+    (for reports); decoded like `decode_image`. Raises ImageDecodeError saying why."""
+    with _decoding(), _open(path) as img:
+        img.draft("RGB", (max_side, max_side))
+        out = _exif_upright(img)
+        out = _to_rgb(out) if out.mode != "RGB" else out.copy()
+        out.thumbnail((max_side, max_side))
+        return out
 
 
 def normalize_images(x: ArrayT) -> ArrayT:
@@ -325,28 +467,25 @@ def normalize_images(x: ArrayT) -> ArrayT:
 
 def load_image(path: str | Path | Image.Image, size: int) -> np.ndarray:
     """Decode an image to a (3, size, size) float32 array normalised with mean = std = 0.5.
-    Raises ValueError with the reason when the file is not a usable image."""
+    Raises ImageDecodeError (a ValueError) with the reason when it is not a usable image."""
     return normalize_images(decode_image(path, size))
 
 
 def open_image_bytes(data: bytes, *, max_side: int = 8192) -> Image.Image:
-    """Open image bytes (an upload) lazily, after checking what the header promises: a known
-    image format, at most `max_side` pixels per side. ValueError says why it is not usable."""
-    import io
+    """Open image bytes (an upload) lazily, after checking what the header promises: one of
+    IMAGE_FORMATS, at most `max_side` pixels per side. Decode it with `decode_image`.
 
+    Raises ImageDecodeError (a ValueError) saying why it is not usable: "empty file", "cannot
+    decode image: not a JPEG, ... file", "image is too large (possible decompression bomb)",
+    "image is WxH pixels; the limit is N per side", or "cannot decode image (<Type>: ...)".
+    """
     if not data:
-        raise ValueError("empty file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError("image is too large (possible decompression bomb)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"not an image Pillow can read ({exc.__class__.__name__})") from None
+        raise ImageDecodeError("empty file")
+    with _decoding():
+        img = _open(io.BytesIO(data))
     w, h = img.size
     if w < 1 or h < 1 or max(w, h) > max_side:
-        raise ValueError(f"image is {w}x{h} pixels; the limit is {max_side} per side")
+        raise ImageDecodeError(f"image is {w}x{h} pixels; the limit is {max_side} per side")
     return img
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .augment import ImageAugment, TextAugment
-from .data import Dataset, decode_image, normalize_images
+from .data import Dataset, ImageDecodeError, decode_image, normalize_images
 from .encoders import ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .io import atomic_write_with
@@ -233,7 +233,7 @@ class _ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
             x = torch.from_numpy(decode_image(self.paths[i], self.size))
-        except ValueError as exc:
+        except ImageDecodeError as exc:  # whatever the decoder raised; the row is reported
             return i, None, str(exc)
         if self.augment is not None and self.seeds is not None:
             x = self.augment(normalize_images(x), seed=self.seeds[i])

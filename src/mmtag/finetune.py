@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .augment import ImageAugment, TextAugment
 from .config import FinetuneConfig
-from .data import load_image
+from .data import ImageDecodeError, load_image
 from .encoders import Encoder, ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .metrics import samples_f1
@@ -329,10 +329,8 @@ class _ImageItems(torch.utils.data.Dataset):
         i, aug_seed = item
         try:
             x = torch.from_numpy(load_image(self.paths[i], self.size))
-        except ValueError as exc:
+        except ImageDecodeError as exc:  # whatever the decoder raised, unreadable files included
             return i, None, str(exc)
-        except OSError as exc:
-            return i, None, f"cannot read image ({exc.strerror or exc})"
         if aug_seed is not None and self.augment is not None:
             x = self.augment(x, seed=aug_seed)
         return i, x.contiguous(), ""

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import ValidationRecord
+from .data import ImageDecodeError, decode_thumbnail
 from .metrics import Metrics, confusion_counts, pr_curve
 from .thresholds import GRID, Thresholds, f1_by_threshold
 
@@ -143,16 +144,12 @@ def _thumbnail(path: str) -> str:
     if not path:
         return ""
     try:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((180, 180))
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=80)
-        return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
-    except (OSError, ValueError):
+        img = decode_thumbnail(path, 180)  # the model's decoder: same formats, upright, on white
+    except ImageDecodeError:
         return '<div class="missing">image not available</div>'
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def _examples(d: ReportData) -> str:
