@@ -1,11 +1,18 @@
 """The one configuration tree of a run: dataclasses, loadable from YAML, overridable from the CLI.
 
-Every option of `mmtag train` is a field here, so a saved `config.yaml` reproduces a run.
+Every option of `mmtag train` is a field here, so a saved `config.yaml` reproduces a run. Each
+field also declares, once, which values it accepts (scikit-learn's `_parameter_constraints`
+idea); `Config.validate` checks them all in one place, run by `from_dict`/`from_yaml`/`override`,
+so a YAML file, a CLI flag and the Python API get the same one-line message before any work.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +21,229 @@ import yaml
 
 from .errors import MmtagError
 
+MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
+# The optimisers `train.make_optimizer` and `finetune` build (torch.optim.Adam / AdamW).
+OPTIMIZERS = ("adam", "adamw")
 
+
+# ------------------------------------------------------------------------------ constraints
+class Constraint:
+    """The values one option accepts: `problem(value)` says what is wrong, or None if allowed.
+
+    A problem reads after the option's name: "must be ..., got X" or "unknown ...; available: ..."."""
+
+    def problem(self, value: Any) -> str | None:
+        raise NotImplementedError
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Interval(Constraint):
+    """Finite numbers from `lo` to `hi` (None: unbounded); `closed` names the ends included."""
+
+    lo: float | None = None
+    hi: float | None = None
+    closed: str = "both"  # both | left | right | neither
+    integer: bool = False
+
+    def describe(self) -> str:
+        bounded = self.lo is not None and self.hi is not None
+        kind = "an integer" if self.integer else "a number" if bounded else "a finite number"
+        lo_in, hi_in = self.closed in ("both", "left"), self.closed in ("both", "right")
+        if self.lo is not None and self.hi is not None:
+            return (f"{kind} in {'[' if lo_in else '('}{_num(self.lo)}, "
+                    f"{_num(self.hi)}{']' if hi_in else ')'}")
+        if self.lo is not None:
+            return f"{kind} {'>=' if lo_in else '>'} {_num(self.lo)}"
+        if self.hi is not None:
+            return f"{kind} {'<=' if hi_in else '<'} {_num(self.hi)}"
+        return kind
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        lo_in, hi_in = self.closed in ("both", "left"), self.closed in ("both", "right")
+        if self.lo is not None and (value < self.lo or (value == self.lo and not lo_in)):
+            return False
+        return not (self.hi is not None and (value > self.hi or (value == self.hi and not hi_in)))
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.contains(value) else f"must be {self.describe()}, got {value!r}"
+
+
+@dataclass(frozen=True)
+class OneOf(Constraint):
+    """A name from a registry, read when checked: the registries live in modules that import
+    torch, and a head or loss registered by a plugin must be accepted without editing this file."""
+
+    what: str  # "fusion head"
+    names: Callable[[], Iterable[str]]
+
+    def problem(self, value: Any) -> str | None:
+        names = list(self.names())
+        return None if value in names else f"unknown {self.what} {value!r}; available: {', '.join(names)}"
+
+
+@dataclass(frozen=True)
+class SubsetOf(Constraint):
+    """A list of distinct names from `names` (at least one unless `may_be_empty`)."""
+
+    what: str
+    names: tuple[str, ...]
+    may_be_empty: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        unknown = [v for v in value if v not in self.names]
+        if unknown:
+            return f"unknown {self.what} {unknown[0]!r}; available: {', '.join(self.names)}"
+        if len(set(value)) != len(value) or (not value and not self.may_be_empty):
+            least = "" if self.may_be_empty else ", at least one"
+            return f"must list distinct names from {', '.join(self.names)}{least}; got {value!r}"
+        return None
+
+
+def _family_modality(prefix: str) -> str | None:
+    """The modality of an open-ended encoder family (hf:, timm:), or None for one that only
+    wraps another encoder (onnx:, written by `mmtag export`)."""
+    from . import encoders
+
+    try:
+        return encoders.PREFIXES[prefix]("NAME").modality
+    except MmtagError:
+        return None
+
+
+@dataclass(frozen=True)
+class EncoderName(Constraint):
+    """A registered encoder of `modality`, or PREFIX:NAME of a registered family (hf:, timm:).
+    Checks the name only: whether its weights are on this machine is asked when it is built."""
+
+    modality: str
+
+    def problem(self, value: Any) -> str | None:
+        from . import encoders
+
+        prefix, _, rest = value.partition(":")
+        try:
+            entry = (encoders.PREFIXES[prefix](rest) if rest and prefix in encoders.PREFIXES
+                     else encoders.ENCODERS.get(value))
+        except MmtagError:
+            entry = None
+        if entry is not None and entry.modality == self.modality:
+            return None
+        known = [n for n, e in encoders.ENCODERS.items() if e.modality == self.modality]
+        known += [f"{p}:NAME" for p in encoders.PREFIXES if _family_modality(p) == self.modality]
+        return f"unknown {self.modality} encoder {value!r}; available: {', '.join(known)}"
+
+
+@dataclass(frozen=True)
+class Pattern(Constraint):
+    """A string matching `regex` (whole, case-insensitive); `expected` says it in words."""
+
+    regex: str
+    expected: str
+
+    def problem(self, value: Any) -> str | None:
+        if re.fullmatch(self.regex, str(value).strip(), flags=re.IGNORECASE):
+            return None
+        return f"must be {self.expected}, got {value!r}"
+
+
+class ImageAugSpec(Constraint):
+    """`auto`, `none`/empty, or ops of `augment.IMAGE_OPS` ("crop,flip"), parsed by augment."""
+
+    def problem(self, value: Any) -> str | None:
+        from .augment import parse_image_aug
+
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            parse_image_aug(value)
+        except MmtagError as exc:
+            return str(exc)
+        return None
+
+
+class TextAugSpec(Constraint):
+    """`none`/empty or OP[:N] with OP in `augment.TEXT_OPS` and N >= 1. Syntax only: WordNet is
+    looked for when the augmentation is built, so a bundle still loads on a machine without it."""
+
+    def problem(self, value: Any) -> str | None:
+        from .augment import TEXT_OPS
+
+        text = value.strip().lower()
+        if text in ("", "none"):
+            return None
+        op, sep, count = (part.strip() for part in text.partition(":"))
+        if op not in TEXT_OPS or (sep and not (count.isdigit() and int(count) >= 1)):
+            return (f"unknown caption augmentation {value!r}; available: none, "
+                    f"{', '.join(t + ':N' for t in TEXT_OPS)} (N >= 1)")
+        return None
+
+
+class ThresholdRange(Constraint):
+    """Empty (the full grid) or [lo, hi] with 0 <= lo <= hi <= 1."""
+
+    def problem(self, value: Any) -> str | None:
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not value or (numbers and len(value) == 2 and 0.0 <= value[0] <= value[1] <= 1.0):
+            return None
+        return f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {value!r}"
+
+
+def _heads() -> list[str]:
+    from .fusion import HEADS
+
+    return sorted(HEADS)
+
+
+def _losses() -> list[str]:
+    from .losses import LOSSES
+
+    return list(LOSSES)
+
+
+def _threshold_modes() -> list[str]:
+    from .thresholds import TUNERS
+
+    return list(TUNERS)
+
+
+POSITIVE = Interval(0, None, closed="neither")  # learning rates, ...
+AT_LEAST_0 = Interval(0, None, integer=True)
+AT_LEAST_1 = Interval(1, None, integer=True)
+FRACTION = Interval(0, 1, closed="left")  # [0, 1)
+OPTIMIZER = OneOf("optimizer", lambda: OPTIMIZERS)
+FUSION_HEAD = OneOf("fusion head", _heads)  # also `mmtag ablate --variants`
+
+
+def option(default: Any = dataclasses.MISSING, check: Constraint | None = None,
+           flag: str | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its constraint and its `mmtag train` flag (named in messages)."""
+    meta = {"check": check, "flag": flag}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------------------ the tree
 @dataclass
 class DataConfig:
     """How the input is read and split."""
 
     train_csv: str = ""  # labelled CSV (the TRAIN_CSV argument); saved so a run can be re-run
     images: str = ""  # images directory (--images)
-    val_frac: float = 0.1
-    skip_bad: bool = False
-    workers: int = 2  # DataLoader workers that decode JPEGs while the encoder computes
+    val_frac: float = option(0.1, Interval(0, 1, closed="neither"), "--val-frac")
+    skip_bad: bool = option(False, flag="--skip-bad")
+    # DataLoader workers that decode JPEGs while the encoder computes
+    workers: int = option(2, AT_LEAST_0, "--workers")
     extra_text: str = ""  # labelled captions without images: the text branch learns from them too
     unlabeled: str = ""  # unlabelled CSV for pseudo-label self-training
 
@@ -32,13 +252,14 @@ class DataConfig:
 class ModelConfig:
     """Which encoders feed which fusion head."""
 
-    modalities: list[str] = field(default_factory=lambda: ["image", "text"])
-    image_encoder: str = "efficientnet-lite0"
-    text_encoder: str = "minilm-l6"
-    fusion: str = "concat"
+    modalities: list[str] = option(check=SubsetOf("modality", MODALITIES), flag="--modalities",
+                                   factory=lambda: ["image", "text"])
+    image_encoder: str = option("efficientnet-lite0", EncoderName("image"), "--image-encoder")
+    text_encoder: str = option("minilm-l6", EncoderName("text"), "--text-encoder")
+    fusion: str = option("concat", FUSION_HEAD, "--fusion")
     random_init: bool = False  # allow encoders without pretrained weights (never silently)
-    hidden: int = 512
-    dropout: float = 0.5
+    hidden: int = option(512, AT_LEAST_1, "--hidden")
+    dropout: float = option(0.5, FRACTION)
 
     def head_name(self) -> str:
         """The registered head that these modalities and this fusion choice select."""
@@ -54,43 +275,51 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation of the head on cached features."""
 
-    seed: int = 0
-    epochs: int = 100
-    patience: int = 15  # epochs without a better validation sample-F1 before stopping
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"  # adam | adamw
-    loss: str = "bce"  # bce | weighted-bce | asl | focal
-    thresholds: str = "global"  # global | per-class | balanced
-    oversample: bool = False  # repeat rows that carry rare labels
+    # numpy's legacy seeding (np.random.seed) takes 32-bit unsigned seeds
+    seed: int = option(0, Interval(0, 2**32 - 1, integer=True), "--seed")
+    epochs: int = option(100, AT_LEAST_1, "--epochs")
+    # epochs without a better validation sample-F1 before stopping
+    patience: int = option(15, AT_LEAST_0, "--patience")
+    batch_size: int = option(256, AT_LEAST_1, "--batch-size")
+    lr: float = option(1e-3, POSITIVE, "--lr")
+    weight_decay: float = option(0.05, Interval(0, None))
+    optimizer: str = option("adamw", OPTIMIZER, "--optimizer")
+    loss: str = option("bce", OneOf("loss", _losses), "--loss")
+    thresholds: str = option("global", OneOf("threshold mode", _threshold_modes), "--thresholds")
+    oversample: bool = option(False, flag="--oversample")  # repeat rows that carry rare labels
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
-    union_image_range: list[float] = field(default_factory=list)
-    union_text_range: list[float] = field(default_factory=list)
+    union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
+    union_text_range: list[float] = option(check=ThresholdRange(), factory=list)
 
 
 @dataclass
 class FinetuneConfig:
     """Stage one of two-stage training: fine-tune encoders on the task before fitting the head."""
 
-    modalities: list[str] = field(default_factory=list)  # [], ["text"], ["image"] or both
-    epochs: int = 4
-    lr: float = 5e-5  # encoder learning rate; the task head gets head_lr
-    head_lr: float = 1e-3
-    batch_size: int = 32
-    warmup_frac: float = 0.06  # linear warm-up, then linear decay to zero
-    weight_decay: float = 0.01
-    optimizer: str = "adamw"
-    unfreeze_blocks: int = 2  # image encoder: how many of the last MBConv blocks are trained
+    # [], ["text"], ["image"] or both
+    modalities: list[str] = option(check=SubsetOf("modality", MODALITIES, may_be_empty=True),
+                                   flag="--finetune", factory=list)
+    epochs: int = option(4, AT_LEAST_1, "--ft-epochs")
+    lr: float = option(5e-5, POSITIVE, "--ft-lr")  # encoder learning rate; the task head gets head_lr
+    head_lr: float = option(1e-3, POSITIVE, "--ft-head-lr")
+    batch_size: int = option(32, AT_LEAST_1, "--ft-batch-size")
+    warmup_frac: float = option(0.06, FRACTION)  # linear warm-up, then linear decay to zero
+    weight_decay: float = option(0.01, Interval(0, None))
+    optimizer: str = option("adamw", OPTIMIZER, "--ft-optimizer")
+    # image encoder: how many of the last MBConv blocks are trained (its block count is the
+    # upper bound, checked when the encoder is built)
+    unfreeze_blocks: int = option(2, AT_LEAST_0, "--unfreeze-blocks")
 
 
 @dataclass
 class AugmentConfig:
     """Training-time augmentation (validation and test always see the plain input)."""
 
-    image: str = "auto"  # "crop,flip", "none"; auto = crop,flip whenever augmented views are used
-    text: str = ""  # e.g. "synonyms:2" (WordNet synonym replacement of 2 words)
-    views: int = 0  # frozen encoders: K augmented views per training item cached, one drawn per epoch
+    # "crop,flip", "none"; auto = crop,flip whenever augmented views are used
+    image: str = option("auto", ImageAugSpec(), "--image-aug")
+    text: str = option("", TextAugSpec(), "--text-aug")  # e.g. "synonyms:2" (WordNet synonyms)
+    # frozen encoders: K augmented views per training item cached, one drawn per epoch
+    views: int = option(0, AT_LEAST_0, "--aug-views")
 
     def image_spec(self, finetuning_image: bool) -> str:
         if self.image != "auto":
@@ -102,8 +331,10 @@ class AugmentConfig:
 class PseudoConfig:
     """Pseudo-label self-training on an unlabelled CSV (`--unlabeled`)."""
 
-    rounds: int = 0
-    confidence: float = 0.9  # a label is kept when its score is >= this, or <= 1 - this for all
+    rounds: int = option(0, AT_LEAST_0, "--pseudo-rounds")
+    # a label is kept when its score is >= this, or <= 1 - this for all; at 0.5 or below both
+    # would hold at once, at 1 no sigmoid score qualifies (see selftrain.select_pseudo_labels)
+    confidence: float = option(0.9, Interval(0.5, 1, closed="neither"), "--pseudo-confidence")
 
 
 @dataclass
@@ -119,8 +350,11 @@ class Config:
     # Empty: $MMTAG_CACHE or ~/.cache/mmtag, looked up when used, so a bundle carried to another
     # machine or user does not point at the trainer's cache.
     cache_dir: str = ""
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, "cuda" = this rank's GPU)
-    amp: bool = False  # mixed precision (fp16 autocast + grad scaling) on CUDA
+    # auto | cpu | cuda | cuda:N (under torchrun, "cuda" = this rank's GPU); whether that device
+    # exists here is asked when it is set up (dist.resolve_device)
+    device: str = option("auto", Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
+                         "--device")
+    amp: bool = option(False, flag="--amp")  # mixed precision (fp16 autocast + grad scaling) on CUDA
     preset: str = ""  # the preset this config started from, if any
     substitutions: list[str] = field(default_factory=list)  # "wanted -> used" backbone swaps
 
@@ -129,8 +363,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config") -> "Config":
-        """Build a Config from nested dicts, rejecting unknown keys by name."""
-        return _build(cls, raw or {}, source)
+        """Build and validate a Config from nested dicts; unknown keys and bad values are a
+        one-line MmtagError that starts with `source` and names the option."""
+        where = _Where(source)
+        return _build(cls, raw or {}, "", where)._validate(where)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
@@ -142,19 +378,50 @@ class Config:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def override(self, dotted: dict[str, Any]) -> "Config":
-        """Return a copy with `{"train.lr": 1e-3, ...}` applied; None values are ignored."""
+        """Return a validated copy with `{"train.lr": 1e-3, ...}` applied; None values are
+        ignored. A bad value names its flag first (`--lr (train.lr) must be ...`)."""
         raw = self.to_dict()
+        applied = set()
         for key, value in dotted.items():
             if value is None:
                 continue
             node = raw
             *parents, leaf = key.split(".")
             for p in parents:
-                node = node[p]
-            if leaf not in node:
+                node = node.get(p) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
                 raise MmtagError(f"unknown config option '{key}'")
             node[leaf] = value
-        return Config.from_dict(raw)
+            applied.add(key)
+        where = _Where("config", applied)
+        return _build(Config, raw, "", where)._validate(where)
+
+    def validate(self, source: str = "config") -> "Config":
+        """Check every option against its declared constraint (and the few rules that tie two
+        options together); raise a one-line MmtagError for the first bad one. Returns self."""
+        return self._validate(_Where(source))
+
+    def _validate(self, where: "_Where") -> "Config":
+        for dotted, value, f in _leaves(self):
+            check = f.metadata.get("check")
+            problem = check.problem(value) if check is not None else None
+            if problem:
+                raise MmtagError(where.say(dotted, f, problem))
+        self._check_combinations(where)
+        return self
+
+    def _check_combinations(self, where: "_Where") -> None:
+        from .fusion import head_needs
+
+        aug = self.augment
+        if aug.views > 0:
+            kinds = head_needs(self.model.head_name())  # image_tokens count as image
+            image = any(k.startswith("image") for k in kinds) and aug.image_spec(False).strip().lower() not in ("", "none")
+            text = any(k.startswith("text") for k in kinds) and aug.text.strip().lower() not in ("", "none")
+            if not (image or text):
+                f = _field(AugmentConfig, "views")
+                raise MmtagError(where.say("augment.views", f, "needs --image-aug or --text-aug "
+                                           "for a modality the model uses"))
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
@@ -179,41 +446,113 @@ def default_cache_dir() -> str:
     return str(Path(base) / "mmtag")
 
 
-def _build(cls: type, raw: dict[str, Any], source: str) -> Any:
+# ------------------------------------------------------------------------------ building
+@dataclass
+class _Where:
+    """How a message names an option: `FILE: train.lr` for a file's value, `--lr (train.lr)` for
+    one set by `override` (CLI flags, sweep axes)."""
+
+    source: str
+    overridden: set[str] = field(default_factory=set)
+
+    def say(self, dotted: str, f: dataclasses.Field | None, problem: str) -> str:
+        flag = f.metadata.get("flag") if f is not None else None
+        if dotted in self.overridden:
+            name = f"{flag} ({dotted})" if flag else dotted
+        else:
+            name = f"{self.source}: {dotted}"
+        return f"{name} {problem}" if problem.startswith(("must", "needs")) else f"{name}: {problem}"
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _leaves(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any, dataclasses.Field]]:
+    """(dotted name, value, field) of every non-dataclass option, in declaration order."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, f
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, where: _Where) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
     if unknown:
-        raise MmtagError(f"{source}: unknown option(s) {sorted(unknown)} in {cls.__name__}")
+        raise MmtagError(f"{where.source}: unknown option(s) {sorted(unknown)} in {cls.__name__}")
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
         f = fields[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
-                raise MmtagError(f"{source}: '{name}' must be a mapping")
-            kwargs[name] = _build(type(default), value, source)
+                raise MmtagError(f"{where.source}: '{prefix}{name}' must be a mapping")
+            kwargs[name] = _build(type(default), value, f"{prefix}{name}.", where)
         else:
-            kwargs[name] = _coerce(value, default, f"{cls.__name__}.{name}", source)
+            problem, kwargs[name] = _coerce(value, hints[name])
+            if problem:
+                raise MmtagError(where.say(f"{prefix}{name}", f, problem))
     return cls(**kwargs)
 
 
-def _coerce(value: Any, default: Any, name: str, source: str) -> Any:
-    """Coerce YAML/CLI scalars to the default's type so `lr: 1e-3` (a str in YAML 1.1) works."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if isinstance(default, int):
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(value: Any, hint: Any) -> tuple[str | None, Any]:
+    """(problem, value) with YAML/CLI scalars converted to the field's type, so `lr: 1e-3` (a str
+    in YAML 1.1) and `epochs: '5'` work, while `epochs: 2.5` or `skip_bad: maybe` are refused
+    rather than silently truncated or read as false."""
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            return f"must be a list, got {value!r}", value
+        items = []
+        for v in value:
+            problem, v = _coerce(v, item)
+            if problem:
+                return f"{problem} (in {list(value)!r})", value
+            items.append(v)
+        return None, items
+    if hint is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool):
+            return None, value
+        if isinstance(value, (int, str)) and text in _TRUE + _FALSE:
+            return None, text in _TRUE
+        return f"must be true or false, got {value!r}", value
+    if hint is int:
+        number = _number(value)
+        if number is None or not float(number).is_integer() or not math.isfinite(number):
+            return f"must be an integer, got {value!r}", value
+        return None, int(number)
+    if hint is float:
+        number = _number(value)
+        return (None, float(number)) if number is not None else (f"must be a number, got {value!r}", value)
+    if hint is str:
+        if isinstance(value, (dict, list, tuple)):
+            return f"must be a string, got {value!r}", value
+        return None, str(value)
+    return None, value
+
+
+def _number(value: Any) -> int | float | None:
+    """An int or float from a number or numeric string; None for anything else (bools too)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
             return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, list):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
-        raise MmtagError(f"{source}: option {name} cannot be {value!r}") from None
-    return value
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None

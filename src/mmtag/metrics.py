@@ -69,8 +69,19 @@ def compute(y_true: np.ndarray, y_pred: np.ndarray, label_ids: tuple[int, ...],
     """All metrics for 0/1 matrices (N, C) whose columns follow `label_ids`."""
     yt = y_true.astype(int)
     yp = y_pred.astype(int)
+    n_classes = yt.shape[1]
+    if len(yt) == 0 or n_classes == 0:  # nothing to score (sklearn would raise)
+        return Metrics(0.0, 0.0, 0.0, [ClassMetrics(int(i), n, 0.0, 0.0, 0.0, 0)
+                                       for i, n in zip(label_ids, names)], n=int(len(yt)))
+    if n_classes == 1:
+        # sklearn reads a one-column matrix as binary targets, not as one label of a multi-label
+        # problem (it refuses average="samples" and scores the 0s as a class). A column that is
+        # never true and never predicted makes it multi-label and changes no score: it adds no
+        # true/false positive or negative count, and the averages below skip absent classes.
+        yt = np.hstack([yt, np.zeros_like(yt)])
+        yp = np.hstack([yp, np.zeros_like(yp)])
     p, r, f, s = precision_recall_fscore_support(yt, yp, average=None, zero_division=0,
-                                                 labels=list(range(yt.shape[1])))
+                                                 labels=list(range(n_classes)))
     per_class = [ClassMetrics(int(i), n, float(pi), float(ri), float(fi), int(si))
                  for i, n, pi, ri, fi, si in zip(label_ids, names, p, r, f, s)]
     return Metrics(

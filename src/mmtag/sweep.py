@@ -31,12 +31,9 @@ from .ablate import uses_extra_text
 from .api import Tagger, read_dataset
 from .config import Config, read_yaml_mapping
 from .data import Dataset, train_val_split
-from .encoders import Encoder, _entry
+from .encoders import Encoder
 from .errors import MmtagError
-from .fusion import head_needs
 from .io import atomic_write_text, atomic_write_with
-from .losses import LOSSES
-from .thresholds import TUNERS
 
 log = logging.getLogger("mmtag")
 
@@ -212,28 +209,21 @@ def run_slug(combo: dict[str, Any]) -> str:
     return slug
 
 
-def _check_config(cfg: Config, combo: dict[str, Any], images: str | Path | None) -> None:
-    """Catch a bad value before hours of training rather than at its turn in the grid."""
-    what = ", ".join(f"{a}={value_text(v)}" for a, v in combo.items())
-    try:
-        mods = cfg.model.modalities
-        if not mods or set(mods) - {"image", "text"}:
-            raise MmtagError(f"modalities must be image, text or both, not {mods}")
-        head_needs(cfg.model.head_name())
-        for modality in mods:
-            _entry(cfg.model.image_encoder if modality == "image" else cfg.model.text_encoder,
-                   modality)
-        if cfg.train.optimizer not in ("adam", "adamw"):
-            raise MmtagError(f"unknown optimizer '{cfg.train.optimizer}'; available: adam, adamw")
-        if cfg.train.loss not in LOSSES:
-            raise MmtagError(f"unknown loss '{cfg.train.loss}'; available: {', '.join(LOSSES)}")
-        if cfg.train.thresholds not in TUNERS:
-            raise MmtagError(f"unknown threshold mode '{cfg.train.thresholds}'; "
-                             f"available: {', '.join(TUNERS)}")
-        if "image" in mods and images is None:
-            raise MmtagError("--images DIR is required when the image modality is used")
-    except MmtagError as exc:
-        raise MmtagError(f"sweep combination {what}: {exc}") from None
+def _combination_configs(base: Config, combos: list[dict[str, Any]],
+                         images: str | Path | None) -> list[Config]:
+    """Every combination's config, checked before hours of training rather than at its turn in
+    the grid. `Config.override` validates each value against the registries (names) and ranges."""
+    configs = []
+    for combo in combos:
+        what = ", ".join(f"{a}={value_text(v)}" for a, v in combo.items())
+        try:
+            cfg = combination_config(base, combo)
+            if "image" in cfg.model.modalities and images is None:
+                raise MmtagError("--images DIR is required when the image modality is used")
+        except MmtagError as exc:
+            raise MmtagError(f"sweep combination {what}: {exc}") from None
+        configs.append(cfg)
+    return configs
 
 
 # ------------------------------------------------------------------------------------ sweep
@@ -248,9 +238,7 @@ def run_sweep(train_csv: str | Path, images: str | Path | None, out: str | Path,
     out = Path(out)
     _check_axes(grid, "grid")
     combos = combinations(grid)
-    configs = [combination_config(base, c) for c in combos]
-    for cfg, combo in zip(configs, combos):
-        _check_config(cfg, combo, images)
+    configs = _combination_configs(base, combos, images)
     slugs = [run_slug(c) for c in combos]
     if len(set(slugs)) != len(slugs):  # cannot happen with distinct values; guard the resume logic
         raise MmtagError("grid: two combinations map to the same run directory")
