@@ -12,6 +12,42 @@ from mmtag.synthetic import SyntheticPaths, make_dataset
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def _wordnet_missing() -> str | None:
+    """Why tests marked `wordnet` cannot run here, or None when WordNet is installed."""
+    from mmtag.augment import find_wordnet
+    from mmtag.errors import MmtagError
+
+    try:
+        find_wordnet()
+    except MmtagError as exc:
+        return f"needs WordNet: {exc}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Markers for optional system data (registered in pyproject.toml): skip, saying what to install.
+    if item.get_closest_marker("wordnet") is not None:
+        reason = _wordnet_missing()
+        if reason is not None:
+            pytest.skip(reason)
+
+
+def save_tiny_bert(directory: Path, *, layers: int = 2) -> Path:
+    """A tiny randomly initialised BERT + WordPiece tokenizer, saved like a local HF model."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "horse", "photo", "of", "the"]
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt")).save_pretrained(str(directory))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=layers,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
     return make_dataset(tmp_path_factory.mktemp("tiny"), n_train=200, n_holdout=40, n_test=12,

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from mmtag import augment
-from mmtag.augment import (ImageAugment, TextAugment, find_wordnet, label_words, parse_image_aug,
-                           parse_text_aug)
+from mmtag.augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from mmtag.data import COCO_NAMES
 from mmtag.errors import MmtagError
 
@@ -18,18 +17,9 @@ S = 48
 CAPTION = "A dog chases a cat across the big green field"
 
 
-def _wordnet_available() -> bool:
-    try:
-        find_wordnet()
-    except MmtagError:
-        return False
-    return True
-
-
-needs_wordnet = pytest.mark.skipif(
-    not _wordnet_available(),
-    reason="WordNet 3.0 dict files not found: install Debian's wordnet-base "
-           "('apt-get install wordnet-base') or set MMTAG_WORDNET")
+# WordNet is optional system data: tests marked `wordnet` skip, saying how to install it, where
+# it is absent (tests/conftest.py).
+needs_wordnet = pytest.mark.wordnet
 
 
 def _ramps(b: int = 1, size: int = S) -> torch.Tensor:

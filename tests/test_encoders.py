@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import save_tiny_bert
 from mmtag.encoders import ENCODERS, create_encoder, load_encoder
 from mmtag.errors import MmtagError
 
@@ -69,18 +70,7 @@ def test_save_load_gives_identical_outputs(fixture, request, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tmp_path_factory):
-    """A tiny randomly initialised BERT + WordPiece tokenizer saved like a local HF model."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("tiny-bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "cat", "horse", "photo", "of", "the"]
-    (d / "vocab.txt").write_text("\n".join(words) + "\n")
-    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(str(d))
-    return d
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
 
 
 def test_hf_text_encoder_from_local_dir(tiny_bert_dir, tmp_path):
@@ -108,6 +98,38 @@ def test_hf_missing_weights_needs_random_init(tiny_bert_dir, tmp_path):
     assert create_encoder(f"hf:{d}", "text", random_init=True).dim == 32
     with pytest.raises(MmtagError, match="never downloads"):
         create_encoder("hf:no/such-model-here", "text")
+
+
+class _RunsCode:
+    """Unpickling this writes `marker`: a stand-in for a pickle that runs an attacker's code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('unpickled')",))
+
+
+def test_hf_pickle_weights_are_refused_never_unpickled(tiny_bert_dir, tmp_path):
+    import pickle
+    import shutil
+
+    from mmtag.encoders import hf_text_from_dir
+
+    d = tmp_path / "pickle-only"
+    shutil.copytree(tiny_bert_dir, d)
+    (d / "model.safetensors").unlink()
+    marker = tmp_path / "unpickled"
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"embeddings.word_embeddings.weight": _RunsCode(marker)}))
+    with pytest.raises(MmtagError, match="pytorch_model.bin") as info:
+        create_encoder(f"hf:{d}", "text")
+    assert "safetensors" in str(info.value) and "\n" not in str(info.value)
+    # below the directory check, transformers itself is told to read safetensors only
+    with pytest.raises(MmtagError, match=str(d)):
+        hf_text_from_dir(f"hf:{d}", d)
+    assert not marker.exists()
+    pickle.loads((d / "pytorch_model.bin").read_bytes())  # the trap is real: unpickling runs it
+    assert marker.read_text() == "unpickled"
 
 
 def test_timm_is_optional():

@@ -120,6 +120,37 @@ def test_export_refuses_misuse(fused_run: Path, exported: dict[str, Path], tmp_p
         api.export(exported["fp32"], tmp_path / "again")
 
 
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_export_that_disagrees_with_eager_is_refused(fused_run: Path, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch, modality: str) -> None:
+    """A graph whose features drift from the eager encoder's is refused with one line, and
+    nothing is written: neither the export nor the temporary directory it was built in."""
+    import tempfile
+
+    import torch
+
+    from mmtag import cli, runtime
+
+    cls = runtime.OnnxImageEncoder if modality == "image" else runtime.OnnxTextEncoder
+    original = cls.forward
+
+    def drifting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        flip = lambda t: torch.cat([-t[:1], t[1:]])  # noqa: E731 - the first probe row turns around
+        return tuple(flip(t) for t in out) if isinstance(out, tuple) else flip(out)
+
+    monkeypatch.setattr(cls, "forward", drifting)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "export"
+    assert cli.main(["-q", "export", str(fused_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disagrees with the eager encoder" in err[0], err
+    assert "int8" not in err[0] and "(fp32)" in err[0]
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
+
+
 def test_onnx_encoder_cannot_be_created_for_training() -> None:
     with pytest.raises(MmtagError, match="mmtag export"):
         create_encoder("onnx:minilm-l6", "text")

