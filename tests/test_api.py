@@ -133,8 +133,9 @@ def test_extra_text_never_contains_validation_captions(tiny, make_config, monkey
     assert seen["captions"] and not val_caps & {c.lower() for c in seen["captions"]}
 
 
-@pytest.mark.parametrize("mods, aug", [(["image"], {"augment.image": "crop,flip"}),
-                                       (["text"], {"augment.text": "synonyms:2"})])
+@pytest.mark.parametrize("mods, aug", [
+    (["image"], {"augment.image": "crop,flip"}),
+    pytest.param(["text"], {"augment.text": "synonyms:2"}, marks=pytest.mark.wordnet)])
 def test_augmented_views_reach_the_head(tiny, make_config, monkeypatch, mods, aug):
     import mmtag.api as api_mod
 
@@ -187,3 +188,115 @@ def test_check_finds_every_kind_of_problem(tiny, tmp_path):
 
     clean = api.check(tiny.train_csv, tiny.images, progress=False)
     assert clean.problems == 0 and clean.rows == len(tiny.train_csv.read_text().splitlines()) - 1
+
+
+def test_evaluate_counts_true_labels_the_model_does_not_know(tiny, fused_run, tmp_path, caplog):
+    """Labels absent from the model's label space are not dropped from the truth: a warning
+    names them (count and ids) and they score as missed labels, each with its own row."""
+    import csv
+    import logging
+
+    with open(tiny.holdout_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    rows[1][1] += " 99"
+    rows[2][1] += " 42 99"
+    path = tmp_path / "holdout_unknown.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    known = api.evaluate(fused_run, tiny.holdout_csv, tiny.images, progress=False)
+    with caplog.at_level(logging.WARNING, logger="mmtag"):
+        m = api.evaluate(fused_run, path, tiny.images, progress=False)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "2 true label id(s) in 2 row(s)" in warning and "42 (1 row), 99 (2 rows)" in warning
+    extra = {c.label: c for c in m.per_class[len(known.per_class):]}
+    assert sorted(extra) == [42, 99] and extra[99].support == 2 and extra[99].recall == 0.0
+    assert extra[99].name == "99 (unknown)"
+    assert m.per_class[:len(known.per_class)] == known.per_class  # known labels score as before
+    assert m.n == known.n and m.micro_f1 < known.micro_f1 and m.samples_f1 < known.samples_f1
+
+
+def test_in_memory_predict_names_the_undecodable_image(fused_run, tmp_path, monkeypatch):
+    """A file whose decoder raises something other than OSError/ValueError (here a DDS texture
+    named .jpg: NotImplementedError inside Pillow) is one DataError naming the file; so is an
+    image opened from upload bytes whose pixel data fails to decode (HTTP 4xx in the server)."""
+    import struct
+
+    from PIL import Image, ImageFile
+
+    from mmtag.data import open_image_bytes
+    from mmtag.errors import DataError
+
+    tagger = Tagger.load(fused_run)
+    dds = tmp_path / "photo.jpg"
+    dds.write_bytes(b"DDS " + struct.pack("<I", 124) + struct.pack("<3I", 0, 4, 4) + bytes(108))
+    with pytest.raises(DataError, match="photo.jpg: cannot decode image"):
+        tagger.predict([dds], ["a cat"])
+    with pytest.raises(MmtagError, match="image 0: expected a file path or a PIL image"):
+        tagger.predict([b"bytes"], ["a cat"])
+    png = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(png)
+    upload = open_image_bytes(png.read_bytes())
+
+    def broken_load(self):
+        raise IndexError("decoder bug")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(MmtagError, match="image 0: cannot decode image \\(IndexError"):
+        tagger.predict([upload], ["a cat"])
+
+
+def test_image_finetuning_finds_undecodable_images_before_the_first_epoch(tiny, make_config,
+                                                                          tmp_path, monkeypatch):
+    """Fine-tuning reads images outside the feature cache: a file that does not decode stops the
+    run before any epoch (one DataError naming it), or, under --skip-bad, is dropped and counted."""
+    import shutil
+
+    from mmtag import finetune
+    from mmtag.api import read_dataset
+    from mmtag.errors import DataError
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny.images, images)
+    train, _ = read_dataset(tiny.train_csv, images, labelled=True)
+    bad = train.image_ids[3]
+    (images / bad).write_bytes(b"\xff\xd8\xff not really a jpeg")
+    seen: list[int] = []
+
+    def fake_finetune(encoder, paths, *args, **kwargs):
+        seen.append(len(paths))
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(finetune, "finetune_image", fake_finetune)
+    cfg = make_config(**{"model.modalities": ["image"], "finetune.modalities": ["image"]})
+    with pytest.raises(DataError, match=f"{bad}.*cannot decode") as err:
+        Tagger(cfg).fit(train, progress=False)
+    assert "row 4" in str(err.value) and seen == []
+    cfg = cfg.override({"data.skip_bad": True})
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        Tagger(cfg).fit(train, progress=False)
+    assert seen and seen[0] < len(train)  # the training split, the bad row dropped
+
+
+def test_predict_and_export_refuse_an_impossible_out_before_the_work(fused_run, tiny, tmp_path,
+                                                                     monkeypatch):
+    from mmtag import runtime
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(Tagger, "load", classmethod(never))
+    monkeypatch.setattr(runtime, "export_encoders", never)
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MmtagError, match="is a directory"):
+        api.predict(fused_run, tiny.test_csv, tiny.images, tmp_path / "a-dir", progress=False)
+    with pytest.raises(MmtagError, match="not a directory"):
+        api.predict(fused_run, tiny.test_csv, tiny.images, tmp_path / "a-file" / "s.csv",
+                    progress=False)
+    (tmp_path / "user-data").mkdir()
+    (tmp_path / "user-data" / "notes.txt").write_text("mine")
+    with pytest.raises(MmtagError, match="not an mmtag run directory"):
+        api.export(fused_run, tmp_path / "user-data")
+    with pytest.raises(MmtagError, match="not a directory"):
+        api.export(fused_run, tmp_path / "a-file" / "export")
+    assert (tmp_path / "user-data" / "notes.txt").read_text() == "mine"

@@ -122,3 +122,210 @@ def test_check_exit_codes(tiny, tmp_path):
     r = mmtag("check", bad, "--images", tiny.images)
     assert r.returncode == 1
     assert "bad rows: 1" in r.stdout and "missing images: 1" in r.stdout and "2 problem(s)" in r.stdout
+
+
+# ------------------------------------------ bad flags and degenerate data: one line, before work
+# These drive `mmtag.cli.main` in-process: exit code 2, exactly one stderr line, and no work done
+# (no run directory, nothing in the feature cache).
+from mmtag import cli  # noqa: E402
+from mmtag.data import train_val_split  # noqa: E402
+
+
+def _main(capsys, *args):
+    """Exit code and stderr lines of `mmtag -q ARGS` run in this process."""
+    try:
+        code = cli.main(["-q", *map(str, args)])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture
+def small_csv(tiny, tmp_path):
+    """The first 12 rows of the tiny dataset: real work would be quick, but still visible."""
+    lines = tiny.train_csv.read_text().splitlines()
+    return _write(tmp_path / "small.csv", "\r\n".join(lines[:13]) + "\r\n")
+
+
+def _train_args(csv_path, tiny, tmp_path, *extra):
+    return ["train", csv_path, "--images", tiny.images, "--out", tmp_path / "run", "--epochs", "1",
+            "--hidden", "16", "--workers", "0", "--cache-dir", tmp_path / "cache", *extra]
+
+
+def _no_work(tmp_path):
+    cache = tmp_path / "cache"
+    return not (tmp_path / "run").exists() and not (cache.exists() and any(cache.rglob("*")))
+
+
+@pytest.mark.parametrize("flag, value, dotted, valid", [
+    ("--val-frac", "0", "data.val_frac", "a number in (0, 1)"),
+    ("--val-frac", "1.5", "data.val_frac", "a number in (0, 1)"),
+    ("--batch-size", "0", "train.batch_size", "an integer >= 1"),
+    ("--lr", "-1", "train.lr", "a finite number > 0"),
+    ("--lr", "nan", "train.lr", "a finite number > 0"),
+    ("--lr", "inf", "train.lr", "a finite number > 0"),
+    ("--workers", "-1", "data.workers", "an integer >= 0"),
+    ("--epochs", "0", "train.epochs", "an integer >= 1"),
+    ("--patience", "-1", "train.patience", "an integer >= 0"),
+    ("--hidden", "0", "model.hidden", "an integer >= 1"),
+    ("--seed", "-1", "train.seed", "an integer in [0, 4294967295]"),
+    ("--aug-views", "-1", "augment.views", "an integer >= 0"),
+    ("--pseudo-rounds", "-1", "pseudo.rounds", "an integer >= 0"),
+    ("--pseudo-confidence", "0.3", "pseudo.confidence", "a number in (0.5, 1)"),
+    ("--ft-epochs", "0", "finetune.epochs", "an integer >= 1"),
+    ("--ft-lr", "0", "finetune.lr", "a finite number > 0"),
+    ("--ft-head-lr", "-0.001", "finetune.head_lr", "a finite number > 0"),
+    ("--ft-batch-size", "0", "finetune.batch_size", "an integer >= 1"),
+    ("--unfreeze-blocks", "-1", "finetune.unfreeze_blocks", "an integer >= 0"),
+])
+def test_out_of_range_flag_is_one_line_before_any_work(capsys, tiny, small_csv, tmp_path, flag,
+                                                      value, dotted, valid):
+    code, err = _main(capsys, *_train_args(small_csv, tiny, tmp_path, flag, value))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mmtag: error: {flag} ({dotted}) must be {valid}, got ")
+    assert _no_work(tmp_path)
+
+
+def _registry_names(kind):
+    from mmtag import encoders, fusion, losses, thresholds
+
+    return {
+        "fusion": sorted(fusion.HEADS),
+        "loss": list(losses.LOSSES),
+        "thresholds": list(thresholds.TUNERS),
+        "image": [n for n, e in encoders.ENCODERS.items() if e.modality == "image"] + ["timm:NAME"],
+        "text": [n for n, e in encoders.ENCODERS.items() if e.modality == "text"] + ["hf:NAME"],
+        "modalities": ["image", "text"],
+        "optimizer": ["adam", "adamw"],
+        "image-aug": ["crop", "flip"],
+        "text-aug": ["synonyms:N"],
+    }[kind]
+
+
+@pytest.mark.parametrize("flag, value, dotted, kind", [
+    ("--modalities", "audio", "model.modalities", "modalities"),
+    ("--modalities", "image,audio", "model.modalities", "modalities"),
+    ("--modalities", "text,text", "model.modalities", "modalities"),
+    ("--fusion", "nope", "model.fusion", "fusion"),
+    ("--loss", "hinge", "train.loss", "loss"),
+    ("--optimizer", "sgd", "train.optimizer", "optimizer"),
+    ("--ft-optimizer", "sgd", "finetune.optimizer", "optimizer"),
+    ("--thresholds", "median", "train.thresholds", "thresholds"),
+    ("--image-encoder", "resnet-9000", "model.image_encoder", "image"),
+    ("--image-encoder", "minilm-l6", "model.image_encoder", "image"),  # a text encoder
+    ("--text-encoder", "timm:resnet18", "model.text_encoder", "text"),  # an image family
+    ("--image-aug", "rotate", "augment.image", "image-aug"),
+    ("--text-aug", "shuffle:2", "augment.text", "text-aug"),
+])
+def test_unknown_name_lists_the_valid_ones_before_any_work(capsys, tiny, small_csv, tmp_path, flag,
+                                                          value, dotted, kind):
+    code, err = _main(capsys, *_train_args(small_csv, tiny, tmp_path, flag, value))
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"mmtag: error: {flag} ({dotted})")
+    for name in _registry_names(kind):
+        assert name in err[0], (name, err[0])
+    assert _no_work(tmp_path)
+
+
+@pytest.mark.parametrize("yaml_text, needle", [
+    ("train:\n  lr: -1\n", "train.lr must be a finite number > 0, got -1.0"),
+    ("model:\n  modalities: [audio]\n", "model.modalities: unknown modality 'audio'; available: image, text"),
+    ("data:\n  val_frac: 1\n", "data.val_frac must be a number in (0, 1), got 1.0"),
+    ("data:\n  skip_bad: maybe\n", "data.skip_bad must be true or false, got 'maybe'"),
+    ("train:\n  epochs: 2.5\n", "train.epochs must be an integer, got 2.5"),
+    ("device: gpu\n", "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_bad_config_file_value_is_one_line_naming_file_and_option(capsys, tiny, small_csv, tmp_path,
+                                                                   yaml_text, needle):
+    cfg = _write(tmp_path / "c.yaml", yaml_text)
+    code, err = _main(capsys, *_train_args(small_csv, tiny, tmp_path, "--config", cfg))
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == f"mmtag: error: {cfg}: {needle}"
+    assert _no_work(tmp_path)
+
+
+@pytest.mark.parametrize("flag, value, problem", [
+    ("--max-upload-mb", "0", "must be a finite number > 0, got 0.0"),
+    ("--max-side", "0", "must be an integer >= 1, got 0"),
+    ("--max-batch", "-5", "must be an integer >= 1, got -5"),
+    ("--timeout", "nan", "must be a finite number > 0, got nan"),
+    ("--port", "70000", "must be an integer in [0, 65535], got 70000"),
+])
+def test_bad_serve_flag_is_one_line_before_loading(capsys, tmp_path, flag, value, problem):
+    # the run does not exist: the flag is refused before anything is loaded
+    code, err = _main(capsys, "serve", tmp_path / "no-run", flag, value)
+    assert code == 2 and err == [f"mmtag serve: error: argument {flag}: {problem} "
+                                 "(see 'mmtag serve --help')"]
+
+
+def test_argparse_errors_are_one_line(capsys):
+    code, err = _main(capsys, "train", "--epochs", "many")
+    assert code == 2 and err == ["mmtag train: error: argument --epochs: invalid int value: 'many' "
+                                 "(see 'mmtag train --help')"]
+    code, err = _main(capsys, "nope")
+    assert code == 2 and len(err) == 1 and "invalid choice: 'nope'" in err[0]
+
+
+def _rows(*labels):
+    return "ImageID,Labels,Caption\r\n" + "".join(
+        f"{i}.jpg,{lab},a photo number {i} of something\r\n" for i, lab in enumerate(labels))
+
+
+@pytest.mark.parametrize("labels, needle", [
+    (["1"] * 6, "a multi-label tagger needs at least 2 distinct labels; every row has label 1 (person)"),
+    (["1"], "1 labelled row; training needs at least 2 (1 to train on, 1 to validate on)"),
+])
+def test_degenerate_dataset_is_refused_before_features(capsys, tiny, tmp_path, labels, needle):
+    csv_path = _write(tmp_path / "d.csv", _rows(*labels))
+    code, err = _main(capsys, *_train_args(csv_path, tiny, tmp_path, "--modalities", "text"))
+    assert code == 2 and err == [f"mmtag: error: {csv_path}: {needle}"]
+    cache = tmp_path / "cache"
+    assert not (cache.exists() and any(cache.rglob("*"))) and not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_too_few_rows_left_after_skip_bad_is_one_line(capsys, tiny, tmp_path):
+    csv_path = _write(tmp_path / "d.csv", "ImageID,Labels,Caption\r\n0.jpg,1,a man\r\nmissing.jpg,3,a car\r\n")
+    code, err = _main(capsys, *_train_args(csv_path, tiny, tmp_path, "--skip-bad"))
+    assert code == 2 and len(err) == 1, err
+    assert "1 labelled row left after --skip-bad dropped 1; training needs at least 2" in err[0]
+
+
+def test_one_label_in_the_training_split_trains_and_evaluates(capsys, tiny, tmp_path):
+    # Two labels in the file, but the only row with label 3 is the validation row: the model's
+    # label space has one class. Metrics must be correct (not sklearn's binary reading) and not crash.
+    n = 8
+    labels = ["1"] * n
+    labels[int(train_val_split(n, 0.1, 0)[1][0])] = "1 3"
+    csv_path = _write(tmp_path / "d.csv", _rows(*labels))
+    code, err = _main(capsys, *_train_args(csv_path, tiny, tmp_path, "--modalities", "text",
+                                           "--epochs", "3"))
+    assert code == 0, err
+    eval_csv = _write(tmp_path / "e.csv", _rows(*["1"] * 4))
+    code, err = _main(capsys, "evaluate", tmp_path / "run", eval_csv, "--json", tmp_path / "m.json",
+                      "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert [c["label"] for c in m["per_class"]] == [1] and m["per_class"][0]["support"] == 4
+
+
+def test_single_class_metrics_are_multilabel_scores():
+    import numpy as np
+
+    from mmtag.metrics import compute
+
+    y_true = np.array([[1], [1], [0], [1]])
+    y_pred = np.array([[1], [0], [0], [1]])
+    m = compute(y_true, y_pred, (1,), ("person",))
+    # samples F1 averages rows: 1, 0, 0 (nothing true, nothing predicted), 1
+    assert m.samples_f1 == pytest.approx(0.5)
+    # micro/macro over the one label: precision 2/2, recall 2/3 -> F1 0.8 (not accuracy-like 0.857)
+    assert m.micro_f1 == pytest.approx(0.8) and m.macro_f1 == pytest.approx(0.8)
+    assert (m.per_class[0].precision, m.per_class[0].recall, m.per_class[0].support) == (1.0, pytest.approx(2 / 3), 3)
+
+
+def test_ablate_checks_every_variant_before_training_the_first(capsys, tiny, tmp_path):
+    code, err = _main(capsys, "ablate", tiny.train_csv, "--images", tiny.images, "--out", tmp_path / "ab",
+                      "--variants", "text,nope", "--cache-dir", tmp_path / "cache")
+    assert code == 2 and len(err) == 1, err
+    assert "argument --variants: unknown fusion head 'nope'; available: concat," in err[0]
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "cache").exists()

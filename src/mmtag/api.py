@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,19 @@ from PIL import Image
 
 from . import bundle as bundle_io
 from .bundle import ValidationRecord
-from . import dist
+from . import dist, rundir
 from .checkpoint import RunLog
 from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
-from .data import (Dataset, LabelSpace, check_images_exist, decode_image, read_csv,
-                   train_val_split)
+from .data import (Dataset, ImageDecodeError, LabelSpace, check_images_decode, check_images_exist,
+                   decode_image, read_csv, train_val_split)
 from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_encoder,
                        list_encoders)
 from .errors import DataError, MmtagError
 from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
                        encode_images, extract, extract_views)
 from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs
-from .io import atomic_write_text
+from .io import atomic_write_text, check_writable_dir, check_writable_file
 from .metrics import Metrics, compute
 from .losses import create_loss
 from .selftrain import PseudoRound, select_pseudo_labels
@@ -156,13 +157,21 @@ class Tagger:
         """
         if not train.labelled:
             raise DataError(train.path, "training data needs a Labels column")
-        cfg = self.config
+        cfg = self.config.validate()  # a Config built in Python gets the checks files and flags get
         skip_bad = cfg.data.skip_bad
         skipped: list[DataError] = []
+        # Missing images go first (--skip-bad), so the data check below counts the usable rows.
+        if "image" in self.modalities:
+            train, skipped = check_images_exist(train, skip_bad=skip_bad)
+        _check_trainable(train, val, extra_text, dropped=len(skipped))
         if cfg.finetune.modalities:
             # Features depend on the fine-tuned encoders, so they come after the split and stage one.
-            if "image" in self.modalities:
-                train, skipped = check_images_exist(train, skip_bad=skip_bad)
+            if "image" in cfg.finetune.modalities and "image" in self.modalities:
+                # Fine-tuning reads images outside the cache, epoch after epoch: an undecodable
+                # one is found (and under --skip-bad, dropped) before the first epoch.
+                train, undecodable = check_images_decode(train, skip_bad=skip_bad, progress=progress)
+                skipped += undecodable
+                _check_trainable(train, val, extra_text, dropped=len(skipped))
             tr_data, va_data = self._split(train, val)
             self.label_space = LabelSpace.from_labels(tr_data.labels)  # type: ignore[arg-type]
             self._finetune(tr_data, va_data, progress=progress)
@@ -172,12 +181,14 @@ class Tagger:
         else:
             full = self.features(train, skip_bad=skip_bad, progress=progress)
             if val is None:
+                # undecodable images dropped under --skip-bad may leave too few rows to split
+                _check_trainable(full.dataset, None, extra_text, dropped=len(skipped) + len(full.skipped))
                 tr_idx, va_idx = self._split_indices(len(full.dataset))
                 tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
                 va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
             else:
                 tr, va = full, self.features(val, skip_bad=skip_bad, progress=progress)
-            skipped = list(full.skipped) + (va.skipped if val is not None else [])
+            skipped += list(full.skipped) + (va.skipped if val is not None else [])
         tr_data, va_data = tr.dataset, va.dataset
         extra_labels = extra_text.labels if extra_text is not None else []
         self.label_space = LabelSpace.from_labels(tr_data.labels + extra_labels)  # type: ignore[operator]
@@ -467,11 +478,16 @@ class Tagger:
             for start in range(0, n, batch_size):
                 arrays = []
                 for k, img in enumerate(images[start:start + batch_size]):
+                    if not isinstance(img, (Image.Image, str, Path)):
+                        raise MmtagError(f"image {start + k}: expected a file path or a PIL image, "
+                                         f"got {type(img).__name__}")
                     try:
                         arrays.append(decode_image(img if isinstance(img, Image.Image) else Path(img),
                                                    enc.image_size))
-                    except ValueError as exc:
-                        raise MmtagError(f"image {start + k}: {exc}") from None
+                    except ImageDecodeError as exc:  # whatever the decoder raised (data._decoding)
+                        if isinstance(img, Image.Image):
+                            raise MmtagError(f"image {start + k}: {exc}") from None
+                        raise DataError(img, str(exc)) from None
                 out = encode_images(enc, torch.from_numpy(np.stack(arrays)))
                 for kind in chunks:
                     chunks[kind].append(out[kind])
@@ -487,29 +503,47 @@ class Tagger:
         return feats
 
     def evaluate(self, dataset: Dataset, *, progress: bool = True) -> Metrics:
-        """Metrics of this tagger's decisions on a labelled dataset."""
+        """Metrics of this tagger's decisions on a labelled dataset.
+
+        True labels the model does not know (absent from its training labels) are not dropped
+        from the truth: a warning names them, and they are scored as labels the model never
+        predicts, so each is a missed label (false negative) in every average and has its own
+        per-class row, named "<name> (unknown)", with recall 0.
+        """
         if not dataset.labelled:
             raise DataError(dataset.path, "evaluation needs a Labels column")
         preds = self.predict_proba_dataset(dataset, progress=progress)
         ls = self.label_space
         assert ls is not None
-        y = ls.encode(preds.dataset.labels)  # type: ignore[arg-type]
-        return compute(y, preds.mask, ls.ids, ls.names)
+        truth: list[list[int]] = preds.dataset.labels  # type: ignore[assignment]
+        y, mask, ids, names = ls.encode(truth), preds.mask, ls.ids, ls.names
+        unknown = _warn_unknown_labels(ls, truth, dataset.path,
+                                       "they count as missed labels in the metrics")
+        if unknown:
+            extra = LabelSpace.from_labels([list(unknown)])
+            y = np.hstack([y, extra.encode(truth)])
+            mask = np.hstack([mask, np.zeros((len(mask), len(extra)), dtype=mask.dtype)])
+            ids, names = ids + extra.ids, names + tuple(f"{n} (unknown)" for n in extra.names)
+        return compute(y, mask, ids, names)
 
     # ------------------------------------------------------------------ persistence
     def save(self, run_dir: str | Path) -> dict[str, Any]:
-        """Write the bundle (see `mmtag.bundle`); returns its manifest."""
+        """Write the bundle (see `mmtag.bundle`); returns its manifest. It is built beside
+        `run_dir` and moved into place complete, replacing a previous bundle there."""
+        return bundle_io.save(run_dir, self._bundle())
+
+    def _bundle(self) -> bundle_io.Bundle:
         self._check_fitted()
         for m in self.modalities:
             self._encoder(m)
-        return bundle_io.save(run_dir, bundle_io.Bundle(
+        return bundle_io.Bundle(
             config=self.config, label_space=self.label_space, thresholds=self.thresholds,  # type: ignore[arg-type]
             head_name=self.head_name, dims=self.dims, head_state=self.head.state_dict(),  # type: ignore[union-attr]
             encoders={m: self.encoders[m] for m in self.modalities},
             val_metrics=self.val_metrics, history=self.history,
             extra={"pseudo_rounds": [asdict(r) for r in self.pseudo_rounds],
                    "finetune": self.finetune_history},
-            validation=self.validation))
+            validation=self.validation)
 
     @classmethod
     def load(cls, run_dir: str | Path, *, cache_dir: str | None = None) -> "Tagger":
@@ -529,6 +563,43 @@ class Tagger:
         tagger.validation = b.validation
         tagger.finetune_history = b.extra.get("finetune") or {}
         return tagger
+
+
+def _warn_unknown_labels(ls: LabelSpace, truth: list[list[int]], path: Path,
+                         consequence: str) -> dict[int, int]:
+    """True labels the model does not know (id → rows), said once in a warning, never dropped
+    silently from the truth."""
+    unknown = ls.unknown(truth)
+    if unknown and dist.context().is_main:
+        rows = sum(1 for row in truth if any(label in unknown for label in row))
+        listed = ", ".join(f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in list(unknown.items())[:20])
+        more = f", and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        log.warning("%s: %d true label id(s) in %d row(s) are not in this model's label space: "
+                    "%s%s; the model never predicts them; %s", path, len(unknown), rows, listed,
+                    more, consequence)
+    return unknown
+
+
+def _check_trainable(train: Dataset, val: Dataset | None, extra_text: Dataset | None, *,
+                     dropped: int = 0) -> None:
+    """Refuse, before any feature is computed, data that cannot train a multi-label tagger:
+    too few rows for a training and a validation part, or a single label (nothing to tell
+    apart; sklearn's multi-label metrics would also fail on it after the training time)."""
+    n = len(train)
+    left = f" left after --skip-bad dropped {dropped}" if dropped else ""
+    rows = f"{n} labelled row{'' if n == 1 else 's'}{left}"
+    if val is None and n < 2:
+        raise DataError(train.path, f"{rows}; training needs at least 2 (1 to train on, 1 to validate on)")
+    if n < 1:
+        raise DataError(train.path, f"{rows}; training needs at least 1")
+    if val is not None and len(val) < 1:
+        raise DataError(val.path, "no validation rows; validation needs at least 1")
+    labels = list(train.labels or []) + list((extra_text.labels or []) if extra_text is not None else [])
+    space = LabelSpace.from_labels(labels)
+    if len(space) < 2:
+        only = f"{space.ids[0]}" + (f" ({space.names[0]})" if space.names[0] != str(space.ids[0]) else "")
+        raise DataError(train.path, "a multi-label tagger needs at least 2 distinct labels; "
+                                    f"every row has label {only}")
 
 
 def _without_captions_of(extra: Dataset, val: Dataset) -> Dataset:
@@ -564,16 +635,18 @@ def read_dataset(csv_path: str | Path, images: str | Path | None, *, labelled: b
 
 
 def train(train_csv: str | Path | None, images: str | Path | None, out: str | Path, config: Config,
-          *, progress: bool = True, resume: bool = False,
-          tensorboard: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
+          *, progress: bool = True, resume: bool = False, tensorboard: bool = False,
+          overwrite: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
     """Read, train, tune, save: the whole `mmtag train` job. Returns tagger, report, manifest.
 
     `train_csv` / `images` default to the config's `data.train_csv` / `data.images`. The resolved
-    config goes to OUT/config.yaml first, so `train --config OUT/config.yaml` reproduces the run
-    and `resume=True` continues it from its per-epoch checkpoints (see `mmtag.checkpoint`).
+    config is written first to the directory the run trains in (OUT, or `.OUT.partial` while a
+    finished run at OUT is replaced), so `train --config OUT/config.yaml` reproduces the run and
+    `resume=True` continues it from its per-epoch checkpoints (see `mmtag.checkpoint`). The
+    finished run (bundle, metrics.csv, report, manifest last) is assembled beside OUT and moved
+    into place complete (see `mmtag.rundir`). A finished or interrupted run at OUT is refused
+    unless `overwrite`; until the new run is complete, it stays exactly as it was.
     """
-    import shutil
-
     out = Path(out)
     train_csv = train_csv or config.data.train_csv or None
     images = images or config.data.images or None
@@ -586,46 +659,61 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
         raise MmtagError("--images DIR is required when the image modality is used")
     image_dir = images if "image" in tagger.modalities else None
     writer = dist.context().is_main  # under torchrun, rank 0 alone writes the run directory
-    if writer:
-        if not resume:
-            # A fresh run must not continue someone else's checkpoints left in the directory.
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            (out / "metrics.csv").unlink(missing_ok=True)
-        (out / "manifest.json").unlink(missing_ok=True)
-        config.save_yaml(out / "config.yaml")
-        tagger.run_log = RunLog(out, tensorboard=tensorboard)
-    dataset, skipped = read_dataset(train_csv, image_dir, labelled=True, skip_bad=config.data.skip_bad)
-    unlabeled = None
-    if config.data.unlabeled:
-        unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
-                                               skip_bad=config.data.skip_bad)
-        skipped += pool_skipped
-    extra_text = None
-    if config.data.extra_text:
-        extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
-                                                 skip_bad=config.data.skip_bad)
-        skipped += extra_skipped
-    fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
-    fit.skipped = skipped + fit.skipped
-    manifest: dict[str, Any] = {}
-    if writer:
-        manifest = tagger.save(out)
-        tagger.run_log.close()  # type: ignore[union-attr]
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # complete: nothing to resume
-        report(out, progress=False)
+    # Before any expensive work: an --out that cannot work, or holds a run, is refused now.
+    space = dist.checked(lambda: rundir.prepare(out, overwrite=overwrite, resume=resume)
+                         if writer else None)
+    try:
+        if space is not None:
+            config.save_yaml(space.work / "config.yaml")
+            tagger.run_log = RunLog(space.work, tensorboard=tensorboard)
+        dataset, skipped = read_dataset(train_csv, image_dir, labelled=True,
+                                        skip_bad=config.data.skip_bad)
+        unlabeled = None
+        if config.data.unlabeled:
+            unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
+                                                   skip_bad=config.data.skip_bad)
+            skipped += pool_skipped
+        extra_text = None
+        if config.data.extra_text:
+            extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
+                                                     skip_bad=config.data.skip_bad)
+            skipped += extra_skipped
+        fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
+        fit.skipped = skipped + fit.skipped
+        manifest: dict[str, Any] = {}
+        if space is not None:
+            tagger.run_log.close()  # type: ignore[union-attr]
+            work = space.work
+            manifest = bundle_io.save(out, tagger._bundle(),
+                                      add_files=lambda run: _add_run_files(work, run))
+            space.finish()
+    except Exception:
+        if space is not None:
+            space.abandon()
+        raise
+    finally:
+        if tagger.run_log is not None:
+            tagger.run_log.close()
     dist.barrier()  # no rank reports success before the bundle exists
     return tagger, fit, manifest
 
 
+def _add_run_files(work: Path, run: Path) -> None:
+    """Into the new bundle `run`, before its manifest: the training logs and the report."""
+    import shutil
+
+    if (work / "metrics.csv").is_file():
+        shutil.copy2(work / "metrics.csv", run / "metrics.csv")
+    if (work / "tensorboard").is_dir():
+        shutil.copytree(work / "tensorboard", run / "tensorboard")
+    report(run, progress=False)
+
+
 def resume(run: str | Path, *, progress: bool = True,
            tensorboard: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
-    """Continue an interrupted `train` into the same directory, from its saved config."""
+    """Continue an interrupted `train` from its saved config; it finishes into `run`."""
     run = Path(run)
-    if (run / "manifest.json").is_file():
-        raise MmtagError(f"{run}: this run finished already; nothing to resume")
-    if not (run / "config.yaml").is_file():
-        raise MmtagError(f"{run}: no config.yaml, so not an mmtag run directory that can be resumed")
-    config = Config.from_yaml(run / "config.yaml")
+    config = Config.from_yaml(rundir.resume_dir(run) / "config.yaml")
     return train(None, None, run, config, progress=progress, resume=True, tensorboard=tensorboard)
 
 
@@ -640,6 +728,8 @@ def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *
 def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, out: str | Path, *,
             progress: bool = True, cache_dir: str | None = None) -> DatasetPredictions:
     """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order."""
+    if dist.context().is_main:
+        check_writable_file(out)  # before the model loads and every row is scored
     tagger = Tagger.load(run, cache_dir=cache_dir)
     dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=False)
     preds = tagger.predict_proba_dataset(dataset, progress=progress)
@@ -672,6 +762,9 @@ def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool
         raise MmtagError(f"unknown export format '{format}' (available: onnx)")
     if Path(out).resolve() == Path(run).resolve():
         raise MmtagError(f"{out}: export into a new directory, not over the run itself")
+    # Before the slow export: OUT must be new, empty or an mmtag run (replaced only when complete).
+    rundir.inspect(out)
+    check_writable_dir(Path(os.path.abspath(out)).parent)
     b = bundle_io.load(run)
     encoders, workdir = export_encoders(b.encoders, int8=int8)
     try:
@@ -711,6 +804,8 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
                                   labelled=True)
         fs = tagger.features(dataset, progress=progress)
         d = fs.dataset
+        _warn_unknown_labels(tagger.label_space, d.labels, dataset.path,  # type: ignore[arg-type]
+                             "the report shows the model's own labels only (see mmtag evaluate)")
         scores = tagger._scores(fs.features)
         record = ValidationRecord(
             probs=scores.probs, branches=scores.branches,
@@ -734,7 +829,7 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
         history=tagger.history, finetune_history=tagger.finetune_history,
         config_yaml=_yaml(tagger.config.to_dict()))
     target = Path(out) if out is not None else Path(run) / "report.html"
-    atomic_write_text(target, render(data))
+    bundle_io.write_file(run, target, render(data))  # RUN/report.html: the manifest follows
     return target
 
 
@@ -767,9 +862,6 @@ def check(csv_path: str | Path, images: str | Path | None = None, *,
           progress: bool = True) -> CheckReport:
     """Validate a dataset without training: every row parsed, every image opened and decoded."""
     from collections import Counter
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
 
     if images is not None and not Path(images).is_dir():
         raise MmtagError(f"{images}: images directory not found")
@@ -779,28 +871,23 @@ def check(csv_path: str | Path, images: str | Path | None = None, *,
     dup = {i: n for i, n in Counter(d.image_ids).items() if n > 1}
     missing: list[DataError] = []
     corrupt: list[DataError] = []
+    escaped: list[DataError] = []
     if images is not None:
-        order = []
+        present = []
         for i in range(len(d)):
-            if d.image_path(i).is_file():
-                order.append(i)
-            else:
-                missing.append(DataError(d.path, f"image {str(d.image_path(i))!r} not found", **d.where(i)))
-
-        def decode(i: int) -> DataError | None:
             try:
-                decode_image(d.image_path(i), 64)  # a real decode; draft mode keeps it cheap
-                return None
-            except ValueError as exc:
-                return DataError(d.path, f"image {d.image_ids[i]!r}: {exc}", **d.where(i))
-
-        # Pillow releases the GIL while decoding, so threads use both cores.
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            results = list(tqdm(pool.map(decode, order), total=len(order), desc="checking images",
-                                unit="img", disable=not progress))
-        corrupt = [e for e in results if e is not None]
+                path = d.image_path(i)
+            except DataError as err:  # a symlink leading outside the images directory: a bad row
+                escaped.append(err)
+                continue
+            if path.is_file():
+                present.append(i)
+            else:
+                missing.append(DataError(d.path, f"image {str(path)!r} not found", **d.where(i)))
+        _, corrupt = check_images_decode(d.subset(present), skip_bad=True, progress=progress)
     return CheckReport(path=Path(csv_path), rows=len(d) + len(result.skipped), labelled=d.labelled,
-                       label_counts=dict(sorted(counts.items())), bad_rows=result.skipped,
+                       label_counts=dict(sorted(counts.items())),
+                       bad_rows=sorted(result.skipped + escaped, key=lambda e: e.row or 0),
                        missing_images=missing, corrupt_images=corrupt, duplicate_ids=dup)
 
 
@@ -813,7 +900,9 @@ def info(run: str | Path) -> dict[str, Any]:
     """What a run holds: config, labels, thresholds, encoders (with hashes), metrics, size."""
     import json
 
-    manifest = bundle_io.read_manifest(run)
+    # Every file is validated first (encoders excepted: their weights are only parsed), so what
+    # follows reads well-formed files.
+    manifest = bundle_io.load(run, build_encoders=False).manifest
     run = Path(run)
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     return {

@@ -8,6 +8,10 @@
 A stage is one call of `train.fit_head` (the head; or a late-fusion branch; or a pseudo-label
 round). The JSON is written after its tensors, and names them, so a kill at any instant leaves
 the previous complete checkpoint in force. No pickle: tensors in safetensors, the rest in JSON.
+
+RUN here is the directory a run trains in: the run directory itself, or `.RUN.partial` beside it
+while a finished run there is being replaced (see `mmtag.rundir`). The finished run is assembled
+elsewhere and takes its place, so checkpoints never reach a finished run.
 """
 from __future__ import annotations
 
@@ -28,6 +32,11 @@ from .io import atomic_write_text, atomic_write_with
 log = logging.getLogger("mmtag")
 
 METRIC_FIELDS = ["stage", "epoch", "train_loss", "val_loss", "val_samples_f1", "threshold"]
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether any stage of the run in `run_dir` finished an epoch (so `--resume` has work saved)."""
+    return any((Path(run_dir) / "checkpoints").glob("*.json"))
 
 
 @dataclass

@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 import time
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import AT_LEAST_1, FUSION_HEAD, POSITIVE, Constraint, Interval
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
@@ -43,11 +46,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .presets import load_preset
 
     if args.resume:
-        if args.train_csv or args.config or args.preset:
-            raise MmtagError("--resume RUN continues with the run's own config.yaml; give no other inputs")
+        if args.train_csv or args.config or args.preset or args.out or args.overwrite:
+            raise MmtagError("--resume RUN continues with the run's own config.yaml into RUN; "
+                             "give no other inputs")
         print(f"resuming {args.resume}")
-        _, report, manifest = api.resume(args.resume, progress=_progress(args),
-                                         tensorboard=args.tensorboard)
+        try:
+            _, report, manifest = api.resume(args.resume, progress=_progress(args),
+                                             tensorboard=args.tensorboard)
+        except KeyboardInterrupt:
+            raise _interrupted(args.resume) from None
         return _print_trained(args.resume, report, manifest)
     if args.preset and args.config:
         raise MmtagError("give --preset or --config, not both (copy the preset's YAML to edit it)")
@@ -79,9 +86,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     # One directory for all ranks: rank 0's clock names it.
     out = args.out or dist.broadcast(Path("runs") / time.strftime("mmtag-%Y%m%d-%H%M%S"))
     print(f"run directory: {out}" + (f" ({ctx.world} processes)" if ctx.distributed else ""))
-    _, report, manifest = api.train(args.train_csv, args.images, out, config,
-                                    progress=_progress(args), tensorboard=args.tensorboard)
+    try:
+        _, report, manifest = api.train(args.train_csv, args.images, out, config,
+                                        progress=_progress(args), tensorboard=args.tensorboard,
+                                        overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise _interrupted(out) from None
     return _print_trained(out, report, manifest)
+
+
+def _interrupted(run: Path) -> KeyboardInterrupt:
+    """Ctrl-C in training: the interrupt, carrying the command that continues the run (when
+    there is one to continue); `main` prints it."""
+    from . import rundir
+
+    return KeyboardInterrupt(f"to continue: {rundir.resume_command(run)}" if rundir.resumable(run) else "")
 
 
 def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
@@ -175,7 +194,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.run, host=args.host, port=args.port,
           limits=Limits(max_upload_mb=args.max_upload_mb, max_side=args.max_side,
-                        max_batch=args.max_batch, timeout_s=args.timeout))
+                        max_batch=args.max_batch, timeout_s=args.timeout,
+                        header_timeout_s=args.header_timeout, max_connections=args.max_connections))
     return 0
 
 
@@ -277,6 +297,37 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (like every other mmtag error), not usage + error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _checked(convert: Callable[[str], Any], constraint: Constraint) -> Callable[[str], Any]:
+    """An argparse type for a flag that is no config option (serve's limits): `convert`, then
+    the range it must lie in, declared with config.py's constraints."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {convert.__name__} value: {text!r}") from None
+        problem = constraint.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+def _variants(text: str) -> str:
+    """`ablate --variants`: registered heads, all checked before the first variant trains."""
+    for name in text.split(","):
+        problem = FUSION_HEAD.problem(name.strip())
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _add_device_options(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--device", default=default,
                    help="auto (default: CUDA if available), cpu, cuda or cuda:N")
@@ -289,7 +340,8 @@ DISTRIBUTED = ("train", "evaluate", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
+    # Subcommand parsers are made by the same class, so their errors are one line too.
+    parser = _Parser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.add_argument("--verbose", "-v", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="images folder (not needed for --modalities text)")
     p.add_argument("--out", type=Path, help="run directory to write (default runs/mmtag-DATE-TIME)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (it stays intact until the new one is complete)")
     p.add_argument("--tensorboard", action="store_true", help="also log epochs to RUN/tensorboard")
     p.add_argument("--config", type=Path, help="YAML config (e.g. RUN/config.yaml); flags override it")
     p.add_argument("--preset", help="start from a named preset: effnet-albert-union, effnet-berttiny-fm3")
@@ -349,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_csv", type=Path)
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", help="comma-separated (default: all)")
+    p.add_argument("--variants", type=_variants, help="comma-separated (default: all)")
     p.add_argument("--extra-text", help="labelled captions without images, for text and late fusion")
     _add_split_options(p)
     p.set_defaults(func=cmd_ablate)
@@ -392,11 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI)")
     p.add_argument("run", type=Path)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body limit (10)")
-    p.add_argument("--max-side", type=int, default=8192, help="image side limit in pixels (8192)")
-    p.add_argument("--max-batch", type=int, default=64, help="items per /predict/batch (64)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
+    p.add_argument("--port", type=_checked(int, Interval(0, 65535, integer=True)), default=8000)
+    p.add_argument("--max-upload-mb", type=_checked(float, POSITIVE), default=10.0,
+                   help="request body limit (10)")
+    p.add_argument("--max-side", type=_checked(int, AT_LEAST_1), default=8192,
+                   help="image side limit in pixels (8192)")
+    p.add_argument("--max-batch", type=_checked(int, AT_LEAST_1), default=64,
+                   help="items per /predict/batch (64)")
+    p.add_argument("--timeout", type=_checked(float, POSITIVE), default=60.0,
+                   help="seconds per request (60)")
+    p.add_argument("--header-timeout", type=_checked(float, POSITIVE), default=10.0,
+                   help="seconds a connection has to send a request's headers, from connecting "
+                        "or from its last answer (10)")
+    p.add_argument("--max-connections", type=_checked(int, AT_LEAST_1), default=100,
+                   help="open connections; past it the longest-idle one is closed (100)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("report", help="(re)write a run's HTML report")
@@ -447,8 +510,15 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {rank.rank})" if rank.distributed else ""
         print(f"mmtag: error{where}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mmtag: interrupted", file=sys.stderr)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        # A full disk, a read-only or forbidden place: the OS's reason and the path, one line.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mmtag: error: {where}{exc.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print("mmtag: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     finally:
         dist.teardown()

@@ -31,7 +31,8 @@ def run_demo(out: str | Path, *, progress: bool = True, seed: int = 0) -> DemoRe
     for name, mods in variants.items():
         cfg = base.override({"model.modalities": mods})
         runs[name] = out / "runs" / name
-        api.train(paths.train_csv, paths.images, runs[name], cfg, progress=progress)
+        api.train(paths.train_csv, paths.images, runs[name], cfg, progress=progress,
+                  overwrite=True)  # the demo regenerates its data and runs each time
         metrics[name] = api.evaluate(runs[name], paths.holdout_csv, paths.images, progress=progress)
     submission = out / "submission.csv"
     api.predict(runs["fused"], paths.test_csv, paths.images, submission, progress=progress)
