@@ -25,3 +25,26 @@ def test_which_variants_take_extra_text():
     assert uses_extra_text("text") and uses_extra_text("mean") and uses_extra_text("gated")
     assert uses_extra_text("concat+mean") and uses_extra_text("xattn+mean")
     assert not uses_extra_text("image") and not uses_extra_text("concat") and not uses_extra_text("xattn")
+
+
+def test_a_head_registered_here_is_ablated_and_validated_without_editing_mmtag():
+    """The registry is the one source of head names: `ablate`'s default variants, config
+    validation and the unpaired-caption capability all read it."""
+    from mmtag.ablate import default_variants
+    from mmtag.config import Config
+    from mmtag.fusion import HEADS, HeadOutput, TextHead, register_head
+
+    @register_head("toy-text")
+    class ToyText(TextHead):
+        """A text head that doubles its logits."""
+
+        def forward(self, batch):
+            return HeadOutput(2 * self.net(batch.text))
+
+    try:
+        assert "toy-text" in default_variants()
+        assert Config().override({"model.fusion": "toy-text"}).model.fusion == "toy-text"
+        assert uses_extra_text("toy-text")
+    finally:
+        HEADS.pop("toy-text")
+    assert "toy-text" not in default_variants()

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from .api import Tagger, read_dataset
 from .config import Config
-from .fusion import HEADS, LateFusionHead
+from .fusion import HEADS, takes_unpaired
 from .io import atomic_write_text
 
-DEFAULT_VARIANTS = ["image", "text", "mean", "union", "concat", "concat+mean", "xattn", "xattn+mean",
-                    "gated"]
+def default_variants() -> list[str]:
+    """Every registered head, in registration order: a new head is ablated without editing this."""
+    return list(HEADS)
 
 
 @dataclass
@@ -40,7 +41,7 @@ def variant_config(base: Config, variant: str) -> Config:
 
 def uses_extra_text(variant: str) -> bool:
     """Extra captions without images can train the text model and late-fusion heads only."""
-    return variant == "text" or (variant in HEADS and issubclass(HEADS[variant], LateFusionHead))
+    return takes_unpaired(variant)
 
 
 def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, base: Config,
@@ -48,7 +49,7 @@ def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, bas
                  progress: bool = True) -> list[AblationRow]:
     """Train each variant into `out/runs/<variant>` and write `ablation.csv` + `ablation.md`."""
     out = Path(out)
-    variants = variants or DEFAULT_VARIANTS
+    variants = variants or default_variants()
     dataset, _ = read_dataset(train_csv, images, labelled=True, skip_bad=base.data.skip_bad)
     extra = (read_dataset(extra_text, None, labelled=True, skip_bad=base.data.skip_bad)[0]
              if extra_text else None)

@@ -33,7 +33,7 @@ from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_e
 from .errors import DataError, MmtagError
 from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
                        encode_images, extract, extract_views)
-from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs
+from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs, takes_unpaired
 from .io import atomic_write_text, check_writable_dir, check_writable_file
 from .metrics import Metrics, compute
 from .losses import create_loss
@@ -299,10 +299,10 @@ class Tagger:
     def _extra_text_features(self, extra: Dataset, *, progress: bool) -> Features:
         if not extra.labelled:
             raise DataError(extra.path, "--extra-text needs a Labels column")
-        if self.head_name != "text" and not issubclass(HEADS[self.head_name], LateFusionHead):
-            late = sorted(n for n, c in HEADS.items() if issubclass(c, LateFusionHead))
+        if not takes_unpaired(self.head_name):
+            late = [n for n in HEADS if n != "text" and takes_unpaired(n)]
             raise MmtagError(f"--extra-text needs --modalities text or a late-fusion head "
-                             f"({', '.join(late)}); '{self.head_name}' needs both modalities per row")
+                             f"({', '.join(sorted(late))}); '{self.head_name}' needs both modalities per row")
         return extract(extra, ["text"], image_encoder=None, text_encoder=self._encoder("text"),  # type: ignore[arg-type]
                        cache=self.cache, progress=progress).features
 

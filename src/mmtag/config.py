@@ -22,8 +22,6 @@ import yaml
 from .errors import MmtagError
 
 MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
-# The optimisers `train.make_optimizer` and `finetune` build (torch.optim.Adam / AdamW).
-OPTIMIZERS = ("adam", "adamw")
 
 
 # ------------------------------------------------------------------------------ constraints
@@ -210,6 +208,12 @@ def _losses() -> list[str]:
     return list(LOSSES)
 
 
+def _optimizers() -> list[str]:
+    from .train import OPTIMIZERS
+
+    return list(OPTIMIZERS)
+
+
 def _threshold_modes() -> list[str]:
     from .thresholds import TUNERS
 
@@ -220,7 +224,7 @@ POSITIVE = Interval(0, None, closed="neither")  # learning rates, ...
 AT_LEAST_0 = Interval(0, None, integer=True)
 AT_LEAST_1 = Interval(1, None, integer=True)
 FRACTION = Interval(0, 1, closed="left")  # [0, 1)
-OPTIMIZER = OneOf("optimizer", lambda: OPTIMIZERS)
+OPTIMIZER = OneOf("optimizer", _optimizers)
 FUSION_HEAD = OneOf("fusion head", _heads)  # also `mmtag ablate --variants`
 
 

@@ -119,7 +119,7 @@ def register_encoder(entry: EncoderEntry) -> EncoderEntry:
     return entry
 
 
-def _entry(name: str, modality: str | None = None) -> EncoderEntry:
+def encoder_entry(name: str, modality: str | None = None) -> EncoderEntry:
     prefix, _, rest = name.partition(":")
     if rest and prefix in PREFIXES:
         entry: EncoderEntry | None = PREFIXES[prefix](rest)
@@ -136,14 +136,14 @@ def _entry(name: str, modality: str | None = None) -> EncoderEntry:
 
 def create_encoder(name: str, modality: str | None = None, *, random_init: bool = False) -> Encoder:
     """Build an encoder from its offline pretrained weights (random weights only when asked)."""
-    enc = _entry(name, modality).create(random_init)
+    enc = encoder_entry(name, modality).create(random_init)
     enc.finalize()
     return enc
 
 
 def load_encoder(name: str, directory: Path) -> Encoder:
     """Rebuild a registered encoder from the weights a bundle saved."""
-    enc = _entry(name).load(directory)
+    enc = encoder_entry(name).load(directory)
     enc.finalize()
     return enc
 
@@ -551,7 +551,7 @@ PREFIXES["timm"] = _timm_entry
 # ------------------------------------------- onnx:NAME (written by `mmtag export`, see runtime)
 def _onnx_entry(source_name: str) -> EncoderEntry:
     name = f"onnx:{source_name}"
-    source = _entry(source_name)
+    source = encoder_entry(source_name)
 
     def create(random_init: bool) -> Encoder:
         raise MmtagError(f"encoder '{name}' is an export: train with '{source_name}', then run "

@@ -33,6 +33,7 @@ from .encoders import Encoder, ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .metrics import samples_f1
 from .thresholds import decide, tune_global
+from .train import make_optimizer
 
 log = logging.getLogger("mmtag")
 
@@ -180,8 +181,6 @@ def _check_inputs(n: int, y: np.ndarray, n_val: int, y_val: np.ndarray,
                          f"(got {cfg.epochs}, {cfg.batch_size})")
     if not 0.0 <= cfg.warmup_frac < 1.0:
         raise MmtagError(f"finetune warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise MmtagError(f"unknown optimizer '{cfg.optimizer}'; available: adam, adamw")
     return y, y_val
 
 
@@ -220,8 +219,7 @@ def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], Non
     head_net = dist.wrap(head)
     scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
     groups = [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_frac))

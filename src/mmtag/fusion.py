@@ -50,10 +50,13 @@ class Head(nn.Module):
     """Base class: `needs` lists the feature kinds read from a FeatureBatch; `decision` says how
     logits become labels: "threshold" (one threshold set on `HeadOutput.logits`) or "union" (each
     branch gets its own tuned thresholds and the label sets are united — the final logits are then
-    only a summary, so code that decides must look at the branches)."""
+    only a summary, so code that decides must look at the branches). `takes_unpaired`: the head
+    can also learn from captions that have no image (`--extra-text`), because its text part is a
+    complete classifier on its own."""
 
     needs: ClassVar[tuple[str, ...]] = ()
     decision: ClassVar[str] = "threshold"
+    takes_unpaired: ClassVar[bool] = False
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:
@@ -83,6 +86,12 @@ def create_head(name: str, dims: dict[str, int], num_classes: int, *, hidden: in
     if cls is None:
         raise MmtagError(f"unknown fusion head '{name}'; available: {', '.join(sorted(HEADS))}")
     return cls(dims, num_classes, hidden=hidden, dropout=dropout)
+
+
+def takes_unpaired(name: str) -> bool:
+    """Whether the registered head `name` learns from unpaired captions (see `Head`)."""
+    cls = HEADS.get(name)
+    return cls is not None and cls.takes_unpaired
 
 
 def head_needs(name: str) -> tuple[str, ...]:
@@ -120,6 +129,7 @@ class TextHead(SingleModalityHead):
 
     modality = "text"
     needs = ("text",)
+    takes_unpaired = True
 
 
 def projection(in_dim: int, out_dim: int, input_dropout: float = 0.0) -> nn.Sequential:
@@ -174,6 +184,7 @@ class LateFusionHead(Head):
     branches. Subclasses only decide how the two are combined."""
 
     needs = ("image", "text")
+    takes_unpaired = True
 
     def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
                  dropout: float = 0.2) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, read_yaml_mapping
-from .encoders import _entry
+from .encoders import encoder_entry
 from .errors import MmtagError
 
 log = logging.getLogger("mmtag")
@@ -40,7 +40,7 @@ def list_presets() -> list[PresetInfo]:
 
 def _available(name: str, modality: str) -> bool:
     try:
-        return _entry(name, modality).weights_present()
+        return encoder_entry(name, modality).weights_present()
     except MmtagError:
         return False
 

@@ -99,14 +99,18 @@ def _loss(head: nn.Module, batch: FeatureBatch, y: torch.Tensor, criterion: nn.M
     return loss
 
 
+# The optimisers a config may name (head training and fine-tuning alike): `adam` adds the L2
+# penalty to the gradient, `adamw` decouples the weight decay. config.py reads the names here.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam,
+                                                      "adamw": torch.optim.AdamW}
+
+
 def make_optimizer(name: str, params: list[dict] | object, lr: float,
                    weight_decay: float) -> torch.optim.Optimizer:
-    """`adam` (L2 penalty in the gradient) or `adamw` (decoupled weight decay)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
-    raise MmtagError(f"unknown optimizer '{name}'; available: adam, adamw")
+    """The registered optimiser `name` over `params` (a list of parameters or of groups)."""
+    if name not in OPTIMIZERS:
+        raise MmtagError(f"unknown optimizer '{name}'; available: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
 
 
 def repeat_factors(y: np.ndarray, threshold: float = 0.05) -> np.ndarray:
