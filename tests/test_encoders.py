@@ -154,3 +154,17 @@ def test_list_encoders_reports_parameters():
     rows = {e.name: e for e in list_encoders()}
     assert rows["minilm-l6"].weights_present and 20 < rows["minilm-l6"].params_m < 25
     assert 3 < rows["efficientnet-lite0"].params_m < 4
+
+
+def test_encoders_say_what_fine_tuning_trains(tiny_bert_dir):
+    """Fine-tuning asks the encoder for its trainable groups instead of reaching into a
+    backbone's internals: the whole transformer for text, the last k blocks + head for images."""
+    text = create_encoder(f"hf:{tiny_bert_dir}", "text")
+    assert text.trainable_groups() == [text]
+    image = create_encoder("efficientnet-lite0", "image", random_init=True)
+    groups = image.trainable_groups(2)
+    assert len(groups) == 4 and groups[-2:] == [image.net._conv_head, image.net._bn1]
+    assert len(image.trainable_groups(None)) == len(image.net._blocks) + 2
+    assert image.trainable_groups(0) == groups[-2:]
+    with pytest.raises(MmtagError, match="unfreeze_blocks must be in"):
+        image.trainable_groups(999)

@@ -79,13 +79,16 @@ class FitReport:
 class Tagger:
     """A multi-label image+caption tagger: frozen encoders → cached features → fusion head."""
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *,
+                 encoders: dict[str, Encoder] | None = None) -> None:
+        """`encoders` (modality → encoder) replace the ones the config names, e.g. encoders
+        already loaded for another run (`mmtag sweep`) or exported ones (`mmtag export`)."""
         self.config = config or Config()
         self.label_space: LabelSpace | None = None
         self.thresholds: Thresholds | None = None
         self.head: Head | None = None
         self.dims: dict[str, int] = {}
-        self.encoders: dict[str, Encoder] = {}
+        self.encoders: dict[str, Encoder] = dict(encoders or {})
         self.val_metrics: Metrics | None = None
         self.history: list[dict[str, float]] = []
         self.pseudo_rounds: list[PseudoRound] = []
@@ -214,7 +217,7 @@ class Tagger:
                                       progress=progress)
         self.head = result.head
         self.history = result.history_dicts()
-        scores = self._scores(va.features)
+        scores = self.scores(va.features)
         self._tune(scores, y_va)
         self.validation = ValidationRecord(
             probs=scores.probs, y_true=y_va, branches=scores.branches,
@@ -251,7 +254,7 @@ class Tagger:
             images_dir = Path(dirs.pop())
         data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
                        captions=list(rec.captions), labels=None, images_dir=images_dir)
-        scores = self._scores(self.features(data, progress=progress).features)
+        scores = self.scores(self.features(data, progress=progress).features)
         self._tune(scores, rec.y_true.astype(np.float32))
         self.validation = ValidationRecord(
             probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
@@ -351,7 +354,7 @@ class Tagger:
         self.pseudo_rounds.append(PseudoRound(0, 0, best_f1))
         for r in range(1, cfg.pseudo.rounds + 1):
             self.head = best.head
-            keep, y_pseudo = select_pseudo_labels(self._scores(pool).probs, cfg.pseudo.confidence)
+            keep, y_pseudo = select_pseudo_labels(self.scores(pool).probs, cfg.pseudo.confidence)
             train_feats = concat_features(tr, pool.subset(keep))
             train_y = np.concatenate([y_tr, y_pseudo])
             candidate = self._fit_head(train_feats, train_y, va, y_va, progress=progress,
@@ -399,7 +402,8 @@ class Tagger:
             self.finetune_history[modality] = res.history
 
     # ------------------------------------------------------------------ prediction
-    def _scores(self, feats: Features) -> Scores:
+    def scores(self, feats: Features) -> Scores:
+        """The head's probabilities (and each branch's, for late fusion) on cached features."""
         assert self.head is not None
         logits, branches = predict_outputs(self.head, feats)
         return Scores(probs=_sigmoid(logits), branches={k: _sigmoid(v) for k, v in branches.items()},
@@ -416,7 +420,7 @@ class Tagger:
         part = dataset.subset(ctx.shard(len(dataset))) if ctx.distributed else dataset
 
         def score() -> tuple[np.ndarray, np.ndarray]:
-            scores = self._scores(self.features(part, progress=progress, distribute=False).features)
+            scores = self.scores(self.features(part, progress=progress, distribute=False).features)
             return scores.probs, decide(scores, self.thresholds)  # type: ignore[arg-type]
 
         shards = dist.all_gather(dist.checked(score))  # in rank order: the input order
@@ -429,13 +433,13 @@ class Tagger:
                       captions: list[str] | None = None) -> np.ndarray:
         """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
         self._check_fitted()
-        return self._scores(self._encode(images, captions)).probs
+        return self.scores(self._encode(images, captions)).probs
 
     def predict(self, images: list[Any] | None = None,
                 captions: list[str] | None = None) -> list[Prediction]:
         """Label lists and per-label scores for in-memory inputs (no cache, no files needed)."""
         self._check_fitted()
-        scores = self._scores(self._encode(images, captions))
+        scores = self.scores(self._encode(images, captions))
         probs = scores.probs
         mask = decide(scores, self.thresholds)  # type: ignore[arg-type]
         ls = self.label_space
@@ -806,7 +810,7 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
         d = fs.dataset
         _warn_unknown_labels(tagger.label_space, d.labels, dataset.path,  # type: ignore[arg-type]
                              "the report shows the model's own labels only (see mmtag evaluate)")
-        scores = tagger._scores(fs.features)
+        scores = tagger.scores(fs.features)
         record = ValidationRecord(
             probs=scores.probs, branches=scores.branches,
             y_true=tagger.label_space.encode(d.labels),  # type: ignore[arg-type]

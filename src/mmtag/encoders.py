@@ -73,6 +73,12 @@ class Encoder(nn.Module):
         """Write this encoder's weights (fp16 safetensors) and metadata; return the weight files."""
         raise NotImplementedError
 
+    def trainable_groups(self, k: int | None = None) -> list[nn.Module]:
+        """The modules fine-tuning trains: the last `k` layer groups and what follows them (all
+        of the encoder when k is None). Fine-tuning asks this instead of knowing any backbone's
+        internals (timm's `group_matcher` idea)."""
+        raise MmtagError(f"encoder '{self.name}' cannot be fine-tuned")
+
 
 class ImageEncoder(Encoder):
     modality = "image"
@@ -87,6 +93,10 @@ class ImageEncoder(Encoder):
 class TextEncoder(Encoder):
     modality = "text"
     max_length: int = 128
+
+    def trainable_groups(self, k: int | None = None) -> list[nn.Module]:
+        """The whole transformer: sentence encoders fine-tune end to end."""
+        return [self]
 
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -239,6 +249,15 @@ class EfficientNetLite(ImageEncoder):
         fmap = self.net.extract_features(images)  # (B, D, h, w)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, D)
         return tokens.mean(dim=1), tokens
+
+    def trainable_groups(self, k: int | None = None) -> list[nn.Module]:
+        """The last `k` MBConv blocks (all when None), then the head convolution and its BN."""
+        blocks = self.net._blocks
+        k = len(blocks) if k is None else k
+        if not 0 <= k <= len(blocks):
+            raise MmtagError(f"unfreeze_blocks must be in [0, {len(blocks)}] for '{self.name}', got {k}")
+        tail = list(blocks[len(blocks) - k:]) if k else []
+        return tail + [self.net._conv_head, self.net._bn1]
 
     def save(self, directory: Path) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)

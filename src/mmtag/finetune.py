@@ -63,7 +63,8 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
-    for p in enc.parameters():
+    params = [p for m in enc.trainable_groups() for p in m.parameters()]
+    for p in params:
         p.requires_grad_(True)
     device = dist.context().device
     net = dist.wrap(enc.to(device))
@@ -91,7 +92,7 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
             idx = order[start:start + size]
             yield idx, enc(**tokens([val_captions[i] for i in idx]))
 
-    return _train(enc, list(enc.parameters()), set_train, train_batches, val_batches,
+    return _train(enc, params, set_train, train_batches, val_batches,
                   len(captions), y, y_val, cfg, loss=loss, seed=seed, progress=progress,
                   source=encoder)
 
@@ -113,7 +114,7 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
         raise MmtagError(f"workers must be >= 0, got {workers}")
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
-    trainable = _image_trainable_modules(enc, cfg.unfreeze_blocks)
+    trainable = enc.trainable_groups(cfg.unfreeze_blocks)
     params = [p for m in trainable for p in m.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -182,17 +183,6 @@ def _check_inputs(n: int, y: np.ndarray, n_val: int, y_val: np.ndarray,
     if not 0.0 <= cfg.warmup_frac < 1.0:
         raise MmtagError(f"finetune warmup_frac must be in [0, 1), got {cfg.warmup_frac}")
     return y, y_val
-
-
-def _image_trainable_modules(enc: ImageEncoder, k: int) -> list[nn.Module]:
-    net = getattr(enc, "net", None)
-    blocks = getattr(net, "_blocks", None)
-    if net is None or blocks is None or not hasattr(net, "_conv_head") or not hasattr(net, "_bn1"):
-        raise MmtagError(f"image encoder '{enc.name}' has no EfficientNet blocks to fine-tune")
-    if not 0 <= k <= len(blocks):
-        raise MmtagError(f"unfreeze_blocks must be in [0, {len(blocks)}] for '{enc.name}', got {k}")
-    tail = list(blocks[len(blocks) - k:]) if k else []
-    return tail + [net._conv_head, net._bn1]
 
 
 def _schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:

@@ -281,13 +281,14 @@ def _train_one(cfg: Config, combo: dict[str, Any], run_dir: Path, dataset: Datas
                train_part: Dataset, val_part: Dataset, image_dir: str | Path | None,
                side_data: dict[tuple[str, bool], Dataset],
                encoders: dict[tuple[str, str], Encoder], *, progress: bool) -> SweepRow:
-    tagger = Tagger(cfg)
     finetuning = bool(cfg.finetune.modalities)
-    if not finetuning:  # fine-tuning changes the encoders in place: they must be its own
-        for modality in tagger.modalities:
-            name = cfg.model.image_encoder if modality == "image" else cfg.model.text_encoder
-            if (modality, name) in encoders:
-                tagger.encoders[modality] = encoders[(modality, name)]
+    names = {"image": cfg.model.image_encoder, "text": cfg.model.text_encoder}
+    # Encoders loaded for an earlier combination are reused; fine-tuning changes the encoders in
+    # place, so a fine-tuning run gets its own.
+    shared = {} if finetuning else {m: encoders[(m, names[m])] for m in cfg.model.modalities
+                                    if (m, names[m]) in encoders}
+    tagger = Tagger(cfg, encoders=shared)
+    if not finetuning:
         tagger.features(dataset, skip_bad=cfg.data.skip_bad, progress=progress)  # warm the cache
         for modality, enc in tagger.encoders.items():
             encoders.setdefault((modality, enc.name), enc)
