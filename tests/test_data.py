@@ -17,16 +17,21 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from mmtag.augment import parse_image_aug
 from mmtag.data import (
     COCO_NAMES,
     IMAGE_FORMATS,
     MAX_CAPTION_CHARS,
     ImageDecodeError,
+    ImageItems,
     LabelSpace,
     check_image_id,
     check_images_exist,
+    collate_images,
     decode_image,
     decode_thumbnail,
+    image_batches,
+    image_loader,
     load_image,
     normalize_images,
     open_image_bytes,
@@ -696,6 +701,67 @@ def test_load_image_refuses_images_just_over_the_pixel_limit(
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError):
             load_image(path, 8)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7b. The one image loader (feature extraction and fine-tuning both decode through it)
+# ----------------------------------------------------------------------------------------------
+
+def _noise_images(directory: Path, names: list[str]) -> list[Path]:
+    rng = np.random.default_rng(3)
+    paths = []
+    for name in names:
+        path = directory / name
+        Image.fromarray(rng.integers(0, 256, (30, 44, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_image_loader_plain_batches_are_uint8_and_normalise_to_load_image(tmp_path: Path) -> None:
+    # Fine-tuning used to decode with load_image (float, per image); the loader hands over uint8
+    # and the batch is normalised at once: the model must see the very same floats.
+    paths = _noise_images(tmp_path, ["a.jpg", "b.png", "c.jpg"])
+    items = ImageItems(paths, 24, parse_image_aug("crop,flip"))  # no seed: the plain view
+    batches = list(image_loader(items, image_batches([None, None, None], 2), workers=0))
+    assert [b.items for b in batches] == [[0, 1], [2]] and all(not b.errors for b in batches)
+    assert all(b.images is not None and b.images.dtype == torch.uint8 for b in batches)
+    got = torch.cat([normalize_images(b.images) for b in batches if b.images is not None])
+    want = np.stack([load_image(p, 24) for p in paths])
+    assert np.array_equal(got.numpy().view(np.int32), want.view(np.int32))
+
+
+def test_image_loader_augmented_view_is_the_augmentation_of_load_image(tmp_path: Path) -> None:
+    (path,) = _noise_images(tmp_path, ["a.jpg"])
+    augment = parse_image_aug("crop,flip")
+    items = ImageItems([path], 24, augment)
+    i, view, reason = items[(0, 1234)]
+    assert (i, reason) == (0, "") and view is not None and view.dtype == torch.float32
+    want = augment(torch.from_numpy(load_image(path, 24)), seed=1234)
+    assert torch.equal(view, want)
+    again = collate_images([items[(0, 1234)], items[(0, 99)]])
+    assert again.images is not None and torch.equal(again.images[0], want)  # seeded: repeatable
+
+
+def test_image_loader_reports_a_bad_image_with_its_csv_row(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    _noise_images(images, ["a.jpg", "c.png"])
+    (images / "broken.jpg").write_bytes(b"not an image")
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1,x", b"broken.jpg,2,y", b"c.png,3,z"))
+    ds = read_csv(path, images_dir=images).dataset
+    items = ImageItems.from_dataset(ds, 16)
+    batch = collate_images([items[(j, None)] for j in range(3)])
+    assert batch.items == [0, 2] and batch.images is not None and batch.images.shape[0] == 2
+    assert [j for j, _ in batch.errors] == [1]
+    assert_data_error(items.error(*batch.errors[0]), path, 2, 3, "broken.jpg", "cannot decode")
+    # Positions that are not rows (extraction decodes each distinct file once, in its own order)
+    reordered = ImageItems([ds.image_path(1), ds.image_path(0)], 16, source=ds, rows=[1, 0])
+    assert_data_error(reordered.error(0, "why"), path, 2, 3, "broken.jpg", "why")
+    # Bare files (no CSV): the file itself is named
+    bare = ImageItems([images / "broken.jpg"], 16)
+    err = bare.error(*collate_images([bare[(0, None)]]).errors[0])
+    assert err.path == str(images / "broken.jpg") and err.row is None and "cannot decode" in str(err)
+    assert collate_images([bare[(0, None)]]).images is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from mmtag.augment import parse_image_aug
 from mmtag.config import FinetuneConfig
 from mmtag.encoders import Encoder, create_encoder
 from mmtag.errors import DataError, MmtagError
-from mmtag.features import encode_captions
+from mmtag.data import read_csv
+from mmtag.features import FeatureCache, encode_captions, extract
 from mmtag.finetune import (FinetuneResult, finetune_image, finetune_text)
 
 ANIMALS = ["dog", "cat", "horse", "bird"]
@@ -251,6 +252,31 @@ def test_image_errors(image_run: Run, image_data: tuple[list[Path], np.ndarray],
     with pytest.raises(DataError, match="broken.jpg"):
         finetune_image(enc, [bad] + paths[:3], y[:4], paths[4:6], y[4:6],
                        FinetuneConfig(epochs=1, batch_size=4), workers=0, progress=False)
+
+
+def test_image_bad_file_is_reported_as_extraction_reports_it(
+        image_run: Run, image_data: tuple[list[Path], np.ndarray], tmp_path: Path) -> None:
+    # One image loader: fine-tuning on a Dataset names the CSV row of a broken image exactly as
+    # feature extraction does.
+    paths, y = image_data
+    images = tmp_path / "images"
+    images.mkdir()
+    names = [p.name for p in paths[:6]]
+    for p in paths[:6]:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / names[2]).write_bytes(b"not an image")
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("ImageID,Labels,Caption\n" + "".join(f"{n},1,x\n" for n in names))
+    data = read_csv(csv_path, images_dir=images).dataset
+    with pytest.raises(DataError) as tuned:
+        finetune_image(image_run.original, data, y[:6], paths[12:], y[12:],
+                       FinetuneConfig(epochs=1, batch_size=6), workers=0, progress=False)
+    with pytest.raises(DataError) as extracted:
+        extract(data, ("image",), image_encoder=image_run.original, text_encoder=None,
+                cache=FeatureCache(None), workers=0, progress=False)
+    assert str(tuned.value) == str(extracted.value)
+    assert (tuned.value.path, tuned.value.row, tuned.value.line) == (str(csv_path), 3, 4)
+    assert names[2] in str(tuned.value) and "cannot decode" in str(tuned.value)
 
 
 

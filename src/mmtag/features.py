@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .augment import ImageAugment, TextAugment
-from .data import Dataset, ImageDecodeError, decode_image, normalize_images
+from .data import Dataset, ImageItems, image_batches, image_loader, normalize_images
 from .encoders import ImageEncoder, TextEncoder
 from .errors import DataError, MmtagError
 from .io import atomic_write_with
@@ -213,51 +213,6 @@ def file_key(path: Path) -> str:
     return h.hexdigest()
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; a bad file yields its error instead of raising.
-
-    Plain images stay uint8 (a quarter of float32's bytes to hand to the main process, which
-    normalises whole batches); augmented views are normalised here, since augmentation works
-    on normalised floats."""
-
-    def __init__(self, paths: list[Path], size: int, augment: ImageAugment | None = None,
-                 seeds: list[int] | None = None) -> None:
-        self.paths = paths
-        self.size = size
-        self.augment = augment
-        self.seeds = seeds
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            x = torch.from_numpy(decode_image(self.paths[i], self.size))
-        except ImageDecodeError as exc:  # whatever the decoder raised; the row is reported
-            return i, None, str(exc)
-        if self.augment is not None and self.seeds is not None:
-            x = self.augment(normalize_images(x), seed=self.seeds[i])
-        return i, x, ""
-
-
-@dataclass
-class _ImageBatch:
-    """What a DataLoader worker hands over: the decoded images stacked into one tensor (sent
-    through shared memory, where a list of arrays would be pickled through a pipe), the
-    positions they belong to, and (position, reason) for each file that failed."""
-
-    items: list[int]
-    images: torch.Tensor | None
-    errors: list[tuple[int, str]]
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> _ImageBatch:
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    return _ImageBatch(items=[i for i, _ in good],
-                       images=torch.stack([x for _, x in good]) if good else None,
-                       errors=[(i, msg) for i, x, msg in batch if x is None])
-
-
 def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncoder | None,
             text_encoder: TextEncoder | None, cache: FeatureCache, skip_bad: bool = False,
             workers: int = 2, batch_size: int = 32, progress: bool = True,
@@ -335,19 +290,16 @@ def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncod
     extra: dict[str, dict[str, np.ndarray]] = {k: {} for k in kinds}
     if todo:
         order = list(todo.items())
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles([paths[i] for _, i in order], encoder.image_size,
-                        view[0] if view else None, [_seed_of(k) for k, _ in order]),
-            batch_size=batch_size,
-            num_workers=workers, collate_fn=_collate, persistent_workers=False)
+        items = ImageItems([paths[i] for _, i in order], encoder.image_size,
+                           view[0] if view else None, source=dataset, rows=[i for _, i in order])
+        seeds = [_seed_of(k) if view else None for k, _ in order]
+        loader = image_loader(items, image_batches(seeds, batch_size), workers)
         pending: dict[str, tuple[list[str], list[np.ndarray]]] = {k: ([], []) for k in kinds}
         bar = tqdm(total=len(order), desc=f"{encoder.name} features", unit="img", disable=not progress)
         try:
             for batch in loader:
                 for j, msg in batch.errors:
-                    row = order[j][1]
-                    err = DataError(dataset.path, f"image {str(paths[row])!r}: {msg}",
-                                    **dataset.where(row))
+                    err = items.error(j, msg)
                     if not skip_bad:
                         raise err
                     bad.extend((i, err) for i, k in enumerate(keys) if k == order[j][0])

@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from . import dist
 from .augment import ImageAugment, TextAugment
 from .config import FinetuneConfig
-from .data import ImageDecodeError, load_image
+from .data import (Dataset, ImageBatch, ImageItems, image_batches, image_loader,
+                   normalize_images)
 from .encoders import Encoder, ImageEncoder, TextEncoder
-from .errors import DataError, MmtagError
+from .errors import MmtagError
 from .metrics import samples_f1
 from .thresholds import decide, tune_global
 from .train import make_optimizer
@@ -97,15 +98,17 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
                   source=encoder)
 
 
-def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val_images: list[Path],
-                   y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
-                   seed: int = 0, workers: int = 2, augment: ImageAugment | None = None,
-                   progress: bool = True) -> FinetuneResult:
+def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: np.ndarray,
+                   val_images: Sequence[Path] | Dataset, y_val: np.ndarray, cfg: FinetuneConfig, *,
+                   loss: nn.Module | None = None, seed: int = 0, workers: int = 2,
+                   augment: ImageAugment | None = None, progress: bool = True) -> FinetuneResult:
     """Fine-tune a copy of the image encoder's last `cfg.unfreeze_blocks` blocks + head conv/BN.
 
-    Images are decoded in `workers` DataLoader processes; with `augment` (see mmtag.augment,
-    e.g. random resized crop + flip) every training view is augmented with its own seed.
-    Validation uses the plain view.
+    `images` and `val_images` are image files, or Datasets (then an image that cannot be decoded
+    is reported with its CSV row, as feature extraction reports it). Images are decoded in
+    `workers` DataLoader processes by the one image loader (`data.ImageItems`); with `augment`
+    (see mmtag.augment, e.g. random resized crop + flip) every training view is augmented with
+    its own seed. Validation uses the plain view.
     """
     if not isinstance(encoder, ImageEncoder):
         raise MmtagError(f"finetune_image needs an image encoder, got {type(encoder).__name__}")
@@ -122,24 +125,23 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
     net = dist.wrap(enc.to(device))
     size = int(enc.image_size)
     rng = torch.Generator().manual_seed(seed + 1)  # augmentation seeds, separate from shuffling
+    train_items = _image_items(images, size, augment)
+    val_items = _image_items(val_images, size)
 
     def set_train() -> None:
         enc.eval()  # frozen blocks (and their BatchNorm statistics) stay in eval mode
         for m in trainable:
             m.train()
 
-    def loader(paths: list[Path], batches: list[list[tuple[int, int | None]]]) -> Iterable:
-        return torch.utils.data.DataLoader(
-            _ImageItems(paths, size, augment), batch_sampler=batches, num_workers=workers,
-            collate_fn=_collate_images, persistent_workers=False)
-
-    def forward(model: nn.Module, batch: tuple[np.ndarray, torch.Tensor | None, list[str]],
-                paths: list[Path]) -> tuple[np.ndarray, torch.Tensor]:
-        idx, x, errors = batch
-        if errors:
-            i, msg = errors[0]
-            raise DataError(paths[i], msg)
-        assert x is not None
+    def forward(model: nn.Module, items: ImageItems,
+                batch: ImageBatch) -> tuple[np.ndarray, torch.Tensor]:
+        if batch.errors:
+            raise items.error(*batch.errors[0])
+        assert batch.images is not None
+        # Normalised here, on the CPU, before the move: the float operations fine-tuning has
+        # always used, so the weights it produces do not depend on the device's division.
+        x = normalize_images(batch.images)
+        idx = np.asarray(batch.items, dtype=np.int64)
         return idx, model(x.to(device).contiguous(memory_format=torch.channels_last))[0]
 
     def train_batches(batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -148,18 +150,23 @@ def finetune_image(encoder: ImageEncoder, images: list[Path], y: np.ndarray, val
         seeds = iter(torch.randint(0, 2**62, (n_rows,), generator=rng).tolist())
         items = [[(int(i), int(next(seeds)) if augment is not None else None) for i in b]
                  for b in batches]
-        for batch in loader(images, items):
-            yield forward(net, batch, images)
+        for batch in image_loader(train_items, items, workers):
+            yield forward(net, train_items, batch)
 
     def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        size = max(2 * cfg.batch_size, 64)
-        items = [[(i, None) for i in range(s, min(s + size, len(val_images)))]
-                 for s in range(0, len(val_images), size)]
-        for batch in loader(val_images, items):
-            yield forward(enc, batch, val_images)
+        plain = image_batches([None] * len(val_items), max(2 * cfg.batch_size, 64))
+        for batch in image_loader(val_items, plain, workers):
+            yield forward(enc, val_items, batch)
 
     return _train(enc, params, set_train, train_batches, val_batches, len(images), y, y_val, cfg,
                   loss=loss, seed=seed, progress=progress, source=encoder)
+
+
+def _image_items(images: Sequence[Path] | Dataset, size: int,
+                 augment: ImageAugment | None = None) -> ImageItems:
+    if isinstance(images, Dataset):
+        return ImageItems.from_dataset(images, size, augment)
+    return ImageItems(images, size, augment)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -295,38 +302,3 @@ def _predict(enc: Encoder, head: nn.Module,
         for idx, pooled in val_batches():
             out[torch.from_numpy(np.asarray(idx))] = head(pooled).float().cpu()
     return out.clone()  # a normal tensor, usable outside inference mode
-
-
-# ------------------------------------------------------------------------ image loading
-class _ImageItems(torch.utils.data.Dataset):
-    """Decodes `paths[i]` for sampler items (i, aug_seed); aug_seed None gives the plain view.
-
-    Each item carries its own augmentation seed, so the views do not depend on how many workers
-    decode them or in which order. A file that cannot be decoded yields its error message.
-    """
-
-    def __init__(self, paths: list[Path], size: int, augment: ImageAugment | None = None) -> None:
-        self.paths = paths
-        self.size = size
-        self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: tuple[int, int | None]) -> tuple[int, torch.Tensor | None, str]:
-        i, aug_seed = item
-        try:
-            x = torch.from_numpy(load_image(self.paths[i], self.size))
-        except ImageDecodeError as exc:  # whatever the decoder raised, unreadable files included
-            return i, None, str(exc)
-        if aug_seed is not None and self.augment is not None:
-            x = self.augment(x, seed=aug_seed)
-        return i, x.contiguous(), ""
-
-
-def _collate_images(batch: list[tuple[int, torch.Tensor | None, str]]
-                    ) -> tuple[np.ndarray, torch.Tensor | None, list[tuple[int, str]]]:
-    errors = [(i, msg) for i, _, msg in batch if msg]
-    idx = np.array([i for i, _, _ in batch], dtype=np.int64)
-    x = None if errors else torch.stack([t for _, t, _ in batch])  # type: ignore[misc]
-    return idx, x, errors
