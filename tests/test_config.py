@@ -58,6 +58,12 @@ from mmtag.config import (AugmentConfig, Interval, TrainConfig)  # noqa: E402
     ("data:\n  workers: -1\n", "data.workers must be an integer >= 0, got -1"),
     ("model:\n  hidden: 0\n", "model.hidden must be an integer >= 1, got 0"),
     ("model:\n  dropout: 1\n", "model.dropout must be a number in [0, 1), got 1.0"),
+    ("model:\n  proj_dim: 0\n", "model.proj_dim must be an integer >= 1, got 0"),
+    ("model:\n  image_input_dropout: -0.1\n", "model.image_input_dropout must be a number in [0, 1), got -0.1"),
+    ("model:\n  gate_hidden: 1.5\n", "model.gate_hidden must be an integer, got 1.5"),
+    ("model:\n  attention_heads: 0\n", "model.attention_heads must be an integer >= 1, got 0"),
+    ("model:\n  fusion: xattn\n  attention_heads: 3\n",
+     "model.attention_heads must divide model.proj_dim (256) for head 'xattn', got 3"),
     ("train:\n  lr: .nan\n", "train.lr must be a finite number > 0, got nan"),
     ("train:\n  weight_decay: -0.1\n", "train.weight_decay must be a finite number >= 0, got -0.1"),
     ("train:\n  union_text_range: [0.6, 0.3]\n",
@@ -150,3 +156,102 @@ def test_interval_describes_its_range():
     assert Interval(1, None, integer=True).describe() == "an integer >= 1"
     assert Interval(0, None, closed="neither").problem(math.inf) == "must be a finite number > 0, got inf"
     assert Interval(1, None, integer=True).problem(True) is not None  # a bool is no integer
+
+
+# ------------------------------------------------------------------ head hyper-parameters
+def test_head_hyper_parameters_are_checked_for_the_head_that_reads_them():
+    # xattn splits proj_dim among its attention heads; concat has no attention, so any count is fine
+    assert Config().override({"model.attention_heads": 3}).model.attention_heads == 3
+    with pytest.raises(MmtagError, match=r"^config: model\.attention_heads must divide model\.proj_dim \(30\) "
+                                         r"for head 'xattn', got 4$"):
+        Config().override({"model.fusion": "xattn+mean", "model.proj_dim": 30})
+    cfg = Config().override({"model.fusion": "xattn", "model.proj_dim": 96, "model.attention_heads": 6})
+    assert (cfg.model.proj_dim, cfg.model.attention_heads) == (96, 6)
+
+
+def test_a_config_written_before_the_head_options_gets_their_defaults(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  fusion: gated\n  hidden: 64\n  dropout: 0.3\n")
+    model = Config.from_yaml(path).model
+    assert (model.proj_dim, model.image_input_dropout, model.gate_hidden, model.attention_heads) == (256, 0.5, 64, 4)
+
+
+NEW_HEAD_OPTIONS = ("proj_dim", "image_input_dropout", "gate_hidden", "attention_heads")
+
+
+@pytest.fixture(scope="module")
+def concat_bundles(tmp_path_factory):
+    """Two concat bundles over EfficientNet-Lite0 (random weights) and a tiny BERT: "custom" with
+    non-default head hyper-parameters, and "old" with the defaults whose config.yaml then loses
+    the head options, as written before they existed (its manifest kept in step)."""
+    import re
+
+    import torch
+
+    from conftest import save_tiny_bert
+    from mmtag import bundle
+    from mmtag.data import LabelSpace
+    from mmtag.encoders import create_encoder
+    from mmtag.fusion import create_head
+    from mmtag.thresholds import Thresholds
+
+    root = tmp_path_factory.mktemp("head-options")
+    bert = save_tiny_bert(root / "bert", layers=1)
+    encoders = {"image": create_encoder("efficientnet-lite0", "image", random_init=True),
+                "text": create_encoder(f"hf:{bert}", "text")}
+    dims = {"image": encoders["image"].dim, "text": encoders["text"].dim}
+    base = Config().override({"model.text_encoder": f"hf:{bert}", "model.hidden": 16})
+    configs = {"custom": base.override({"model.proj_dim": 24, "model.image_input_dropout": 0.25}),
+               "old": base}
+    runs = {}
+    for kind, config in configs.items():
+        torch.manual_seed(0)
+        head = create_head("concat", dims, 3, config.model)
+        runs[kind] = root / kind
+        bundle.save(runs[kind], bundle.Bundle(
+            config=config, label_space=LabelSpace(ids=(1, 2, 3), names=("a", "b", "c")),
+            thresholds=Thresholds.constant(0.4, 3), head_name="concat", dims=dims,
+            head_state=head.state_dict(), encoders=encoders))
+    text = (runs["old"] / "config.yaml").read_text()
+    stripped = re.sub(rf"(?m)^  ({'|'.join(NEW_HEAD_OPTIONS)}):.*\n", "", text)
+    assert stripped.count("\n") == text.count("\n") - len(NEW_HEAD_OPTIONS)
+    bundle.write_file(runs["old"], runs["old"] / "config.yaml", stripped)
+    return runs, dims
+
+
+def _head_outputs(head, dims):
+    import torch
+
+    from mmtag.fusion import FeatureBatch
+
+    g = torch.Generator().manual_seed(0)
+    batch = FeatureBatch(image=torch.randn(4, dims["image"], generator=g), text=torch.randn(4, dims["text"], generator=g))
+    return head.eval()(batch)
+
+
+def test_head_hyper_parameters_are_saved_in_the_bundle_and_rebuild_its_head(concat_bundles):
+    import torch
+
+    from mmtag import api, bundle
+    from mmtag.fusion import create_head
+
+    runs, dims = concat_bundles
+    assert "proj_dim: 24" in (runs["custom"] / "config.yaml").read_text()
+    assert bundle.load(runs["custom"]).config.model.proj_dim == 24
+    head = api.Tagger.load(runs["custom"]).head
+    assert head.aux_image.in_features == 24 and head.image[1].p == 0.25  # not the defaults
+    torch.manual_seed(0)
+    saved = create_head("concat", dims, 3, hidden=16, proj_dim=24, image_input_dropout=0.25)
+    assert saved.state_dict().keys() == head.state_dict().keys()
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in saved.state_dict().items())
+    assert torch.equal(_head_outputs(saved, dims).logits, _head_outputs(head, dims).logits)
+
+
+def test_a_bundle_saved_before_the_head_options_loads_with_their_defaults(concat_bundles):
+    from mmtag import api
+
+    runs, dims = concat_bundles
+    assert "proj_dim" not in (runs["old"] / "config.yaml").read_text()
+    tagger = api.Tagger.load(runs["old"])
+    assert tagger.config.model.proj_dim == 256 and tagger.head.aux_text.in_features == 256
+    assert tagger.head.image[1].p == 0.5

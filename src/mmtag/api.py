@@ -293,8 +293,7 @@ class Tagger:
         cfg = self.config
         assert self.label_space is not None
         seed_everything(cfg.train.seed)
-        head = create_head(self.head_name, self.dims, len(self.label_space),
-                           hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+        head = create_head(self.head_name, self.dims, len(self.label_space), cfg.model)
         return fit_head(head, tr, y_tr, va, y_va, cfg.train,
                         criterion=create_loss(cfg.train.loss, y_tr), views=views, progress=progress,
                         run_log=self.run_log, stage=stage)
@@ -325,12 +324,10 @@ class Tagger:
         if self.head_name == "text":
             return self._fit_head(text_rows, text_y, va, y_va, progress=progress)
         seed_everything(cfg.train.seed)
-        head = create_head(self.head_name, self.dims, len(self.label_space),
-                           hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+        head = create_head(self.head_name, self.dims, len(self.label_space), cfg.model)
         assert isinstance(head, LateFusionHead)
         for modality, rows, y in (("text", text_rows, text_y), ("image", tr, y_tr)):
-            branch = create_head(modality, self.dims, len(self.label_space),
-                                 hidden=cfg.model.hidden, dropout=cfg.model.dropout)
+            branch = create_head(modality, self.dims, len(self.label_space), cfg.model)
             fitted = fit_head(branch, rows, y, va, y_va, cfg.train,
                               criterion=create_loss(cfg.train.loss, y), progress=progress,
                               run_log=self.run_log, stage=f"branch-{modality}")
@@ -393,8 +390,8 @@ class Tagger:
                                     cfg.finetune, loss=loss, seed=cfg.train.seed,
                                     augment=self._text_augment(), progress=progress)
             else:
-                res = finetune_image(enc, [tr.image_path(i) for i in range(len(tr))], y_tr,  # type: ignore[arg-type]
-                                     [va.image_path(i) for i in range(len(va))], y_va, cfg.finetune,
+                # Datasets, not paths: a bad image is reported with its CSV row, as extraction does.
+                res = finetune_image(enc, tr, y_tr, va, y_va, cfg.finetune,  # type: ignore[arg-type]
                                      loss=loss, seed=cfg.train.seed, workers=cfg.data.workers,
                                      augment=self._image_augment(finetuning=True),
                                      progress=progress)
@@ -559,8 +556,7 @@ class Tagger:
         tagger = cls(config)
         tagger.label_space, tagger.thresholds = b.label_space, b.thresholds
         tagger.dims, tagger.encoders = b.dims, b.encoders
-        tagger.head = create_head(b.head_name, b.dims, len(b.label_space),
-                                  hidden=config.model.hidden, dropout=config.model.dropout)
+        tagger.head = create_head(b.head_name, b.dims, len(b.label_space), config.model)
         tagger.head.load_state_dict(b.head_state)
         tagger.head.eval()
         tagger.val_metrics, tagger.history = b.val_metrics, b.history

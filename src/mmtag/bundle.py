@@ -29,7 +29,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
-from .config import Config
+from .config import Config, ModelConfig
 from .data import LabelSpace
 from .encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
 from .errors import MmtagError
@@ -427,16 +427,16 @@ def _check_consistency(run: Path, manifest: dict[str, Any], config: Config, labe
         if named != entry["name"]:
             raise MmtagError(f"{cpath}: model.{modality}_encoder '{named}' disagrees with the bundle's "
                              f"{modality} encoder '{entry['name']}' ({mpath})")
-    _check_head_tensors(run / "head.safetensors", head_state, name, dims, n, model.hidden,
-                        model.dropout, f"{mpath}'s head ({name}, inputs {dims}, hidden {hidden}, {n} labels)")
+    _check_head_tensors(run / "head.safetensors", head_state, name, dims, n, model,
+                        f"{mpath}'s head ({name}, inputs {dims}, hidden {hidden}, {n} labels)")
 
 
 def _check_head_tensors(path: Path, state: dict[str, torch.Tensor], name: str, dims: dict[str, int],
-                        num_classes: int, hidden: int, dropout: float, described: str) -> None:
+                        num_classes: int, model: ModelConfig, described: str) -> None:
     # The meta device gives the expected names and shapes without allocating or drawing random
-    # numbers.
+    # numbers; the head is built from config.yaml's hyper-parameters, as `Tagger.load` builds it.
     with torch.device("meta"):
-        want = create_head(name, dims, num_classes, hidden=hidden, dropout=dropout).state_dict()
+        want = create_head(name, dims, num_classes, model).state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing:

@@ -2,17 +2,19 @@
 
 A head declares which feature kinds it `needs`; the trainer feeds exactly those. Late-fusion heads
 also return each modality's own logits (`HeadOutput.branches`), which the loss supervises too, so
-every branch is a working classifier on its own.
+every branch is a working classifier on its own. A head's hyper-parameters are `model.*` config
+options that it names in `params`, so they are set in config.yaml and saved with the bundle.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .errors import MmtagError
 
 
@@ -52,18 +54,30 @@ class Head(nn.Module):
     branch gets its own tuned thresholds and the label sets are united — the final logits are then
     only a summary, so code that decides must look at the branches). `takes_unpaired`: the head
     can also learn from captions that have no image (`--extra-text`), because its text part is a
-    complete classifier on its own."""
+    complete classifier on its own.
+
+    `params` names the `ModelConfig` fields the constructor takes as keyword arguments;
+    `create_head` passes exactly those from the run's config. A head with a hyper-parameter of its
+    own adds one field (with its allowed range) to `ModelConfig` and names it here: no caller
+    changes, and the value is saved in the bundle's config.yaml and used again when it loads."""
 
     needs: ClassVar[tuple[str, ...]] = ()
     decision: ClassVar[str] = "threshold"
     takes_unpaired: ClassVar[bool] = False
+    params: ClassVar[tuple[str, ...]] = ("hidden", "dropout")
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int,
+                 dropout: float) -> None:
         super().__init__()
         missing = [k for k in self.needs if k not in dims]
         if missing:
             raise MmtagError(f"head '{type(self).__name__}' needs features {missing}")
+
+    @classmethod
+    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
+        """(option, problem) when `model`'s values of `params` cannot build this head together
+        (each value's own range is checked by the config); None when they can."""
+        return None
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         raise NotImplementedError
@@ -79,13 +93,39 @@ def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
     return wrap
 
 
-def create_head(name: str, dims: dict[str, int], num_classes: int, *, hidden: int = 512,
-                dropout: float = 0.2) -> Head:
-    """Instantiate a registered head by name."""
+def head_class(name: str) -> type[Head]:
+    """The registered head class `name`."""
     cls = HEADS.get(name)
     if cls is None:
         raise MmtagError(f"unknown fusion head '{name}'; available: {', '.join(sorted(HEADS))}")
-    return cls(dims, num_classes, hidden=hidden, dropout=dropout)
+    return cls
+
+
+def create_head(name: str, dims: dict[str, int], num_classes: int,
+                model: ModelConfig | None = None, **overrides: Any) -> Head:
+    """Instantiate the registered head `name`. Its hyper-parameters (`Head.params`) come from
+    `model` (the run's `config.model`; ModelConfig's defaults when None), then from `overrides`
+    (e.g. `hidden=16` in a test)."""
+    cls = head_class(name)
+    options = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - options)
+    if unknown:
+        raise MmtagError(f"unknown head hyper-parameter(s) {unknown}; model options: "
+                         f"{', '.join(sorted(options))}")
+    source = model if model is not None else ModelConfig()
+    kwargs: dict[str, Any] = {}
+    for p in cls.params:
+        if p not in options:
+            raise MmtagError(f"head '{name}' reads hyper-parameter '{p}', which is no model option "
+                             "(declare it in config.ModelConfig)")
+        kwargs[p] = overrides[p] if p in overrides else getattr(source, p)
+    return cls(dims, num_classes, **kwargs)
+
+
+def head_params_problem(name: str, model: ModelConfig) -> tuple[str, str] | None:
+    """(option, problem) when `model`'s hyper-parameters cannot build head `name` (see
+    `Head.params_problem`); None when they can."""
+    return head_class(name).params_problem(model)
 
 
 def takes_unpaired(name: str) -> bool:
@@ -95,10 +135,7 @@ def takes_unpaired(name: str) -> bool:
 
 
 def head_needs(name: str) -> tuple[str, ...]:
-    cls = HEADS.get(name)
-    if cls is None:
-        raise MmtagError(f"unknown fusion head '{name}'; available: {', '.join(sorted(HEADS))}")
-    return cls.needs
+    return head_class(name).needs
 
 
 class SingleModalityHead(Head):
@@ -106,9 +143,9 @@ class SingleModalityHead(Head):
 
     modality: ClassVar[str]
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(dims, num_classes, hidden=hidden, dropout=dropout)
         self.net = mlp(dims[self.modality], hidden, num_classes, dropout)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
@@ -138,25 +175,24 @@ def projection(in_dim: int, out_dim: int, input_dropout: float = 0.0) -> nn.Sequ
                          nn.GELU())
 
 
-# 1280-d pooled image vectors overfit small training sets far faster than 384-d caption vectors;
-# dropping half of the image inputs while training gave +0.6 points of validation sample-F1 for
-# concat fusion on coco-real (see bench/foundation.py) and costs nothing at inference.
-IMAGE_INPUT_DROPOUT = 0.5
-PROJ_DIM = 256
+# The early-fusion hyper-parameters (model.proj_dim, model.image_input_dropout): why their
+# defaults are what they are is said where they are declared, in config.ModelConfig.
+EARLY_FUSION_PARAMS = ("hidden", "dropout", "proj_dim", "image_input_dropout")
 
 
 def _add_projected_pair(head: nn.Module, dims: dict[str, int], num_classes: int, hidden: int,
-                        dropout: float, fused_dim: int) -> None:
+                        dropout: float, proj_dim: int, image_input_dropout: float,
+                        fused_dim: int) -> None:
     """Give an early-fusion head its pooled-image and pooled-text projections (`image`, `text`),
     the classifier over the fused vector (`net`) and linear auxiliary classifiers on the
     projections (`aux_image`, `aux_text`). Modules are created in this order on purpose: it fixes
     how the seeded random initialisation is consumed, so a seed reproduces earlier runs."""
-    head.image = projection(dims["image"], PROJ_DIM, IMAGE_INPUT_DROPOUT)
-    head.text = projection(dims["text"], PROJ_DIM)
+    head.image = projection(dims["image"], proj_dim, image_input_dropout)
+    head.text = projection(dims["text"], proj_dim)
     head.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused_dim, hidden), nn.GELU(),
                              nn.Dropout(dropout), nn.Linear(hidden, num_classes))
-    head.aux_image = nn.Linear(PROJ_DIM, num_classes)
-    head.aux_text = nn.Linear(PROJ_DIM, num_classes)
+    head.aux_image = nn.Linear(proj_dim, num_classes)
+    head.aux_text = nn.Linear(proj_dim, num_classes)
 
 
 @register_head("concat")
@@ -166,11 +202,13 @@ class ConcatHead(Head):
     auxiliary classifier whose loss makes it informative on its own."""
 
     needs = ("image", "text")
+    params = EARLY_FUSION_PARAMS
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
-        _add_projected_pair(self, dims, num_classes, hidden, dropout, 2 * PROJ_DIM)
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int, dropout: float,
+                 proj_dim: int, image_input_dropout: float) -> None:
+        super().__init__(dims, num_classes, hidden=hidden, dropout=dropout)
+        _add_projected_pair(self, dims, num_classes, hidden, dropout, proj_dim, image_input_dropout,
+                            2 * proj_dim)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         zi, zt = self.image(batch.image), self.text(batch.text)
@@ -186,9 +224,9 @@ class LateFusionHead(Head):
     needs = ("image", "text")
     takes_unpaired = True
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int,
+                 dropout: float) -> None:
+        super().__init__(dims, num_classes, hidden=hidden, dropout=dropout)
         self.image = mlp(dims["image"], hidden, num_classes, dropout)
         self.text = mlp(dims["text"], hidden, num_classes, dropout)
 
@@ -221,11 +259,6 @@ class UnionHead(LateFusionHead):
         return HeadOutput(torch.maximum(b["image"], b["text"]), b)
 
 
-# The gate only has to pick between two modalities; a narrow hidden layer is plenty and keeps it
-# from becoming a third classifier that overfits.
-GATE_HIDDEN = 64
-
-
 @register_head("gated")
 class GatedHead(LateFusionHead):
     """Late fusion with learned per-sample modality weights: a small gate network reads both
@@ -233,14 +266,16 @@ class GatedHead(LateFusionHead):
     with a detailed caption can lean on the text and vice versa, where `mean` always weighs 1:1.
     The gate's last layer starts at zero, i.e. the head starts as `mean` and learns departures."""
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
+    params = LateFusionHead.params + ("gate_hidden",)
+
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int, dropout: float,
+                 gate_hidden: int) -> None:
+        super().__init__(dims, num_classes, hidden=hidden, dropout=dropout)
         self.gate_norm_image = nn.LayerNorm(dims["image"])
         self.gate_norm_text = nn.LayerNorm(dims["text"])
         self.gate = nn.Sequential(nn.Dropout(dropout),
-                                  nn.Linear(dims["image"] + dims["text"], GATE_HIDDEN), nn.GELU(),
-                                  nn.Linear(GATE_HIDDEN, 2))
+                                  nn.Linear(dims["image"] + dims["text"], gate_hidden), nn.GELU(),
+                                  nn.Linear(gate_hidden, 2))
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.zeros_(self.gate[-1].bias)
 
@@ -294,7 +329,7 @@ class CrossAttention(nn.Module):
 class CrossAttentionHead(Head):
     """Early fusion by cross-attention: the pooled caption asks *where* in the image to look. The
     caption vector (one query) attends over the image's spatial tokens (keys and values), both
-    brought to PROJ_DIM by parallel LayerNorm+Linear maps; the attended vector is added back to the
+    brought to proj_dim by parallel LayerNorm+Linear maps; the attended vector is added back to the
     query (residual) and normalised. The pooled image throws away the spatial detail a caption may
     point at ("a dog *next to* a bicycle"); attention recovers it. The result is concatenated with
     the projected pooled image and text (as in `concat`) and classified by an MLP; linear
@@ -302,24 +337,33 @@ class CrossAttentionHead(Head):
     position encoding, so the head treats them as a set: their order does not matter."""
 
     needs = ("image", "image_tokens", "text")
-    attention_heads: ClassVar[int] = 4
+    params = EARLY_FUSION_PARAMS + ("attention_heads",)
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
-        self.query = nn.Sequential(nn.LayerNorm(dims["text"]), nn.Linear(dims["text"], PROJ_DIM))
+    def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int, dropout: float,
+                 proj_dim: int, image_input_dropout: float, attention_heads: int) -> None:
+        super().__init__(dims, num_classes, hidden=hidden, dropout=dropout)
+        self.query = nn.Sequential(nn.LayerNorm(dims["text"]), nn.Linear(dims["text"], proj_dim))
         self.tokens = nn.Sequential(nn.LayerNorm(dims["image_tokens"]),
-                                    nn.Linear(dims["image_tokens"], PROJ_DIM))
-        self.attn = CrossAttention(PROJ_DIM, self.attention_heads, dropout)
-        self.attn_norm = nn.LayerNorm(PROJ_DIM)
-        _add_projected_pair(self, dims, num_classes, hidden, dropout, 3 * PROJ_DIM)
+                                    nn.Linear(dims["image_tokens"], proj_dim))
+        self.attn = CrossAttention(proj_dim, attention_heads, dropout)
+        self.attn_norm = nn.LayerNorm(proj_dim)
+        _add_projected_pair(self, dims, num_classes, hidden, dropout, proj_dim, image_input_dropout,
+                            3 * proj_dim)
+
+    @classmethod
+    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
+        # each attention head reads an equal slice of the projected width
+        if model.proj_dim % model.attention_heads:
+            return "attention_heads", (f"must divide model.proj_dim ({model.proj_dim}) for head "
+                                       f"'xattn', got {model.attention_heads}")
+        return None
 
     def attention_weights(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, heads, T): how much each attention head of each caption looks at each token."""
         return self.attn.weights(self.query(batch.text), self.tokens(batch.image_tokens))
 
     def attend(self, batch: FeatureBatch) -> torch.Tensor:
-        """(B, PROJ_DIM): LayerNorm(query + attention of the caption query over image tokens)."""
+        """(B, proj_dim): LayerNorm(query + attention of the caption query over image tokens)."""
         q = self.query(batch.text)
         return self.attn_norm(q + self.attn(q, self.tokens(batch.image_tokens)))
 
@@ -340,10 +384,14 @@ class MeanWithBranchesHead(LateFusionHead):
     fused_cls: ClassVar[type[Head]]
     fused_name: ClassVar[str]
 
-    def __init__(self, dims: dict[str, int], num_classes: int, hidden: int = 512,
-                 dropout: float = 0.2) -> None:
-        super().__init__(dims, num_classes, hidden, dropout)
-        self.fused = self.fused_cls(dims, num_classes, hidden, dropout)
+    def __init__(self, dims: dict[str, int], num_classes: int, **params: Any) -> None:
+        # `params` are this class's `params`: the fused head's, which include hidden and dropout
+        super().__init__(dims, num_classes, hidden=params["hidden"], dropout=params["dropout"])
+        self.fused = self.fused_cls(dims, num_classes, **params)
+
+    @classmethod
+    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
+        return cls.fused_cls.params_problem(model)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         b = self.branch_logits(batch)
@@ -358,6 +406,7 @@ class ConcatMeanHead(MeanWithBranchesHead):
     """`concat` averaged with an image MLP and a text MLP (reference "FM2")."""
 
     needs = ConcatHead.needs
+    params = ConcatHead.params
     fused_cls = ConcatHead
     fused_name = "concat"
 
@@ -367,5 +416,6 @@ class CrossAttentionMeanHead(MeanWithBranchesHead):
     """`xattn` averaged with an image MLP and a text MLP (reference "FM3")."""
 
     needs = CrossAttentionHead.needs
+    params = CrossAttentionHead.params
     fused_cls = CrossAttentionHead
     fused_name = "xattn"
