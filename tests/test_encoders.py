@@ -168,3 +168,24 @@ def test_encoders_say_what_fine_tuning_trains(tiny_bert_dir):
     assert image.trainable_groups(0) == groups[-2:]
     with pytest.raises(MmtagError, match="unfreeze_blocks must be in"):
         image.trainable_groups(999)
+
+
+def test_a_family_registered_from_outside_resolves_and_validates(monkeypatch, lite0):
+    """`register_prefix` is the one way to add a "<prefix>:<what>" family: a toy one registered
+    here resolves, is listed in errors, and passes config validation, editing no other file."""
+    from mmtag import encoders
+    from mmtag.config import Config
+    from mmtag.encoders import EncoderEntry, encoder_entry, register_prefix
+
+    monkeypatch.setattr(encoders, "FAMILIES", dict(encoders.FAMILIES))
+    monkeypatch.setattr(encoders, "PREFIXES", dict(encoders.PREFIXES))
+    register_prefix("toy", lambda what: EncoderEntry(f"toy:{what}", "image", lambda _: lite0,
+                                                     lambda _: lite0, lambda: True, "a toy"),
+                    modality="image")
+    assert encoder_entry("toy:x", "image").name == "toy:x"
+    assert encoders.family_modality("toy") == "image" and encoders.family_modality("onnx") is None
+    with pytest.raises(MmtagError, match="timm:NAME, toy:NAME"):
+        encoder_entry("nothing", "image")
+    assert Config().override({"model.image_encoder": "toy:x"}).model.image_encoder == "toy:x"
+    with pytest.raises(ValueError, match="without ':'"):
+        register_prefix("a:b", lambda what: encoder_entry(what), modality=None)

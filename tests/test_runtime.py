@@ -129,9 +129,9 @@ def test_export_that_disagrees_with_eager_is_refused(fused_run: Path, tmp_path: 
 
     import torch
 
-    from mmtag import cli, runtime
+    from mmtag import cli, encoders
 
-    cls = runtime.OnnxImageEncoder if modality == "image" else runtime.OnnxTextEncoder
+    cls = encoders.OnnxImageEncoder if modality == "image" else encoders.OnnxTextEncoder
     original = cls.forward
 
     def drifting(self, *args, **kwargs):
@@ -154,3 +154,25 @@ def test_export_that_disagrees_with_eager_is_refused(fused_run: Path, tmp_path: 
 def test_onnx_encoder_cannot_be_created_for_training() -> None:
     with pytest.raises(MmtagError, match="mmtag export"):
         create_encoder("onnx:minilm-l6", "text")
+
+
+def test_exported_bundles_load_without_the_export_module(exported: dict[str, Path]) -> None:
+    """The onnx: family is registered with the encoders themselves: a fresh process validates
+    onnx: names, loads and describes an exported bundle without importing `mmtag.runtime`, and
+    `import mmtag` does not import onnxruntime (it would cost every command its start-up)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import mmtag
+from mmtag import api
+assert "onnxruntime" not in sys.modules
+mmtag.Config().override({{"model.text_encoder": "onnx:minilm-l6",
+                          "model.image_encoder": "onnx:efficientnet-lite0"}})
+assert api.Tagger.load({str(exported["fp32"])!r}).encoders["text"].name == "onnx:minilm-l6"
+assert api.info({str(exported["int8"])!r})["model_size_mb"] > 0
+assert "mmtag.runtime" not in sys.modules, "loading a bundle imported the export module"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

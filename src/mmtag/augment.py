@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .coco import COCO_NAMES
 from .errors import MmtagError
 
 # ------------------------------------------------------------------------------- images
@@ -263,7 +264,6 @@ def label_words(names: Iterable[str], *, aliases: bool = True) -> set[str]:
 
 
 def _default_protected() -> frozenset[str]:
-    from .data import COCO_NAMES
     return frozenset(label_words(COCO_NAMES.values()))
 
 
@@ -378,7 +378,7 @@ class TextAugment:
     `protected`, and are nouns, verbs or adjectives in WordNet (a plural or third-person -s form
     is re-inflected on its synonym). Synonyms are the other lemmas of the word's first `SENSES`
     senses in its most frequent part of speech; proper nouns and any lemma containing a protected
-    word are left out. `protected` defaults to `label_words` of `mmtag.data.COCO_NAMES`.
+    word are left out. `protected` defaults to `label_words` of `mmtag.coco.COCO_NAMES`.
     """
 
     n: int = 1

@@ -210,7 +210,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import api
-    from .data import COCO_NAMES
+    from .coco import COCO_NAMES
 
     r = api.check(args.csv, args.images, progress=_progress(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
