@@ -104,7 +104,7 @@ def differences(before: Any, after: Any, where: str = "") -> list[str]:
     if isinstance(before, dict) and isinstance(after, dict):
         diffs = []
         for key in sorted(set(before) | set(after)):
-            if key == "elapsed_s":
+            if key in ("elapsed_s", "_about"):
                 continue
             if key not in before or key not in after:
                 diffs.append(f"{where}{key}: only in {'after' if key in after else 'before'}")
