@@ -46,7 +46,12 @@ MAX_CAPTION_CHARS = 10_000
 class ImageDecodeError(ValueError):
     """An image (file or upload) that cannot be decoded; the message says why. Every decode path
     (`decode_image`, `load_image`, `open_image_bytes`, `decode_thumbnail`) raises this and only
-    this for a bad image, whatever Pillow raised, so callers catch one type."""
+    this for a bad image, whatever Pillow raised, so callers catch one type. `too_large` marks an
+    image refused for its size (a decodable file the caller may not want), not for its content."""
+
+    def __init__(self, message: str, *, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.too_large = too_large
 
 
 @dataclass(frozen=True)
@@ -387,7 +392,8 @@ def _decoding() -> Iterator[None]:
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError("image is too large (possible decompression bomb)") from None
+        raise ImageDecodeError("image is too large (possible decompression bomb)",
+                               too_large=True) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"cannot decode image: not a {_FORMAT_LIST} file") from None
     except Exception as exc:
@@ -484,7 +490,8 @@ def open_image_bytes(data: bytes, *, max_side: int = 8192) -> Image.Image:
         img = _open(io.BytesIO(data))
     w, h = img.size
     if w < 1 or h < 1 or max(w, h) > max_side:
-        raise ImageDecodeError(f"image is {w}x{h} pixels; the limit is {max_side} per side")
+        raise ImageDecodeError(f"image is {w}x{h} pixels; the limit is {max_side} per side",
+                               too_large=True)
     return img
 
 

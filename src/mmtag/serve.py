@@ -184,10 +184,9 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def _upload_status(exc: Exception) -> int:
-    """422 for an image over the size limits (open_image_bytes says "pixels" or "too large"),
-    415 for anything else that stops an upload decoding."""
-    text = str(exc)
-    return 422 if "pixels" in text or "too large" in text else 415
+    """422 for an image over the size limits, 415 for anything else that stops an upload
+    decoding (the decoder's own words are never parsed for this)."""
+    return 422 if getattr(exc, "too_large", False) else 415
 
 
 async def _hung_up(receive: Any) -> None:
