@@ -41,6 +41,29 @@ def write_error(path: str | Path, exc: BaseException) -> MmtagError | None:
     return MmtagError(f"{path}: could not be written: {os.strerror(code)}")
 
 
+@contextmanager
+def write_errors(path: str | Path) -> Iterator[None]:
+    """Inside the block, an OS failure to write (see `write_error`) becomes its one-line error;
+    anything else (a bug) keeps its traceback."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_error(path, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def not_a_directory(path: str | Path) -> str | None:
+    """Why no directory can be at `path` (a file there, or a file where a parent should be), or
+    None when one can."""
+    path = Path(path)
+    block = blocking_file(path)
+    if block is None:
+        return None
+    return "exists and is not a directory" if block == path else f"{block} is not a directory"
+
+
 def blocking_file(path: str | Path) -> Path | None:
     """`path` itself or the nearest ancestor that exists but is not a directory, if any: what
     makes a directory impossible to create at `path`."""
@@ -55,10 +78,9 @@ def blocking_file(path: str | Path) -> Path | None:
 def make_dirs(path: str | Path) -> Path:
     """`mkdir -p path`, with a one-line error naming the file in the way or the OS's reason."""
     path = Path(path)
-    block = blocking_file(path)
-    if block is not None:
-        where = "exists and is not a directory" if block == path else f"{block} is not a directory"
-        raise MmtagError(f"{path}: cannot be a directory: {where}")
+    why = not_a_directory(path)
+    if why is not None:
+        raise MmtagError(f"{path}: cannot be a directory: {why}")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -94,20 +116,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp_path: Path | None = None
     try:
-        make_dirs(path.parent)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        tmp_path = Path(tmp)
-        os.chmod(tmp_path, _FILE_MODE)
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    except Exception as exc:
-        error = write_error(path, exc)
-        if error is None:
-            raise
-        raise error from None
+        with write_errors(path):
+            make_dirs(path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp_path = Path(tmp)
+            os.chmod(tmp_path, _FILE_MODE)
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, path)
     finally:
         if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
@@ -148,17 +166,13 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
         raise MmtagError(f"{parent}: cannot write here: {exc.strerror}") from None
     stage, previous = container / target.name, container / "previous"
     try:
-        os.mkdir(stage, _DIR_MODE)
-        yield stage
-        if target.exists() or target.is_symlink():
-            os.rename(target, previous)
-        os.rename(stage, target)
-        _fsync_dir(parent)
-    except Exception as exc:
-        error = write_error(target, exc)
-        if error is None:
-            raise
-        raise error from None
+        with write_errors(target):
+            os.mkdir(stage, _DIR_MODE)
+            yield stage
+            if target.exists() or target.is_symlink():
+                os.rename(target, previous)
+            os.rename(stage, target)
+            _fsync_dir(parent)
     finally:
         if _present(previous) and not _present(target):
             os.rename(previous, target)  # the swap was cut short: the old directory goes back

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import has_checkpoint
 from .errors import MmtagError
-from .io import blocking_file, check_writable_dir, make_dirs, restore_staged
+from .io import check_writable_dir, make_dirs, not_a_directory, restore_staged
 
 # Everything mmtag writes into a run directory (dot-files are its temporary files).
 RUN_ENTRIES = frozenset({
@@ -40,10 +40,9 @@ def inspect(run: str | Path) -> State:
     """What `run` holds. A file, or a directory holding anything mmtag does not write there, is
     refused: replacing it would delete what is not mmtag's (with `--overwrite` too)."""
     run = Path(run)
-    block = blocking_file(run)
-    if block is not None:
-        where = "exists and is not a directory" if block == run else f"{block} is not a directory"
-        raise MmtagError(f"{run}: cannot be a run directory: {where}")
+    why = not_a_directory(run)
+    if why is not None:
+        raise MmtagError(f"{run}: cannot be a run directory: {why}")
     if not run.is_dir():
         return State.EMPTY
     try:
