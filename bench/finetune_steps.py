@@ -21,8 +21,8 @@ import numpy as np
 
 from mmtag.api import Tagger, read_dataset
 from mmtag.config import Config
-from mmtag.metrics import compute
-from mmtag.thresholds import decide, tune
+from mmtag.decision.metrics import compute
+from mmtag.decision.thresholds import decide, tune
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Reads comp5329/train.csv, takes the seeded validation split (val_frac 0.1, seed 0) that `mmtag
 train` uses, builds the label space from the training rows and fine-tunes MiniLM with a temporary
-linear task head (`mmtag.finetune.finetune_text`). `--max-train N` fine-tunes on a seeded random
+linear task head (`mmtag.training.finetune.finetune_text`). `--max-train N` fine-tunes on a seeded random
 N-row subset of the training split for quick trials; validation stays the full split unless
 `--max-val` shrinks it too. Not part of `make test`.
 """
@@ -22,7 +22,7 @@ from mmtag.api import read_dataset
 from mmtag.config import FinetuneConfig
 from mmtag.data import LabelSpace, train_val_split
 from mmtag.encoders import create_encoder
-from mmtag.finetune import finetune_text
+from mmtag.training.finetune import finetune_text
 
 
 def subsample(index: np.ndarray, limit: int, seed: int) -> np.ndarray:

@@ -36,9 +36,9 @@ from mmtag import api
 from mmtag.config import Config
 from mmtag.data import LabelSpace, read_csv, train_val_split
 from mmtag.features import Features, extract
-from mmtag.fusion import FeatureBatch
-from mmtag.thresholds import Scores, decide, tune
-from mmtag.train import predict_logits
+from mmtag.heads import FeatureBatch
+from mmtag.decision.thresholds import Scores, decide, tune
+from mmtag.training.loop import predict_logits
 
 MMTAG = str(Path(sys.executable).with_name("mmtag"))
 

@@ -7,14 +7,14 @@ import pytest
 
 from mmtag import api
 from mmtag.config import Config
-from mmtag.synthetic import SyntheticPaths, make_dataset
+from mmtag.data.synthetic import SyntheticPaths, make_dataset
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _wordnet_missing() -> str | None:
     """Why tests marked `wordnet` cannot run here, or None when WordNet is installed."""
-    from mmtag.augment import find_wordnet
+    from mmtag.data.augment import find_wordnet
     from mmtag.errors import MmtagError
 
     try:

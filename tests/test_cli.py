@@ -187,7 +187,10 @@ def test_out_of_range_flag_is_one_line_before_any_work(capsys, tiny, small_csv, 
 
 
 def _registry_names(kind):
-    from mmtag import encoders, fusion, losses, thresholds
+    from mmtag.encoders import registry as encoders
+    from mmtag.heads import base as fusion
+    from mmtag.training import losses
+    from mmtag.decision import thresholds
 
     return {
         "fusion": sorted(fusion.HEADS),
@@ -311,7 +314,7 @@ def test_one_label_in_the_training_split_trains_and_evaluates(capsys, tiny, tmp_
 def test_single_class_metrics_are_multilabel_scores():
     import numpy as np
 
-    from mmtag.metrics import compute
+    from mmtag.decision.metrics import compute
 
     y_true = np.array([[1], [1], [0], [1]])
     y_pred = np.array([[1], [0], [0], [1]])

@@ -114,7 +114,10 @@ def test_values_that_were_accepted_stay_accepted(tmp_path):
 
 
 def test_valid_names_come_from_the_registries(monkeypatch):
-    from mmtag import encoders, fusion, losses, thresholds
+    from mmtag.encoders import registry as encoders
+    from mmtag.heads import base as fusion
+    from mmtag.training import losses
+    from mmtag.decision import thresholds
 
     with pytest.raises(MmtagError, match="mine"):
         Config().override({"model.fusion": "mine", "train.loss": "mine"})
@@ -189,11 +192,11 @@ def concat_bundles(tmp_path_factory):
     import torch
 
     from conftest import save_tiny_bert
-    from mmtag import bundle
+    from mmtag.model import bundle
     from mmtag.data import LabelSpace
     from mmtag.encoders import create_encoder
-    from mmtag.fusion import create_head
-    from mmtag.thresholds import Thresholds
+    from mmtag.heads import create_head
+    from mmtag.decision.thresholds import Thresholds
 
     root = tmp_path_factory.mktemp("head-options")
     bert = save_tiny_bert(root / "bert", layers=1)
@@ -222,7 +225,7 @@ def concat_bundles(tmp_path_factory):
 def _head_outputs(head, dims):
     import torch
 
-    from mmtag.fusion import FeatureBatch
+    from mmtag.heads import FeatureBatch
 
     g = torch.Generator().manual_seed(0)
     batch = FeatureBatch(image=torch.randn(4, dims["image"], generator=g), text=torch.randn(4, dims["text"], generator=g))
@@ -232,8 +235,10 @@ def _head_outputs(head, dims):
 def test_head_hyper_parameters_are_saved_in_the_bundle_and_rebuild_its_head(concat_bundles):
     import torch
 
-    from mmtag import api, bundle
-    from mmtag.fusion import create_head
+    from mmtag import api
+
+    from mmtag.model import bundle
+    from mmtag.heads import create_head
 
     runs, dims = concat_bundles
     assert "proj_dim: 24" in (runs["custom"] / "config.yaml").read_text()

@@ -16,9 +16,9 @@ import torch
 
 from mmtag import dist
 from mmtag.errors import MmtagError
-from mmtag.fusion import HEADS, FeatureBatch, create_head, head_needs
-from mmtag.synthetic import SyntheticPaths, make_dataset
-from mmtag.train import _loss
+from mmtag.heads import HEADS, FeatureBatch, create_head, head_needs
+from mmtag.data.synthetic import SyntheticPaths, make_dataset
+from mmtag.training.loop import _loss
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 100])

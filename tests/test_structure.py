@@ -20,8 +20,8 @@ KNOWN_CYCLE_EDGES: dict[tuple[str, str], str] = {
     # config validates head and optimizer names by importing their registries, which import
     # config for their typed sections (ModelConfig, ...): issue 15, registries as the single
     # source of allowed values (the config/fusion piece).
-    ("mmtag.config", "mmtag.fusion"): "issue 15: config reads the head registry",
-    ("mmtag.config", "mmtag.train"): "issue 15: config reads the optimizer registry",
+    ("mmtag.config", "mmtag.heads"): "issue 15: config reads the head registry",
+    ("mmtag.config", "mmtag.training.loop"): "issue 15: config reads the optimizer registry",
 }
 
 
@@ -136,20 +136,20 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 # ------------------------------------------------------------------------------- tests
 def test_the_checks_see_what_they_look_for() -> None:
     # Guards the tests below against passing vacuously (a moved tree, a broken resolver).
-    src = ("from .encoders import _entry, Encoder\n"
-           "from . import encoders as enc, rundir\n"
+    src = ("from ..encoders import _entry, Encoder\n"
+           "from ..model import bundle as b, rundir\n"
            "def f():\n"
-           "    from .runtime import export_encoders\n"
-           "    return enc._entry, rundir.ok, enc.__name__\n")
-    known = {"mmtag.encoders", "mmtag.rundir", "mmtag.runtime"}
-    imports = imports_of("mmtag.fake", ast.parse(src), known)
+           "    from .export import export_encoders\n"
+           "    return b._save, rundir.ok, b.__name__\n")
+    known = {"mmtag.encoders", "mmtag.model.bundle", "mmtag.model.rundir", "mmtag.model.export"}
+    imports = imports_of("mmtag.model.fake", ast.parse(src), known)
     assert {i.imported for i in imports} == known
-    assert private_uses("mmtag.fake", ast.parse(src), imports) == [
-        "mmtag.fake:1 imports mmtag.encoders._entry", "mmtag.fake:5 uses mmtag.encoders._entry"]
+    assert private_uses("mmtag.model.fake", ast.parse(src), imports) == [
+        "mmtag.model.fake:1 imports mmtag.encoders._entry", "mmtag.model.fake:5 uses mmtag.model.bundle._save"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
-    assert {"mmtag", "mmtag.api", "mmtag.encoders", "mmtag.runtime"} <= set(graph)
-    assert "mmtag.encoders" in graph["mmtag.runtime"] and "mmtag.errors" in graph["mmtag.encoders"]
+    assert {"mmtag", "mmtag.api", "mmtag.encoders", "mmtag.model.export"} <= set(graph)
+    assert "mmtag.encoders" in graph["mmtag.model.export"] and "mmtag.errors" in graph["mmtag.encoders.registry"]
 
 
 def test_no_import_cycles() -> None:

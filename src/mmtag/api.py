@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import bundle as bundle_io
-from .bundle import ValidationRecord
-from . import dist, rundir
-from .checkpoint import RunLog
-from .augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
+from .model import bundle as bundle_io
+from .model.bundle import ValidationRecord
+from . import dist
+from .model import rundir
+from .training.checkpoint import RunLog
+from .data.augment import ImageAugment, TextAugment, label_words, parse_image_aug, parse_text_aug
 from .config import Config, default_cache_dir
 from .data import (Dataset, ImageDecodeError, LabelSpace, check_images_decode, check_images_exist,
                    decode_image, read_csv, train_val_split)
@@ -33,13 +34,13 @@ from .encoders import (Encoder, EncoderInfo, ImageEncoder, TextEncoder, create_e
 from .errors import DataError, MmtagError
 from .features import (FeatureCache, Features, FeatureSet, concat_features, encode_captions,
                        encode_images, extract, extract_views)
-from .fusion import HEADS, Head, LateFusionHead, create_head, head_needs, takes_unpaired
+from .heads import HEADS, Head, LateFusionHead, create_head, head_needs, takes_unpaired
 from .io import atomic_write_text, check_writable_dir, check_writable_file
-from .metrics import Metrics, compute
-from .losses import create_loss
-from .selftrain import PseudoRound, select_pseudo_labels
-from .thresholds import Scores, Thresholds, decide, tune_decisions
-from .train import FitResult, fit_head, predict_outputs, seed_everything
+from .decision.metrics import Metrics, compute
+from .training.losses import create_loss
+from .training.pseudo import PseudoRound, select_pseudo_labels
+from .decision.thresholds import Scores, Thresholds, decide, tune_decisions
+from .training.loop import FitResult, fit_head, predict_outputs, seed_everything
 
 log = logging.getLogger("mmtag")
 
@@ -374,7 +375,7 @@ class Tagger:
 
     def _finetune(self, tr: Dataset, va: Dataset, *, progress: bool) -> None:
         """Stage one of two-stage training: replace encoders by task-fine-tuned copies."""
-        from .finetune import finetune_image, finetune_text
+        from .training.finetune import finetune_image, finetune_text
 
         cfg = self.config
         assert self.label_space is not None
@@ -756,7 +757,7 @@ def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool
     manifest. `int8` quantises the text encoder. The head, thresholds and labels are unchanged."""
     import shutil
 
-    from .runtime import export_encoders
+    from .model.export import export_encoders
 
     if format != "onnx":
         raise MmtagError(f"unknown export format '{format}' (available: onnx)")
@@ -795,7 +796,7 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
            images: str | Path | None = None, progress: bool = True) -> Path:
     """Write a self-contained HTML report of a run (default RUN/report.html): of its validation
     split, or with `csv_path`, of that labelled CSV scored by the run."""
-    from .report import ReportData, render
+    from .jobs.report import ReportData, render
 
     tagger = Tagger.load(run)
     assert tagger.label_space is not None and tagger.thresholds is not None

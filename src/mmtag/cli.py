@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _interrupted(run: Path) -> KeyboardInterrupt:
     """Ctrl-C in training: the interrupt, carrying the command that continues the run (when
     there is one to continue); `main` prints it."""
-    from . import rundir
+    from .model import rundir
 
     return KeyboardInterrupt(f"to continue: {rundir.resume_command(run)}" if rundir.resumable(run) else "")
 
@@ -122,7 +122,7 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from .ablate import run_ablation
+    from .jobs.ablate import run_ablation
     from .config import Config
 
     config = Config.from_yaml(args.config) if args.config else Config()
@@ -138,7 +138,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .config import Config
-    from .sweep import best_row, load_grid_file, parse_grid, run_sweep
+    from .jobs.sweep import best_row, load_grid_file, parse_grid, run_sweep
 
     if bool(args.grid) == bool(args.grid_file):
         raise MmtagError("give exactly one of --grid \"lr=1e-4,5e-4 batch=32,64\" or --grid-file FILE")
@@ -190,7 +190,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import Limits, serve
+    from .serve.app import Limits, serve
 
     serve(args.run, host=args.host, port=args.port,
           limits=Limits(max_upload_mb=args.max_upload_mb, max_side=args.max_side,
@@ -210,7 +210,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import api
-    from .coco import COCO_NAMES
+    from .data.coco import COCO_NAMES
 
     r = api.check(args.csv, args.images, progress=_progress(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
@@ -275,7 +275,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .jobs.demo import run_demo
 
     result = run_demo(args.out, progress=_progress(args))
     print("mmtag demo — synthetic image+caption data; labels 10/13/15 are only in the image,")

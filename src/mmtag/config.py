@@ -110,7 +110,7 @@ class SubsetOf(Constraint):
 def _family_modality(prefix: str) -> str | None:
     """The modality of an open-ended encoder family (hf:, timm:), or None for one that only
     wraps another encoder (onnx:, written by `mmtag export`)."""
-    from . import encoders
+    from .encoders import registry as encoders
 
     try:
         return encoders.PREFIXES[prefix]("NAME").modality
@@ -126,7 +126,7 @@ class EncoderName(Constraint):
     modality: str
 
     def problem(self, value: Any) -> str | None:
-        from . import encoders
+        from .encoders import registry as encoders
 
         prefix, _, rest = value.partition(":")
         try:
@@ -158,7 +158,7 @@ class ImageAugSpec(Constraint):
     """`auto`, `none`/empty, or ops of `augment.IMAGE_OPS` ("crop,flip"), parsed by augment."""
 
     def problem(self, value: Any) -> str | None:
-        from .augment import parse_image_aug
+        from .data.augment import parse_image_aug
 
         if value.strip().lower() == "auto":
             return None
@@ -174,7 +174,7 @@ class TextAugSpec(Constraint):
     looked for when the augmentation is built, so a bundle still loads on a machine without it."""
 
     def problem(self, value: Any) -> str | None:
-        from .augment import TEXT_OPS
+        from .data.augment import TEXT_OPS
 
         text = value.strip().lower()
         if text in ("", "none"):
@@ -197,25 +197,25 @@ class ThresholdRange(Constraint):
 
 
 def _heads() -> list[str]:
-    from .fusion import HEADS
+    from .heads import HEADS
 
     return sorted(HEADS)
 
 
 def _losses() -> list[str]:
-    from .losses import LOSSES
+    from .training.losses import LOSSES
 
     return list(LOSSES)
 
 
 def _optimizers() -> list[str]:
-    from .train import OPTIMIZERS
+    from .training.loop import OPTIMIZERS
 
     return list(OPTIMIZERS)
 
 
 def _threshold_modes() -> list[str]:
-    from .thresholds import TUNERS
+    from .decision.thresholds import TUNERS
 
     return list(TUNERS)
 
@@ -428,7 +428,7 @@ class Config:
         return self
 
     def _check_combinations(self, where: "_Where") -> None:
-        from .fusion import head_needs, head_params_problem
+        from .heads import head_needs, head_params_problem
 
         head_problem = head_params_problem(self.model.head_name(), self.model)
         if head_problem:

@@ -1,0 +1,27 @@
+"""Data: datasets and label spaces, the CSV reader, image decoding and the one image loader, augmentation, synthetic data."""
+# The package's public names, wherever in it they live: other packages import from here.
+from .dataset import (  # noqa: F401
+    IMAGE_FORMATS,
+    MAX_CAPTION_CHARS,
+    ImageDecodeError,
+    LabelSpace,
+    Dataset,
+    ReadResult,
+    parse_labels,
+    check_image_id,
+    read_csv,
+    check_images_exist,
+    check_images_decode,
+    decode_image,
+    decode_thumbnail,
+    normalize_images,
+    load_image,
+    open_image_bytes,
+    ImageItem,
+    ImageBatch,
+    ImageItems,
+    collate_images,
+    image_batches,
+    image_loader,
+    train_val_split,
+)

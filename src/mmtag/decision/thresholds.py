@@ -1,0 +1,239 @@
+"""Turning scores into label sets: thresholds tuned on validation, and the top-1 fallback."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import MmtagError
+from .metrics import samples_f1
+
+GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+
+
+@dataclass
+class Scores:
+    """A head's label probabilities and, for late fusion, each branch's own probabilities.
+
+    `union` says the decision is the union of each branch's thresholded label set (the `union`
+    fusion head) rather than a threshold on `probs`.
+    """
+
+    probs: np.ndarray  # (N, C)
+    branches: dict[str, np.ndarray] = field(default_factory=dict)
+    union: bool = False
+
+
+@dataclass
+class Thresholds:
+    """One threshold per class (a global threshold is the same value repeated); union decisions
+    carry one such vector per branch in `branches`."""
+
+    mode: str
+    values: np.ndarray  # (C,)
+    branches: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"mode": self.mode, "values": [float(v) for v in self.values]}
+        if self.branches:
+            out["branches"] = {k: [float(x) for x in v] for k, v in self.branches.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, object]) -> "Thresholds":
+        branches = raw.get("branches") or {}
+        return cls(mode=str(raw["mode"]), values=np.asarray(raw["values"], dtype=np.float32),
+                   branches={str(k): np.asarray(v, dtype=np.float32)
+                             for k, v in branches.items()})  # type: ignore[union-attr]
+
+    @classmethod
+    def constant(cls, value: float, num_classes: int) -> "Thresholds":
+        return cls(mode="global", values=np.full(num_classes, value, dtype=np.float32))
+
+
+def decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | float) -> np.ndarray:
+    """Scores (N, C) → boolean label matrix; a row with no label above threshold gets its top-1.
+
+    Every item carries at least one label, so an empty prediction is always wrong; the top-1
+    label is the best single guess. For union decisions (`Scores.union` with per-branch
+    thresholds) each branch's label set is thresholded on its own and the sets are united.
+    """
+    if isinstance(probs, Scores):
+        if probs.union and isinstance(thresholds, Thresholds) and thresholds.branches:
+            pred = np.zeros(probs.probs.shape, dtype=bool)
+            for name, t in thresholds.branches.items():
+                pred |= probs.branches[name] >= t.astype(probs.branches[name].dtype)
+            return _top1_fallback(pred, probs.probs)
+        probs = probs.probs
+    t = thresholds.values if isinstance(thresholds, Thresholds) else thresholds
+    return _top1_fallback(probs >= np.asarray(t, dtype=probs.dtype), probs)
+
+
+def _top1_fallback(pred: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    empty = ~pred.any(axis=1)
+    if empty.any():
+        rows = np.flatnonzero(empty)
+        pred[rows, probs[rows].argmax(axis=1)] = True
+    return pred
+
+
+def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> Thresholds:
+    """The single threshold (on `grid`) maximising validation sample-F1, top-1 fallback included.
+
+    Ties go to the threshold closest to 0.5, so a flat curve does not drift to an extreme.
+    """
+    return Thresholds.constant(_best_near_half(grid, f1_by_threshold(probs, y_true, grid)),
+                               probs.shape[1])
+
+
+def f1_by_threshold(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
+    """(G,) validation sample-F1 with one global threshold at each grid value (top-1 fallback
+    included): the curve `tune_global` maximises, for plotting."""
+    return np.array([samples_f1(y_true, decide(probs, t)) for t in grid])
+
+
+def _best_near_half(grid: np.ndarray, scores: np.ndarray, *, maximise: bool = True) -> float:
+    """The grid value with the best score; ties go to the value closest to 0.5, so a flat
+    stretch of the curve does not drift the threshold to an extreme."""
+    best = scores.max() if maximise else scores.min()
+    candidates = grid[np.isclose(scores, best, rtol=0, atol=1e-12)]
+    return float(candidates[np.argmin(np.abs(candidates - 0.5))])
+
+
+def _top1_hits(probs: np.ndarray, y_true: np.ndarray) -> np.ndarray:
+    """(N,) whether each row's top-1 label is correct: what the fallback scores on empty rows."""
+    top1 = probs.argmax(axis=1)
+    return y_true[np.arange(len(y_true)), top1].astype(bool)
+
+
+def _class_f1_curve(probs: np.ndarray, y_true: np.ndarray, pred: np.ndarray, c: int,
+                    grid: np.ndarray, top1_hits: np.ndarray) -> np.ndarray:
+    """(G,) sample-F1 when column c is thresholded at each grid value and the other columns keep
+    their decisions in `pred` (before fallback); equals samples_f1(y, decide(...)) per value.
+
+    Done for all grid values at once from per-row counts, since rebuilding the full decision
+    matrix per candidate is what makes naive coordinate ascent slow.
+    """
+    truth = y_true.astype(bool)
+    others = np.ones(truth.shape[1], dtype=bool)
+    others[c] = False
+    tp_other = (truth[:, others] & pred[:, others]).sum(axis=1)
+    n_other = pred[:, others].sum(axis=1)
+    n_true = truth.sum(axis=1)
+    col = probs[:, c][None, :] >= grid.astype(probs.dtype)[:, None]  # (G, N), as decide compares
+    n_pred = n_other[None, :] + col
+    tp = tp_other[None, :] + (col & truth[None, :, c])
+    empty = n_pred == 0
+    n_pred = np.where(empty, 1, n_pred)
+    tp = np.where(empty, top1_hits[None, :], tp)
+    return (2.0 * tp / (n_true[None, :] + n_pred)).mean(axis=1)
+
+
+def tune_per_class(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID,
+                   max_sweeps: int = 10) -> Thresholds:
+    """Per-class thresholds by coordinate ascent on validation sample-F1, fallback included.
+
+    Classes are scored on different scales (a rare label's positives may never reach the global
+    threshold), so one shared value can be far from each class's best. Starting from the tuned
+    global threshold and only accepting strict improvements guarantees a validation score no
+    worse than global; sweeps stop once a full pass changes nothing. More thresholds fit the
+    validation set more closely, so this wants a reasonably large validation split.
+    """
+    # Candidates as they will be stored (float32), so the stored thresholds reproduce the score.
+    grid = grid.astype(np.float32)
+    values = tune_global(probs, y_true, grid).values.copy()
+    hits = _top1_hits(probs, y_true)
+    current = samples_f1(y_true, decide(probs, values))
+    for _ in range(max_sweeps):
+        improved = False
+        for c in range(probs.shape[1]):
+            pred = probs >= values.astype(probs.dtype)
+            curve = _class_f1_curve(probs, y_true, pred, c, grid, hits)
+            if curve.max() > current + 1e-12:
+                values[c] = _best_near_half(grid, curve)
+                current = float(curve.max())
+                improved = True
+        if not improved:
+            break
+    return Thresholds(mode="per-class", values=values.astype(np.float32))
+
+
+def tune_balanced(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> Thresholds:
+    """Per-class thresholds where validation false positives ≈ false negatives (min |FP - FN|).
+
+    Equal error counts make the predicted label count match the true one per class, which
+    keeps label frequencies calibrated without optimising the score on the validation set
+    directly. Each class is chosen on its own (fallback ignored: it couples classes and only
+    touches rows with nothing above threshold); `decide` still applies the fallback.
+    """
+    truth = y_true.astype(bool)
+    grid = grid.astype(np.float32)  # as stored, so decide() reproduces the counts
+    cut = grid.astype(probs.dtype)[:, None]
+    values = np.empty(probs.shape[1], dtype=np.float32)
+    for c in range(probs.shape[1]):
+        pred = probs[:, c][None, :] >= cut  # (G, N)
+        fp = (pred & ~truth[None, :, c]).sum(axis=1)
+        fn = (~pred & truth[None, :, c]).sum(axis=1)
+        values[c] = _best_near_half(grid, np.abs(fp - fn).astype(float), maximise=False)
+    return Thresholds(mode="balanced", values=values)
+
+
+TUNERS: dict[str, Callable[[np.ndarray, np.ndarray], Thresholds]] = {
+    "global": tune_global,
+    "per-class": tune_per_class,
+    "balanced": tune_balanced,
+}
+
+
+def tune(mode: str, probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
+    """Thresholds tuned on validation scores by `mode` (global, per-class or balanced)."""
+    try:
+        tuner = TUNERS[mode]
+    except KeyError:
+        raise MmtagError(f"unknown threshold mode '{mode}'; "
+                         f"available: {', '.join(TUNERS)}") from None
+    return tuner(probs, y_true)
+
+
+def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
+                   ranges: dict[str, tuple[float, float]] | None = None) -> Thresholds:
+    """Thresholds for a head's scores: `tune(mode)` on the final probabilities, or for union
+    heads one threshold vector per branch.
+
+    For union with `global` mode the two branch thresholds are searched jointly (a coarse pair
+    grid) for the sample-F1 of the united label sets, since tuning each branch alone for its own
+    F1 ignores what the other branch already covers; other modes tune each branch on its own.
+    `ranges` confines a branch's threshold to [lo, hi] (reference design A fixes the image
+    threshold at 0.8 and searches the text one in 0.3-0.6).
+    """
+    ranges = ranges or {}
+
+    def grid_for(name: str, grid: np.ndarray) -> np.ndarray:
+        if name not in ranges:
+            return grid
+        lo, hi = ranges[name]
+        inside = grid[(grid >= lo - 1e-9) & (grid <= hi + 1e-9)]
+        return inside if len(inside) else np.array([lo], dtype=grid.dtype)
+
+    if not scores.union:
+        return tune(mode, scores.probs, y_true)
+    names = sorted(scores.branches)
+    if mode == "global" and len(names) == 2:
+        coarse = np.round(np.arange(0.1, 0.951, 0.05), 2)
+        a, b = scores.branches[names[0]], scores.branches[names[1]]
+        best, best_pair = -1.0, (0.5, 0.5)
+        for ta in grid_for(names[0], coarse):
+            pa = a >= ta
+            for tb in grid_for(names[1], coarse):
+                f1 = samples_f1(y_true, _top1_fallback(pa | (b >= tb), scores.probs))
+                closer = abs(ta - 0.5) + abs(tb - 0.5) < abs(best_pair[0] - 0.5) + abs(best_pair[1] - 0.5)
+                if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and closer):
+                    best, best_pair = f1, (float(ta), float(tb))
+        c = scores.probs.shape[1]
+        branches = {names[0]: np.full(c, best_pair[0], np.float32),
+                    names[1]: np.full(c, best_pair[1], np.float32)}
+    else:
+        branches = {n: np.clip(tune(mode, scores.branches[n], y_true).values, *ranges.get(n, (0.0, 1.0)))
+                    for n in names}
+    return Thresholds(mode=f"union/{mode}", values=branches[names[0]], branches=branches)

@@ -1,0 +1,1 @@
+"""Jobs: what the commands do (train, evaluate, predict, report, ablate, sweep, demo, ...)."""

@@ -1,0 +1,1 @@
+"""The fitted model: the Tagger, its bundle on disk, its ONNX export."""

@@ -1,0 +1,483 @@
+"""HTTP face: `mmtag serve RUN` (FastAPI + uvicorn). Every answer comes from `mmtag.api`.
+
+    GET  /               a web page: pick an image, type a caption, see labels and scores
+    GET  /health         liveness and what the model needs
+    GET  /labels         label ids and names
+    POST /predict        multipart: image file + caption → labels, scores, thresholds
+    POST /predict/batch  multipart: images[] + captions[] → one result per item
+    GET  /docs           OpenAPI documentation (FastAPI's own)
+
+Every error is JSON `{"error": ...}` with a 4xx status, never a 500: bodies over the upload limit
+(413, also when chunked), uploads that do not decode as an image (415), images over the dimension
+cap, missing or empty fields (422), unknown paths (404), wrong methods (405), malformed HTTP
+(400), and requests that run past the time limit (504).
+
+The model is loaded once; one inference thread runs it, because Hugging Face fast tokenizers are
+not safe to call from several threads at once, and on a 2-core CPU parallel requests would only
+compete for the same cores. Uploads are decoded before they queue for that thread, and a batch
+runs in steps of `STEP` items, small requests first (`_ModelThread`): a request whose client hung
+up or whose time ran out stops at the next step (or never starts), so it cannot hold the model
+while others time out behind it.
+
+Connections are bounded too (see `BoundedH11Protocol`): a client has `header_timeout_s` to send a
+request's headers, and past `max_connections` the longest-idle connection is closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import json
+import math
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import h11
+import uvicorn
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .. import api
+from ..data import MAX_CAPTION_CHARS, decode_image, open_image_bytes
+from ..errors import MmtagError
+
+STEP = 8  # items per inference step of a batch: how far a cancelled batch can run on
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request, and one connection, may ask of the server."""
+
+    max_upload_mb: float = 10.0  # whole request body
+    max_side: int = 8192  # pixels per image side
+    max_batch: int = 64  # items per /predict/batch
+    timeout_s: float = 60.0  # per request, from its headers to its answer
+    header_timeout_s: float = 10.0  # to send a request's headers (and to finish a refused body)
+    max_connections: int = 100  # open at once; past it the longest-idle one is closed
+
+    def __post_init__(self) -> None:
+        for name, flag, low in (("max_upload_mb", "--max-upload-mb", 0), ("timeout_s", "--timeout", 0),
+                                ("header_timeout_s", "--header-timeout", 0)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > low):
+                raise MmtagError(f"{flag} must be a finite number > {low} (got {value})")
+        for name, flag in (("max_side", "--max-side"), ("max_batch", "--max-batch"),
+                           ("max_connections", "--max-connections")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MmtagError(f"{flag} must be a whole number >= 1 (got {value})")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _ModelThread:
+    """The one thread that runs the model. Its jobs wait in a priority queue ordered by how many
+    items their request will have had run after the job, then by arrival: a one-image request
+    goes ahead of a large batch's steps instead of queueing behind all of them (the batch moves
+    whenever no smaller job waits). A job whose request gave up while waiting is dropped unrun."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.PriorityQueue[tuple[int, int, Future, Callable[[], Any]]] = queue.PriorityQueue()
+        self._arrival = itertools.count()
+        threading.Thread(target=self._run, name="mmtag-infer", daemon=True).start()
+
+    def submit(self, items: int, job: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        self._jobs.put((items, next(self._arrival), future, job))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            _, _, future, job = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled (its request timed out or hung up) before it ran
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # handed to the request that waits for it
+                future.set_exception(exc)
+
+
+class _Guard:
+    """ASGI middleware for every HTTP request: a body over the limit (by header, or counted when
+    chunked) gets 413; a request running past the time limit gets 504 instead of hanging.
+
+    A chunked body is only known to be too large while the app reads it; FastAPI reports any
+    failure while parsing a form as its own 400, so that answer is dropped and replaced by the 413.
+    """
+
+    def __init__(self, app: Any, limits: Limits) -> None:
+        self.app, self.limit, self.seconds = app, limits.max_bytes, limits.timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and not declared.isdigit():
+            await _send_json(send, 400, f"invalid Content-Length header {declared[:40].decode('latin-1')!r}")
+            return
+        if declared is not None and int(declared) > self.limit:
+            await _send_json(send, 413, f"request body is {int(declared)} bytes; the limit is {self.limit}")
+            return
+        seen, started, too_large = 0, False, False
+
+        async def counted() -> dict:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    too_large = True
+                    raise _TooLarge
+            return message
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            if too_large:
+                return  # the app's answer to a body cut short; the 413 below replaces it
+            started = True
+            await send(message)
+
+        try:
+            await asyncio.wait_for(self.app(scope, counted, watched), self.seconds)
+        except _TooLarge:
+            pass
+        except asyncio.TimeoutError:
+            if not started:
+                await _send_json(send, 504, f"request took longer than {self.seconds:g} s")
+            return
+        if too_large and not started:
+            await _send_json(send, 413, f"request body exceeds the limit of {self.limit} bytes")
+
+
+def _json_body(error: str) -> bytes:
+    return json.dumps({"error": error}).encode()
+
+
+async def _send_json(send: Any, status: int, error: str,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = _json_body(error)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _upload_status(exc: Exception) -> int:
+    """422 for an image over the size limits, 415 for anything else that stops an upload
+    decoding (the decoder's own words are never parsed for this)."""
+    return 422 if getattr(exc, "too_large", False) else 415
+
+
+async def _hung_up(receive: Any) -> None:
+    """Return once the client has gone. Called after the body is read, so the server's next
+    message for this request is `http.disconnect` (or none until the answer is sent)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
+    """The server's ASGI app for one run (loaded once, here)."""
+    limits = limits or Limits()
+    tagger = api.Tagger.load(run)
+    ls = tagger.label_space
+    assert ls is not None
+    needs_image = "image" in tagger.modalities
+    needs_text = "text" in tagger.modalities
+    image_size = int(tagger.encoders["image"].image_size) if needs_image else 0  # type: ignore[attr-defined]
+    thresholds = {k: {str(i): round(t, 6) for i, t in v.items()}
+                  for k, v in tagger.thresholds_by_label().items()}
+    names = dict(zip(ls.ids, ls.names))
+    model = _ModelThread()
+    page = resources.files("mmtag.serve").joinpath("web/index.html").read_text(encoding="utf-8")
+
+    app = FastAPI(title="mmtag", summary=f"multi-label image+caption tagger ({Path(run).name})")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', []) if p != 'body')}: {e.get('msg')}"
+                             for e in exc.errors())
+        return _error(422, f"invalid request ({problems})")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own 404 / 405 and FastAPI's 400 for an unparseable body, in our shape.
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {str(exc.detail).rstrip('.')}",
+                      headers=dict(exc.headers or {}))
+
+    def decode(data: bytes) -> Any:
+        """Decode fully, here, outside the inference queue: the model never sees a bad image,
+        and decoding concurrent uploads does not wait for (or hold up) inference."""
+        img = open_image_bytes(data, max_side=limits.max_side)
+        pixels = decode_image(img, image_size)  # (3, S, S) uint8, exactly what predict would decode
+        return Image.fromarray(pixels.transpose(1, 2, 0))  # predict's resize to S x S is then a copy
+
+    async def read_image(upload: UploadFile | None, what: str) -> Any:
+        if upload is None:
+            if needs_image:
+                raise _Bad(422, f"{what}: this model needs an image file")
+            return None
+        data = await upload.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise _Bad(413, f"{what}: file exceeds {limits.max_bytes} bytes")
+        if not needs_image:
+            return None  # a text-only model ignores images
+        name = upload.filename or "upload"
+        if not data:
+            raise _Bad(422, f"{what} ({name}): empty file")
+        try:
+            return await asyncio.to_thread(decode, data)
+        except Exception as exc:  # any decoder's failure on one upload is that upload's fault
+            reason = " ".join(str(exc).split()) or exc.__class__.__name__  # one line
+            raise _Bad(_upload_status(exc), f"{what} ({name}): cannot use this image: {reason}") from None
+
+    def check_caption(caption: str | None, what: str) -> str | None:
+        if caption is None or not caption.strip():
+            if needs_text:
+                raise _Bad(422, f"{what}: this model needs a non-empty caption")
+            return None
+        if len(caption) > MAX_CAPTION_CHARS:
+            raise _Bad(422, f"{what}: caption is longer than {MAX_CAPTION_CHARS} characters")
+        return caption
+
+    def run_step(images: list[Any], captions: list[str | None],
+                 cancelled: threading.Event) -> list[dict[str, Any]]:
+        if cancelled.is_set():  # picked up after its request gave up: leave the model to others
+            return []
+        preds = tagger.predict(images if needs_image else None,
+                               captions if needs_text else None)  # type: ignore[arg-type]
+        return [{"labels": [{"id": i, "name": n, "score": round(p.scores[i], 6)}
+                            for i, n in zip(p.labels, p.names)],
+                 "scores": [{"id": i, "name": names[i], "score": round(s, 6)} for i, s in p.scores.items()],
+                 "thresholds": thresholds} for p in preds]
+
+    async def infer(request: Request, images: list[Any], captions: list[str | None]) -> list[dict[str, Any]]:
+        """Run the model on the items, a step at a time, for as long as someone waits for it:
+        a timeout (the guard cancels this coroutine) or a hang-up ends it at the next step."""
+        cancelled = threading.Event()
+
+        async def steps() -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for s in range(0, len(images), STEP):
+                step = functools.partial(run_step, images[s:s + STEP], captions[s:s + STEP], cancelled)
+                # cancelling this await cancels the queued job (wrap_future passes it on)
+                out += await asyncio.wrap_future(model.submit(min(s + STEP, len(images)), step))
+            return out
+
+        work = asyncio.ensure_future(steps())
+        gone = asyncio.ensure_future(_hung_up(request.receive))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done():
+                return work.result()
+            # nginx's "client closed request"; nobody reads it, but the access log shows why
+            raise _Bad(499, "the client closed the connection before the answer was ready")
+        finally:
+            cancelled.set()
+            work.cancel()
+            gone.cancel()
+
+    @app.exception_handler(_Bad)
+    async def client_error(request: Request, exc: _Bad) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(MmtagError)
+    async def refused(request: Request, exc: MmtagError) -> JSONResponse:
+        return _error(422, str(exc))  # the API's own refusal of an input
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, f"internal error ({exc.__class__.__name__}); see the server log")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Liveness, and what each prediction needs."""
+        return {"status": "ok", "run": Path(run).name, "modalities": tagger.modalities,
+                "head": tagger.head_name, "num_labels": len(ls)}
+
+    @app.get("/labels")
+    def labels() -> list[dict[str, Any]]:
+        """Every label the model can predict."""
+        return [{"id": i, "name": n} for i, n in zip(ls.ids, ls.names)]
+
+    @app.post("/predict")
+    async def predict(request: Request, image: UploadFile | None = File(None),
+                      caption: str | None = Form(None)) -> dict[str, Any]:
+        """One image + caption → predicted labels (with names and scores), every label's score,
+        and the thresholds used."""
+        img = await read_image(image, "image")
+        cap = check_caption(caption, "caption")
+        return (await infer(request, [img], [cap]))[0]
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request, images: list[UploadFile] | None = File(None),
+                            captions: list[str] | None = Form(None)) -> dict[str, Any]:
+        """Items i = (images[i], captions[i]) → {"predictions": [one result per item]}."""
+        n = max(len(images or []), len(captions or []))
+        if n == 0:
+            raise _Bad(422, "no items: send images and/or captions fields")
+        if n > limits.max_batch:
+            raise _Bad(413, f"{n} items; the limit is {limits.max_batch} per batch")
+        if needs_image and needs_text and len(images or []) != len(captions or []):
+            raise _Bad(422, f"got {len(images or [])} images but {len(captions or [])} captions")
+        imgs = [await read_image(f, f"images[{k}]") for k, f in enumerate(images or [None] * n)]
+        caps = [check_caption(c, f"captions[{k}]") for k, c in enumerate(captions or [None] * n)]
+        return {"predictions": await infer(request, imgs, caps)}
+
+    app.add_middleware(_Guard, limits=limits)
+    schema_of = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = schema_of()
+        for name, body in schema.get("components", {}).get("schemas", {}).items():
+            if name.startswith("Body_"):
+                _plain_form_fields(body)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _plain_form_fields(body: dict[str, Any]) -> None:
+    """Describe optional multipart fields as "absent or this", not "this or null".
+
+    A form field cannot carry null, and FastAPI's `anyOf [..., null]` hides from client
+    generators and schema fuzzers that `image` is a file upload (`format: binary`).
+    """
+    for prop in body.get("properties", {}).values():
+        options = [o for o in prop.get("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1 and len(prop["anyOf"]) == 2:
+            del prop["anyOf"]
+            prop.update(options[0])
+        for node in (prop, prop.get("items", {})):
+            if node.get("contentMediaType") == "application/octet-stream":
+                node.setdefault("format", "binary")
+
+
+class _Bad(Exception):
+    """A client error with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the bounds it lacks: uvicorn times out a connection only
+    between requests (keep-alive), so one that never finishes its headers stays open for good.
+
+    Here a connection has `header_timeout` seconds, from connecting or from its last answer, to
+    send the next request's headers; the same clock bounds a body still arriving after the answer
+    (e.g. the rest of an upload refused with 413), which uvicorn would read and drop for as long as
+    it comes. Past `max_connections` the longest-idle connection (waiting for headers or between
+    requests) is closed; if every connection is mid-request, the new one gets a JSON 503.
+    Malformed requests get a JSON 400 instead of uvicorn's plain text one.
+    """
+
+    header_timeout: float = Limits.header_timeout_s
+    max_connections: int = Limits.max_connections
+
+    _idle_timer: asyncio.TimerHandle | None = None
+    idle_since: float | None = None  # loop time the connection began waiting for a request
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_idle_clock()
+        if len(self.connections) > self.max_connections:
+            idle = [c for c in self.connections
+                    if c is not self and getattr(c, "idle_since", None) is not None]
+            if idle:
+                min(idle, key=lambda c: c.idle_since).close_idle()  # type: ignore[attr-defined]
+            else:
+                self.app = _busy  # answered once its headers arrive, then closed
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._between_requests():
+            if self._idle_timer is None:  # not restarted by more bytes: a trickle cannot extend it
+                self._start_idle_clock()
+        else:
+            self._stop_idle_clock()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._between_requests():
+            self._stop_idle_clock()
+            self._start_idle_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_idle_clock()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        body = _json_body("invalid HTTP request (malformed request line, header or Content-Length)")
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+    def close_idle(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _between_requests(self) -> bool:
+        return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+    def _start_idle_clock(self) -> None:
+        self.idle_since = self.loop.time()
+        self._idle_timer = self.loop.call_later(self.header_timeout, self._idle_timeout)
+
+    def _stop_idle_clock(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer, self.idle_since = None, None
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self._between_requests():
+            self.close_idle()
+
+
+async def _busy(scope: dict, receive: Any, send: Any) -> None:
+    await _send_json(send, 503, "too many open connections, all busy; retry shortly",
+                     ((b"connection", b"close"), (b"retry-after", b"1")))
+
+
+def server_config(app: Any, limits: Limits, host: str = "127.0.0.1", port: int = 8000,
+                  log_level: str = "info") -> uvicorn.Config:
+    """uvicorn's settings for `app`, with the connection bounds of `limits`."""
+    protocol = type("MmtagHTTPProtocol", (BoundedH11Protocol,),
+                    {"header_timeout": limits.header_timeout_s, "max_connections": limits.max_connections})
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol)
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, limits: Limits | None = None) -> None:
+    """Run the server until interrupted."""
+    limits = limits or Limits()
+    uvicorn.Server(server_config(create_app(run, limits), limits, host, port)).run()

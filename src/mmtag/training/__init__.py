@@ -1,0 +1,1 @@
+"""Training: the one loop, optimisers, losses, checkpoints, fine-tuning and pseudo-labels."""

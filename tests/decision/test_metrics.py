@@ -1,0 +1,42 @@
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from mmtag.decision.metrics import Metrics, compute, samples_f1
+
+
+def test_hand_computed_values():
+    # item 1: tp=1 fp=1 fn=0 → F1 2/3; item 2: tp=1, exact → 1; item 3: tp=0 → 0
+    y = np.array([[1, 0, 0], [0, 1, 1], [1, 0, 0]])
+    p = np.array([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
+    m = compute(y, p, (1, 2, 3), ("a", "b", "c"))
+    assert m.samples_f1 == pytest.approx((2 / 3 + 1 + 0) / 3)
+    # micro: tp=3, fp=2, fn=1 → 2*3/(2*3+2+1) = 6/9
+    assert m.micro_f1 == pytest.approx(6 / 9)
+    # per class: a: tp1 fn1 → p1 r.5 f 2/3; b: tp1 fp1 → p.5 r1 f 2/3; c: tp1 fp1 → 2/3
+    assert [c.f1 for c in m.per_class] == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert m.macro_f1 == pytest.approx(2 / 3)
+    assert [c.support for c in m.per_class] == [2, 1, 1]
+    assert m.per_class[0].precision == 1.0 and m.per_class[0].recall == 0.5
+
+
+def test_numpy_samples_f1_matches_sklearn():
+    rng = np.random.default_rng(3)
+    y = rng.random((300, 7)) < 0.3
+    p = rng.random((300, 7)) < 0.3
+    ref = f1_score(y.astype(int), p.astype(int), average="samples", zero_division=0)
+    assert samples_f1(y, p) == pytest.approx(ref)
+
+
+def test_macro_ignores_classes_absent_and_never_predicted():
+    y = np.array([[1, 0], [1, 0]])
+    p = np.array([[1, 0], [1, 0]])
+    assert compute(y, p, (1, 2), ("a", "b")).macro_f1 == 1.0
+
+
+def test_table_and_round_trip():
+    y = np.array([[1, 0], [0, 1]])
+    m = compute(y, y, (1, 19), ("person", "horse"))
+    text = m.table()
+    assert "person" in text and "horse" in text and "samples F1" in text
+    assert Metrics.from_dict(m.to_dict()) == m

@@ -1,0 +1,238 @@
+import numpy as np
+import pytest
+
+from mmtag.errors import MmtagError
+from mmtag.decision.metrics import samples_f1
+from mmtag.decision.thresholds import GRID, Thresholds, decide, tune, tune_global
+
+
+def test_decide_applies_threshold_per_class():
+    probs = np.array([[0.9, 0.6, 0.1], [0.2, 0.7, 0.8]])
+    out = decide(probs, Thresholds("per-class", np.array([0.5, 0.65, 0.5])))
+    assert out.tolist() == [[True, False, False], [False, True, True]]
+
+
+def test_decide_top1_fallback_never_empty():
+    probs = np.array([[0.1, 0.3, 0.2], [0.05, 0.01, 0.04], [0.9, 0.1, 0.1]])
+    out = decide(probs, 0.5)
+    assert out.tolist() == [[False, True, False], [True, False, False], [True, False, False]]
+    assert out.any(axis=1).all()
+
+
+def test_tune_global_finds_separating_threshold():
+    rng = np.random.default_rng(0)
+    y = rng.random((200, 4)) < 0.4
+    y[:, 0] = True
+    # positives score 0.7-0.8, negatives 0.2-0.3: any threshold in (0.3, 0.7] is perfect
+    probs = np.where(y, 0.7 + 0.1 * rng.random(y.shape), 0.2 + 0.1 * rng.random(y.shape))
+    t = tune_global(probs, y.astype(float))
+    assert 0.3 < t.values[0] <= 0.7
+    assert np.all(t.values == t.values[0]) and t.mode == "global"
+    assert (decide(probs, t) == y).all()
+
+
+def test_tune_global_prefers_high_threshold_when_negatives_score_mid():
+    y = np.array([[1, 0], [1, 0], [0, 1], [1, 1]], dtype=float)
+    probs = np.array([[0.9, 0.6], [0.95, 0.62], [0.61, 0.92], [0.9, 0.93]])
+    t = tune_global(probs, y)
+    assert t.values[0] > 0.62
+    assert (decide(probs, t) == y.astype(bool)).all()
+
+
+def test_thresholds_round_trip():
+    t = Thresholds("global", np.array([0.3, 0.3], dtype=np.float32))
+    back = Thresholds.from_dict(t.to_dict())
+    assert back.mode == "global" and np.allclose(back.values, t.values)
+
+
+def _two_scale_case() -> tuple[np.ndarray, np.ndarray]:
+    """Class 0 positives ~0.8 / negatives ~0.6, class 1 positives ~0.3 / negatives ~0.1: no one
+    threshold separates both classes, per-class thresholds do."""
+    rng = np.random.default_rng(1)
+    y = np.array([[1, 0], [0, 1], [1, 1]] * 30, dtype=float)
+    jitter = 0.04 * rng.random(y.shape)
+    probs = np.where(y == 1, [0.78, 0.28], [0.58, 0.08]) + jitter
+    return probs, y
+
+
+def _random_case(seed: int = 0, n: int = 150, c: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random((n, c)) < np.linspace(0.1, 0.5, c)
+    logits = rng.normal(0, 1, (n, c)) + 2 * y - np.linspace(0, 2, c)
+    return 1 / (1 + np.exp(-logits)), y.astype(float)
+
+
+def test_tune_records_mode_and_dispatches():
+    probs, y = _random_case()
+    for mode in ("global", "per-class", "balanced"):
+        t = tune(mode, probs, y)
+        assert t.mode == mode and t.values.shape == (probs.shape[1],)
+    assert np.array_equal(tune("global", probs, y).values, tune_global(probs, y).values)
+
+
+def test_tune_unknown_mode_lists_modes():
+    probs, y = _random_case()
+    with pytest.raises(MmtagError, match="global, per-class, balanced"):
+        tune("median", probs, y)
+
+
+def test_per_class_separates_classes_global_cannot():
+    probs, y = _two_scale_case()
+    f1_global = samples_f1(y, decide(probs, tune("global", probs, y)))
+    per_class = tune("per-class", probs, y)
+    assert f1_global < 1.0
+    assert samples_f1(y, decide(probs, per_class)) == 1.0
+    for c in range(2):  # each threshold lies between its class's top negative and lowest positive
+        assert probs[y[:, c] == 0, c].max() < per_class.values[c] <= probs[y[:, c] == 1, c].min()
+
+
+def test_per_class_never_worse_than_global_and_coordinatewise_optimal():
+    probs, y = _random_case()
+    per_class = tune("per-class", probs, y)
+    best = samples_f1(y, decide(probs, per_class))
+    assert best >= samples_f1(y, decide(probs, tune_global(probs, y)))
+    # no single class's threshold can be moved on the grid to score better
+    for c in range(probs.shape[1]):
+        for g in GRID:
+            values = per_class.values.copy()
+            values[c] = g
+            assert samples_f1(y, decide(probs, values)) <= best + 1e-12
+
+
+def test_balanced_equalises_false_positives_and_negatives():
+    # class 0: one negative (0.45) above one positive (0.35): FP = FN = 1 for t in (0.35, 0.45]
+    # class 1: separable, FP = FN = 0 for t in (0.12, 0.25]; ties go to the value nearest 0.5
+    probs = np.array([[0.90, 0.30], [0.80, 0.25], [0.70, 0.05], [0.35, 0.10],
+                      [0.10, 0.12], [0.20, 0.05], [0.45, 0.10], [0.30, 0.05]])
+    y = np.array([[1, 1], [1, 1], [1, 0], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]], dtype=float)
+    t = tune("balanced", probs, y)
+    assert t.values.tolist() == pytest.approx([0.45, 0.25])
+    pred = probs >= t.values
+    fp = (pred & (y == 0)).sum(axis=0)
+    fn = (~pred & (y == 1)).sum(axis=0)
+    assert fp.tolist() == fn.tolist() == [1, 0]
+
+
+def test_balanced_minimises_error_imbalance_over_grid():
+    probs, y = _random_case(seed=3)
+    t = tune("balanced", probs, y)
+    truth = y.astype(bool)
+
+    def gap(c: int, value: float) -> int:
+        pred = probs[:, c] >= np.float32(value)
+        return abs(int((pred & ~truth[:, c]).sum()) - int((~pred & truth[:, c]).sum()))
+
+    for c in range(probs.shape[1]):
+        assert gap(c, t.values[c]) == min(gap(c, g) for g in GRID)
+
+
+def test_every_mode_keeps_top1_fallback():
+    probs, y = _random_case(seed=5)
+    probs[:20] *= 0.05  # rows with every score far below any threshold
+    for mode in ("global", "per-class", "balanced"):
+        pred = decide(probs, tune(mode, probs, y))
+        assert pred.any(axis=1).all()
+        assert (pred[:20].sum(axis=1) == 1).all()
+        assert pred[np.arange(20), probs[:20].argmax(axis=1)].all()
+
+
+def test_union_decision_is_the_union_of_branch_sets():
+    from mmtag.decision.thresholds import Scores
+
+    img = np.array([[0.9, 0.1, 0.2], [0.2, 0.3, 0.1]])
+    txt = np.array([[0.1, 0.1, 0.7], [0.1, 0.2, 0.3]])
+    scores = Scores(probs=np.maximum(img, txt), branches={"image": img, "text": txt}, union=True)
+    thr = Thresholds("union/global", np.full(3, 0.8),
+                     branches={"image": np.full(3, 0.8, np.float32), "text": np.full(3, 0.6, np.float32)})
+    out = decide(scores, thr)
+    # CV says label 0, text says label 2 → {0, 2}; row 2 has nothing above → top-1 of the max scores
+    assert out.tolist() == [[True, False, True], [False, True, False]]
+    back = Thresholds.from_dict(thr.to_dict())
+    assert np.array_equal(decide(scores, back), out)
+
+
+def test_tune_decisions_union_learns_per_branch_thresholds():
+    from mmtag.decision.thresholds import Scores, tune_decisions
+
+    rng = np.random.default_rng(0)
+    y = np.zeros((120, 2))
+    y[:60, 0] = 1
+    y[40:, 1] = 1
+    # the image branch sees class 0 (scores ~0.9 vs ~0.4), the text branch class 1 (~0.35 vs ~0.1)
+    img = np.stack([np.where(y[:, 0] > 0, 0.9, 0.4), np.full(120, 0.05)], 1) + 0.02 * rng.random((120, 2))
+    txt = np.stack([np.full(120, 0.05), np.where(y[:, 1] > 0, 0.35, 0.1)], 1) + 0.02 * rng.random((120, 2))
+    scores = Scores(np.maximum(img, txt), {"image": img, "text": txt}, union=True)
+    thr = tune_decisions("global", scores, y)
+    assert thr.mode == "union/global" and set(thr.branches) == {"image", "text"}
+    assert 0.42 < thr.branches["image"][0] <= 0.9 and 0.12 < thr.branches["text"][0] <= 0.35
+    assert (decide(scores, thr) == y.astype(bool)).all()
+    # a single global threshold on the max scores cannot do this
+    assert not (decide(scores.probs, tune_global(scores.probs, y)) == y.astype(bool)).all()
+
+
+# --- Fuzzing the decision logic (hypothesis, seeded): any scores, any thresholds.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+from mmtag.decision.thresholds import Scores  # noqa: E402
+
+_unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
+
+
+@st.composite
+def _scores_and_thresholds(draw):
+    n, c = draw(st.integers(1, 12)), draw(st.integers(1, 6))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    probs = draw(arrays(dtype, (n, c), elements=_unit))
+    t = draw(st.one_of(_unit, arrays(np.float32, (c,), elements=_unit)))
+    return probs, t
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(_scores_and_thresholds())
+def test_fuzz_decide_thresholds_then_top1(case) -> None:
+    probs, t = case
+    before = probs.copy()
+    out = decide(probs, t)
+    passed = probs >= np.asarray(t, dtype=probs.dtype)
+    assert out.dtype == bool and out.shape == probs.shape
+    assert np.array_equal(probs, before)  # inputs are never modified
+    assert out.any(axis=1).all()  # every item gets a label
+    assert (out >= passed).all()  # everything above threshold is kept
+    for row in np.flatnonzero(~passed.any(axis=1)):  # and only empty rows get their top-1
+        assert out[row].sum() == 1 and probs[row, out[row]].max() == probs[row].max()
+    assert np.array_equal(out[passed.any(axis=1)], passed[passed.any(axis=1)])
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(_scores_and_thresholds(), _scores_and_thresholds())
+def test_fuzz_union_is_the_union_of_branch_sets(a, b) -> None:
+    (pi, ti), (pt, tt) = a, b
+    n, c = min(len(pi), len(pt)), min(pi.shape[1], pt.shape[1])
+    pi, pt = pi[:n, :c].astype(np.float32), pt[:n, :c].astype(np.float32)
+    ti, tt = (np.full(c, t, np.float32) if np.ndim(t) == 0 else np.asarray(t, np.float32)[:c]
+              for t in (ti, tt))
+    fused = (pi + pt) / 2
+    thr = Thresholds("global", np.full(c, 0.5, np.float32), branches={"image": ti, "text": tt})
+    out = decide(Scores(probs=fused, branches={"image": pi, "text": pt}, union=True), thr)
+    union = (pi >= ti) | (pt >= tt)
+    assert out.any(axis=1).all() and (out >= union).all()
+    assert np.array_equal(out[union.any(axis=1)], union[union.any(axis=1)])
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["global", "per-class", "balanced"]))
+def test_fuzz_tuning_gives_valid_thresholds(seed: int, mode: str) -> None:
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(2, 40)), int(rng.integers(1, 6))
+    y = rng.random((n, c)) < rng.random(c)
+    y[np.arange(n), rng.integers(0, c, n)] = True  # every item has a label, as in the task
+    probs = np.clip(y * rng.random() + rng.normal(0, rng.random(), (n, c)), 0, 1).astype(np.float32)
+    t = tune(mode, probs, y.astype(float))
+    assert t.mode == mode and t.values.shape == (c,) and np.isfinite(t.values).all()
+    assert ((t.values >= GRID.min()) & (t.values <= GRID.max())).all()
+    f1 = samples_f1(y.astype(float), decide(probs, t))
+    assert 0.0 <= f1 <= 1.0
+    if mode == "per-class":  # coordinate ascent starts from the global optimum
+        assert f1 >= samples_f1(y.astype(float), decide(probs, tune("global", probs, y.astype(float)))) - 1e-9

@@ -1,0 +1,50 @@
+import csv
+
+from mmtag.jobs.ablate import run_ablation, uses_extra_text
+
+
+def test_ablation_writes_one_row_per_variant(tiny, make_config, tmp_path):
+    variants = ["image", "text", "union", "xattn+mean", "gated"]
+    rows = run_ablation(tiny.train_csv, tiny.images, tmp_path, make_config(**{"train.epochs": 8}),
+                        variants, extra_text=tiny.holdout_csv, progress=False)
+    assert [r.variant for r in rows] == variants
+    with open(tmp_path / "ablation.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["variant", "samples_f1", "micro_f1", "macro_f1", "train_s", "predict_s",
+                              "model_size_mb"]
+    assert [t["variant"] for t in table] == variants
+    assert all(0 < float(t["samples_f1"]) <= 1 and float(t["model_size_mb"]) > 0 for t in table)
+    md = (tmp_path / "ablation.md").read_text()
+    best = max(rows, key=lambda r: r.samples_f1).variant
+    assert f"Best variant by validation sample-F1: {best}." in md
+    assert "trained: text, union, xattn+mean, gated" in md  # heads with a separate text branch
+    assert (tmp_path / "runs" / "xattn_mean" / "manifest.json").is_file()
+
+
+def test_which_variants_take_extra_text():
+    assert uses_extra_text("text") and uses_extra_text("mean") and uses_extra_text("gated")
+    assert uses_extra_text("concat+mean") and uses_extra_text("xattn+mean")
+    assert not uses_extra_text("image") and not uses_extra_text("concat") and not uses_extra_text("xattn")
+
+
+def test_a_head_registered_here_is_ablated_and_validated_without_editing_mmtag():
+    """The registry is the one source of head names: `ablate`'s default variants, config
+    validation and the unpaired-caption capability all read it."""
+    from mmtag.jobs.ablate import default_variants
+    from mmtag.config import Config
+    from mmtag.heads import HEADS, HeadOutput, TextHead, register_head
+
+    @register_head("toy-text")
+    class ToyText(TextHead):
+        """A text head that doubles its logits."""
+
+        def forward(self, batch):
+            return HeadOutput(2 * self.net(batch.text))
+
+    try:
+        assert "toy-text" in default_variants()
+        assert Config().override({"model.fusion": "toy-text"}).model.fusion == "toy-text"
+        assert uses_extra_text("toy-text")
+    finally:
+        HEADS.pop("toy-text")
+    assert "toy-text" not in default_variants()

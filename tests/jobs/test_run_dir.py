@@ -1,0 +1,336 @@
+"""A finished run is never destroyed: `mmtag train --out RUN` refuses a run already there unless
+--overwrite, trains beside it and replaces it only when complete (manifest last, covering every
+file); interrupted runs say how to resume; a bad --out, a full disk and Ctrl-C are one line."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmtag import api, cli
+
+from mmtag.model import bundle
+from mmtag.training.checkpoint import RunLog, StageState
+from mmtag.errors import MmtagError
+
+OPTS = ["--modalities", "text", "--epochs", "4", "--patience", "4", "--hidden", "32",
+        "--workers", "0"]
+
+
+def _train(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, list[str]]:
+    """`mmtag -q train ARGS` in this process; its exit code and stderr lines."""
+    capsys.readouterr()
+    rc = cli.main(["-q", "train", *map(str, args)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _leftovers(root: Path) -> list[str]:
+    """Temporary files or directories anywhere under `root`."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.name.endswith((".tmp", ".staging")) or ".mmtag-probe" in p.name)
+
+
+@pytest.fixture(scope="module")
+def trained_once(tiny, cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert cli.main(["-q", "train", str(tiny.train_csv), "--out", str(run), *OPTS,
+                     "--cache-dir", cache_dir]) == 0
+    return run
+
+
+@pytest.fixture
+def finished(trained_once: Path, tmp_path: Path) -> Path:
+    """A finished text-only run (trained by `mmtag train ... OPTS`) at tmp_path/run."""
+    return Path(shutil.copytree(trained_once, tmp_path / "run"))
+
+
+def _bad_csv(tiny, tmp_path: Path) -> Path:
+    """The training CSV with a label that is not a number on row 1."""
+    lines = tiny.train_csv.read_text().splitlines()
+    image_id, _, caption = lines[1].split(",", 2)
+    path = tmp_path / "bad.csv"
+    path.write_text("\r\n".join([lines[0], f"{image_id},x1,{caption}", *lines[2:]]) + "\r\n")
+    return path
+
+
+# ------------------------------------------------------------------ a finished run at --out
+def test_retrain_without_overwrite_is_refused(finished: Path, tiny, cache_dir: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    before = _snapshot(finished)
+    rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5",
+                     "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{finished} holds a finished run" in err[0] and "--overwrite" in err[0]
+    assert _snapshot(finished) == before
+
+
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_failed_retrain_leaves_the_finished_run_byte_identical(
+        finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        flags: list[str]) -> None:
+    before = _snapshot(finished)
+    bad = _bad_csv(tiny, tmp_path)
+    rc, err = _train(capsys, bad, "--out", finished, *OPTS, *flags, "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("mmtag: error: "), err
+    assert _snapshot(finished) == before
+    api.Tagger.load(finished)  # every file still matches its manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "run"]  # nothing left beside
+
+
+def test_retrain_with_overwrite_replaces_the_run_only_when_complete(
+        finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _snapshot(finished)
+    during: list[dict[str, str]] = []
+    draw = api.report
+
+    def report_watching_the_old_run(run: Path, *args: object, **kwargs: object) -> Path:
+        during.append(_snapshot(finished))  # training is over, the new bundle is written
+        return draw(run, *args, **kwargs)
+
+    monkeypatch.setattr(api, "report", report_watching_the_old_run)
+    rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5", "--overwrite",
+                     "--cache-dir", cache_dir)
+    assert rc == 0, err
+    assert during == [before]  # until the new run was complete, the old one was untouched
+    tagger = api.Tagger.load(finished)  # verifies every file against the new manifest
+    assert tagger.config.train.seed == 5
+    manifest = json.loads((finished / "manifest.json").read_text())
+    assert {"report.html", "metrics.csv", "config.yaml"} <= set(manifest["files"])
+    assert set(manifest["files"]) | {"manifest.json"} == set(_snapshot(finished))
+    assert not (finished / "checkpoints").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_bundle_save_failing_midway_leaves_the_previous_bundle(finished: Path, tmp_path: Path) -> None:
+    """`Tagger.save` and `mmtag export` write bundles the same way: built beside, then renamed."""
+    before = _snapshot(finished)
+    b = bundle.load(finished)
+
+    def fail(run: Path) -> None:
+        assert (run / "head.safetensors").is_file() and run.name == finished.name
+        raise RuntimeError("stopped half-way")
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        bundle.save(finished, b, add_files=fail)
+    assert _snapshot(finished) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_set_aside_by_a_killed_swap_is_put_back(finished: Path, tiny, cache_dir: str,
+                                                      tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A kill between "old run aside" and "new run in" leaves RUN missing; the next command
+    that writes RUN puts the old one back before looking at it."""
+    before = _snapshot(finished)
+    container = tmp_path / ".run.k1ll3d.staging"
+    container.mkdir()
+    (container / "run").mkdir()  # the new run, never renamed into place
+    finished.rename(container / "previous")
+    rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--cache-dir", cache_dir)
+    assert rc == 2 and "holds a finished run" in err[0], err
+    assert _snapshot(finished) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_report_rewritten_into_the_run_keeps_it_loadable(finished: Path, tiny, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    old = json.loads((finished / "manifest.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["-q", "report", str(finished), "--csv", str(tiny.holdout_csv)]) == 0, \
+        capsys.readouterr().err
+    manifest = json.loads((finished / "manifest.json").read_text())
+    assert manifest["files"]["report.html"] == hashlib.sha256(
+        (finished / "report.html").read_bytes()).hexdigest() != old["files"]["report.html"]
+    assert {k: v for k, v in manifest.items() if k != "files"} == {
+        k: v for k, v in old.items() if k != "files"}
+    api.Tagger.load(finished)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# ------------------------------------------------------------------ interrupted runs
+def _ctrl_c_after_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    save = RunLog.save
+
+    def save_then_interrupt(self: RunLog, stage: str, state: StageState) -> None:
+        save(self, stage, state)
+        if state.epoch == epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunLog, "save", save_then_interrupt)
+
+
+def test_ctrl_c_prints_the_resume_command_and_the_run_resumes(
+        finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "new"
+    with monkeypatch.context() as m:
+        _ctrl_c_after_epoch(m, 2)
+        rc, err = _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)
+    assert rc == 130
+    assert err == [f"mmtag: interrupted; to continue: mmtag train --resume {run}"]
+
+    rc, err = _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)
+    assert rc == 2
+    assert err == [f"mmtag: error: {run} holds an interrupted run: `mmtag train --resume {run}` "
+                   "to continue, or `--overwrite` to start again"]
+    assert (run / "checkpoints" / "head.json").is_file()  # never silently discarded
+
+    rc, err = _train(capsys, "--resume", run)
+    assert rc == 0, err
+    api.Tagger.load(run)
+    # the same run as the uninterrupted one (same options, same data)
+    assert (json.loads((run / "metrics.json").read_text())
+            == json.loads((finished / "metrics.json").read_text()))
+    assert not (run / "checkpoints").exists() and _leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_replacing_a_finished_run_keeps_it_and_resumes(
+        finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    before = _snapshot(finished)
+    with monkeypatch.context() as m:
+        _ctrl_c_after_epoch(m, 2)
+        rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5",
+                         "--overwrite", "--cache-dir", cache_dir)
+    assert rc == 130 and err == [f"mmtag: interrupted; to continue: mmtag train --resume {finished}"]
+    assert _snapshot(finished) == before
+    api.Tagger.load(finished)
+
+    rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--cache-dir", cache_dir)
+    assert rc == 2 and "holds an interrupted run" in err[0]
+
+    rc, err = _train(capsys, "--resume", finished)
+    assert rc == 0, err
+    assert api.Tagger.load(finished).config.train.seed == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_starts_an_interrupted_run_again(tiny, cache_dir: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _ctrl_c_after_epoch(m, 1)
+        assert _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)[0] == 130
+    rc, err = _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--overwrite", "--cache-dir", cache_dir)
+    assert rc == 0, err
+    api.Tagger.load(run)
+
+
+# ------------------------------------------------------------------ --out that cannot work
+def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read(*_: object, **__: object) -> None:
+        raise AssertionError("the data was read before --out was checked")
+
+    monkeypatch.setattr(api, "read_dataset", read)
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("file", "exists and is not a directory"),
+    ("file/run", "is not a directory"),
+    ("other", "not an mmtag run directory (it holds notes.txt)"),
+])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_out_that_cannot_work_is_refused_before_any_work(
+        tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, where: str, needle: str, flags: list[str]) -> None:
+    (tmp_path / "file").write_text("keep me")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me too")
+    before = _snapshot(tmp_path)
+    _no_work(monkeypatch)
+    rc, err = _train(capsys, tiny.train_csv, "--out", tmp_path / where, *OPTS, *flags,
+                     "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1, err
+    assert str(tmp_path / where) in err[0] and needle in err[0]
+    assert _snapshot(tmp_path) == before and _leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root may write anywhere, so no directory is unwritable")
+def test_unwritable_out_is_refused_before_any_work(tiny, cache_dir: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        _no_work(monkeypatch)
+        rc, err = _train(capsys, tiny.train_csv, "--out", locked / "run", *OPTS, "--cache-dir", cache_dir)
+        assert rc == 2 and len(err) == 1 and str(locked) in err[0], err
+    finally:
+        locked.chmod(0o700)
+
+
+# ------------------------------------------------------------------ a full disk
+def _disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str, how: str) -> None:
+    """Writing the file `name` fails as a full disk does: from the OS, or from safetensors."""
+    if how == "os":
+        replace = os.replace
+
+        def full(src: object, dst: object, *args: object, **kwargs: object) -> None:
+            if Path(str(dst)).name == name:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            replace(src, dst, *args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(os, "replace", full)
+    else:
+        from safetensors import SafetensorError
+
+        save_file = bundle.save_file
+
+        def full_st(tensors: object, path: str, *args: object, **kwargs: object) -> None:
+            save_file(tensors, path, *args, **kwargs)  # type: ignore[arg-type]
+            raise SafetensorError(f'Error while serializing: I/O error: No space left on device '
+                                  f'(os error {errno.ENOSPC}) at path "{path}"')
+
+        monkeypatch.setattr(bundle, "save_file", full_st)
+
+
+@pytest.mark.parametrize("how", ["os", "safetensors"])
+def test_disk_full_is_one_line_keeps_the_run_and_leaves_no_temporary_files(
+        finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    before = _snapshot(finished)
+    with monkeypatch.context() as m:
+        _disk_full_at(m, "head.safetensors", how)
+        rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5",
+                         "--overwrite", "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1, err
+    assert "head.safetensors: could not be written: No space left on device" in err[0]
+    assert _snapshot(finished) == before and _leftovers(tmp_path) == []
+    # training itself had finished: its checkpoints wait for `--resume` once there is room
+    rc, err = _train(capsys, "--resume", finished)
+    assert rc == 0, err
+    assert api.Tagger.load(finished).config.train.seed == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_disk_full_in_a_checkpoint_is_one_line(tiny, cache_dir: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _disk_full_at(monkeypatch, "head.json", "os")
+    rc, err = _train(capsys, tiny.train_csv, "--out", tmp_path / "run", *OPTS, "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1, err
+    assert "head.json: could not be written: No space left on device" in err[0]
+    assert list(tmp_path.iterdir()) == []  # nothing was saved to resume from: all of it went
+
+
+def test_python_api_refuses_a_finished_run_unless_overwrite(finished: Path, tiny, make_config) -> None:
+    cfg = make_config(**{"model.modalities": ["text"], "train.epochs": 2, "model.hidden": 32})
+    with pytest.raises(MmtagError, match="holds a finished run"):
+        api.train(tiny.train_csv, None, finished, cfg, progress=False)
+    _, _, manifest = api.train(tiny.train_csv, None, finished, cfg, progress=False, overwrite=True)
+    assert "report.html" in manifest["files"]
+    api.Tagger.load(finished)

@@ -1,0 +1,201 @@
+import csv
+import shutil
+
+import pytest
+import torch
+
+from mmtag import Tagger
+from mmtag.errors import MmtagError
+from mmtag.jobs.sweep import (GRID_ALIASES, best_row, combinations, load_grid_file, parse_grid,
+                         resolve_axis, run_slug, run_sweep)
+
+COLUMNS = ["samples_f1", "micro_f1", "macro_f1", "val_loss", "train_loss", "train_s",
+           "model_size_mb", "run"]
+
+
+# ------------------------------------------------------------------------------ grid parsing
+def test_parse_grid_keeps_axis_and_value_order():
+    grid = parse_grid("lr=1e-4,5e-4 batch=32,64  optimizer=adam,adamw")
+    assert grid == {"lr": ["1e-4", "5e-4"], "batch": ["32", "64"], "optimizer": ["adam", "adamw"]}
+    assert list(grid) == ["lr", "batch", "optimizer"]
+    assert len(combinations(grid)) == 8
+    assert combinations(grid)[1] == {"lr": "1e-4", "batch": "32", "optimizer": "adamw"}
+
+
+def test_parse_grid_aliases_and_dotted_keys():
+    assert all(resolve_axis(a) == k for a, k in GRID_ALIASES.items())
+    grid = parse_grid("train.weight_decay=0.01,0.1 fusion=concat,concat+mean modalities=text,image+text")
+    assert grid == {"train.weight_decay": ["0.01", "0.1"], "fusion": ["concat", "concat+mean"],
+                    "modalities": ["text", "image+text"]}
+    assert resolve_axis("train.weight_decay") == "train.weight_decay"
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("", "no axes"),
+    ("lr", "AXIS=V1"),
+    ("=1e-3", "AXIS=V1"),
+    ("lr=", "empty value"),
+    ("lr=1e-3,,1e-2", "empty value"),
+    ("lr=1e-3 lr=1e-2", "twice"),
+    ("lr=1e-3 train.lr=1e-2", "both set train.lr"),
+    ("lr=1e-3,1e-3", "repeats"),
+    ("learning_rate=1e-3", "learning_rate"),
+    ("train.nope=1", "train.nope"),
+    ("train=1", "'train'"),
+    ("lr='1e-3", "cannot parse"),
+])
+def test_parse_grid_rejects(spec, needle):
+    with pytest.raises(MmtagError, match=needle):
+        parse_grid(spec)
+
+
+def test_load_grid_file(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("lr: [1.0e-4, 5e-4]\nfusion: [concat, concat+mean, gated]\n"
+                    "modalities: [[text], [image, text]]\ntrain.epochs: 3\n")
+    grid = load_grid_file(path)
+    assert list(grid) == ["lr", "fusion", "modalities", "train.epochs"]
+    assert grid["lr"] == [1e-4, "5e-4"] and grid["train.epochs"] == [3]
+    assert grid["modalities"] == [["text"], ["image", "text"]]
+    assert run_slug(combinations(grid)[-1]) == "lr=5e-4_fusion=gated_modalities=image+text_train.epochs=3"
+    for text, needle in [("- lr\n", "mapping"), ("bogus: [1]\n", "bogus"), ("lr: []\n", "no values"),
+                         ("lr: [[1, 2]]\n", "single values"), ("lr: [1\n", "not valid YAML")]:
+        path.write_text(text)
+        with pytest.raises(MmtagError, match=needle):
+            load_grid_file(path)
+    with pytest.raises(MmtagError, match="not found"):
+        load_grid_file(tmp_path / "missing.yaml")
+
+
+def test_slugs_are_safe_and_unique():
+    a = run_slug({"text_encoder": "hf:some/model dir", "lr": "1e-4"})
+    b = run_slug({"text_encoder": "hf:some_model-dir", "lr": "1e-4"})
+    assert a != b and "/" not in a and " " not in a and ":" not in a
+    assert a.startswith("text_encoder=hf-some-model-dir-") and a.endswith("_lr=1e-4")
+    assert run_slug({"fusion": "concat+mean"}) == "fusion=concat+mean"
+    long = run_slug({"model.hidden": "9" * 300})
+    assert len(long) <= 120 and long != run_slug({"model.hidden": "9" * 299})
+
+
+# ------------------------------------------------------------------------------ real sweeps
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny heads train faster on one thread than on cores shared with other work."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def text_base(make_config):
+    return make_config(**{"train.epochs": 5, "model.modalities": ["text"], "model.hidden": 32})
+
+
+@pytest.fixture
+def count_fits(monkeypatch):
+    calls = []
+    original = Tagger.fit
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.config)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Tagger, "fit", spy)
+    return calls
+
+
+def read_table(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_sweep_2x2_text_writes_tables_and_a_usable_best_run(tiny, text_base, tmp_path, count_fits):
+    grid = parse_grid("lr=1e-3,3e-3 optimizer=adam,adamw")
+    rows = run_sweep(tiny.train_csv, None, tmp_path, text_base, grid, progress=False)
+    assert len(count_fits) == 4
+    assert [r.config for r in rows] == [{"lr": lr, "optimizer": o} for lr in ("1e-3", "3e-3")
+                                        for o in ("adam", "adamw")]
+    assert [c.train.lr for c in count_fits] == [1e-3, 1e-3, 3e-3, 3e-3]
+    assert [c.train.optimizer for c in count_fits] == ["adam", "adamw", "adam", "adamw"]
+
+    table = read_table(tmp_path / "sweep.csv")
+    assert list(table[0]) == ["lr", "optimizer"] + COLUMNS
+    assert len(table) == 4 and [t["run"] for t in table] == [r.run for r in rows]
+    for t, r in zip(table, rows):
+        assert 0 < float(t["samples_f1"]) <= 1 and float(t["model_size_mb"]) > 0
+        assert float(t["val_loss"]) > 0 and float(t["train_loss"]) > 0
+        assert float(t["samples_f1"]) == pytest.approx(r.samples_f1, abs=1e-4)
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {
+        "lr=1e-3_optimizer=adam", "lr=1e-3_optimizer=adamw", "lr=3e-3_optimizer=adam",
+        "lr=3e-3_optimizer=adamw"}
+
+    best = best_row(rows)
+    md = (tmp_path / "sweep.md").read_text()
+    assert md.count("**") == 2 * (2 + len(COLUMNS))  # every cell of one row, the best one
+    bold = [line for line in md.splitlines() if "**" in line]
+    assert len(bold) == 1 and f"**{best.run}**" in bold[0]
+    assert md.rstrip().splitlines()[-1].startswith(
+        f"Best configuration: lr={best.config['lr']}, optimizer={best.config['optimizer']} ")
+    assert md.rstrip().endswith(f"→ {best.run}")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # val/train loss come from the best epoch of the run's history
+    tagger = Tagger.load(best.run)
+    epoch, best_f1 = None, -1.0
+    for h in tagger.history:  # the rule of train.fit_head: the first clear improvement wins
+        if h["val_samples_f1"] > best_f1 + 1e-6:
+            epoch, best_f1 = h, h["val_samples_f1"]
+    assert best.val_loss == pytest.approx(epoch["val_loss"])
+    assert best.train_loss == pytest.approx(epoch["train_loss"])
+    preds = tagger.predict(captions=["a photo of a kitten in a quiet park", "a pony on the street"])
+    assert len(preds) == 2 and all(len(p.scores) == len(tagger.label_space) for p in preds)
+
+
+def test_sweep_resumes_only_missing_combinations(tiny, text_base, tmp_path, count_fits):
+    first = run_sweep(tiny.train_csv, None, tmp_path, text_base, parse_grid("lr=1e-3 hidden=16,32"),
+                      progress=False)
+    assert len(count_fits) == 2
+
+    # an interrupted sweep, now with one more value: only the two new combinations train
+    grid = parse_grid("lr=1e-3,3e-3 hidden=16,32")
+    rows = run_sweep(tiny.train_csv, None, tmp_path, text_base, grid, progress=False)
+    assert len(count_fits) == 4
+    assert [(c.train.lr, c.model.hidden) for c in count_fits[2:]] == [(3e-3, 16), (3e-3, 32)]
+    assert [r.samples_f1 for r in rows[:2]] == pytest.approx([r.samples_f1 for r in first], abs=1e-4)
+    assert len(read_table(tmp_path / "sweep.csv")) == 4
+
+    # a deleted run dir, a half-written one (no manifest) and a lost csv row: those three retrain
+    shutil.rmtree(rows[0].run)
+    (tmp_path / "runs" / "lr=1e-3_hidden=32" / "manifest.json").unlink()
+    table = read_table(tmp_path / "sweep.csv")
+    with open(tmp_path / "sweep.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(t for t in table if not t["run"].endswith("lr=3e-3_hidden=16"))
+    again = run_sweep(tiny.train_csv, None, tmp_path, text_base, grid, progress=False)
+    assert len(count_fits) == 7
+    assert [(c.train.lr, c.model.hidden) for c in count_fits[4:]] == [(1e-3, 16), (1e-3, 32),
+                                                                       (3e-3, 16)]
+    assert again[3].samples_f1 == pytest.approx(rows[3].samples_f1, abs=1e-4)
+    assert [t["run"] for t in read_table(tmp_path / "sweep.csv")] == [r.run for r in again]
+
+    # everything finished: nothing trains; a changed base configuration retrains
+    run_sweep(tiny.train_csv, None, tmp_path, text_base, grid, progress=False)
+    assert len(count_fits) == 7
+    run_sweep(tiny.train_csv, None, tmp_path, text_base.override({"train.epochs": 4}),
+              parse_grid("lr=1e-3 hidden=16"), progress=False)
+    assert len(count_fits) == 8
+    assert len(read_table(tmp_path / "sweep.csv")) == 1
+
+
+def test_sweep_rejects_bad_combinations_before_training(tiny, text_base, tmp_path, count_fits):
+    for grid, images, needle in [({"modalities": ["text", "image+text"]}, None, "--images"),
+                                 ({"lr": ["1e-3", "fast"]}, None, "fast"),
+                                 ({"modalities": ["image+text"], "fusion": ["concat", "nope"]},
+                                  tiny.images, "fusion=nope: .*unknown fusion head 'nope'"),
+                                 ({"text_encoder": ["no-such-encoder"]}, None, "no-such-encoder"),
+                                 ({"optimizer": ["sgd"]}, None, "sgd")]:
+        with pytest.raises(MmtagError, match=needle):
+            run_sweep(tiny.train_csv, images, tmp_path, text_base, grid, progress=False)
+    assert count_fits == [] and not (tmp_path / "runs").exists()

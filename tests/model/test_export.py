@@ -1,0 +1,180 @@
+"""ONNX export: exported bundles predict like the eager ones, verify, and refuse misuse."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmtag import api
+from mmtag.encoders import create_encoder
+from mmtag.errors import MmtagError
+from mmtag.data.synthetic import SyntheticPaths
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(fused_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("export")
+    api.export(fused_run, root / "fp32")
+    api.export(fused_run, root / "int8", int8=True)
+    return {"fp32": root / "fp32", "int8": root / "int8"}
+
+
+def _holdout(tiny: SyntheticPaths) -> tuple[list[Path], list[str]]:
+    data, _ = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    return [data.image_path(i) for i in range(len(data))], list(data.captions)
+
+
+def test_fp32_export_scores_match_eager(fused_run: Path, exported: dict[str, Path],
+                                        tiny: SyntheticPaths) -> None:
+    images, captions = _holdout(tiny)
+    eager = api.Tagger.load(fused_run).predict_proba(images, captions)
+    onnx = api.Tagger.load(exported["fp32"]).predict_proba(images, captions)
+    assert np.abs(eager - onnx).max() < 1e-3
+
+
+def test_parallel_runs_match_one_at_a_time(exported: dict[str, Path], tiny: SyntheticPaths) -> None:
+    # The ONNX encoders run several batches at once on single-threaded sessions; the order of
+    # rows and the values must be what one sequential run gives.
+    images, captions = _holdout(tiny)
+    tagger = api.Tagger.load(exported["fp32"])
+    for enc in tagger.encoders.values():
+        enc._threads = 3  # more runs at once than this machine has cores: still in order
+    parallel = tagger.predict_proba(images, captions)
+    for enc in tagger.encoders.values():
+        enc._threads = 1
+    sequential = tagger.predict_proba(images, captions)
+    assert np.abs(parallel - sequential).max() < 1e-5
+
+
+def test_int8_export_is_smaller_and_agrees(fused_run: Path, exported: dict[str, Path],
+                                           tiny: SyntheticPaths) -> None:
+    sizes = {k: api.info(v)["model_size_mb"] for k, v in exported.items()}
+    assert sizes["int8"] < 0.5 * sizes["fp32"]
+    images, captions = _holdout(tiny)
+    eager = [p.labels for p in api.Tagger.load(fused_run).predict(images, captions)]
+    int8 = [p.labels for p in api.Tagger.load(exported["int8"]).predict(images, captions)]
+    assert sum(a == b for a, b in zip(eager, int8)) >= 0.9 * len(eager)
+
+
+def test_exported_bundle_records_its_origin(exported: dict[str, Path]) -> None:
+    info = api.info(exported["int8"])
+    assert info["encoders"]["image"]["name"] == "onnx:efficientnet-lite0"
+    assert info["encoders"]["text"]["name"] == "onnx:minilm-l6"
+    meta = json.loads((exported["int8"] / "encoders/text/encoder.json").read_text())
+    assert meta["precision"] == "int8" and meta["probe_cosine"] >= 0.98
+    metrics = json.loads((exported["int8"] / "metrics.json").read_text())
+    assert metrics["export"]["int8"] is True and len(metrics["export"]["from_manifest_sha256"]) == 64
+    assert metrics["export"]["thresholds_retuned"] is True
+
+
+def test_int8_export_reports_its_own_validation_metrics(exported: dict[str, Path]) -> None:
+    # the export's metrics are of the export: re-scoring its validation split reproduces them
+    t = api.Tagger.load(exported["int8"])
+    recorded = t.val_metrics
+    again = t.recalibrate()
+    assert again is not None and recorded is not None
+    assert again.samples_f1 == pytest.approx(recorded.samples_f1, abs=1e-9)
+
+
+def test_recalibrate_needs_the_validation_images(fused_run: Path) -> None:
+    t = api.Tagger.load(fused_run)
+    before = t.thresholds.to_dict()
+    assert t.validation is not None
+    t.validation.image_paths = ["/nonexistent/" + i for i in t.validation.image_ids]
+    assert t.recalibrate() is None
+    assert t.thresholds.to_dict() == before
+
+
+def test_predict_job_with_exported_bundle(exported: dict[str, Path], tiny: SyntheticPaths,
+                                          tmp_path: Path, cache_dir: str) -> None:
+    out = tmp_path / "sub.csv"
+    preds = api.predict(exported["int8"], tiny.test_csv, tiny.images, out, progress=False)
+    rows = out.read_text().splitlines()
+    assert rows[0] == "ImageID,Labels" and len(rows) == len(preds.labels) + 1
+    assert all(r.split(",")[1] for r in rows[1:])  # top-1 fallback: never an empty label set
+
+
+def test_tampered_onnx_graph_is_refused(exported: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["fp32"], copy)
+    graph = copy / "encoders/image/model.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(MmtagError, match="sha256 does not match"):
+        api.Tagger.load(copy)
+
+
+def test_export_refuses_misuse(fused_run: Path, exported: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(MmtagError, match="new directory"):
+        api.export(fused_run, fused_run)
+    with pytest.raises(MmtagError, match="unknown export format"):
+        api.export(fused_run, tmp_path / "x", format="tflite")
+    with pytest.raises(MmtagError, match="already an ONNX export"):
+        api.export(exported["fp32"], tmp_path / "again")
+
+
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_export_that_disagrees_with_eager_is_refused(fused_run: Path, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch, modality: str) -> None:
+    """A graph whose features drift from the eager encoder's is refused with one line, and
+    nothing is written: neither the export nor the temporary directory it was built in."""
+    import tempfile
+
+    import torch
+
+    from mmtag import cli
+
+    from mmtag.encoders import registry as encoders
+
+    cls = encoders.OnnxImageEncoder if modality == "image" else encoders.OnnxTextEncoder
+    original = cls.forward
+
+    def drifting(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        flip = lambda t: torch.cat([-t[:1], t[1:]])  # noqa: E731 - the first probe row turns around
+        return tuple(flip(t) for t in out) if isinstance(out, tuple) else flip(out)
+
+    monkeypatch.setattr(cls, "forward", drifting)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "export"
+    assert cli.main(["-q", "export", str(fused_run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disagrees with the eager encoder" in err[0], err
+    assert "int8" not in err[0] and "(fp32)" in err[0]
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]
+
+
+def test_onnx_encoder_cannot_be_created_for_training() -> None:
+    with pytest.raises(MmtagError, match="mmtag export"):
+        create_encoder("onnx:minilm-l6", "text")
+
+
+def test_exported_bundles_load_without_the_export_module(exported: dict[str, Path]) -> None:
+    """The onnx: family is registered with the encoders themselves: a fresh process validates
+    onnx: names, loads and describes an exported bundle without importing `mmtag.model.export`, and
+    `import mmtag` does not import onnxruntime (it would cost every command its start-up)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+import mmtag
+from mmtag import api
+assert "onnxruntime" not in sys.modules
+mmtag.Config().override({{"model.text_encoder": "onnx:minilm-l6",
+                          "model.image_encoder": "onnx:efficientnet-lite0"}})
+assert api.Tagger.load({str(exported["fp32"])!r}).encoders["text"].name == "onnx:minilm-l6"
+assert api.info({str(exported["int8"])!r})["model_size_mb"] > 0
+assert "mmtag.model.export" not in sys.modules, "loading a bundle imported the export module"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

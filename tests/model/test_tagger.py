@@ -1,0 +1,302 @@
+import numpy as np
+import pytest
+
+from mmtag import Tagger, api
+from mmtag.errors import MmtagError
+
+
+def test_fused_beats_single_modalities_on_synthetic(tiny, make_config, fused_run, tmp_path):
+    scores = {}
+    for name, mods in (("image", ["image"]), ("text", ["text"])):
+        api.train(tiny.train_csv, tiny.images, tmp_path / name,
+                  make_config(**{"model.modalities": mods}), progress=False)
+        scores[name] = api.evaluate(tmp_path / name, tiny.holdout_csv, tiny.images, progress=False).samples_f1
+    fused = api.evaluate(fused_run, tiny.holdout_csv, tiny.images, progress=False).samples_f1
+    assert fused > max(scores.values()), (fused, scores)
+
+
+def test_bundle_round_trip_identical_predictions(tiny, fused_run, make_config, tmp_path):
+    tagger = Tagger.load(fused_run)
+    data, _ = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    p1 = tagger.predict_proba_dataset(data, progress=False).probs
+    tagger.save(tmp_path / "copy")
+    again = Tagger.load(tmp_path / "copy")
+    p2 = again.predict_proba_dataset(data, progress=False).probs
+    assert np.array_equal(p1, p2)  # same features in → bit-identical scores out
+    assert np.array_equal(tagger.thresholds.values, again.thresholds.values)
+    # Recomputed features (fresh cache) differ only by batch-composition float noise.
+    fresh = Tagger.load(tmp_path / "copy", cache_dir=str(tmp_path / "fresh-cache"))
+    p3 = fresh.predict_proba_dataset(data, progress=False)
+    assert np.allclose(p1, p3.probs, atol=1e-3)
+
+
+def test_in_memory_predict_matches_file_predictions(tiny, fused_run):
+    tagger = Tagger.load(fused_run)
+    data, _ = api.read_dataset(tiny.test_csv, tiny.images, labelled=False)
+    preds = tagger.predict([data.image_path(i) for i in range(4)], data.captions[:4])
+    from_files = tagger.predict_proba_dataset(data.subset(range(4)), progress=False)
+    assert [p.labels for p in preds] == from_files.labels
+    assert all(p.labels and set(p.scores) == set(tagger.label_space.ids) for p in preds)
+    # cached features are fp16, in-memory ones fp32: scores agree closely, not bit-exactly
+    got = np.array([[p.scores[i] for i in tagger.label_space.ids] for p in preds])
+    assert np.allclose(got, from_files.probs, atol=2e-2)
+
+
+def test_predict_needs_both_inputs_for_fused(fused_run):
+    tagger = Tagger.load(fused_run)
+    with pytest.raises(MmtagError, match="needs captions"):
+        tagger.predict(images=[], captions=None)
+    with pytest.raises(MmtagError, match="2 images but 1 captions"):
+        tagger.predict(images=["a.jpg", "b.jpg"], captions=["x"])
+    with pytest.raises(MmtagError, match="nothing to predict"):
+        tagger.predict(images=[], captions=[])
+
+
+def test_untrained_tagger_says_so():
+    with pytest.raises(MmtagError, match="not trained"):
+        Tagger().predict(captions=["x"])
+
+
+def test_text_only_needs_no_images(tiny, make_config, tmp_path):
+    _, report, _ = api.train(tiny.train_csv, None, tmp_path / "t",
+                             make_config(**{"model.modalities": ["text"]}), progress=False)
+    assert report.val_metrics is not None
+    preds = api.predict(tmp_path / "t", tiny.test_csv, None, tmp_path / "s.csv", progress=False)
+    assert len(preds.labels) == 12
+
+
+def test_training_is_deterministic(tiny, make_config, tmp_path):
+    cfg = make_config(**{"model.modalities": ["text"]})
+    a = api.train(tiny.train_csv, None, tmp_path / "a", cfg, progress=False)[0]
+    b = api.train(tiny.train_csv, None, tmp_path / "b", cfg, progress=False)[0]
+    for k, v in a.head.state_dict().items():
+        assert np.array_equal(v.numpy(), b.head.state_dict()[k].numpy()), k
+
+
+def test_extra_text_trains_text_branch_on_more_rows(tiny, make_config, monkeypatch):
+    import mmtag.api as api_mod
+
+    sizes = []
+    original = api_mod.fit_head
+
+    def spy(head, tr, y_tr, *args, **kwargs):
+        sizes.append((type(head).__name__, len(y_tr)))
+        return original(head, tr, y_tr, *args, **kwargs)
+
+    monkeypatch.setattr(api_mod, "fit_head", spy)
+    train, _ = api.read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    extra, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    tagger = Tagger(make_config(**{"model.fusion": "gated"}))
+    report = tagger.fit(train, extra_text=extra, progress=False)
+    n_tr = report.n_train
+    n_extra = len(api._without_captions_of(extra, report.val_dataset))
+    assert 0 < n_extra <= len(extra)
+    assert ("TextHead", n_tr + n_extra) in sizes and ("ImageHead", n_tr) in sizes
+    assert ("GatedHead", n_tr) in sizes  # the gate is trained on paired rows only
+    assert report.val_metrics.samples_f1 > 0.5
+    with pytest.raises(MmtagError, match="late-fusion"):
+        Tagger(make_config(**{"model.fusion": "concat"})).fit(train, extra_text=extra, progress=False)
+
+
+def test_two_stage_finetune_is_saved_and_reloaded(tiny, make_config, tmp_path):
+    cfg = make_config(**{"model.modalities": ["text"], "finetune.modalities": ["text"],
+                         "finetune.epochs": 1, "finetune.batch_size": 32, "train.epochs": 5})
+    tagger, report, manifest = api.train(tiny.train_csv, None, tmp_path / "ft", cfg, progress=False)
+    from mmtag.encoders import create_encoder
+
+    stock = create_encoder("minilm-l6")
+    assert tagger.encoders["text"].encoder_id != stock.encoder_id  # stage one changed the encoder
+    assert manifest["encoders"]["text"]["weights_sha256"] == tagger.encoders["text"].weights_sha256
+    assert len(tagger.finetune_history["text"]) == 1
+    back = Tagger.load(tmp_path / "ft")
+    assert back.encoders["text"].encoder_id == tagger.encoders["text"].encoder_id
+    data, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    assert back.predict_proba_dataset(data, progress=False).labels == \
+        tagger.predict_proba_dataset(data, progress=False).labels
+
+
+def test_extra_text_never_contains_validation_captions(tiny, make_config, monkeypatch):
+    import mmtag.api as api_mod
+
+    seen = {}
+    original = api_mod.Tagger._extra_text_features
+
+    def spy(self, extra, *, progress):
+        seen["captions"] = list(extra.captions)
+        return original(self, extra, progress=progress)
+
+    monkeypatch.setattr(api_mod.Tagger, "_extra_text_features", spy)
+    train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
+    tagger = Tagger(make_config(**{"model.modalities": ["text"], "train.epochs": 3}))
+    report = tagger.fit(train, extra_text=train, progress=False)  # extra = the training CSV itself
+    val_caps = {c.lower() for c in report.val_dataset.captions}
+    assert seen["captions"] and not val_caps & {c.lower() for c in seen["captions"]}
+
+
+@pytest.mark.parametrize("mods, aug", [
+    (["image"], {"augment.image": "crop,flip"}),
+    pytest.param(["text"], {"augment.text": "synonyms:2"}, marks=pytest.mark.wordnet)])
+def test_augmented_views_reach_the_head(tiny, make_config, monkeypatch, mods, aug):
+    import mmtag.api as api_mod
+
+    got = {}
+    original = api_mod.fit_head
+
+    def spy(head, tr, y_tr, va, y_va, cfg, **kwargs):
+        got["plain"], got["views"] = tr, kwargs.get("views")
+        return original(head, tr, y_tr, va, y_va, cfg, **kwargs)
+
+    monkeypatch.setattr(api_mod, "fit_head", spy)
+    train, _ = api.read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    cfg = make_config(**{"model.modalities": mods, "augment.views": 2, "train.epochs": 3, **aug})
+    Tagger(cfg).fit(train, progress=False)
+    kind = mods[0]
+    plain = got["plain"].get(kind)
+    views = [v.get(kind) for v in got["views"]]
+    assert len(views) == 2 and all(v.shape == plain.shape for v in views)
+    assert not np.array_equal(views[0], plain) and not np.array_equal(views[0], views[1])
+    # the plain features are the unaugmented ones (what validation and prediction use)
+    from mmtag.data import train_val_split
+
+    tr_idx, _ = train_val_split(len(train), cfg.data.val_frac, cfg.train.seed)
+    unaugmented = Tagger(make_config(**{"model.modalities": mods})).features(train, progress=False)
+    assert np.array_equal(unaugmented.features.get(kind)[tr_idx], plain)
+
+
+def test_check_finds_every_kind_of_problem(tiny, tmp_path):
+    import shutil
+
+    from mmtag import api
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny.images, images)
+    rows = tiny.train_csv.read_text().splitlines()
+    header, body = rows[0], rows[1:6]
+    first_id = body[0].split(",")[0]
+    (images / body[1].split(",")[0]).unlink()  # missing
+    (images / body[2].split(",")[0]).write_bytes(b"not a jpeg")  # corrupt
+    bad = [f"{first_id},1,a duplicate id", "x.jpg,one,label is not a number", "y.jpg,1,"]
+    csv = tmp_path / "t.csv"
+    csv.write_text("\n".join([header, *body, *bad]) + "\n")
+    r = api.check(csv, images, progress=False)
+    assert r.rows == 8 and r.labelled
+    assert len(r.bad_rows) == 2 and "row 7" in str(r.bad_rows[0]) and "row 8" in str(r.bad_rows[1])
+    assert len(r.missing_images) == 1 and "row 2" in str(r.missing_images[0])
+    assert len(r.corrupt_images) == 1 and "row 3" in str(r.corrupt_images[0])
+    assert r.duplicate_ids == {first_id: 2}
+    assert r.problems == 5 and sum(r.label_counts.values()) >= 6
+
+    clean = api.check(tiny.train_csv, tiny.images, progress=False)
+    assert clean.problems == 0 and clean.rows == len(tiny.train_csv.read_text().splitlines()) - 1
+
+
+def test_evaluate_counts_true_labels_the_model_does_not_know(tiny, fused_run, tmp_path, caplog):
+    """Labels absent from the model's label space are not dropped from the truth: a warning
+    names them (count and ids) and they score as missed labels, each with its own row."""
+    import csv
+    import logging
+
+    with open(tiny.holdout_csv, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    rows[1][1] += " 99"
+    rows[2][1] += " 42 99"
+    path = tmp_path / "holdout_unknown.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows(rows)
+    known = api.evaluate(fused_run, tiny.holdout_csv, tiny.images, progress=False)
+    with caplog.at_level(logging.WARNING, logger="mmtag"):
+        m = api.evaluate(fused_run, path, tiny.images, progress=False)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "2 true label id(s) in 2 row(s)" in warning and "42 (1 row), 99 (2 rows)" in warning
+    extra = {c.label: c for c in m.per_class[len(known.per_class):]}
+    assert sorted(extra) == [42, 99] and extra[99].support == 2 and extra[99].recall == 0.0
+    assert extra[99].name == "99 (unknown)"
+    assert m.per_class[:len(known.per_class)] == known.per_class  # known labels score as before
+    assert m.n == known.n and m.micro_f1 < known.micro_f1 and m.samples_f1 < known.samples_f1
+
+
+def test_in_memory_predict_names_the_undecodable_image(fused_run, tmp_path, monkeypatch):
+    """A file whose decoder raises something other than OSError/ValueError (here a DDS texture
+    named .jpg: NotImplementedError inside Pillow) is one DataError naming the file; so is an
+    image opened from upload bytes whose pixel data fails to decode (HTTP 4xx in the server)."""
+    import struct
+
+    from PIL import Image, ImageFile
+
+    from mmtag.data import open_image_bytes
+    from mmtag.errors import DataError
+
+    tagger = Tagger.load(fused_run)
+    dds = tmp_path / "photo.jpg"
+    dds.write_bytes(b"DDS " + struct.pack("<I", 124) + struct.pack("<3I", 0, 4, 4) + bytes(108))
+    with pytest.raises(DataError, match="photo.jpg: cannot decode image"):
+        tagger.predict([dds], ["a cat"])
+    with pytest.raises(MmtagError, match="image 0: expected a file path or a PIL image"):
+        tagger.predict([b"bytes"], ["a cat"])
+    png = tmp_path / "ok.png"
+    Image.new("RGB", (8, 8)).save(png)
+    upload = open_image_bytes(png.read_bytes())
+
+    def broken_load(self):
+        raise IndexError("decoder bug")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken_load)
+    with pytest.raises(MmtagError, match="image 0: cannot decode image \\(IndexError"):
+        tagger.predict([upload], ["a cat"])
+
+
+def test_image_finetuning_finds_undecodable_images_before_the_first_epoch(tiny, make_config,
+                                                                          tmp_path, monkeypatch):
+    """Fine-tuning reads images outside the feature cache: a file that does not decode stops the
+    run before any epoch (one DataError naming it), or, under --skip-bad, is dropped and counted."""
+    import shutil
+
+    from mmtag.training import finetune
+    from mmtag.api import read_dataset
+    from mmtag.errors import DataError
+
+    images = tmp_path / "images"
+    shutil.copytree(tiny.images, images)
+    train, _ = read_dataset(tiny.train_csv, images, labelled=True)
+    bad = train.image_ids[3]
+    (images / bad).write_bytes(b"\xff\xd8\xff not really a jpeg")
+    seen: list[int] = []
+
+    def fake_finetune(encoder, paths, *args, **kwargs):
+        seen.append(len(paths))
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(finetune, "finetune_image", fake_finetune)
+    cfg = make_config(**{"model.modalities": ["image"], "finetune.modalities": ["image"]})
+    with pytest.raises(DataError, match=f"{bad}.*cannot decode") as err:
+        Tagger(cfg).fit(train, progress=False)
+    assert "row 4" in str(err.value) and seen == []
+    cfg = cfg.override({"data.skip_bad": True})
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        Tagger(cfg).fit(train, progress=False)
+    assert seen and seen[0] < len(train)  # the training split, the bad row dropped
+
+
+def test_predict_and_export_refuse_an_impossible_out_before_the_work(fused_run, tiny, tmp_path,
+                                                                     monkeypatch):
+    from mmtag.model import export as runtime
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(Tagger, "load", classmethod(never))
+    monkeypatch.setattr(runtime, "export_encoders", never)
+    (tmp_path / "a-dir").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MmtagError, match="is a directory"):
+        api.predict(fused_run, tiny.test_csv, tiny.images, tmp_path / "a-dir", progress=False)
+    with pytest.raises(MmtagError, match="not a directory"):
+        api.predict(fused_run, tiny.test_csv, tiny.images, tmp_path / "a-file" / "s.csv",
+                    progress=False)
+    (tmp_path / "user-data").mkdir()
+    (tmp_path / "user-data" / "notes.txt").write_text("mine")
+    with pytest.raises(MmtagError, match="not an mmtag run directory"):
+        api.export(fused_run, tmp_path / "user-data")
+    with pytest.raises(MmtagError, match="not a directory"):
+        api.export(fused_run, tmp_path / "a-file" / "export")
+    assert (tmp_path / "user-data" / "notes.txt").read_text() == "mine"
