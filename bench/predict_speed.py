@@ -128,7 +128,7 @@ def eager_baseline(run: Path, ids: list[str], captions: list[str], images: Path,
             tok = txt_enc.tokenize(captions[s:s + batch])
             text = txt_enc(**tok)
             feats = {"image": pooled, "image_tokens": tokens, "text": text}
-            fb = FeatureBatch(**{k: feats[k] for k in tagger.needs})
+            fb = FeatureBatch({k: feats[k] for k in tagger.needs})
             out_ = head(fb)
             probs = torch.sigmoid(out_.logits).numpy()
             branches = {k: torch.sigmoid(v).numpy() for k, v in out_.branches.items()}
@@ -165,11 +165,11 @@ def training_estimate(shared: Path, images: Path, work: Path) -> None:
                      text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False).features
     rng = np.random.default_rng(0)
     n = 30000
-    feats = Features(image=fs_img.image[rng.integers(0, n_img, n)],
-                     text=fs_txt.text[rng.integers(0, n_txt, n)])
+    feats = Features({"image": fs_img["image"][rng.integers(0, n_img, n)],
+                     "text": fs_txt["text"][rng.integers(0, n_txt, n)]})
     labels = [comp.labels[i] for i in rng.integers(0, len(comp), n)]
     tagger.label_space = LabelSpace.from_labels(labels)
-    tagger.dims = {"image": feats.image.shape[1], "text": feats.text.shape[1]}
+    tagger.dims = {"image": feats["image"].shape[1], "text": feats["text"].shape[1]}
     y = tagger.label_space.encode(labels)
     tr, va = train_val_split(n, 0.1, 0)
     t0 = time.perf_counter()

@@ -228,7 +228,7 @@ def _head_outputs(head, dims):
     from mmtag.heads import FeatureBatch
 
     g = torch.Generator().manual_seed(0)
-    batch = FeatureBatch(image=torch.randn(4, dims["image"], generator=g), text=torch.randn(4, dims["text"], generator=g))
+    batch = FeatureBatch({"image": torch.randn(4, dims["image"], generator=g), "text": torch.randn(4, dims["text"], generator=g)})
     return head.eval()(batch)
 
 

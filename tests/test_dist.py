@@ -80,7 +80,7 @@ def test_every_head_uses_all_its_parameters(name: str) -> None:
     dims = {"image": 16, "image_tokens": 16, "text": 8}
     needs = head_needs(name)
     head = create_head(name, {k: dims[k] for k in needs}, 3, hidden=8)
-    batch = FeatureBatch(**{k: torch.randn(4, 49, 16) if k == "image_tokens" else torch.randn(4, dims[k])
+    batch = FeatureBatch({k: torch.randn(4, 49, 16) if k == "image_tokens" else torch.randn(4, dims[k])
                             for k in needs})
     _loss(head, batch, torch.ones(4, 3), torch.nn.BCEWithLogitsLoss()).backward()
     assert [n for n, p in head.named_parameters() if p.requires_grad and p.grad is None] == []

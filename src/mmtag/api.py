@@ -146,7 +146,7 @@ class Tagger:
         return fs
 
     def _dims(self, feats: Features) -> dict[str, int]:
-        return {k: int(feats.get(k).shape[-1]) for k in self.needs}  # type: ignore[union-attr]
+        return {k: int(feats[k].shape[-1]) for k in self.needs}
 
     # ------------------------------------------------------------------ training
     def fit(self, train: Dataset, val: Dataset | None = None, *, unlabeled: Dataset | None = None,
@@ -320,7 +320,7 @@ class Tagger:
         """
         cfg = self.config
         assert self.label_space is not None
-        text_rows = Features(text=np.concatenate([tr.text, extra.text]))  # type: ignore[list-item]
+        text_rows = Features({"text": np.concatenate([tr["text"], extra["text"]])})
         text_y = np.concatenate([y_tr, y_extra])
         if self.head_name == "text":
             return self._fit_head(text_rows, text_y, va, y_va, progress=progress)
@@ -461,7 +461,7 @@ class Tagger:
 
     def _encode(self, images: list[Any] | None, captions: list[str] | None,
                 batch_size: int = 32) -> Features:
-        feats = Features()
+        encoded: dict[str, np.ndarray] = {}
         if "image" in self.modalities and images is None:
             raise MmtagError("this model needs images (one per item)")
         if "text" in self.modalities and captions is None:
@@ -493,16 +493,14 @@ class Tagger:
                 out = encode_images(enc, torch.from_numpy(np.stack(arrays)))
                 for kind in chunks:
                     chunks[kind].append(out[kind])
-            for kind in self.needs:
-                if kind in chunks:
-                    setattr(feats, kind, np.concatenate(chunks[kind]))
+            encoded.update({kind: np.concatenate(chunks[kind]) for kind in self.needs if kind in chunks})
         if "text" in self.modalities:
             assert captions is not None
             enc = self._encoder("text")
             assert isinstance(enc, TextEncoder)
-            feats.text = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
-                                         for s in range(0, n, 128)])
-        return feats
+            encoded["text"] = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
+                                              for s in range(0, n, 128)])
+        return Features(encoded)
 
     def evaluate(self, dataset: Dataset, *, progress: bool = True) -> Metrics:
         """Metrics of this tagger's decisions on a labelled dataset.

@@ -23,8 +23,8 @@ def test_second_extraction_is_served_from_cache(tiny, tmp_path, encoders, monkey
     data, _ = read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
     cache = FeatureCache(tmp_path / "c")
     first = _extract(data, cache, encoders)
-    assert first.features.image.shape == (len(data), 1280) and first.features.text.shape == (len(data), 384)
-    assert first.features.image.dtype == np.float16
+    assert first.features["image"].shape == (len(data), 1280) and first.features["text"].shape == (len(data), 384)
+    assert first.features["image"].dtype == np.float16
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite cache")
@@ -32,22 +32,22 @@ def test_second_extraction_is_served_from_cache(tiny, tmp_path, encoders, monkey
     monkeypatch.setattr(features_mod, "encode_images", boom)
     monkeypatch.setattr(features_mod, "encode_captions", boom)
     again = _extract(data, FeatureCache(tmp_path / "c"), encoders)  # fresh index, read from disk
-    assert np.array_equal(first.features.image, again.features.image)
-    assert np.array_equal(first.features.text, again.features.text)
+    assert np.array_equal(first.features["image"], again.features["image"])
+    assert np.array_equal(first.features["text"], again.features["text"])
     # a subset in another order is also fully cached
     sub = data.subset([5, 1, 3])
     part = _extract(sub, FeatureCache(tmp_path / "c"), encoders)
-    assert np.array_equal(part.features.image, first.features.image[[5, 1, 3]])
+    assert np.array_equal(part.features["image"], first.features["image"][[5, 1, 3]])
 
 
 def test_cache_disabled_still_works_and_matches(tiny, tmp_path, encoders):
     data, _ = read_dataset(tiny.test_csv, tiny.images, labelled=False)
     a = _extract(data, FeatureCache(None), encoders, kinds=("image_tokens", "image"))
     b = _extract(data, FeatureCache(tmp_path / "c2"), encoders, kinds=("image_tokens", "image"))
-    assert a.features.image_tokens.shape == (len(data), 49, 1280)
-    assert np.array_equal(a.features.image_tokens, b.features.image_tokens)
-    assert np.allclose(a.features.image.astype(np.float32),
-                       a.features.image_tokens.astype(np.float32).mean(1), atol=2e-2)
+    assert a.features["image_tokens"].shape == (len(data), 49, 1280)
+    assert np.array_equal(a.features["image_tokens"], b.features["image_tokens"])
+    assert np.allclose(a.features["image"].astype(np.float32),
+                       a.features["image_tokens"].astype(np.float32).mean(1), atol=2e-2)
 
 
 def test_undecodable_image_strict_and_skip(tiny, tmp_path, encoders):
@@ -64,7 +64,7 @@ def test_undecodable_image_strict_and_skip(tiny, tmp_path, encoders):
     fs = _extract(data, cache, encoders, kinds=("image",), skip_bad=True)
     assert len(fs.dataset) == len(data) - 1 and len(fs.skipped) == 1
     assert data.image_ids[2] not in fs.dataset.image_ids
-    assert fs.features.image.shape[0] == len(data) - 1
+    assert fs.features["image"].shape[0] == len(data) - 1
 
 
 def test_interrupted_extraction_resumes_where_it_stopped(tiny, tmp_path, encoders, monkeypatch):
@@ -95,7 +95,7 @@ def test_interrupted_extraction_resumes_where_it_stopped(tiny, tmp_path, encoder
     resumed = _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
     assert sum(counted) == len(data) - done  # only what was missing
     full = _extract(data, FeatureCache(tmp_path / "fresh"), encoders, kinds=("image",), batch_size=8)
-    assert np.array_equal(resumed.features.image, full.features.image)
+    assert np.array_equal(resumed.features["image"], full.features["image"])
 
 
 @pytest.mark.parametrize("damage", ["flip-bit", "truncate", "no-checksum"])
@@ -130,7 +130,7 @@ def test_corrupt_shard_is_detected_and_recomputed(tiny, tmp_path, encoders, monk
     monkeypatch.setattr(features_mod, "encode_images", counting)
     again = _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
     assert sum(counted) == 16  # exactly the damaged shard's items, nothing else
-    assert np.array_equal(again.features.image, first.features.image)
+    assert np.array_equal(again.features["image"], first.features["image"])
     counted.clear()
     _extract(data, FeatureCache(tmp_path / "c"), encoders, kinds=("image",), batch_size=8)
     assert counted == []  # the recomputed items were cached again, with a good checksum

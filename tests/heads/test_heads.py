@@ -19,8 +19,8 @@ def _one_thread():
 
 def batch(n=5):
     g = torch.Generator().manual_seed(0)
-    return FeatureBatch(image=torch.randn(n, 12, generator=g), image_tokens=torch.randn(n, 4, 12, generator=g),
-                        text=torch.randn(n, 8, generator=g))
+    return FeatureBatch({"image": torch.randn(n, 12, generator=g), "image_tokens": torch.randn(n, 4, 12, generator=g),
+                        "text": torch.randn(n, 8, generator=g)})
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -41,17 +41,17 @@ def test_single_modality_heads_ignore_the_other_modality():
     img = create_head("image", DIMS, 3, hidden=16).eval()
     txt = create_head("text", DIMS, 3, hidden=16).eval()
     assert head_needs("image") == ("image",) and head_needs("text") == ("text",)
-    b2 = FeatureBatch(image=b.image, text=torch.zeros_like(b.text))
+    b2 = FeatureBatch({"image": b["image"], "text": torch.zeros_like(b["text"])})
     assert torch.equal(img(b).logits, img(b2).logits)
-    b3 = FeatureBatch(image=torch.zeros_like(b.image), text=b.text)
+    b3 = FeatureBatch({"image": torch.zeros_like(b["image"]), "text": b["text"]})
     assert torch.equal(txt(b).logits, txt(b3).logits)
 
 
 def test_concat_uses_both_modalities():
     head = create_head("concat", DIMS, 3, hidden=16).eval()
     b = batch()
-    assert not torch.equal(head(b).logits, head(FeatureBatch(image=b.image, text=torch.zeros_like(b.text))).logits)
-    assert not torch.equal(head(b).logits, head(FeatureBatch(image=torch.zeros_like(b.image), text=b.text)).logits)
+    assert not torch.equal(head(b).logits, head(FeatureBatch({"image": b["image"], "text": torch.zeros_like(b["text"])})).logits)
+    assert not torch.equal(head(b).logits, head(FeatureBatch({"image": torch.zeros_like(b["image"]), "text": b["text"]})).logits)
 
 
 def test_unknown_head_lists_the_registry():
@@ -69,10 +69,10 @@ def test_union_logits_are_the_max_of_separately_trained_branches():
     # each branch is its own net reading only its own modality
     assert head.image is not head.text
     assert not set(map(id, head.image.parameters())) & set(map(id, head.text.parameters()))
-    no_text = head(FeatureBatch(image=b.image, text=torch.zeros_like(b.text)))
+    no_text = head(FeatureBatch({"image": b["image"], "text": torch.zeros_like(b["text"])}))
     assert torch.equal(no_text.branches["image"], out.branches["image"])
     assert not torch.equal(no_text.branches["text"], out.branches["text"])
-    no_image = head(FeatureBatch(image=torch.zeros_like(b.image), text=b.text))
+    no_image = head(FeatureBatch({"image": torch.zeros_like(b["image"]), "text": b["text"]}))
     assert torch.equal(no_image.branches["text"], out.branches["text"])
     assert not torch.equal(no_image.branches["image"], out.branches["image"])
 
@@ -88,7 +88,7 @@ def test_fused_plus_mean_heads_average_their_three_parts(name, fused):
     assert torch.allclose(out.logits, sum(parts) / 3, atol=1e-6)
     # the fused part is the standalone fused head, and the image/text parts are separate MLPs
     assert torch.allclose(out.branches[fused], head.fused(b).logits)
-    assert torch.allclose(out.branches["image"], head.image(b.image))
+    assert torch.allclose(out.branches["image"], head.image(b["image"]))
     assert not torch.allclose(out.branches["image"], out.branches[fused])
     assert head_needs(name) == head_needs(fused)
 
@@ -100,29 +100,29 @@ def test_xattn_attends_over_the_image_tokens():
     b = batch()
     out = head(b).logits
     # same pooled image and caption, different spatial tokens → different output
-    other = FeatureBatch(image=b.image, text=b.text, image_tokens=torch.randn_like(b.image_tokens))
+    other = FeatureBatch({"image": b["image"], "text": b["text"], "image_tokens": torch.randn_like(b["image_tokens"])})
     assert not torch.allclose(head(other).logits, out, atol=1e-5)
     # ... and tokens differing in one row change only that row
-    one = b.image_tokens.clone()
+    one = b["image_tokens"].clone()
     one[2] = torch.randn_like(one[2])
-    changed = (head(FeatureBatch(image=b.image, text=b.text, image_tokens=one)).logits - out).abs().sum(1)
+    changed = (head(FeatureBatch({"image": b["image"], "text": b["text"], "image_tokens": one})).logits - out).abs().sum(1)
     assert changed[2] > 1e-5 and torch.all(changed[[0, 1, 3, 4]] < 1e-6)
     # the tokens form a set (no position encoding): their order is irrelevant
-    perm = FeatureBatch(image=b.image, text=b.text, image_tokens=b.image_tokens[:, [2, 0, 3, 1]])
+    perm = FeatureBatch({"image": b["image"], "text": b["text"], "image_tokens": b["image_tokens"][:, [2, 0, 3, 1]]})
     assert torch.allclose(head(perm).logits, out, atol=1e-5)
     # the caption is the query: changing it changes what is attended, not just the concat input
-    q2 = head.attend(FeatureBatch(image=b.image, text=torch.randn_like(b.text), image_tokens=b.image_tokens))
+    q2 = head.attend(FeatureBatch({"image": b["image"], "text": torch.randn_like(b["text"]), "image_tokens": b["image_tokens"]}))
     assert not torch.allclose(q2, head.attend(b), atol=1e-5)
     # attention picks tokens: weights over tokens sum to 1, are not uniform, depend on the caption
     w = head.attention_weights(b)
     assert w.shape == (5, 4, 4) and torch.allclose(w.sum(-1), torch.ones(5, 4))
     assert (w - 0.25).abs().max() > 1e-3
-    assert not torch.allclose(w, head.attention_weights(FeatureBatch(text=b.text.flip(0), image_tokens=b.image_tokens)))
+    assert not torch.allclose(w, head.attention_weights(FeatureBatch({"text": b["text"].flip(0), "image_tokens": b["image_tokens"]})))
     # ... and so does what is carried back: the same tokens read by two captions give two results
-    kv = head.tokens(b.image_tokens)
-    assert not torch.allclose(head.attn(head.query(b.text), kv), head.attn(head.query(b.text.flip(0)), kv), atol=1e-5)
+    kv = head.tokens(b["image_tokens"])
+    assert not torch.allclose(head.attn(head.query(b["text"]), kv), head.attn(head.query(b["text"].flip(0)), kv), atol=1e-5)
     # the token count is free
-    five = FeatureBatch(image=b.image, text=b.text, image_tokens=torch.randn(5, 7, 12))
+    five = FeatureBatch({"image": b["image"], "text": b["text"], "image_tokens": torch.randn(5, 7, 12)})
     assert head(five).logits.shape == (5, 3)
     assert set(head(b).branches) == {"image", "text"}
 
@@ -151,8 +151,8 @@ def separable_problem(n=64, classes=3, seed=0):
     z = torch.randn(n, classes, generator=g)
     y = (z > 0).float()
     tokens = z[:, None, :] @ torch.randn(classes, 12, generator=g) + 0.3 * torch.randn(n, 4, 12, generator=g)
-    feats = FeatureBatch(image=tokens.mean(1), image_tokens=tokens,
-                         text=z @ torch.randn(classes, 8, generator=g) + 0.1 * torch.randn(n, 8, generator=g))
+    feats = FeatureBatch({"image": tokens.mean(1), "image_tokens": tokens,
+                         "text": z @ torch.randn(classes, 8, generator=g) + 0.1 * torch.randn(n, 8, generator=g)})
     return feats, y
 
 

@@ -39,7 +39,7 @@ def test_a_head_registered_here_is_ablated_and_validated_without_editing_mmtag()
         """A text head that doubles its logits."""
 
         def forward(self, batch):
-            return HeadOutput(2 * self.net(batch.text))
+            return HeadOutput(2 * self.net(batch["text"]))
 
     try:
         assert "toy-text" in default_variants()

@@ -131,7 +131,7 @@ def test_export_that_disagrees_with_eager_is_refused(fused_run: Path, tmp_path: 
 
     from mmtag import cli
 
-    from mmtag.encoders import registry as encoders
+    from mmtag.encoders import onnx as encoders
 
     cls = encoders.OnnxImageEncoder if modality == "image" else encoders.OnnxTextEncoder
     original = cls.forward

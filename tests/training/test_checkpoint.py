@@ -26,7 +26,7 @@ def _problem(seed: int = 0) -> tuple[Features, np.ndarray, Features, np.ndarray]
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(240, 16)).astype(np.float16)
     y = (x[:, :4].astype(np.float32) + 0.3 * rng.normal(size=(240, 4)) > 0).astype(np.float32)
-    return Features(text=x[:200]), y[:200], Features(text=x[200:]), y[200:]
+    return Features({"text": x[:200]}), y[:200], Features({"text": x[200:]}), y[200:]
 
 
 class _Killed(Exception):

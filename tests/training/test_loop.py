@@ -43,7 +43,7 @@ def _toy(n, seed):
     x = rng.standard_normal((n, 8)).astype(np.float16)
     y = np.stack([x[:, 0] > 0, x[:, 1] > 0.5], 1).astype(np.float32)
     y[y.sum(1) == 0, 0] = 1
-    return Features(text=x), y
+    return Features({"text": x}), y
 
 
 @pytest.mark.parametrize("optimizer, oversample", [("adamw", False), ("adam", True)])

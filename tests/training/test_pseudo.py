@@ -24,7 +24,7 @@ def test_pseudo_rounds_never_touch_validation(tiny, make_config, monkeypatch):
     original = Tagger._fit_head
 
     def spy(self, tr, y_tr, va, y_va, **kwargs):
-        calls.append((len(y_tr), va.text.copy(), y_va.copy()))
+        calls.append((len(y_tr), va["text"].copy(), y_va.copy()))
         return original(self, tr, y_tr, va, y_va, **kwargs)
 
     monkeypatch.setattr(Tagger, "_fit_head", spy)

@@ -1,15 +1,20 @@
 """Data: datasets and label spaces, the CSV reader, image decoding and the one image loader, augmentation, synthetic data."""
 # The package's public names, wherever in it they live: other packages import from here.
 from .dataset import (  # noqa: F401
-    IMAGE_FORMATS,
-    MAX_CAPTION_CHARS,
-    ImageDecodeError,
     LabelSpace,
     Dataset,
+    train_val_split,
+)
+from .reader import (  # noqa: F401
+    MAX_CAPTION_CHARS,
     ReadResult,
     parse_labels,
     check_image_id,
     read_csv,
+)
+from .images import (  # noqa: F401
+    IMAGE_FORMATS,
+    ImageDecodeError,
     check_images_exist,
     check_images_decode,
     decode_image,
@@ -23,5 +28,29 @@ from .dataset import (  # noqa: F401
     collate_images,
     image_batches,
     image_loader,
-    train_val_split,
+)
+from .coco import COCO_NAMES  # noqa: F401
+from .augment import (  # noqa: F401
+    CLASS_ALIASES,
+    CROP_RATIO,
+    CROP_SCALE,
+    IMAGE_OPS,
+    INSTALL_HINT,
+    ImageAugment,
+    TEXT_OPS,
+    TextAugment,
+    WORDNET_DIRS,
+    WORDNET_ENV,
+    find_wordnet,
+    label_words,
+    parse_image_aug,
+    parse_text_aug,
+    plural,
+    wordnet_reader,
+)
+from .synthetic import (  # noqa: F401
+    IMAGE_LABELS,
+    TEXT_LABELS,
+    SyntheticPaths,
+    make_dataset,
 )

@@ -1,9 +1,18 @@
 """Encoders: frozen pretrained towers per modality, behind one registry."""
 # The package's public names, wherever in it they live: other packages import from here.
-from .registry import (  # noqa: F401
+# Importing the family modules is what registers the built-in encoders: each registers itself
+# into `registry` when imported. Their order is the registry's order (what `mmtag encoders`
+# lists and what error messages offer), so it stays the order of the old single module.
+from .base import (  # noqa: F401
     Encoder,
     ImageEncoder,
     TextEncoder,
+    sha256_file,
+    error_summary,
+    read_safetensors,
+    load_weights,
+)
+from .registry import (  # noqa: F401
     EncoderEntry,
     EncoderFamily,
     ENCODERS,
@@ -15,22 +24,22 @@ from .registry import (  # noqa: F401
     encoder_entry,
     create_encoder,
     load_encoder,
-    sha256_file,
-    error_summary,
-    read_safetensors,
-    load_weights,
-    EfficientNetLite,
+    EncoderInfo,
+    list_encoders,
+)
+from .efficientnet import EfficientNetLite  # noqa: F401
+from .hf_text import (  # noqa: F401
     HFTextEncoder,
     hf_text_from_dir,
     hf_text_from_bundle,
     PICKLE_WEIGHTS,
-    TimmImageEncoder,
+)
+from .timm import TimmImageEncoder  # noqa: F401
+from .onnx import (  # noqa: F401
     ONNX_MODEL_FILE,
     RUN_BATCH,
     OnnxEncoder,
     OnnxImageEncoder,
     OnnxTextEncoder,
     load_onnx_encoder,
-    EncoderInfo,
-    list_encoders,
 )

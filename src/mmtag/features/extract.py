@@ -36,37 +36,48 @@ SHARD_ITEMS = 512  # items per cache shard: the unit of work lost if extraction 
 T = TypeVar("T")
 
 
-@dataclass
 class Features:
-    """Per-item encoder outputs, row-aligned with a Dataset (fp16 to halve memory and disk)."""
+    """Per-item encoder outputs keyed by feature kind, row-aligned with a Dataset (fp16 to halve
+    memory and disk). A kind is a modality's name ("image", "text"), or that name with a
+    suffix for another output of the same encoder ("image_tokens": the spatial tokens); a new
+    modality is a new key, not a new field in every type that carries features."""
 
-    image: np.ndarray | None = None  # (N, D_img)
-    image_tokens: np.ndarray | None = None  # (N, T, D_img) spatial tokens
-    text: np.ndarray | None = None  # (N, D_txt)
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.arrays: dict[str, np.ndarray] = dict(arrays or {})
+        rows = {len(a) for a in self.arrays.values()}
+        if len(rows) > 1:
+            raise MmtagError(f"features of different lengths: "
+                             f"{ {k: len(a) for k, a in self.arrays.items()} }")
 
     def __len__(self) -> int:
-        for arr in (self.image, self.image_tokens, self.text):
-            if arr is not None:
-                return len(arr)
-        return 0
+        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self.arrays
+
+    def __getitem__(self, kind: str) -> np.ndarray:
+        return self.arrays[kind]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.arrays)
 
     def subset(self, index: np.ndarray | list[int]) -> "Features":
         idx = np.asarray(index, dtype=np.int64)
-        return Features(*(None if a is None else a[idx] for a in
-                          (self.image, self.image_tokens, self.text)))
+        return Features({k: a[idx] for k, a in self.arrays.items()})
 
     def get(self, kind: str) -> np.ndarray | None:
-        return getattr(self, kind)
+        return self.arrays.get(kind)
+
+
+def modality_of(kind: str) -> str:
+    """The modality a feature kind comes from: "image_tokens" → "image"."""
+    return kind.split("_", 1)[0]
 
 
 def concat_features(a: Features, b: Features) -> Features:
     """Rows of `a` followed by rows of `b` (kinds present in both)."""
-    out = Features()
-    for kind in FEATURE_KINDS:
-        x, y = a.get(kind), b.get(kind)
-        if x is not None and y is not None:
-            setattr(out, kind, np.concatenate([x, y]))
-    return out
+    return Features({k: np.concatenate([a[k], b[k]]) for k in a.kinds if k in b})
 
 
 @dataclass
@@ -239,25 +250,24 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
     unknown = kinds - set(FEATURE_KINDS)
     if unknown:
         raise MmtagError(f"unknown feature kind(s) {sorted(unknown)}")
-    features = Features()
+    arrays: dict[str, np.ndarray] = {}
     skipped: list[DataError] = []
     if kinds & {"image", "image_tokens"}:
         if image_encoder is None:
             raise MmtagError("image features requested but no image encoder given")
         image_kinds = sorted(kinds & {"image", "image_tokens"})
-        arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
+        image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
                                             skip_bad=skip_bad, workers=workers,
                                             batch_size=batch_size, progress=progress)
         if bad:
             skipped.extend(err for _, err in bad)
             dataset = dataset.subset(keep)
-        for kind, arr in arrays.items():
-            setattr(features, kind, arr)
+        arrays.update(image_arrays)
     if "text" in kinds:
         if text_encoder is None:
             raise MmtagError("text features requested but no text encoder given")
-        features.text = _extract_text(dataset.captions, text_encoder, cache, progress=progress)
-    return FeatureSet(features=features, dataset=dataset, skipped=skipped)
+        arrays["text"] = _extract_text(dataset.captions, text_encoder, cache, progress=progress)
+    return FeatureSet(features=Features(arrays), dataset=dataset, skipped=skipped)
 
 
 def _extract_images(*args, **kwargs) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
@@ -348,24 +358,24 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
 
     With frozen encoders, augmentation only reaches the model through features: a training run
     caches `views` augmented versions of each item once and draws one per row per epoch. Kinds of
-    a modality without augmentation are left None (the caller uses the plain ones).
+    a modality without augmentation are absent (the caller uses the plain ones).
     """
     kinds = set(kinds)
     out: list[Features] = []
     for k in range(views):
-        f = Features()
+        arrays: dict[str, np.ndarray] = {}
         image_kinds = sorted(kinds & {"image", "image_tokens"})
         if image_kinds and image_augment is not None and image_encoder is not None:
             tag = f"{image_augment.spec}|seed{seed}|view{k}"
-            arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
-                                                skip_bad=False, workers=workers, batch_size=32,
-                                                progress=progress, view=(image_augment, tag))
-            for kind, arr in arrays.items():
-                setattr(f, kind, arr)
+            image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
+                                                      skip_bad=False, workers=workers, batch_size=32,
+                                                      progress=progress, view=(image_augment, tag))
+            arrays.update(image_arrays)
         if "text" in kinds and text_augment is not None and text_encoder is not None:
             captions = [text_augment(c, _seed_of(_view_key(caption_key(c), f"{seed}|{k}")))
                         for c in dataset.captions]
-            f.text = _extract_text(captions, text_encoder, cache, progress=progress)
+            arrays["text"] = _extract_text(captions, text_encoder, cache, progress=progress)
+        f = Features(arrays)
         out.append(f)
     return out
 

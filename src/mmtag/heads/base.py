@@ -18,19 +18,24 @@ from ..config import ModelConfig
 from ..errors import MmtagError
 
 
-@dataclass
 class FeatureBatch:
-    """A batch of features as float32 tensors; kinds a head does not need stay None."""
+    """A batch of features as float32 tensors, keyed by feature kind like `Features`; a head
+    reads the kinds it `needs`."""
 
-    image: torch.Tensor | None = None
-    image_tokens: torch.Tensor | None = None
-    text: torch.Tensor | None = None
+    def __init__(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.tensors: dict[str, torch.Tensor] = dict(tensors or {})
 
     def __len__(self) -> int:
-        for t in (self.image, self.image_tokens, self.text):
-            if t is not None:
-                return int(t.shape[0])
-        return 0
+        return int(next(iter(self.tensors.values())).shape[0]) if self.tensors else 0
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        return self.tensors[kind]
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self.tensors
+
+    def to(self, device: torch.device) -> "FeatureBatch":
+        return FeatureBatch({k: t.to(device, non_blocking=True) for k, t in self.tensors.items()})
 
 
 @dataclass
@@ -149,7 +154,7 @@ class SingleModalityHead(Head):
         self.net = mlp(dims[self.modality], hidden, num_classes, dropout)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        return HeadOutput(self.net(getattr(batch, self.modality)))
+        return HeadOutput(self.net(batch[self.modality]))
 
 
 @register_head("image")
@@ -211,7 +216,7 @@ class ConcatHead(Head):
                             2 * proj_dim)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        zi, zt = self.image(batch.image), self.text(batch.text)
+        zi, zt = self.image(batch["image"]), self.text(batch["text"])
         return HeadOutput(self.net(torch.cat([zi, zt], dim=1)),
                           {"image": self.aux_image(zi), "text": self.aux_text(zt)})
 
@@ -232,7 +237,7 @@ class LateFusionHead(Head):
 
     def branch_logits(self, batch: FeatureBatch) -> dict[str, torch.Tensor]:
         """{"image": image-MLP logits, "text": text-MLP logits}."""
-        return {"image": self.image(batch.image), "text": self.text(batch.text)}
+        return {"image": self.image(batch["image"]), "text": self.text(batch["text"])}
 
 
 @register_head("mean")
@@ -281,7 +286,7 @@ class GatedHead(LateFusionHead):
 
     def gate_weights(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, 2) softmax weights, column 0 for the image branch and column 1 for the text one."""
-        x = torch.cat([self.gate_norm_image(batch.image), self.gate_norm_text(batch.text)], dim=1)
+        x = torch.cat([self.gate_norm_image(batch["image"]), self.gate_norm_text(batch["text"])], dim=1)
         return torch.softmax(self.gate(x), dim=1)
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
@@ -360,15 +365,15 @@ class CrossAttentionHead(Head):
 
     def attention_weights(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, heads, T): how much each attention head of each caption looks at each token."""
-        return self.attn.weights(self.query(batch.text), self.tokens(batch.image_tokens))
+        return self.attn.weights(self.query(batch["text"]), self.tokens(batch["image_tokens"]))
 
     def attend(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, proj_dim): LayerNorm(query + attention of the caption query over image tokens)."""
-        q = self.query(batch.text)
-        return self.attn_norm(q + self.attn(q, self.tokens(batch.image_tokens)))
+        q = self.query(batch["text"])
+        return self.attn_norm(q + self.attn(q, self.tokens(batch["image_tokens"])))
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
-        zi, zt = self.image(batch.image), self.text(batch.text)
+        zi, zt = self.image(batch["image"]), self.text(batch["text"])
         fused = torch.cat([self.attend(batch), zi, zt], dim=1)
         return HeadOutput(self.net(fused), {"image": self.aux_image(zi), "text": self.aux_text(zt)})
 

@@ -53,19 +53,12 @@ def seed_everything(seed: int) -> None:
 
 def batch_of(features: Features, needs: tuple[str, ...], index: np.ndarray | slice) -> FeatureBatch:
     """Rows `index` of the kinds in `needs`, as float32 tensors."""
-    out = FeatureBatch()
-    for kind in needs:
-        arr = features.get(kind)
-        assert arr is not None, f"missing {kind} features"
-        setattr(out, kind, torch.from_numpy(np.asarray(arr[index], dtype=np.float32)))
-    return out
+    return FeatureBatch({kind: torch.from_numpy(np.asarray(features[kind][index], dtype=np.float32))
+                         for kind in needs})
 
 
 def to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:
-    if device.type == "cpu":
-        return batch
-    return FeatureBatch(*(None if t is None else t.to(device, non_blocking=True)
-                          for t in (batch.image, batch.image_tokens, batch.text)))
+    return batch if device.type == "cpu" else batch.to(device)
 
 
 def predict_outputs(head: Head, features: Features,
@@ -138,10 +131,9 @@ def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...
                 idx: np.ndarray) -> FeatureBatch:
     """Rows `idx`, each taken from the view `choice[row]` (view 0 = the plain features; a view
     lacking a kind, e.g. an unaugmented modality, falls back to the plain one)."""
-    out = FeatureBatch()
+    out: dict[str, torch.Tensor] = {}
     for kind in needs:
-        plain = views[0].get(kind)
-        assert plain is not None, f"missing {kind} features"
+        plain = views[0][kind]
         arr = np.empty((len(idx),) + plain.shape[1:], dtype=np.float32)
         picked = choice[idx]
         for v in np.unique(picked):
@@ -149,8 +141,8 @@ def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...
             source = plain if source is None else source
             mask = picked == v
             arr[mask] = source[idx[mask]]
-        setattr(out, kind, torch.from_numpy(arr))
-    return out
+        out[kind] = torch.from_numpy(arr)
+    return FeatureBatch(out)
 
 
 def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
