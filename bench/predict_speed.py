@@ -36,9 +36,10 @@ from mmtag import api
 from mmtag.config import Config
 from mmtag.data import LabelSpace, read_csv, train_val_split
 from mmtag.features import Features, extract
-from mmtag.heads import FeatureBatch
+from mmtag.heads import FeatureBatch, create_head
 from mmtag.decision.thresholds import Scores, decide, tune
-from mmtag.training.loop import predict_logits
+from mmtag.training.loop import fit_head, predict_logits, seed_everything
+from mmtag.training.losses import create_loss
 
 MMTAG = str(Path(sys.executable).with_name("mmtag"))
 
@@ -148,32 +149,35 @@ def training_estimate(shared: Path, images: Path, work: Path) -> None:
     comp, _ = api.read_dataset(shared / "comp5329/train.csv", None, labelled=True)
     n_img = min(800, len(coco))
     t0 = time.perf_counter()
-    extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger._encoder("image"),
-            text_encoder=None, cache=tagger.cache, progress=False)
+    extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger.featurizer.encoder("image"),
+            text_encoder=None, cache=tagger.featurizer.cache, progress=False)
     img_rate = n_img / (time.perf_counter() - t0)
     n_txt = min(8000, len(comp))
     t0 = time.perf_counter()
     extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
-            text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False)
+            text_encoder=tagger.featurizer.encoder("text"), cache=tagger.featurizer.cache, progress=False)
     txt_rate = n_txt / (time.perf_counter() - t0)
     # Head training + thresholds on 30k rows of fused features: real comp5329 text features,
     # image features resampled from the coco-real ones (their values do not change the cost);
     # the default schedule (100 epochs max, early stopping) runs as it would.
-    fs_img = extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger._encoder("image"),
-                     text_encoder=None, cache=tagger.cache, progress=False).features
+    fs_img = extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger.featurizer.encoder("image"),
+                     text_encoder=None, cache=tagger.featurizer.cache, progress=False).features
     fs_txt = extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
-                     text_encoder=tagger._encoder("text"), cache=tagger.cache, progress=False).features
+                     text_encoder=tagger.featurizer.encoder("text"), cache=tagger.featurizer.cache, progress=False).features
     rng = np.random.default_rng(0)
     n = 30000
     feats = Features({"image": fs_img["image"][rng.integers(0, n_img, n)],
                      "text": fs_txt["text"][rng.integers(0, n_txt, n)]})
     labels = [comp.labels[i] for i in rng.integers(0, len(comp), n)]
-    tagger.label_space = LabelSpace.from_labels(labels)
-    tagger.dims = {"image": feats["image"].shape[1], "text": feats["text"].shape[1]}
-    y = tagger.label_space.encode(labels)
+    label_space = LabelSpace.from_labels(labels)
+    dims = {"image": feats["image"].shape[1], "text": feats["text"].shape[1]}
+    y = label_space.encode(labels)
     tr, va = train_val_split(n, 0.1, 0)
     t0 = time.perf_counter()
-    result = tagger._fit_head(feats.subset(tr), y[tr], feats.subset(va), y[va], progress=False)
+    seed_everything(cfg.train.seed)
+    head = create_head(tagger.head_name, dims, len(label_space), cfg.model)
+    result = fit_head(head, feats.subset(tr), y[tr], feats.subset(va), y[va], cfg.train,
+                      criterion=create_loss(cfg.train.loss, y[tr]), progress=False)
     tune("global", 1 / (1 + np.exp(-predict_logits(result.head, feats.subset(va)))), y[va])
     head_s = time.perf_counter() - t0
     img_s, txt_s = 30000 / img_rate, 30000 / txt_rate

@@ -188,7 +188,7 @@ def test_out_of_range_flag_is_one_line_before_any_work(capsys, tiny, small_csv, 
 
 def _registry_names(kind):
     from mmtag.encoders import registry as encoders
-    from mmtag.heads import base as fusion
+    from mmtag import heads as fusion
     from mmtag.training import losses
     from mmtag.decision import thresholds
 

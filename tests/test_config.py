@@ -115,7 +115,7 @@ def test_values_that_were_accepted_stay_accepted(tmp_path):
 
 def test_valid_names_come_from_the_registries(monkeypatch):
     from mmtag.encoders import registry as encoders
-    from mmtag.heads import base as fusion
+    from mmtag import heads as fusion
     from mmtag.training import losses
     from mmtag.decision import thresholds
 

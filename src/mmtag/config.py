@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from . import registries
 from .errors import MmtagError
 
 MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
@@ -94,16 +95,17 @@ class SubsetOf(Constraint):
     """A list of distinct names from `names` (at least one unless `may_be_empty`)."""
 
     what: str
-    names: tuple[str, ...]
+    names: tuple[str, ...] | Callable[[], Iterable[str]]  # a callable: a registry, read when checked
     may_be_empty: bool = False
 
     def problem(self, value: Any) -> str | None:
-        unknown = [v for v in value if v not in self.names]
+        names = list(self.names()) if callable(self.names) else list(self.names)
+        unknown = [v for v in value if v not in names]
         if unknown:
-            return f"unknown {self.what} {unknown[0]!r}; available: {', '.join(self.names)}"
+            return f"unknown {self.what} {unknown[0]!r}; available: {', '.join(names)}"
         if len(set(value)) != len(value) or (not value and not self.may_be_empty):
             least = "" if self.may_be_empty else ", at least one"
-            return f"must list distinct names from {', '.join(self.names)}{least}; got {value!r}"
+            return f"must list distinct names from {', '.join(names)}{least}; got {value!r}"
         return None
 
 
@@ -196,35 +198,20 @@ class ThresholdRange(Constraint):
         return f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {value!r}"
 
 
+def _registered(what: str) -> Callable[[], list[str]]:
+    """The names in a registry (see mmtag.registries), read when a value is checked."""
+    return lambda: registries.names(what)
+
+
 def _heads() -> list[str]:
-    from .heads import HEADS
-
-    return sorted(HEADS)
-
-
-def _losses() -> list[str]:
-    from .training.losses import LOSSES
-
-    return list(LOSSES)
-
-
-def _optimizers() -> list[str]:
-    from .training.loop import OPTIMIZERS
-
-    return list(OPTIMIZERS)
-
-
-def _threshold_modes() -> list[str]:
-    from .decision.thresholds import TUNERS
-
-    return list(TUNERS)
+    return sorted(registries.names("fusion head"))
 
 
 POSITIVE = Interval(0, None, closed="neither")  # learning rates, ...
 AT_LEAST_0 = Interval(0, None, integer=True)
 AT_LEAST_1 = Interval(1, None, integer=True)
 FRACTION = Interval(0, 1, closed="left")  # [0, 1)
-OPTIMIZER = OneOf("optimizer", _optimizers)
+OPTIMIZER = OneOf("optimizer", _registered("optimizer"))
 FUSION_HEAD = OneOf("fusion head", _heads)  # also `mmtag ablate --variants`
 
 
@@ -255,7 +242,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     """Which encoders feed which fusion head, and the head's hyper-parameters: each head reads
-    the ones it names in `fusion.Head.params` (the others are ignored), so they are saved in
+    the ones it names in `heads.Head.params` (the others are ignored), so they are saved in
     config.yaml and a bundle rebuilds its head from them."""
 
     modalities: list[str] = option(check=SubsetOf("modality", MODALITIES), flag="--modalities",
@@ -301,12 +288,16 @@ class TrainConfig:
     lr: float = option(1e-3, POSITIVE, "--lr")
     weight_decay: float = option(0.05, Interval(0, None))
     optimizer: str = option("adamw", OPTIMIZER, "--optimizer")
-    loss: str = option("bce", OneOf("loss", _losses), "--loss")
-    thresholds: str = option("global", OneOf("threshold mode", _threshold_modes), "--thresholds")
+    loss: str = option("bce", OneOf("loss", _registered("loss")), "--loss")
+    thresholds: str = option("global", OneOf("threshold mode", _registered("threshold mode")), "--thresholds")
     oversample: bool = option(False, flag="--oversample")  # repeat rows that carry rare labels
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
     union_text_range: list[float] = option(check=ThresholdRange(), factory=list)
+    # training strategies asked for by name, besides those the inputs switch on (--finetune,
+    # --extra-text, --unlabeled); see mmtag.training.strategies
+    strategies: list[str] = option(check=SubsetOf("training strategy", _registered("training strategy"), may_be_empty=True),
+                                   factory=list)
 
 
 @dataclass
@@ -428,15 +419,14 @@ class Config:
         return self
 
     def _check_combinations(self, where: "_Where") -> None:
-        from .heads import head_needs, head_params_problem
-
-        head_problem = head_params_problem(self.model.head_name(), self.model)
+        head = registries.registry("fusion head")[self.model.head_name()]
+        head_problem = head.params_problem(self.model)
         if head_problem:
             name, problem = head_problem
             raise MmtagError(where.say(f"model.{name}", _field(ModelConfig, name), problem))
         aug = self.augment
         if aug.views > 0:
-            kinds = head_needs(self.model.head_name())  # image_tokens count as image
+            kinds = head.needs  # image_tokens count as image
             image = any(k.startswith("image") for k in kinds) and aug.image_spec(False).strip().lower() not in ("", "none")
             text = any(k.startswith("text") for k in kinds) and aug.text.strip().lower() not in ("", "none")
             if not (image or text):

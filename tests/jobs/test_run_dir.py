@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mmtag import api, cli
+from mmtag.jobs import train as train_job
 
 from mmtag.model import bundle
 from mmtag.training.checkpoint import RunLog, StageState
@@ -92,13 +93,13 @@ def test_retrain_with_overwrite_replaces_the_run_only_when_complete(
         monkeypatch: pytest.MonkeyPatch) -> None:
     before = _snapshot(finished)
     during: list[dict[str, str]] = []
-    draw = api.report
+    draw = train_job.report
 
     def report_watching_the_old_run(run: Path, *args: object, **kwargs: object) -> Path:
         during.append(_snapshot(finished))  # training is over, the new bundle is written
         return draw(run, *args, **kwargs)
 
-    monkeypatch.setattr(api, "report", report_watching_the_old_run)
+    monkeypatch.setattr(train_job, "report", report_watching_the_old_run)
     rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5", "--overwrite",
                      "--cache-dir", cache_dir)
     assert rc == 0, err
@@ -233,7 +234,7 @@ def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def read(*_: object, **__: object) -> None:
         raise AssertionError("the data was read before --out was checked")
 
-    monkeypatch.setattr(api, "read_dataset", read)
+    monkeypatch.setattr(train_job, "read_dataset", read)
 
 
 @pytest.mark.parametrize("where, needle", [

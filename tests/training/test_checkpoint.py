@@ -1,5 +1,6 @@
 """Per-epoch checkpoints: an interrupted run resumes to exactly the uninterrupted result,
-in-process and after SIGKILL of the real `mmtag train`; metrics.csv and config reproduction."""
+in-process and after SIGKILL of the real `mmtag train`; metrics.csv and config reproduction.
+(Fine-tuning's checkpoints are tested in test_finetune.py, the loop's own in test_loop.py.)"""
 from __future__ import annotations
 
 import csv
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmtag.training.checkpoint import RunLog, StageState
+from mmtag.training.checkpoint import RunLog, StageState, numpy_rng_tensor, set_numpy_rng
 from mmtag.config import TrainConfig
 from mmtag.features import Features
 from mmtag.heads import create_head
 from mmtag.training.loop import fit_head
+from training_helpers import DiesAfter, Killed
 
 
 def _problem(seed: int = 0) -> tuple[Features, np.ndarray, Features, np.ndarray]:
@@ -27,23 +29,6 @@ def _problem(seed: int = 0) -> tuple[Features, np.ndarray, Features, np.ndarray]
     x = rng.normal(size=(240, 16)).astype(np.float16)
     y = (x[:, :4].astype(np.float32) + 0.3 * rng.normal(size=(240, 4)) > 0).astype(np.float32)
     return Features({"text": x[:200]}), y[:200], Features({"text": x[200:]}), y[200:]
-
-
-class _Killed(Exception):
-    pass
-
-
-class _DiesAfter(RunLog):
-    """A RunLog whose process "dies" right after writing epoch `k`'s checkpoint."""
-
-    def __init__(self, run_dir: Path, k: int) -> None:
-        super().__init__(run_dir)
-        self.k = k
-
-    def save(self, stage: str, state: StageState) -> None:
-        super().save(stage, state)
-        if state.epoch == self.k:
-            raise _Killed
 
 
 def _fit(run_log: RunLog | None, cfg: TrainConfig):
@@ -56,8 +41,8 @@ def _fit(run_log: RunLog | None, cfg: TrainConfig):
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=12, patience=100, batch_size=32, lr=3e-3)
     straight = _fit(None, cfg)
-    with pytest.raises(_Killed):
-        _fit(_DiesAfter(tmp_path, 5), cfg)
+    with pytest.raises(Killed):
+        _fit(DiesAfter(tmp_path, 5), cfg)
     state = RunLog(tmp_path).load("head")
     assert state is not None and state.epoch == 5 and not state.done
     resumed = _fit(RunLog(tmp_path), cfg)
@@ -94,8 +79,8 @@ def test_resume_with_early_stopping_equals_uninterrupted(tmp_path: Path, early_s
             stale_epochs.append(h.epoch)
     k = {"while-stale": stale_epochs[0], "epoch-before-stop": stopped - 1, "at-stop": stopped}[kill]
     assert k < stopped or kill == "at-stop"
-    with pytest.raises(_Killed):
-        _fit(_DiesAfter(tmp_path, k), cfg)
+    with pytest.raises(Killed):
+        _fit(DiesAfter(tmp_path, k), cfg)
     state = RunLog(tmp_path).load("head")
     assert state is not None and state.epoch == k and state.done == (k == stopped)
     assert kill == "at-stop" or state.stale > 0  # the kill landed inside a patience count
@@ -112,6 +97,31 @@ def test_finished_stage_is_not_retrained(tmp_path: Path) -> None:
     again = _fit(RunLog(tmp_path), cfg)
     assert again.history_dicts() == first.history_dicts()
     assert len(list((tmp_path / "checkpoints").glob("*.safetensors"))) == 1  # old epochs pruned
+
+
+def test_loop_state_round_trips_and_older_checkpoints_still_load(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    rng.normal(size=3)
+    state = StageState(
+        epoch=2, best_epoch=1, best_f1=0.5, stale=1, done=False, history=[], model={},
+        best_model={}, optimizer={"state": {}, "param_groups": []},
+        rng={"augment": numpy_rng_tensor(rng)}, scheduler={"last_epoch": 7, "_last_lr": [0.1]},
+        scaler={"scale": 1024.0, "_growth_tracker": 3}, seconds=[1.5, 2.25])
+    RunLog(tmp_path).save("s", state)
+    back = RunLog(tmp_path).load("s")
+    assert back is not None and back.scheduler == state.scheduler and back.scaler == state.scaler
+    assert back.seconds == [1.5, 2.25]
+    again = np.random.default_rng(0)
+    set_numpy_rng(again, back.rng["augment"])
+    assert again.normal() == rng.normal()  # the stream continues where it was saved
+    # a checkpoint written before the loop kept these: none, not an error
+    meta = tmp_path / "checkpoints" / "s.json"
+    old = json.loads(meta.read_text())
+    for key in ("scheduler", "scaler", "seconds"):
+        del old[key]
+    meta.write_text(json.dumps(old))
+    back = RunLog(tmp_path).load("s")
+    assert back is not None and back.scheduler is None and back.scaler is None and back.seconds == []
 
 
 def test_corrupt_checkpoint_metadata_is_a_clear_error(tmp_path: Path) -> None:

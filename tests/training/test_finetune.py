@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
+from conftest import save_tiny_bert
 from mmtag.data.augment import parse_image_aug
 from mmtag.config import FinetuneConfig
 from mmtag.encoders import Encoder, create_encoder
 from mmtag.errors import DataError, MmtagError
 from mmtag.data import read_csv
 from mmtag.features import FeatureCache, encode_captions, extract
-from mmtag.training.finetune import (FinetuneResult, finetune_image, finetune_text)
+from mmtag.training.checkpoint import RunLog
+from mmtag.training.finetune import FinetuneResult, finetune_image, finetune_text
+from training_helpers import CountingBCE, DiesAfter, Killed
 
 ANIMALS = ["dog", "cat", "horse", "bird"]
 VEHICLES = ["car", "bus", "truck", "train"]
@@ -135,19 +137,9 @@ def test_text_history_and_best_epoch(text_run: Run) -> None:
 
 
 def test_text_seeded_and_uses_the_given_loss(text_run: Run) -> None:
-    class Counting(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.calls = 0
-            self.bce = nn.BCEWithLogitsLoss()
-
-        def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            self.calls += 1
-            return self.bce(logits, y)
-
     caps, y = toy_captions(12, seed=3)
     cfg = FinetuneConfig(epochs=1, batch_size=8, lr=1e-4, head_lr=1e-2, optimizer="adam")
-    counting = Counting()
+    counting = CountingBCE()
     a = finetune_text(text_run.original, caps[:8], y[:8], caps[8:], y[8:], cfg, loss=counting,
                       seed=5, progress=False)
     b = finetune_text(text_run.original, caps[:8], y[:8], caps[8:], y[8:], cfg, seed=5,
@@ -279,8 +271,6 @@ def test_image_bad_file_is_reported_as_extraction_reports_it(
     assert names[2] in str(tuned.value) and "cannot decode" in str(tuned.value)
 
 
-
-
 def test_text_augmentation_reaches_training_but_not_validation(text_run: Run) -> None:
     caps, y = toy_captions(24)
     seen: list[str] = []
@@ -294,3 +284,111 @@ def test_text_augmentation_reaches_training_but_not_validation(text_run: Run) ->
     finetune_text(text_run.original, caps[:16], y[:16], caps[16:24], y[16:24], cfg,
                   augment=Spy(), progress=False)  # type: ignore[arg-type]
     assert sorted(seen) == sorted(caps[:16])  # every training caption once, no validation caption
+
+
+# ------------------------------------------------------------------ checkpoint and resume
+class DropOrRepeat:
+    """Drops or repeats one word, drawing from the augmentation stream it is given."""
+
+    def __call__(self, caption: str, rng: np.random.Generator) -> str:
+        words = caption.split()
+        i = int(rng.integers(0, len(words)))
+        if rng.random() < 0.5 and len(words) > 1:
+            del words[i]
+        else:
+            words.insert(i, words[i])
+        return " ".join(words)
+
+
+def tiny_captions(n: int, seed: int) -> tuple[list[str], np.ndarray]:
+    """Captions in save_tiny_bert's vocabulary: label 0 = a dog, label 1 = a cat or a horse."""
+    rng = np.random.default_rng(seed)
+    caps, ys = [], []
+    for _ in range(n):
+        words = [str(w) for w in rng.choice(["a", "dog", "cat", "horse", "photo", "of", "the"],
+                                            size=int(rng.integers(2, 7)))]
+        caps.append(" ".join(words))
+        ys.append([("dog" in words), ("cat" in words or "horse" in words)])
+    return caps, np.array(ys, dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Encoder:
+    return create_encoder(f"hf:{save_tiny_bert(tmp_path_factory.mktemp('tiny-bert'))}", "text")
+
+
+def assert_same_run(a: FinetuneResult, b: FinetuneResult) -> None:
+    """Bit-identical encoders and histories (but for the wall-clock seconds)."""
+    assert a.encoder.encoder_id == b.encoder.encoder_id and a.best_epoch == b.best_epoch
+    sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
+    assert set(sa) == set(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    def timeless(history: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    assert timeless(a.history) == timeless(b.history)
+    assert [set(h) for h in a.history] == [set(h) for h in b.history]
+
+
+def test_text_resume_equals_uninterrupted(tiny_text: Encoder, tmp_path: Path) -> None:
+    caps, y = tiny_captions(40, 0)
+    vcaps, yv = tiny_captions(12, 1)
+    cfg = FinetuneConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-2, warmup_frac=0.2)
+
+    def run(run_log: RunLog | None) -> FinetuneResult:
+        return finetune_text(tiny_text, caps, y, vcaps, yv, cfg, seed=4, augment=DropOrRepeat(),
+                             progress=False, run_log=run_log)  # type: ignore[arg-type]
+
+    straight = run(None)
+    run_log = DiesAfter(tmp_path, 1)
+    with pytest.raises(Killed):
+        run(run_log)
+    saved = RunLog(tmp_path).load("finetune-text")
+    assert saved is not None and saved.epoch == 1 and not saved.done
+    assert saved.scheduler is not None and saved.scheduler["last_epoch"] == 5  # 5 steps an epoch
+    assert {"torch", "generator", "augment"} <= set(saved.rng)
+    assert any(k.startswith("head.") for k in saved.model)  # the temporary task head too
+    resumed = run(run_log)
+    assert_same_run(resumed, straight)
+    assert len(resumed.history) == 3 and resumed.history[0]["seconds"] == saved.seconds[0]
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    assert [r.split(",")[:2] for r in rows] == [["finetune-text", str(e)] for e in (1, 2, 3)]
+
+
+def test_image_resume_equals_uninterrupted(image_data: tuple[list[Path], np.ndarray],
+                                           tmp_path: Path) -> None:
+    paths, y = image_data
+    enc = create_encoder("efficientnet-lite0", "image", random_init=True)
+    cfg = FinetuneConfig(epochs=2, batch_size=4, lr=1e-3, head_lr=1e-2, unfreeze_blocks=1)
+
+    def run(run_log: RunLog | None) -> FinetuneResult:
+        return finetune_image(enc, paths[:8], y[:8], paths[12:], y[12:], cfg, seed=2, workers=0,
+                              augment=parse_image_aug("crop,flip"), progress=False,
+                              run_log=run_log, stage="ft-image")
+
+    straight = run(None)
+    run_log = DiesAfter(tmp_path, 1)
+    with pytest.raises(Killed):
+        run(run_log)
+    saved = RunLog(tmp_path).load("ft-image")
+    assert saved is not None and saved.epoch == 1 and "augment" in saved.rng
+    # only the trainable part of the encoder is checkpointed: the frozen rest never changes
+    blocks = len(enc.net._blocks)
+    assert not any(k.startswith("encoder.net._blocks.0.") for k in saved.model)
+    assert any(k.startswith(f"encoder.net._blocks.{blocks - 1}.") for k in saved.model)
+    assert_same_run(run(run_log), straight)
+
+
+def test_finished_finetuning_is_not_retrained(tiny_text: Encoder, tmp_path: Path) -> None:
+    caps, y = tiny_captions(16, 2)
+    vcaps, yv = tiny_captions(6, 3)
+    cfg = FinetuneConfig(epochs=2, batch_size=8, lr=1e-3, head_lr=1e-2)
+    first = finetune_text(tiny_text, caps, y, vcaps, yv, cfg, progress=False,
+                          run_log=RunLog(tmp_path))
+    counting = CountingBCE()
+    again = finetune_text(tiny_text, caps, y, vcaps, yv, cfg, progress=False, loss=counting,
+                          run_log=RunLog(tmp_path))
+    assert counting.calls == 0  # no training step, no validation: the checkpoint's result
+    assert_same_run(again, first)
+    assert again.history == first.history  # the seconds too: they come from the checkpoint

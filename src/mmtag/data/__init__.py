@@ -11,6 +11,7 @@ from .reader import (  # noqa: F401
     parse_labels,
     check_image_id,
     read_csv,
+    read_dataset,
 )
 from .images import (  # noqa: F401
     IMAGE_FORMATS,

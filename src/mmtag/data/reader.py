@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .dataset import Dataset
-from ..errors import DataError
+from ..errors import DataError, MmtagError
 
 # Captions are encoded with a 128-token limit anyway; this bound stops a 100 MB "caption".
 MAX_CAPTION_CHARS = 10_000
@@ -178,3 +178,14 @@ def _parse_record(record: list[str], header: list[str], col: dict[str, int],
         if not row_labels:
             raise ValueError("Labels is empty (every item needs at least one label)")
     return image_id, caption, row_labels
+
+
+def read_dataset(csv_path: str | Path, images: str | Path | None, *, labelled: bool,
+                 skip_bad: bool = False) -> tuple[Dataset, list[DataError]]:
+    """Read a CSV (strict unless skip_bad) and attach the images directory."""
+    if images is not None and not Path(images).is_dir():
+        raise MmtagError(f"{images}: images directory not found")
+    result = read_csv(csv_path, images_dir=images, require_labels=labelled, skip_bad=skip_bad)
+    if len(result.dataset) == 0:
+        raise DataError(csv_path, "no usable rows")
+    return result.dataset, result.skipped

@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..api import Tagger, read_dataset
+from ..data import read_dataset
+from ..model.tagger import Tagger
 from ..config import Config
 from ..heads import HEADS, takes_unpaired
 from ..io import atomic_write_text

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import api
 from ..config import Config
 from ..decision.metrics import Metrics
 from ..data.synthetic import make_dataset
+from .predict import evaluate, predict
+from .train import train
 
 
 @dataclass
@@ -31,9 +32,9 @@ def run_demo(out: str | Path, *, progress: bool = True, seed: int = 0) -> DemoRe
     for name, mods in variants.items():
         cfg = base.override({"model.modalities": mods})
         runs[name] = out / "runs" / name
-        api.train(paths.train_csv, paths.images, runs[name], cfg, progress=progress,
-                  overwrite=True)  # the demo regenerates its data and runs each time
-        metrics[name] = api.evaluate(runs[name], paths.holdout_csv, paths.images, progress=progress)
+        train(paths.train_csv, paths.images, runs[name], cfg, progress=progress,
+              overwrite=True)  # the demo regenerates its data and runs each time
+        metrics[name] = evaluate(runs[name], paths.holdout_csv, paths.images, progress=progress)
     submission = out / "submission.csv"
-    api.predict(runs["fused"], paths.test_csv, paths.images, submission, progress=progress)
+    predict(runs["fused"], paths.test_csv, paths.images, submission, progress=progress)
     return DemoResult(out=out, metrics=metrics, submission=submission, runs=runs)

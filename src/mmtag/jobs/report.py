@@ -1,6 +1,6 @@
-"""The run report: one self-contained HTML file (plots and thumbnails embedded), drawn with
-matplotlib from a `ReportData` that `api.report` assembles. Rendering only: no model, no files
-read except the example thumbnails.
+"""`mmtag report`: one self-contained HTML file (plots and thumbnails embedded), drawn with
+matplotlib. `report` assembles a `ReportData` from a run; `render` draws it (no model, no files
+read except the example thumbnails).
 """
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import base64
 import html
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..model.bundle import ValidationRecord
-from ..data import ImageDecodeError, decode_thumbnail
-from ..decision.metrics import Metrics, confusion_counts, pr_curve
-from ..decision.thresholds import GRID, Thresholds, f1_by_threshold
+from ..data import ImageDecodeError, decode_thumbnail, read_dataset
+from ..errors import MmtagError
+from ..model import bundle as bundle_io
+from ..model.tagger import Tagger, warn_unknown_labels
+from ..decision import (GRID, Metrics, Scores, Thresholds, ValidationRecord, compute,
+                        confusion_counts, decide, f1_by_threshold, pr_curve)
 
 EXAMPLES = 12  # validation items shown with their true and predicted labels
 
@@ -211,3 +214,48 @@ def render(d: ReportData) -> str:
             f'<p class="headline">sample-F1 <b>{m.samples_f1:.4f}</b> · micro-F1 {m.micro_f1:.4f} · '
             f"macro-F1 {m.macro_f1:.4f} · n = {m.n} · thresholds: {html.escape(d.thresholds.mode)}</p>"
             f"{body}</body></html>\n")
+
+
+def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Path | None = None,
+           images: str | Path | None = None, progress: bool = True) -> Path:
+    """Write a self-contained HTML report of a run (default RUN/report.html): of its validation
+    split, or with `csv_path`, of that labelled CSV scored by the run."""
+    tagger = Tagger.load(run)
+    ls = tagger.label_space
+    if csv_path is not None:
+        dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None,
+                                  labelled=True)
+        fs = tagger.features(dataset, progress=progress)
+        d = fs.dataset
+        warn_unknown_labels(ls, d.labels, dataset.path,  # type: ignore[arg-type]
+                            "the report shows the model's own labels only (see mmtag evaluate)")
+        scores = tagger.scores(fs.features)
+        record = ValidationRecord(
+            probs=scores.probs, branches=scores.branches,
+            y_true=ls.encode(d.labels),  # type: ignore[arg-type]
+            image_ids=list(d.image_ids), captions=list(d.captions),
+            image_paths=[str(d.image_path(i)) if "image" in tagger.modalities else ""
+                         for i in range(len(d))])
+        title = f"{Path(run).name} on {Path(csv_path).name}"
+    elif tagger.validation is not None:
+        record, title = tagger.validation, f"{Path(run).name}: validation split"
+    else:
+        raise MmtagError(f"{run}: no validation record in this run (an export, or trained before "
+                         "mmtag kept one); use --csv to report on a labelled CSV")
+    scores = Scores(probs=record.probs, branches=record.branches,
+                    union=tagger.head.decision == "union")
+    mask = decide(scores, tagger.thresholds)
+    data = ReportData(
+        title=title, label_ids=list(ls.ids), label_names=list(ls.names), record=record, mask=mask,
+        thresholds=tagger.thresholds, metrics=compute(record.y_true, mask, ls.ids, ls.names),
+        history=tagger.history, finetune_history=tagger.finetune_history,
+        config_yaml=_yaml(tagger.config.to_dict()))
+    target = Path(out) if out is not None else Path(run) / "report.html"
+    bundle_io.write_file(run, target, render(data))  # RUN/report.html: the manifest follows
+    return target
+
+
+def _yaml(obj: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False)

@@ -28,7 +28,8 @@ from typing import Any
 
 
 from .ablate import uses_extra_text
-from ..api import Tagger, read_dataset
+from ..data import read_dataset
+from ..model.tagger import Tagger
 from ..config import Config, read_yaml_mapping
 from ..data import Dataset, train_val_split
 from ..encoders import Encoder

@@ -33,25 +33,12 @@ from ..config import Config, ModelConfig
 from ..data import LabelSpace
 from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
 from ..errors import MmtagError
+from ..decision import Metrics, Thresholds, ValidationRecord
 from ..heads import HEADS, create_head, head_needs
-from . import rundir
 from ..io import atomic_write_text, atomic_write_with, staged_dir
-from ..decision.metrics import Metrics
-from ..decision.thresholds import Thresholds
+from . import rundir
 
 FORMAT = "mmtag-bundle/1"
-
-
-@dataclass
-class ValidationRecord:
-    """The validation split as the final model scored it: what `report.html` is drawn from."""
-
-    probs: np.ndarray  # (N, C)
-    y_true: np.ndarray  # (N, C) 0/1
-    image_ids: list[str]
-    captions: list[str]
-    image_paths: list[str]  # "" where the model used no image
-    branches: dict[str, np.ndarray] = field(default_factory=dict)  # late fusion: per branch
 
 
 @dataclass

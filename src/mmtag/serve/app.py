@@ -1,4 +1,4 @@
-"""HTTP face: `mmtag serve RUN` (FastAPI + uvicorn). Every answer comes from `mmtag.api`.
+"""HTTP face: `mmtag serve RUN` (FastAPI + uvicorn). Every answer comes from the fitted `Tagger`.
 
     GET  /               a web page: pick an image, type a caption, see labels and scores
     GET  /health         liveness and what the model needs
@@ -47,7 +47,7 @@ from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .. import api
+from ..model.tagger import Tagger
 from ..data import MAX_CAPTION_CHARS, decode_image, open_image_bytes
 from ..errors import MmtagError
 
@@ -199,7 +199,7 @@ async def _hung_up(receive: Any) -> None:
 def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
     """The server's ASGI app for one run (loaded once, here)."""
     limits = limits or Limits()
-    tagger = api.Tagger.load(run)
+    tagger = Tagger.load(run)
     ls = tagger.label_space
     assert ls is not None
     needs_image = "image" in tagger.modalities

@@ -1,13 +1,15 @@
 """Per-epoch checkpoints and logs of a run directory, so `mmtag train --resume RUN` continues.
 
-    RUN/checkpoints/<stage>.json                 epoch, best epoch, history, optimizer settings
-    RUN/checkpoints/<stage>-<epoch>.safetensors  head, best head, optimizer tensors, RNG states
+    RUN/checkpoints/<stage>.json                 epoch, best epoch, history, optimizer settings,
+                                                 LR schedule and grad-scaler state
+    RUN/checkpoints/<stage>-<epoch>.safetensors  model, best model, optimizer tensors, RNG states
     RUN/metrics.csv                              one row per epoch of every stage
     RUN/tensorboard/                             the same scalars, with --tensorboard
 
-A stage is one call of `train.fit_head` (the head; or a late-fusion branch; or a pseudo-label
-round). The JSON is written after its tensors, and names them, so a kill at any instant leaves
-the previous complete checkpoint in force. No pickle: tensors in safetensors, the rest in JSON.
+A stage is one run of `training.loop.train_loop`: a `fit_head` call (the head; or a late-fusion
+branch; or a pseudo-label round) or an encoder fine-tuning (`finetune_text`/`finetune_image`).
+The JSON is written after its tensors, and names them, so a kill at any instant leaves the
+previous complete checkpoint in force. No pickle: tensors in safetensors, the rest in JSON.
 
 RUN here is the directory a run trains in: the run directory itself, or `.RUN.partial` beside it
 while a finished run there is being replaced (see `mmtag.rundir`). The finished run is assembled
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -39,6 +42,18 @@ def has_checkpoint(run_dir: str | Path) -> bool:
     return any((Path(run_dir) / "checkpoints").glob("*.json"))
 
 
+def numpy_rng_tensor(rng: np.random.Generator) -> torch.Tensor:
+    """A numpy Generator's state as a tensor a checkpoint can hold (its bit generator's state
+    is a dict of ints wider than any tensor dtype: kept as the bytes of its JSON)."""
+    text = json.dumps(rng.bit_generator.state)
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
+def set_numpy_rng(rng: np.random.Generator, state: torch.Tensor) -> None:
+    """Put `rng` back in the state `numpy_rng_tensor` recorded."""
+    rng.bit_generator.state = json.loads(bytes(state.numpy()).decode())
+
+
 @dataclass
 class StageState:
     """Where a stage stood after its last finished epoch."""
@@ -53,6 +68,11 @@ class StageState:
     best_model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    # JSON-able states of the loop's other stateful parts (None: the stage has none), and each
+    # finished epoch's wall-clock seconds (kept apart from `history`, which must be reproducible).
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -92,7 +112,8 @@ class RunLog:
         atomic_write_text(self.directory / f"{stage}.json", json.dumps({
             "tensors": name, "epoch": state.epoch, "best_epoch": state.best_epoch,
             "best_f1": state.best_f1, "stale": state.stale, "done": state.done,
-            "history": state.history, "optimizer": opt_meta}, indent=1))
+            "history": state.history, "optimizer": opt_meta, "scheduler": state.scheduler,
+            "scaler": state.scaler, "seconds": state.seconds}, indent=1))
         if previous and previous["tensors"] != name:
             (self.directory / previous["tensors"]).unlink(missing_ok=True)
 
@@ -118,7 +139,10 @@ class RunLog:
             stale=int(meta["stale"]), done=bool(meta["done"]), history=meta["history"],
             model=group("model."), best_model=group("best."),
             optimizer={"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]},
-            rng=group("rng."))
+            rng=group("rng."),
+            # .get: checkpoints written before these were kept lack them
+            scheduler=meta.get("scheduler"), scaler=meta.get("scaler"),
+            seconds=[float(s) for s in meta.get("seconds", [])])
 
     def _meta(self, stage: str) -> dict[str, Any] | None:
         path = self.directory / f"{stage}.json"

@@ -13,17 +13,14 @@ statistics are ImageNet's and a small task batch would only corrupt them).
 from __future__ import annotations
 
 import copy
-import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import dist
 from ..data.augment import ImageAugment, TextAugment
@@ -32,11 +29,9 @@ from ..data import (Dataset, ImageBatch, ImageItems, image_batches, image_loader
                    normalize_images)
 from ..encoders import Encoder, ImageEncoder, TextEncoder
 from ..errors import MmtagError
-from ..decision.metrics import samples_f1
-from ..decision.thresholds import decide, tune_global
-from .loop import make_optimizer
-
-log = logging.getLogger("mmtag")
+from .checkpoint import RunLog, numpy_rng_tensor, set_numpy_rng
+from .loop import Progress, Trainee, higher_f1_then_lower_loss, train_loop
+from .optim import make_optimizer, warmup_linear_scheduler
 
 HEAD_DROPOUT = 0.1  # dropout before the temporary task head's linear layer
 GRAD_CLIP = 1.0  # max global grad norm, the usual guard for transformer fine-tuning
@@ -55,18 +50,19 @@ class FinetuneResult:
 def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_captions: list[str],
                   y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
                   seed: int = 0, augment: TextAugment | None = None,
-                  progress: bool = True) -> FinetuneResult:
+                  progress: bool = True, run_log: RunLog | None = None,
+                  stage: str = "finetune-text") -> FinetuneResult:
     """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched.
     With `augment` (e.g. synonym replacement), training captions are rewritten with a fresh
-    seed each time they are drawn; validation captions never are."""
+    seed each time they are drawn; validation captions never are. With `run_log`, every epoch
+    is checkpointed under `stage` and an interrupted run resumes to the uninterrupted result."""
     if not isinstance(encoder, TextEncoder):
         raise MmtagError(f"finetune_text needs a text encoder, got {type(encoder).__name__}")
     y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
-    params = [p for m in enc.trainable_groups() for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    trainable = enc.trainable_groups()
+    params = _unfreeze(trainable)
     device = dist.context().device
     net = dist.wrap(enc.to(device))
 
@@ -93,22 +89,25 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
             idx = order[start:start + size]
             yield idx, enc(**tokens([val_captions[i] for i in idx]))
 
-    return _train(enc, params, set_train, train_batches, val_batches,
-                  len(captions), y, y_val, cfg, loss=loss, seed=seed, progress=progress,
-                  source=encoder)
+    return _finetune(EncoderTrainee(enc, trainable, params, set_train, train_batches, val_batches,
+                                    y, len(y_val), cfg, _criterion(loss), augment_rng=rng),
+                     y_val, cfg, seed=seed, progress=progress, source=encoder, run_log=run_log,
+                     stage=stage)
 
 
 def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: np.ndarray,
                    val_images: Sequence[Path] | Dataset, y_val: np.ndarray, cfg: FinetuneConfig, *,
                    loss: nn.Module | None = None, seed: int = 0, workers: int = 2,
-                   augment: ImageAugment | None = None, progress: bool = True) -> FinetuneResult:
+                   augment: ImageAugment | None = None, progress: bool = True,
+                   run_log: RunLog | None = None, stage: str = "finetune-image") -> FinetuneResult:
     """Fine-tune a copy of the image encoder's last `cfg.unfreeze_blocks` blocks + head conv/BN.
 
     `images` and `val_images` are image files, or Datasets (then an image that cannot be decoded
     is reported with its CSV row, as feature extraction reports it). Images are decoded in
     `workers` DataLoader processes by the one image loader (`data.ImageItems`); with `augment`
     (see mmtag.augment, e.g. random resized crop + flip) every training view is augmented with
-    its own seed. Validation uses the plain view.
+    its own seed. Validation uses the plain view. With `run_log`, every epoch is checkpointed
+    under `stage` and an interrupted run resumes to the uninterrupted result.
     """
     if not isinstance(encoder, ImageEncoder):
         raise MmtagError(f"finetune_image needs an image encoder, got {type(encoder).__name__}")
@@ -118,9 +117,7 @@ def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: n
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
     trainable = enc.trainable_groups(cfg.unfreeze_blocks)
-    params = [p for m in trainable for p in m.parameters()]
-    for p in params:
-        p.requires_grad_(True)
+    params = _unfreeze(trainable)
     device = dist.context().device
     net = dist.wrap(enc.to(device))
     size = int(enc.image_size)
@@ -158,8 +155,10 @@ def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: n
         for batch in image_loader(val_items, plain, workers):
             yield forward(enc, val_items, batch)
 
-    return _train(enc, params, set_train, train_batches, val_batches, len(images), y, y_val, cfg,
-                  loss=loss, seed=seed, progress=progress, source=encoder)
+    return _finetune(EncoderTrainee(enc, trainable, params, set_train, train_batches, val_batches,
+                                    y, len(y_val), cfg, _criterion(loss), augment_rng=rng),
+                     y_val, cfg, seed=seed, progress=progress, source=encoder, run_log=run_log,
+                     stage=stage)
 
 
 def _image_items(images: Sequence[Path] | Dataset, size: int,
@@ -192,104 +191,115 @@ def _check_inputs(n: int, y: np.ndarray, n_val: int, y_val: np.ndarray,
     return y, y_val
 
 
-def _schedule(total_steps: int, warmup_frac: float) -> Callable[[int], float]:
-    """LR factor at optimiser step s: linear warm-up to 1, then linear decay towards 0."""
-    warmup = int(round(warmup_frac * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
+def _unfreeze(trainable: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters of the `trainable` modules, in order, set to require gradients."""
+    params = [p for m in trainable for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
-def _train(enc: Encoder, params: list[nn.Parameter], set_train: Callable[[], None],
-           train_batches: Callable[[np.ndarray], Iterator[tuple[np.ndarray, torch.Tensor]]],
-           val_batches: Callable[[], Iterator[tuple[np.ndarray, torch.Tensor]]],
-           n: int, y: np.ndarray, y_val: np.ndarray, cfg: FinetuneConfig, *,
-           loss: nn.Module | None, seed: int, progress: bool, source: Encoder) -> FinetuneResult:
-    """The loop shared by both modalities: train, validate each epoch, keep the best weights."""
-    ctx = dist.context()
-    criterion = (loss if loss is not None else nn.BCEWithLogitsLoss()).to(ctx.device)
-    head = nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(enc.dim, y.shape[1])).to(ctx.device)
-    head_net = dist.wrap(head)
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
-    groups = [{"params": params, "lr": cfg.lr}, {"params": list(head.parameters()), "lr": cfg.head_lr}]
-    optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
-    generator = torch.Generator().manual_seed(seed)
-    yt = torch.from_numpy(y)
-    yv = torch.from_numpy(y_val)
-    clip = list(params) + list(head.parameters())
+def _criterion(loss: nn.Module | None) -> nn.Module:
+    return (loss if loss is not None else nn.BCEWithLogitsLoss()).to(dist.context().device)
 
-    result = FinetuneResult(encoder=enc)
-    best_key: tuple[float, float] | None = None
-    best_state = _clone_state(enc)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        set_train()
-        head.train()
-        order = torch.randperm(n, generator=generator).numpy()
-        # Under torchrun each rank takes its strided share of every global batch; a tail with
-        # fewer rows than ranks is dropped (never in a single process).
-        global_batches = [order[k:k + cfg.batch_size] for k in range(0, n, cfg.batch_size)]
-        global_batches = [b for b in global_batches if len(b) >= ctx.world]
-        sizes = iter([len(b) for b in global_batches])
-        total, seen = 0.0, 0
-        bar = tqdm(total=n, desc=f"finetune {enc.name} {epoch}/{cfg.epochs}", unit="row",
-                   disable=not progress)
-        try:
-            for idx, pooled in train_batches([dist.local_batch(b) for b in global_batches]):
-                with ctx.autocast():
-                    logits = head_net(pooled)
-                target = yt[torch.from_numpy(np.asarray(idx))].to(ctx.device)
-                batch_loss = criterion(logits.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(batch_loss * dist.loss_scale(len(idx), next(sizes))).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(clip, GRAD_CLIP)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                total += float(batch_loss.detach()) * len(idx)
-                seen += len(idx)
-                bar.update(len(idx))
-                bar.set_postfix(loss=f"{float(batch_loss.detach()):.4f}")
-        finally:
-            bar.close()
-        total, seen = dist.sum_over_ranks(total, seen)
-        train_loss = total / max(1, seen)
 
-        val_logits = _predict(enc, head, val_batches, len(y_val), y.shape[1])
-        with torch.no_grad():
-            val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
-        probs = torch.sigmoid(val_logits).numpy()
-        thr = tune_global(probs, y_val)
-        f1 = samples_f1(y_val, decide(probs, thr))
-        seconds = time.perf_counter() - t0
-        result.history.append({"epoch": float(epoch), "train_loss": train_loss, "val_loss": val_loss,
-                               "val_samples_f1": f1, "threshold": float(thr.values[0]),
-                               "seconds": seconds})
-        log.info("finetune %s epoch %d: train loss %.4f, val loss %.4f, val sample-F1 %.4f (%.0f s)",
-                 enc.name, epoch, train_loss, val_loss, f1, seconds)
-        # Best = highest validation sample-F1; a tie (common on small validation sets) goes to
-        # the lower validation loss.
-        key = (round(f1, 6), -val_loss)
-        if best_key is None or key > best_key:
-            best_key, best_state, result.best_epoch = key, _clone_state(enc), epoch
+Batches = Iterator[tuple[np.ndarray, torch.Tensor]]  # (rows, pooled encoder outputs) per batch
 
-    enc.load_state_dict(best_state)
+
+class EncoderTrainee(Trainee):
+    """An encoder's trainable modules with a temporary task head (dropout + linear) on its
+    pooled output: one optimiser with a group at the encoder's and one at the head's learning
+    rate, warm-up + linear decay, gradient clipping. Checkpoints hold the trainable modules' state (the frozen rest
+    never changes), the head, and the augmentation stream `augment_rng` (a numpy Generator for
+    captions, a torch Generator for image augmentation seeds)."""
+
+    def __init__(self, enc: Encoder, trainable: list[nn.Module], params: list[nn.Parameter],
+                 set_train: Callable[[], None],
+                 train_batches: Callable[[list[np.ndarray]], Batches],
+                 val_batches: Callable[[], Batches], y: np.ndarray, n_val: int,
+                 cfg: FinetuneConfig, criterion: nn.Module, *,
+                 augment_rng: np.random.Generator | torch.Generator) -> None:
+        ctx = dist.context()
+        self.enc, self.set_train, self.criterion = enc, set_train, criterion
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.n, self.n_val, self.batch_size = len(y), n_val, cfg.batch_size
+        self.augment_rng = augment_rng
+        names = {id(m): name for name, m in enc.named_modules()}
+        # state_dict key prefix of each trainable module ("" for the whole encoder)
+        self.trainable = [(names[id(m)] + "." if names[id(m)] else "", m) for m in trainable]
+        self.head = nn.Sequential(nn.Dropout(HEAD_DROPOUT), nn.Linear(enc.dim, y.shape[1])).to(ctx.device)
+        self.head_net = dist.wrap(self.head)
+        groups = [{"params": params, "lr": cfg.lr},
+                  {"params": list(self.head.parameters()), "lr": cfg.head_lr}]
+        self.optimizer = make_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(y) / cfg.batch_size)
+        self.scheduler = warmup_linear_scheduler(self.optimizer, cfg.epochs * steps_per_epoch,
+                                                 cfg.warmup_frac)
+        self.y = torch.from_numpy(y)
+        self.clip = list(params) + list(self.head.parameters())
+        self.max_grad_norm = GRAD_CLIP
+
+    def train_mode(self) -> None:
+        self.set_train()
+        self.head.train()
+
+    def epoch_batches(self, generator: torch.Generator) -> list[np.ndarray]:
+        order = torch.randperm(self.n, generator=generator).numpy()
+        return [order[k:k + self.batch_size] for k in range(0, self.n, self.batch_size)]
+
+    def batch_losses(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        ctx = dist.context()
+        for idx, pooled in self.train_batches(batches):
+            with ctx.autocast():
+                logits = self.head_net(pooled)
+            target = self.y[torch.from_numpy(np.asarray(idx))].to(ctx.device)
+            yield idx, self.criterion(logits.float(), target)
+
+    def val_logits(self) -> torch.Tensor:
+        return _predict(self.enc, self.head, self.val_batches, self.n_val, self.y.shape[1])
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"encoder.{prefix}{k}": v for prefix, m in self.trainable
+               for k, v in m.state_dict().items()}
+        return out | {f"head.{k}": v for k, v in self.head.state_dict().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.state()):
+            raise MmtagError(f"fine-tuning checkpoint of {self.enc.name} holds other weights than "
+                             "this run trains (another encoder or unfreeze_blocks?)")
+        for prefix, m in self.trainable:
+            m.load_state_dict({k[len("encoder.") + len(prefix):]: v for k, v in state.items()
+                               if k.startswith("encoder." + prefix)})
+        self.head.load_state_dict({k[len("head."):]: v for k, v in state.items()
+                                   if k.startswith("head.")})
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.augment_rng, torch.Generator):
+            return {"augment": self.augment_rng.get_state()}
+        return {"augment": numpy_rng_tensor(self.augment_rng)}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        if isinstance(self.augment_rng, torch.Generator):
+            self.augment_rng.set_state(state["augment"])
+        else:
+            set_numpy_rng(self.augment_rng, state["augment"])
+
+
+def _finetune(trainee: EncoderTrainee, y_val: np.ndarray, cfg: FinetuneConfig, *, seed: int,
+              progress: bool, source: Encoder, run_log: RunLog | None,
+              stage: str) -> FinetuneResult:
+    """Train, validate each epoch, keep the best weights; then finalize the encoder."""
+    enc = trainee.enc
+    done = train_loop(trainee, y_val, trainee.criterion, epochs=cfg.epochs, seed=seed,
+                      better=higher_f1_then_lower_loss, run_log=run_log, stage=stage,
+                      progress=Progress(label=f"finetune {enc.name}", per_row=True,
+                                        log_epochs=True, show=progress))
     enc.cpu()  # the bundle and the hash are made from CPU weights; Tagger moves it back
     enc.finalize()
     enc.source = {**source.source, "finetuned_from": source.weights_sha256}
-    return result
-
-
-def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    history = [{**asdict(e), "epoch": float(e.epoch), "seconds": s}
+               for e, s in zip(done.history, done.seconds)]
+    return FinetuneResult(encoder=enc, history=history, best_epoch=done.best_epoch)
 
 
 def _predict(enc: Encoder, head: nn.Module,

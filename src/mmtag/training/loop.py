@@ -1,10 +1,23 @@
-"""Training a head on cached features: BCE-with-logits, AdamW, early stopping on validation
-sample-F1 (at its tuned global threshold), best weights kept. Seeded and deterministic on CPU."""
+"""The one training loop, and head training on cached features built on it.
+
+`train_loop` runs the epochs of whatever trains on the multi-label task (a `Trainee`: a head on
+cached features here, an encoder with a temporary task head in `training.finetune`): batches
+split across torchrun ranks, gradient scaling under `--amp`, validation sample-F1 at its tuned
+global threshold every epoch, the best epoch's weights kept by a rule the caller picks, optional
+early stopping, and per-epoch checkpoints through `RunLog` that a resumed run continues from to
+exactly the uninterrupted result. Seeded and deterministic on CPU.
+
+`fit_head` trains a head with BCE-with-logits (or the given loss), AdamW by default, and early
+stopping on validation sample-F1.
+"""
 from __future__ import annotations
 
 import copy
 import logging
 import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -13,19 +26,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import dist
-from .checkpoint import RunLog, StageState
 from ..config import TrainConfig
-from ..errors import MmtagError
-from ..features import Features
-from ..heads import FeatureBatch, Head
 from ..decision.metrics import samples_f1
 from ..decision.thresholds import decide, tune_global
+from ..features import Features
+from ..heads import FeatureBatch, Head
+from .checkpoint import RunLog, StageState
+from .optim import make_optimizer
+from .sampling import epoch_order, repeat_factors
 
 log = logging.getLogger("mmtag")
 
 
 @dataclass
 class EpochLog:
+    """One finished epoch: mean training loss, and validation loss and sample-F1 at the tuned
+    global threshold."""
+
     epoch: int
     train_loss: float
     val_loss: float
@@ -92,41 +109,6 @@ def _loss(head: nn.Module, batch: FeatureBatch, y: torch.Tensor, criterion: nn.M
     return loss
 
 
-# The optimisers a config may name (head training and fine-tuning alike): `adam` adds the L2
-# penalty to the gradient, `adamw` decouples the weight decay. config.py reads the names here.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam,
-                                                      "adamw": torch.optim.AdamW}
-
-
-def make_optimizer(name: str, params: list[dict] | object, lr: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """The registered optimiser `name` over `params` (a list of parameters or of groups)."""
-    if name not in OPTIMIZERS:
-        raise MmtagError(f"unknown optimizer '{name}'; available: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay)  # type: ignore[arg-type]
-
-
-def repeat_factors(y: np.ndarray, threshold: float = 0.05) -> np.ndarray:
-    """Per-row repeat factors for rare labels, LVIS-style repeat-factor sampling (Gupta et al.
-    2019): a label on a fraction f < threshold of rows gets r = sqrt(threshold / f), and a row
-    repeats as often as its rarest label asks. Common-label rows keep factor 1."""
-    freq = y.mean(axis=0)
-    per_class = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
-    per_class = np.maximum(per_class, 1.0)
-    return np.where(y > 0, per_class[None, :], 1.0).max(axis=1)
-
-
-def epoch_order(n: int, factors: np.ndarray | None, generator: torch.Generator) -> np.ndarray:
-    """A shuffled epoch of row indices; with repeat factors, rows are repeated by stochastic
-    rounding (factor 2.3 → 2 copies, or 3 with probability 0.3)."""
-    if factors is None:
-        return torch.randperm(n, generator=generator).numpy()
-    u = torch.rand(n, generator=generator).numpy()
-    copies = np.floor(factors + u).astype(np.int64)
-    rows = np.repeat(np.arange(n), copies)
-    return rows[torch.randperm(len(rows), generator=generator).numpy()]
-
-
 def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...],
                 idx: np.ndarray) -> FeatureBatch:
     """Rows `idx`, each taken from the view `choice[row]` (view 0 = the plain features; a view
@@ -143,6 +125,286 @@ def views_batch(views: list[Features], choice: np.ndarray, needs: tuple[str, ...
             arr[mask] = source[idx[mask]]
         out[kind] = torch.from_numpy(arr)
     return FeatureBatch(out)
+
+
+# ------------------------------------------------------------------------- the one loop
+class Trainee(ABC):
+    """What `train_loop` trains: its weights and optimiser, and how one epoch's batches, their
+    losses and the validation logits come about. The loop owns the rest: epochs, the shuffling
+    generator, gradient scaling, validation metrics, best weights, checkpoints and resuming."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # stepped after every step
+    clip: list[nn.Parameter] | None = None  # parameters whose global gradient norm is clipped
+    max_grad_norm: float = 1.0
+
+    @abstractmethod
+    def train_mode(self) -> None:
+        """Put the trained modules in training mode (before each epoch)."""
+
+    @abstractmethod
+    def epoch_batches(self, generator: torch.Generator) -> list[np.ndarray]:
+        """The epoch's global batches of training rows, in order, drawn from `generator` (the
+        loop's shuffling stream; per-epoch draws of the trainee's own come from it too)."""
+
+    @abstractmethod
+    def batch_losses(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """For each of this rank's `batches`, in order: its rows and their mean loss (with grad)."""
+
+    @abstractmethod
+    def val_logits(self) -> torch.Tensor:
+        """Logits of every validation row, in order, as a CPU tensor outside inference mode."""
+
+    @abstractmethod
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint saves (live tensors: checkpoints copy them)."""
+
+    @abstractmethod
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights `state()` or `snapshot()` returned (possibly through a checkpoint)."""
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of `state()` that further training leaves alone: the best epoch's weights."""
+        return {k: v.detach().clone() for k, v in self.state().items()}
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The states of random streams of its own (beyond torch's global one and the loop's
+        shuffling generator), for checkpoints; keys other than torch, cuda and generator."""
+        return {}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `rng_state` returned (`state` may hold the loop's streams too)."""
+
+
+BestRule = Callable[[EpochLog, EpochLog | None], bool]  # (this epoch, best so far) → better?
+
+
+def higher_f1(epoch: EpochLog, best: EpochLog | None) -> bool:
+    """Better = a validation sample-F1 higher than the best so far by more than 1e-6."""
+    best_f1 = best.val_samples_f1 if best is not None else -1.0
+    return epoch.val_samples_f1 > best_f1 + 1e-6
+
+
+def higher_f1_then_lower_loss(epoch: EpochLog, best: EpochLog | None) -> bool:
+    """Better = a higher validation sample-F1 (to 6 decimals); a tie (common on small
+    validation sets) goes to the lower validation loss."""
+    def key(e: EpochLog) -> tuple[float, float]:
+        return round(e.val_samples_f1, 6), -e.val_loss
+
+    return best is None or key(epoch) > key(best)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How `train_loop` reports its progress (nothing it computes depends on this)."""
+
+    label: str = "training"
+    per_row: bool = False  # a bar over each epoch's rows (few long epochs), else one over epochs
+    log_epochs: bool = False  # an INFO line per finished epoch
+    show: bool = True
+
+
+@dataclass
+class LoopResult:
+    """The per-epoch history, each epoch's wall-clock seconds, and the best epoch (1-based; its
+    weights are what the trainee holds when `train_loop` returns)."""
+
+    history: list[EpochLog] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+
+
+# The loop's own random streams in a checkpoint's `rng`; a trainee's own use other keys.
+_LOOP_STREAMS = ("torch", "cuda", "generator")
+
+
+def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epochs: int,
+               seed: int, better: BestRule, patience: int | None = None,
+               run_log: RunLog | None = None, stage: str = "head",
+               progress: Progress = Progress()) -> LoopResult:
+    """Train `trainee` for up to `epochs` epochs and leave it holding its best epoch's weights.
+
+    Each epoch: the trainee's batches (shuffled by a generator seeded with `seed`) are trained
+    on, then the validation logits are scored with `criterion` and with sample-F1 against
+    `y_val` at the global threshold `tune_global` picks; `better(epoch, best)` says whether the
+    epoch's weights replace the best so far. With `patience`, training stops after that many
+    epochs in a row without a better one.
+
+    With `run_log`, every epoch is logged and checkpointed under `stage` (weights, best weights,
+    optimizer, LR schedule, grad scaler, every random stream), and a checkpoint left by an
+    interrupted run is continued from: the result equals that of an uninterrupted run (but for
+    the wall-clock seconds). A finished stage's checkpoint is not trained on again.
+
+    Under torchrun every rank calls this with the same data: each global batch is split across
+    ranks, DDP averages the gradients (weighted so the step equals the single-process one), and
+    only rank 0 should pass `run_log`.
+    """
+    ctx = dist.context()
+    generator = torch.Generator().manual_seed(seed)
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
+    optimizer = trainee.optimizer
+    yv = torch.from_numpy(y_val.astype(np.float32))
+    result = LoopResult()
+    best_state, stale = trainee.snapshot(), 0
+    start = 1
+    saved = dist.broadcast(run_log.load(stage) if run_log is not None else None)
+    if saved is not None:
+        trainee.load_state(saved.model)
+        optimizer.load_state_dict(saved.optimizer)
+        if trainee.scheduler is not None and saved.scheduler is not None:
+            trainee.scheduler.load_state_dict(saved.scheduler)
+        if scaler.is_enabled() and saved.scaler:
+            scaler.load_state_dict(saved.scaler)
+        torch.set_rng_state(saved.rng["torch"])
+        if "cuda" in saved.rng and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(saved.rng["cuda"], ctx.device)
+        generator.set_state(saved.rng["generator"])
+        trainee.set_rng_state(saved.rng)
+        result.history = [EpochLog(**h) for h in saved.history]  # type: ignore[arg-type]
+        # checkpoints written before the seconds were kept have none: unknown, not zero
+        result.seconds = saved.seconds + [float("nan")] * (len(saved.history) - len(saved.seconds))
+        best_state, stale = saved.best_model, saved.stale
+        result.best_epoch, start = saved.best_epoch, saved.epoch + 1
+        if saved.done:
+            start = epochs + 1  # finished before the interruption: nothing left to train
+        else:
+            log.info("%s: resuming after epoch %d", stage, saved.epoch)
+    bar = tqdm(range(start, epochs + 1), desc=progress.label, unit="epoch",
+               disable=not progress.show or progress.per_row)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        trainee.train_mode()
+        # Under torchrun each rank takes its strided share of every global batch; a tail with
+        # fewer rows than ranks is dropped (never in a single process).
+        global_batches = [b for b in trainee.epoch_batches(generator) if len(b) >= ctx.world]
+        local_batches = [dist.local_batch(b) for b in global_batches]
+        sizes = iter([len(b) for b in global_batches])
+        total, seen = 0.0, 0
+        rows = tqdm(total=sum(len(b) for b in local_batches), desc=f"{progress.label} {epoch}/{epochs}",
+                    unit="row", disable=not (progress.show and progress.per_row))
+        try:
+            for idx, loss in trainee.batch_losses(local_batches):
+                optimizer.zero_grad(set_to_none=True)
+                # × 1.0 in a single process: the same code path, bit-identical results
+                scaler.scale(loss * dist.loss_scale(len(idx), next(sizes))).backward()
+                if trainee.clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainee.clip, trainee.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                if trainee.scheduler is not None:
+                    trainee.scheduler.step()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+                if not rows.disable:
+                    rows.update(len(idx))
+                    rows.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        finally:
+            rows.close()
+        total, seen = dist.sum_over_ranks(total, seen)
+        train_loss = total / max(1, seen)
+
+        val_logits = trainee.val_logits()
+        with torch.no_grad():
+            val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
+        probs = torch.sigmoid(val_logits).numpy()
+        thr = tune_global(probs, y_val)
+        f1 = samples_f1(y_val, decide(probs, thr))
+        entry = EpochLog(epoch, train_loss, val_loss, f1, float(thr.values[0]))
+        result.history.append(entry)
+        result.seconds.append(time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{f1:.4f}")
+        if progress.log_epochs:
+            log.info("%s epoch %d: train loss %.4f, val loss %.4f, val sample-F1 %.4f (%.0f s)",
+                     progress.label, epoch, train_loss, val_loss, f1, result.seconds[-1])
+        stop = False
+        if better(entry, _best(result)):
+            best_state, stale, result.best_epoch = trainee.snapshot(), 0, epoch
+        else:
+            stale += 1
+            stop = patience is not None and stale >= patience
+        if patience is not None:
+            # Ranks compute the same validation numbers, but one decision keeps them in lockstep.
+            stop = dist.broadcast(stop)
+        best = _best(result)
+        best_f1 = best.val_samples_f1 if best is not None else -1.0
+        if run_log is not None:
+            run_log.log_epoch(stage, asdict(entry))
+            rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+            if ctx.device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+            run_log.save(stage, StageState(
+                epoch=epoch, best_epoch=result.best_epoch, best_f1=best_f1, stale=stale,
+                done=stop or epoch == epochs, history=[asdict(h) for h in result.history],
+                model=trainee.state(), best_model=best_state, optimizer=optimizer.state_dict(),
+                rng=rng | trainee.rng_state(),
+                scheduler=trainee.scheduler.state_dict() if trainee.scheduler is not None else None,
+                scaler=scaler.state_dict() if scaler.is_enabled() else None,
+                seconds=list(result.seconds)))
+        if stop:
+            log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
+                     epoch, result.best_epoch, best_f1)
+            break
+    bar.close()
+    trainee.load_state(best_state)
+    return result
+
+
+def _best(result: LoopResult) -> EpochLog | None:
+    return result.history[result.best_epoch - 1] if result.best_epoch else None
+
+
+# ------------------------------------------------------------------------ head training
+class HeadTrainee(Trainee):
+    """A head on cached features: rows oversampled by their rare labels (`cfg.oversample`) and,
+    with `views`, each row drawn every epoch from its plain features or one of its views."""
+
+    def __init__(self, head: Head, train: Features, y_train: np.ndarray, val: Features,
+                 cfg: TrainConfig, criterion: nn.Module, views: list[Features] | None) -> None:
+        ctx = dist.context()
+        self.head, self.features, self.val, self.views = head, train, val, views
+        self.criterion, self.batch_size = criterion, cfg.batch_size
+        head.to(ctx.device)
+        criterion.to(ctx.device)
+        self.model = dist.wrap(head)
+        self.optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
+        self.factors = repeat_factors(y_train) if cfg.oversample else None
+        self.y = torch.from_numpy(y_train.astype(np.float32))
+        self.n = len(y_train)
+        self.choice: np.ndarray | None = None  # this epoch's view of each row
+
+    def train_mode(self) -> None:
+        self.head.train()
+
+    def epoch_batches(self, generator: torch.Generator) -> list[np.ndarray]:
+        perm = epoch_order(self.n, self.factors, generator)
+        self.choice = (torch.randint(0, len(self.views) + 1, (self.n,), generator=generator).numpy()
+                       if self.views else None)
+        return [np.sort(perm[start:start + self.batch_size])
+                for start in range(0, len(perm), self.batch_size)]
+
+    def batch_losses(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        ctx = dist.context()
+        for idx in batches:
+            batch = (batch_of(self.features, self.head.needs, idx) if self.choice is None
+                     else views_batch([self.features, *self.views], self.choice,  # type: ignore[misc]
+                                      self.head.needs, idx))
+            with ctx.autocast():
+                loss = _loss(self.model, to_device(batch, ctx.device), self.y[idx].to(ctx.device),
+                             self.criterion)
+            yield idx, loss
+
+    def val_logits(self) -> torch.Tensor:
+        return torch.from_numpy(predict_logits(self.head, self.val))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.head.state_dict()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(self.head.state_dict())
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.head.load_state_dict(state)
 
 
 def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_val: np.ndarray,
@@ -162,89 +424,13 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     The head trains on the context's device (`--device`), with autocast under `--amp`, and is
     returned on the CPU.
     """
-    ctx = dist.context()
-    seed_everything(cfg.seed)
     # Re-seed after construction too: the head was built outside, and the shuffling and dropout
     # streams must not depend on what else consumed random numbers before this call.
-    generator = torch.Generator().manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     criterion = criterion if criterion is not None else nn.BCEWithLogitsLoss()
-    head.to(ctx.device)
-    criterion.to(ctx.device)
-    model = dist.wrap(head)
-    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp)
-    optimizer = make_optimizer(cfg.optimizer, head.parameters(), cfg.lr, cfg.weight_decay)
-    factors = repeat_factors(y_train) if cfg.oversample else None
-    yt = torch.from_numpy(y_train.astype(np.float32))
-    yv = torch.from_numpy(y_val.astype(np.float32))
-    n = len(y_train)
-    result = FitResult(head=head)
-    best_f1, best_state, stale = -1.0, copy.deepcopy(head.state_dict()), 0
-    start = 1
-    saved = dist.broadcast(run_log.load(stage) if run_log is not None else None)
-    if saved is not None:
-        head.load_state_dict(saved.model)
-        optimizer.load_state_dict(saved.optimizer)
-        torch.set_rng_state(saved.rng["torch"])
-        generator.set_state(saved.rng["generator"])
-        result.history = [EpochLog(**h) for h in saved.history]  # type: ignore[arg-type]
-        best_f1, best_state, stale = saved.best_f1, saved.best_model, saved.stale
-        result.best_epoch, start = saved.best_epoch, saved.epoch + 1
-        if saved.done:
-            start = cfg.epochs + 1  # finished before the interruption: nothing left to train
-        else:
-            log.info("%s: resuming after epoch %d", stage, saved.epoch)
-    bar = tqdm(range(start, cfg.epochs + 1), desc="training", unit="epoch", disable=not progress)
-    for epoch in bar:
-        head.train()
-        perm = epoch_order(n, factors, generator)
-        choice = (torch.randint(0, len(views) + 1, (n,), generator=generator).numpy()
-                  if views else None)
-        total, seen = 0.0, 0
-        for start in range(0, len(perm), cfg.batch_size):
-            global_idx = np.sort(perm[start:start + cfg.batch_size])
-            if len(global_idx) < ctx.world:
-                continue  # a tail too short to give every rank a row (only when distributed)
-            idx = dist.local_batch(global_idx)
-            batch = (batch_of(train, head.needs, idx) if choice is None
-                     else views_batch([train, *views], choice, head.needs, idx))  # type: ignore[list-item]
-            with ctx.autocast():
-                loss = _loss(model, to_device(batch, ctx.device), yt[idx].to(ctx.device), criterion)
-            optimizer.zero_grad(set_to_none=True)
-            # × 1.0 in a single process: the same code path, bit-identical results
-            scaler.scale(loss * dist.loss_scale(len(idx), len(global_idx))).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        total, total_n = dist.sum_over_ranks(total, seen)
-        val_logits = torch.from_numpy(predict_logits(head, val))
-        with torch.no_grad():
-            val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
-        probs = torch.sigmoid(val_logits).numpy()
-        thr = tune_global(probs, y_val)
-        f1 = samples_f1(y_val, decide(probs, thr))
-        result.history.append(EpochLog(epoch, total / total_n, val_loss, f1, float(thr.values[0])))
-        bar.set_postfix(loss=f"{total / total_n:.4f}", val_f1=f"{f1:.4f}")
-        stop = False
-        if f1 > best_f1 + 1e-6:
-            best_f1, best_state, stale, result.best_epoch = f1, copy.deepcopy(head.state_dict()), 0, epoch
-        else:
-            stale += 1
-            stop = stale >= cfg.patience
-        # Ranks compute the same validation numbers, but one decision keeps them in lockstep.
-        stop = dist.broadcast(stop)
-        if run_log is not None:
-            run_log.log_epoch(stage, asdict(result.history[-1]))
-            run_log.save(stage, StageState(
-                epoch=epoch, best_epoch=result.best_epoch, best_f1=best_f1, stale=stale,
-                done=stop or epoch == cfg.epochs, history=result.history_dicts(),
-                model=head.state_dict(), best_model=best_state, optimizer=optimizer.state_dict(),
-                rng={"torch": torch.get_rng_state(), "generator": generator.get_state()}))
-        if stop:
-            log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
-                     epoch, result.best_epoch, best_f1)
-            break
-    bar.close()
-    head.load_state_dict(best_state)
+    trainee = HeadTrainee(head, train, y_train, val, cfg, criterion, views)
+    done = train_loop(trainee, y_val, criterion, epochs=cfg.epochs, seed=cfg.seed,
+                      better=higher_f1, patience=cfg.patience, run_log=run_log, stage=stage,
+                      progress=Progress(show=progress))
     head.cpu().eval()
-    return result
+    return FitResult(head=head, history=done.history, best_epoch=done.best_epoch)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from mmtag import Tagger, api
-from mmtag.training.pseudo import select_pseudo_labels
+from mmtag.training.strategies import base as strategy_base
+from mmtag.training.strategies import select_pseudo_labels
 
 
 def test_select_keeps_only_rows_confident_on_every_class():
@@ -21,13 +22,13 @@ def test_pseudo_rounds_never_touch_validation(tiny, make_config, monkeypatch):
     cfg = make_config(**{"model.modalities": ["text"], "pseudo.rounds": 2, "pseudo.confidence": 0.6})
     tagger = Tagger(cfg)
     calls = []
-    original = Tagger._fit_head
+    original = strategy_base.fit_head
 
-    def spy(self, tr, y_tr, va, y_va, **kwargs):
+    def spy(head, tr, y_tr, va, y_va, *args, **kwargs):
         calls.append((len(y_tr), va["text"].copy(), y_va.copy()))
-        return original(self, tr, y_tr, va, y_va, **kwargs)
+        return original(head, tr, y_tr, va, y_va, *args, **kwargs)
 
-    monkeypatch.setattr(Tagger, "_fit_head", spy)
+    monkeypatch.setattr(strategy_base, "fit_head", spy)
     train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
     pool, _ = api.read_dataset(tiny.test_csv, None, labelled=False)
     report = tagger.fit(train, unlabeled=pool, progress=False)

@@ -1,0 +1,148 @@
+"""A model's feature pipeline: one encoder per modality, the feature cache, and the feature
+kinds its head reads → `Features` for a dataset (cached) or for in-memory inputs (not cached).
+
+Training (`mmtag.training.trainer`) and the fitted `Tagger` share this object, so features at
+training time and at prediction time are computed by the same code from the same encoders.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import dist
+from ..data import (Dataset, ImageAugment, ImageDecodeError, TextAugment, check_images_exist,
+                    decode_image)
+from ..encoders import Encoder, ImageEncoder, TextEncoder, create_encoder
+from ..errors import DataError, MmtagError
+from .cache import FeatureCache
+from .extract import encode_captions, encode_images, extract, extract_views
+from .types import Features, FeatureSet, modality_of
+
+
+class Featurizer:
+    """Features of the `kinds` a head needs, from `encoders` (modality → encoder); an encoder
+    not given is built from its registered name in `encoder_names` when first used."""
+
+    def __init__(self, kinds: tuple[str, ...], encoder_names: dict[str, str], cache: FeatureCache,
+                 *, encoders: dict[str, Encoder] | None = None, workers: int = 2,
+                 random_init: bool = False) -> None:
+        self.kinds = tuple(kinds)
+        self.encoder_names = dict(encoder_names)
+        self.cache = cache
+        self.encoders: dict[str, Encoder] = dict(encoders or {})
+        self.workers = workers
+        self.random_init = random_init
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities the kinds come from, in the order the head lists them."""
+        return list(dict.fromkeys(modality_of(k) for k in self.kinds))
+
+    def encoder(self, modality: str) -> Encoder:
+        if modality not in self.encoders:
+            self.encoders[modality] = create_encoder(self.encoder_names[modality], modality,
+                                                     random_init=self.random_init)
+        enc = self.encoders[modality]
+        if dist.device_of(enc) != dist.context().device:
+            enc.to(dist.context().device)  # --device: features are computed where the encoder lives
+        return enc
+
+    def replace_encoder(self, modality: str, encoder: Encoder) -> None:
+        """Use `encoder` from now on (a fine-tuned or exported copy). Its id keys the cache, so
+        features of the old and new encoders never mix."""
+        self.encoders[modality] = encoder
+
+    def dims(self, feats: Features) -> dict[str, int]:
+        return {k: int(feats[k].shape[-1]) for k in self.kinds}
+
+    # ------------------------------------------------------------------ datasets (cached)
+    def features(self, dataset: Dataset, *, skip_bad: bool = False, progress: bool = True,
+                 distribute: bool = True) -> FeatureSet:
+        """Cached features of every row; bad rows raise or (skip_bad) drop. Under torchrun the
+        ranks share the computing (see `extract`)."""
+        skipped: list[DataError] = []
+        if "image" in self.modalities:
+            dataset, skipped = check_images_exist(dataset, skip_bad=skip_bad)
+        fs = extract(dataset, self.kinds, image_encoder=self._encoder_of(ImageEncoder, "image"),
+                     text_encoder=self._encoder_of(TextEncoder, "text"), cache=self.cache,
+                     skip_bad=skip_bad, workers=self.workers, progress=progress,
+                     distribute=distribute)
+        fs.skipped = skipped + fs.skipped
+        return fs
+
+    def text_features(self, dataset: Dataset, *, progress: bool = True) -> Features:
+        """Caption features alone (rows without images, e.g. `--extra-text`)."""
+        text = self._encoder_of(TextEncoder, "text", required=True)
+        return extract(dataset, ["text"], image_encoder=None, text_encoder=text, cache=self.cache,
+                       progress=progress).features
+
+    def views(self, dataset: Dataset, n: int, *, image_augment: ImageAugment | None,
+              text_augment: TextAugment | None, seed: int, progress: bool) -> list[Features]:
+        """`n` cached augmented views of every row (see `extract_views`)."""
+        return extract_views(dataset, self.kinds, n,
+                             image_encoder=self._encoder_of(ImageEncoder, "image", build=False),
+                             text_encoder=self._encoder_of(TextEncoder, "text", build=False),
+                             cache=self.cache, image_augment=image_augment,
+                             text_augment=text_augment, seed=seed, workers=self.workers,
+                             progress=progress)
+
+    def _encoder_of(self, kind: type, modality: str, *, required: bool = False,
+                    build: bool = True) -> Any:
+        if modality not in self.modalities and not required:
+            return None
+        if not build:
+            return self.encoders.get(modality)
+        enc = self.encoder(modality)
+        if not isinstance(enc, kind):
+            raise MmtagError(f"the {modality} encoder {enc.name!r} is not a {kind.__name__}")
+        return enc
+
+    # ------------------------------------------------------------ in-memory inputs (not cached)
+    def encode(self, images: list[Any] | None, captions: list[str] | None,
+               batch_size: int = 32) -> Features:
+        """Features of in-memory inputs: image paths or PIL images, and captions."""
+        encoded: dict[str, np.ndarray] = {}
+        if "image" in self.modalities and images is None:
+            raise MmtagError("this model needs images (one per item)")
+        if "text" in self.modalities and captions is None:
+            raise MmtagError("this model needs captions (one per item)")
+        sizes = {len(x) for x in (images, captions) if x is not None}
+        if len(sizes) != 1:
+            raise MmtagError(f"got {len(images or [])} images but {len(captions or [])} captions")
+        n = sizes.pop()
+        if n == 0:
+            raise MmtagError("nothing to predict: no items given")
+        if "image" in self.modalities:
+            assert images is not None
+            encoded.update(self._encode_images(images, n, batch_size))
+        if "text" in self.modalities:
+            assert captions is not None
+            enc = self._encoder_of(TextEncoder, "text")
+            encoded["text"] = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
+                                              for s in range(0, n, 128)])
+        return Features(encoded)
+
+    def _encode_images(self, images: list[Any], n: int, batch_size: int) -> dict[str, np.ndarray]:
+        enc = self._encoder_of(ImageEncoder, "image")
+        chunks: dict[str, list[np.ndarray]] = {"image": [], "image_tokens": []}
+        for start in range(0, n, batch_size):
+            arrays = []
+            for k, img in enumerate(images[start:start + batch_size]):
+                if not isinstance(img, (Image.Image, str, Path)):
+                    raise MmtagError(f"image {start + k}: expected a file path or a PIL image, "
+                                     f"got {type(img).__name__}")
+                try:
+                    arrays.append(decode_image(img if isinstance(img, Image.Image) else Path(img),
+                                               enc.image_size))
+                except ImageDecodeError as exc:  # whatever the decoder raised
+                    if isinstance(img, Image.Image):
+                        raise MmtagError(f"image {start + k}: {exc}") from None
+                    raise DataError(img, str(exc)) from None
+            out = encode_images(enc, torch.from_numpy(np.stack(arrays)))
+            for kind in chunks:
+                chunks[kind].append(out[kind])
+        return {kind: np.concatenate(chunks[kind]) for kind in self.kinds if kind in chunks}

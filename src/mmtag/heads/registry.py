@@ -1,0 +1,69 @@
+"""The registry of heads by name (`--fusion`), and building a registered head from the config.
+
+Each head module registers its heads when imported; `mmtag.heads` imports them all, so the
+registry is complete whenever the package is.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import MmtagError
+from .base import Head
+
+
+HEADS: dict[str, type[Head]] = {}
+
+
+def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
+    def wrap(cls: type[Head]) -> type[Head]:
+        HEADS[name] = cls
+        return cls
+    return wrap
+
+
+def head_class(name: str) -> type[Head]:
+    """The registered head class `name`."""
+    cls = HEADS.get(name)
+    if cls is None:
+        raise MmtagError(f"unknown fusion head '{name}'; available: {', '.join(sorted(HEADS))}")
+    return cls
+
+
+def create_head(name: str, dims: dict[str, int], num_classes: int,
+                model: ModelConfig | None = None, **overrides: Any) -> Head:
+    """Instantiate the registered head `name`. Its hyper-parameters (`Head.params`) come from
+    `model` (the run's `config.model`; ModelConfig's defaults when None), then from `overrides`
+    (e.g. `hidden=16` in a test)."""
+    cls = head_class(name)
+    options = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(overrides) - options)
+    if unknown:
+        raise MmtagError(f"unknown head hyper-parameter(s) {unknown}; model options: "
+                         f"{', '.join(sorted(options))}")
+    source = model if model is not None else ModelConfig()
+    kwargs: dict[str, Any] = {}
+    for p in cls.params:
+        if p not in options:
+            raise MmtagError(f"head '{name}' reads hyper-parameter '{p}', which is no model option "
+                             "(declare it in config.ModelConfig)")
+        kwargs[p] = overrides[p] if p in overrides else getattr(source, p)
+    return cls(dims, num_classes, **kwargs)
+
+
+def head_params_problem(name: str, model: ModelConfig) -> tuple[str, str] | None:
+    """(option, problem) when `model`'s hyper-parameters cannot build head `name` (see
+    `Head.params_problem`); None when they can."""
+    return head_class(name).params_problem(model)
+
+
+def takes_unpaired(name: str) -> bool:
+    """Whether the registered head `name` learns from unpaired captions (see `Head`)."""
+    cls = HEADS.get(name)
+    return cls is not None and cls.takes_unpaired
+
+
+def head_needs(name: str) -> tuple[str, ...]:
+    return head_class(name).needs

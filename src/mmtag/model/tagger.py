@@ -1,0 +1,304 @@
+"""The `Tagger`: a model of encoders → features → head → decision, with its labels and thresholds.
+
+    from mmtag import Tagger
+    tagger = Tagger.load("runs/fused")
+    preds = tagger.predict(["a.jpg"], ["a man riding a horse"])
+    preds[0].labels, preds[0].scores
+
+Like a scikit-learn estimator, `Tagger(config)` is a specification and `fit` learns; what it
+learns is one complete `Fitted` (label space, head, dims, thresholds, validation record) held
+whole or not at all, so a Tagger is never half-built. Training itself lives in
+`mmtag.training.trainer`; this module predicts, evaluates, saves and loads.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import dist
+from ..config import Config, default_cache_dir
+from ..data import Dataset, LabelSpace
+from ..decision import Metrics, Scores, Thresholds, ValidationRecord, compute, decide
+from ..encoders import Encoder
+from ..errors import DataError, MmtagError
+from ..features import FeatureCache, Features, FeatureSet
+from ..features.pipeline import Featurizer
+from ..heads import Head, create_head, head_needs
+from ..training.checkpoint import RunLog
+from ..training.trainer import FitReport, Fitted, TrainInputs, fit, head_scores, tune
+from . import bundle as bundle_io
+
+log = logging.getLogger("mmtag")
+
+
+@dataclass
+class Prediction:
+    """One item's predicted label ids, their names, and the score of every label."""
+
+    labels: list[int]
+    names: list[str]
+    scores: dict[int, float]
+
+
+@dataclass
+class DatasetPredictions:
+    """Predictions for every row of a dataset, in input order."""
+
+    dataset: Dataset
+    probs: np.ndarray  # (N, C)
+    mask: np.ndarray  # (N, C) bool
+    labels: list[list[int]]
+
+
+class Tagger:
+    """A multi-label image+caption tagger: frozen encoders → cached features → fusion head."""
+
+    def __init__(self, config: Config | None = None, *,
+                 encoders: dict[str, Encoder] | None = None) -> None:
+        """`encoders` (modality → encoder) replace the ones the config names, e.g. encoders
+        already loaded for another run (`mmtag sweep`) or exported ones (`mmtag export`)."""
+        self.config = config or Config()
+        m = self.config.model
+        self.featurizer = Featurizer(
+            head_needs(m.head_name()), {"image": m.image_encoder, "text": m.text_encoder},
+            FeatureCache(self.config.cache_dir or default_cache_dir()), encoders=encoders,
+            workers=self.config.data.workers, random_init=m.random_init)
+        self.fitted: Fitted | None = None
+        # Set by `jobs.train`: per-epoch checkpoints and metrics.csv in the run directory.
+        self.run_log: RunLog | None = None
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def head_name(self) -> str:
+        return self.config.model.head_name()
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Feature kinds the configured head reads."""
+        return self.featurizer.kinds
+
+    @property
+    def modalities(self) -> list[str]:
+        return self.featurizer.modalities
+
+    @property
+    def encoders(self) -> dict[str, Encoder]:
+        return self.featurizer.encoders
+
+    def state(self) -> Fitted:
+        """The learned state; a one-line error when this Tagger was never fitted or loaded."""
+        if self.fitted is None:
+            raise MmtagError("this Tagger is not trained: call fit() or Tagger.load(run)")
+        return self.fitted
+
+    @property
+    def label_space(self) -> LabelSpace:
+        return self.state().label_space
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.state().thresholds
+
+    @property
+    def head(self) -> Head:
+        return self.state().head
+
+    @property
+    def val_metrics(self) -> Metrics | None:
+        return self.state().val_metrics
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.state().history
+
+    @property
+    def validation(self) -> ValidationRecord | None:
+        return self.state().validation
+
+    @property
+    def finetune_history(self) -> dict[str, list[dict[str, float]]]:
+        return self.state().finetune_history
+
+    # ------------------------------------------------------------------ training
+    def fit(self, train: Dataset, val: Dataset | None = None, *, unlabeled: Dataset | None = None,
+            extra_text: Dataset | None = None, progress: bool = True) -> FitReport:
+        """Train on `train`; validate on `val`, or on a seeded `val_frac` split of `train`.
+
+        The data given decides the training strategies (see `mmtag.training.strategies`): with
+        `config.finetune.modalities`, encoders are first fine-tuned on the training rows; with
+        `unlabeled` and `config.pseudo.rounds`, confident pseudo-labels of those rows join the
+        training rows round by round (never validation); with `extra_text` (labelled captions
+        without images) the text branch learns from those rows as well, which needs a text-only
+        model or a late-fusion head (mean, union, gated).
+        """
+        inputs = TrainInputs(train=train, val=val, unlabeled=unlabeled, extra_text=extra_text)
+        self.fitted, report = fit(self.config, self.featurizer, inputs, run_log=self.run_log,
+                                  progress=progress)
+        return report
+
+    def features(self, dataset: Dataset, *, skip_bad: bool = False, progress: bool = True,
+                 distribute: bool = True) -> FeatureSet:
+        """Cached features of the kinds this tagger needs (see `Featurizer.features`)."""
+        return self.featurizer.features(dataset, skip_bad=skip_bad, progress=progress,
+                                        distribute=distribute)
+
+    def recalibrate(self, *, progress: bool = False) -> Metrics | None:
+        """Re-score the run's validation split with the current encoders (e.g. after an int8
+        export) and re-tune the thresholds on it, as training did. None, and nothing changed,
+        when the run kept no validation record or its images are no longer where they were."""
+        state = self.state()
+        rec = state.validation
+        if rec is None:
+            return None
+        images_dir = None
+        if "image" in self.modalities:
+            # path = <images dir>/<ImageID>; one images folder per dataset
+            dirs = {p[:len(p) - len(i)] for p, i in zip(rec.image_paths, rec.image_ids)}
+            if len(dirs) != 1 or not all(Path(p).is_file() for p in rec.image_paths):
+                return None
+            images_dir = Path(dirs.pop())
+        data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
+                       captions=list(rec.captions), labels=None, images_dir=images_dir)
+        scores = self.scores(self.features(data, progress=progress).features)
+        state.thresholds, state.val_metrics = tune(self.config, scores,
+                                                   rec.y_true.astype(np.float32), state.label_space)
+        state.validation = ValidationRecord(
+            probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
+            captions=rec.captions, image_paths=rec.image_paths)
+        return state.val_metrics
+
+    # ------------------------------------------------------------------ prediction
+    def scores(self, feats: Features) -> Scores:
+        """The head's probabilities (and each branch's, for late fusion) on cached features."""
+        return head_scores(self.head, feats)
+
+    def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
+        """Scores and decisions for every row (a bad row raises: predictions cover all rows).
+
+        Under torchrun each rank scores its contiguous shard of the rows and every rank gets
+        all rows back, in input order, each exactly once.
+        """
+        state = self.state()
+        ctx = dist.context()
+        part = dataset.subset(ctx.shard(len(dataset))) if ctx.distributed else dataset
+
+        def score() -> tuple[np.ndarray, np.ndarray]:
+            scores = self.scores(self.features(part, progress=progress, distribute=False).features)
+            return scores.probs, decide(scores, state.thresholds)
+
+        shards = dist.all_gather(dist.checked(score))  # in rank order: the input order
+        probs = np.concatenate([p for p, _ in shards])
+        mask = np.concatenate([m for _, m in shards])
+        return DatasetPredictions(dataset=dataset, probs=probs, mask=mask,
+                                  labels=state.label_space.decode(mask))
+
+    def predict_proba(self, images: list[Any] | None = None,
+                      captions: list[str] | None = None) -> np.ndarray:
+        """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
+        self.state()
+        return self.scores(self.featurizer.encode(images, captions)).probs
+
+    def predict(self, images: list[Any] | None = None,
+                captions: list[str] | None = None) -> list[Prediction]:
+        """Label lists and per-label scores for in-memory inputs (no cache, no files needed)."""
+        state = self.state()
+        scores = self.scores(self.featurizer.encode(images, captions))
+        mask = decide(scores, state.thresholds)
+        ls = state.label_space
+        out = []
+        for row_p, row_m in zip(scores.probs, mask):
+            idx = np.flatnonzero(row_m)
+            out.append(Prediction(labels=[ls.ids[j] for j in idx], names=[ls.names[j] for j in idx],
+                                  scores={ls.ids[j]: float(row_p[j]) for j in range(len(ls))}))
+        return out
+
+    def thresholds_by_label(self) -> dict[str, dict[int, float]]:
+        """Decision thresholds per label id: {"fused": …}, or one map per branch when the
+        decision is the union of each branch's labels."""
+        thr, ls = self.thresholds, self.label_space
+        tables = thr.branches if thr.branches else {"fused": thr.values}
+        return {name: {i: float(np.broadcast_to(v, (len(ls),))[j]) for j, i in enumerate(ls.ids)}
+                for name, v in tables.items()}
+
+    def evaluate(self, dataset: Dataset, *, progress: bool = True) -> Metrics:
+        """Metrics of this tagger's decisions on a labelled dataset.
+
+        True labels the model does not know (absent from its training labels) are not dropped
+        from the truth: a warning names them, and they are scored as labels the model never
+        predicts, so each is a missed label (false negative) in every average and has its own
+        per-class row, named "<name> (unknown)", with recall 0.
+        """
+        if not dataset.labelled:
+            raise DataError(dataset.path, "evaluation needs a Labels column")
+        preds = self.predict_proba_dataset(dataset, progress=progress)
+        ls = self.label_space
+        truth: list[list[int]] = preds.dataset.labels  # type: ignore[assignment]
+        y, mask, ids, names = ls.encode(truth), preds.mask, ls.ids, ls.names
+        unknown = warn_unknown_labels(ls, truth, dataset.path,
+                                      "they count as missed labels in the metrics")
+        if unknown:
+            extra = LabelSpace.from_labels([list(unknown)])
+            y = np.hstack([y, extra.encode(truth)])
+            mask = np.hstack([mask, np.zeros((len(mask), len(extra)), dtype=mask.dtype)])
+            ids, names = ids + extra.ids, names + tuple(f"{n} (unknown)" for n in extra.names)
+        return compute(y, mask, ids, names)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, run_dir: str | Path) -> dict[str, Any]:
+        """Write the bundle (see `mmtag.model.bundle`); returns its manifest. It is built beside
+        `run_dir` and moved into place complete, replacing a previous bundle there."""
+        return bundle_io.save(run_dir, self.bundle())
+
+    def bundle(self) -> bundle_io.Bundle:
+        """Everything a saved run holds, for `bundle.save`."""
+        state = self.state()
+        return bundle_io.Bundle(
+            config=self.config, label_space=state.label_space, thresholds=state.thresholds,
+            head_name=self.head_name, dims=state.dims, head_state=state.head.state_dict(),
+            encoders={m: self.featurizer.encoder(m) for m in self.modalities},
+            val_metrics=state.val_metrics, history=state.history,
+            extra={"pseudo_rounds": state.extra.get("pseudo_rounds", []),
+                   "finetune": state.finetune_history},
+            validation=state.validation)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, *, cache_dir: str | None = None) -> "Tagger":
+        """Load a trained bundle (weights verified against the manifest's sha256)."""
+        b = bundle_io.load(run_dir)
+        config = b.config
+        if cache_dir is not None:
+            config.cache_dir = cache_dir
+        return cls.from_bundle(b)
+
+    @classmethod
+    def from_bundle(cls, b: bundle_io.Bundle) -> "Tagger":
+        """The Tagger a loaded bundle describes."""
+        tagger = cls(b.config, encoders=b.encoders)
+        head = create_head(b.head_name, b.dims, len(b.label_space), b.config.model)
+        head.load_state_dict(b.head_state)
+        head.eval()
+        tagger.fitted = Fitted(label_space=b.label_space, head=head, dims=b.dims,
+                               thresholds=b.thresholds, val_metrics=b.val_metrics,
+                               history=b.history, validation=b.validation,
+                               extra={"pseudo_rounds": b.extra.get("pseudo_rounds") or [],
+                                      "finetune": b.extra.get("finetune") or {}})
+        return tagger
+
+
+def warn_unknown_labels(ls: LabelSpace, truth: list[list[int]], path: Path,
+                        consequence: str) -> dict[int, int]:
+    """True labels the model does not know (id → rows), said once in a warning, never dropped
+    silently from the truth."""
+    unknown = ls.unknown(truth)
+    if unknown and dist.context().is_main:
+        rows = sum(1 for row in truth if any(label in unknown for label in row))
+        listed = ", ".join(f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in list(unknown.items())[:20])
+        more = f", and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        log.warning("%s: %d true label id(s) in %d row(s) are not in this model's label space: "
+                    "%s%s; the model never predicts them; %s", path, len(unknown), rows, listed,
+                    more, consequence)
+    return unknown

@@ -1,0 +1,50 @@
+"""The fine-tune strategy (`--finetune image,text`): stage one of two-stage training replaces
+encoders by copies fine-tuned on the task (see `mmtag.training.finetune`); the head is then
+trained on the features of the fine-tuned encoders, which the cache keys apart from the
+pretrained ones by their new encoder ids. Each modality's fine-tuning is a checkpointed stage
+(`finetune-text`, `finetune-image`) that `mmtag train --resume` continues."""
+from __future__ import annotations
+
+from ...config import Config
+from ...data import label_words, parse_image_aug, parse_text_aug
+from ...errors import MmtagError
+from ..finetune import finetune_image, finetune_text
+from ..losses import create_loss
+from .base import Strategy, TrainInputs, TrainState, register_strategy
+
+
+@register_strategy("finetune")
+class Finetune(Strategy):
+    phase = "encoders"
+
+    @classmethod
+    def active(cls, config: Config, inputs: TrainInputs) -> bool:
+        return bool(config.finetune.modalities)
+
+    def run(self, state: TrainState) -> None:
+        cfg = state.config
+        tr, va = state.train_data, state.val_data
+        y_tr = state.label_space.encode(tr.labels)  # type: ignore[arg-type]
+        y_va = state.label_space.encode(va.labels)  # type: ignore[arg-type]
+        history: dict[str, list[dict[str, float]]] = {}
+        for modality in cfg.finetune.modalities:
+            if modality not in state.featurizer.modalities:
+                raise MmtagError(f"--finetune {modality}: this model does not use the {modality} modality")
+            enc = state.featurizer.encoder(modality)
+            loss = create_loss(cfg.train.loss, y_tr)
+            if modality == "text":
+                # Words naming any label class are never replaced (a "dog" must stay a dog).
+                augment = parse_text_aug(cfg.augment.text,
+                                         protected=label_words(state.label_space.names))
+                res = finetune_text(enc, tr.captions, y_tr, va.captions, y_va,  # type: ignore[arg-type]
+                                    cfg.finetune, loss=loss, seed=cfg.train.seed, augment=augment,
+                                    progress=state.progress, run_log=state.run_log)
+            else:
+                # Datasets, not paths: a bad image is reported with its CSV row, as extraction does.
+                res = finetune_image(enc, tr, y_tr, va, y_va, cfg.finetune,  # type: ignore[arg-type]
+                                     loss=loss, seed=cfg.train.seed, workers=cfg.data.workers,
+                                     augment=parse_image_aug(cfg.augment.image_spec(True)),
+                                     progress=state.progress, run_log=state.run_log)
+            state.featurizer.replace_encoder(modality, res.encoder)
+            history[modality] = res.history
+        state.log["finetune"] = history
