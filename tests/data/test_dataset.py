@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_helpers import HEADER, crlf, write
-from mmtag.data import COCO_NAMES, LabelSpace, read_csv, train_val_split
+from mmtag.data import COCO_NAMES, Dataset, LabelSpace, read_csv, train_val_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,3 +106,12 @@ def test_train_val_split_disjoint_covering_sizes(n: int, val_frac: float, n_val:
 def test_train_val_split_errors(n: int, val_frac: float) -> None:
     with pytest.raises(ValueError):
         train_val_split(n, val_frac, seed=0)
+
+
+def test_label_rows_name_the_file_when_there_are_no_labels():
+    from mmtag.errors import DataError
+
+    d = Dataset(path=Path("test.csv"), image_ids=["a.jpg"], captions=["x"], labels=None)
+    with pytest.raises(DataError, match="test.csv: needs a Labels column"):
+        d.label_rows()
+    assert Dataset(path=Path("t.csv"), image_ids=["a"], captions=["x"], labels=[[3]]).label_rows() == [[3]]

@@ -52,9 +52,24 @@ def test_predict_needs_both_inputs_for_fused(fused_run):
         tagger.predict(images=[], captions=[])
 
 
-def test_untrained_tagger_says_so():
-    with pytest.raises(MmtagError, match="not trained"):
-        Tagger().predict(captions=["x"])
+def test_untrained_tagger_says_so(tmp_path):
+    # A Tagger's learned state is whole or absent: every use of it says so in one line.
+    tagger = Tagger()
+    assert tagger.fitted is None
+    for use in (lambda: tagger.predict(captions=["x"]), lambda: tagger.predict_proba(captions=["x"]),
+                lambda: tagger.label_space, lambda: tagger.thresholds, lambda: tagger.head,
+                lambda: tagger.thresholds_by_label(), lambda: tagger.save(tmp_path / "run"),
+                lambda: tagger.recalibrate()):
+        with pytest.raises(MmtagError, match="not trained: call fit\\(\\) or Tagger.load"):
+            use()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_loaded_tagger_is_whole(fused_run):
+    tagger = Tagger.load(fused_run)
+    state = tagger.state()
+    assert state.head is tagger.head and state.label_space is tagger.label_space
+    assert set(state.dims) == set(tagger.needs) and state.validation is not None
 
 
 def test_text_only_needs_no_images(tiny, make_config, tmp_path):

@@ -82,6 +82,12 @@ class Dataset:
     def labelled(self) -> bool:
         return self.labels is not None
 
+    def label_rows(self) -> list[list[int]]:
+        """Every row's label ids; a DataError naming the file when it has no Labels column."""
+        if self.labels is None:
+            raise DataError(self.path, "needs a Labels column")
+        return self.labels
+
     def image_path(self, i: int) -> Path:
         """`<images>/<ImageID>`; DataError (with the row) when it resolves outside the images
         directory through a symlink, the way `check_image_id` refuses `../` in the id itself."""

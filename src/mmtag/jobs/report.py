@@ -227,12 +227,12 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
                                   labelled=True)
         fs = tagger.features(dataset, progress=progress)
         d = fs.dataset
-        warn_unknown_labels(ls, d.labels, dataset.path,  # type: ignore[arg-type]
+        warn_unknown_labels(ls, d.label_rows(), dataset.path,
                             "the report shows the model's own labels only (see mmtag evaluate)")
         scores = tagger.scores(fs.features)
         record = ValidationRecord(
             probs=scores.probs, branches=scores.branches,
-            y_true=ls.encode(d.labels),  # type: ignore[arg-type]
+            y_true=ls.encode(d.label_rows()),
             image_ids=list(d.image_ids), captions=list(d.captions),
             image_paths=[str(d.image_path(i)) if "image" in tagger.modalities else ""
                          for i in range(len(d))])

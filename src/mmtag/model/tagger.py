@@ -236,7 +236,7 @@ class Tagger:
             raise DataError(dataset.path, "evaluation needs a Labels column")
         preds = self.predict_proba_dataset(dataset, progress=progress)
         ls = self.label_space
-        truth: list[list[int]] = preds.dataset.labels  # type: ignore[assignment]
+        truth = preds.dataset.label_rows()
         y, mask, ids, names = ls.encode(truth), preds.mask, ls.ids, ls.names
         unknown = warn_unknown_labels(ls, truth, dataset.path,
                                       "they count as missed labels in the metrics")

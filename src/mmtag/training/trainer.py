@@ -81,6 +81,8 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
     train, val, extra_text = inputs.train, inputs.val, inputs.extra_text
     if not train.labelled:
         raise DataError(train.path, "training data needs a Labels column")
+    if extra_text is not None and not extra_text.labelled:
+        raise DataError(extra_text.path, "--extra-text needs a Labels column")
     cfg = config.validate()  # a Config built in Python gets the checks files and flags get
     strategies = plan(cfg, inputs)
     skip_bad = cfg.data.skip_bad
@@ -100,7 +102,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
             skipped += undecodable
             check_trainable(train, val, extra_text, dropped=len(skipped))
         tr_data, va_data = split(cfg, train, val)
-        state = TrainState(cfg, featurizer, inputs, LabelSpace.from_labels(tr_data.labels),  # type: ignore[arg-type]
+        state = TrainState(cfg, featurizer, inputs, LabelSpace.from_labels(tr_data.label_rows()),
                            tr_data, va_data, run_log=run_log, progress=progress)
         for strategy in encoder_stage:
             strategy().run(state)
@@ -121,12 +123,12 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
         skipped += list(full.skipped) + (va.skipped if val is not None else [])
         log = {}
     tr_data, va_data = tr.dataset, va.dataset
-    extra_labels = extra_text.labels if extra_text is not None else []
-    label_space = LabelSpace.from_labels(tr_data.labels + extra_labels)  # type: ignore[operator]
+    extra_labels = extra_text.label_rows() if extra_text is not None else []
+    label_space = LabelSpace.from_labels(tr_data.label_rows() + extra_labels)
     state = TrainState(cfg, featurizer, inputs, label_space, tr_data, va_data, run_log=run_log,
                        progress=progress, dims=featurizer.dims(tr.features), train=tr.features,
-                       val=va.features, y_train=label_space.encode(tr_data.labels),  # type: ignore[arg-type]
-                       y_val=label_space.encode(va_data.labels), log=dict(log))  # type: ignore[arg-type]
+                       val=va.features, y_train=label_space.encode(tr_data.label_rows()),
+                       y_val=label_space.encode(va_data.label_rows()), log=dict(log))
     if cfg.augment.views > 0 and extra_text is None:
         state.views = augmented_views(state)
     for strategy in strategies:

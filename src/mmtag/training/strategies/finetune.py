@@ -24,8 +24,8 @@ class Finetune(Strategy):
     def run(self, state: TrainState) -> None:
         cfg = state.config
         tr, va = state.train_data, state.val_data
-        y_tr = state.label_space.encode(tr.labels)  # type: ignore[arg-type]
-        y_va = state.label_space.encode(va.labels)  # type: ignore[arg-type]
+        y_tr = state.label_space.encode(tr.label_rows())
+        y_va = state.label_space.encode(va.label_rows())
         history: dict[str, list[dict[str, float]]] = {}
         for modality in cfg.finetune.modalities:
             if modality not in state.featurizer.modalities:

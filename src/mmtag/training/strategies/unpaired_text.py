@@ -14,7 +14,7 @@ import numpy as np
 
 from ...config import Config
 from ...data import Dataset
-from ...errors import DataError, MmtagError
+from ...errors import MmtagError
 from ...features import Features
 from ...heads import HEADS, LateFusionHead, takes_unpaired
 from ..loop import FitResult, seed_everything
@@ -35,15 +35,13 @@ class UnpairedText(Strategy):
         extra = state.inputs.extra_text
         assert extra is not None and state.train is not None and state.y_train is not None
         extra = without_captions_of(extra, state.val_data)
-        if not extra.labelled:
-            raise DataError(extra.path, "--extra-text needs a Labels column")
         if not takes_unpaired(state.head_name):
             late = [n for n in HEADS if n != "text" and takes_unpaired(n)]
             raise MmtagError(f"--extra-text needs --modalities text or a late-fusion head "
                              f"({', '.join(sorted(late))}); '{state.head_name}' needs both "
                              "modalities per row")
         extra_feats = state.featurizer.text_features(extra, progress=state.progress)
-        y_extra = state.label_space.encode(extra.labels)  # type: ignore[arg-type]
+        y_extra = state.label_space.encode(extra.label_rows())
         text_rows = Features({"text": np.concatenate([state.train["text"], extra_feats["text"]])})
         text_y = np.concatenate([state.y_train, y_extra])
         if state.head_name == "text":
