@@ -49,6 +49,12 @@ def save_tiny_bert(directory: Path, *, layers: int = 2) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT saved as a Hugging Face directory (for `hf:` encoders)."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
     return make_dataset(tmp_path_factory.mktemp("tiny"), n_train=200, n_holdout=40, n_test=12,
                         size=96, seed=1)

@@ -3,7 +3,6 @@ blocks fine-tuning trains."""
 import pytest
 import torch
 
-from conftest import save_tiny_bert
 from mmtag.encoders import create_encoder
 from mmtag.errors import MmtagError
 
@@ -11,11 +10,6 @@ from mmtag.errors import MmtagError
 @pytest.fixture(scope="module")
 def lite0():
     return create_encoder("efficientnet-lite0", "image")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
 
 
 def test_image_encoder_keeps_spatial_tokens(lite0):

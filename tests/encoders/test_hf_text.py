@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from conftest import save_tiny_bert
 from mmtag.encoders import create_encoder, load_encoder
 from mmtag.errors import MmtagError
 
@@ -10,11 +9,6 @@ from mmtag.errors import MmtagError
 @pytest.fixture(scope="module")
 def minilm():
     return create_encoder("minilm-l6", "text")
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
 
 
 def test_text_encoder_shapes_and_meaningful_similarity(minilm):
