@@ -69,8 +69,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
         "train.optimizer": args.optimizer, "train.loss": args.loss,
-        "train.thresholds": args.thresholds, "train.oversample": True if args.oversample else None,
+        "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
         "data.unlabeled": args.unlabeled, "data.extra_text": args.extra_text,
+        "data.val_csv": str(args.val) if args.val else None,
         "augment.image": args.image_aug, "augment.text": args.text_aug, "augment.views": args.aug_views,
         "pseudo.rounds": args.pseudo_rounds,
         "pseudo.confidence": args.pseudo_confidence,
@@ -93,6 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     return _print_trained(out, report, manifest)
+
+
+def _decision(args: argparse.Namespace) -> str | None:
+    """`--decision`, or its older spelling `--thresholds` (one config key: train.thresholds)."""
+    if args.decision and args.thresholds and args.decision != args.thresholds:
+        raise MmtagError(f"--decision {args.decision} and --thresholds {args.thresholds} name two "
+                         "decision rules; give one (--thresholds is the older spelling)")
+    return args.decision or args.thresholds
 
 
 def _interrupted(run: Path) -> KeyboardInterrupt:
@@ -183,10 +192,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import api
 
-    manifest = api.export(args.run, args.out, format=args.format, int8=args.int8)
+    manifest = api.export(args.run, args.out, format=args.format, int8=args.int8,
+                          retune=args.retune)
     print(f"exported {args.run} -> {args.out} ({args.format}{', int8 text encoder' if args.int8 else ''}), "
           f"model_size_mb {manifest['model_size_mb']}")
+    exported = json.loads((Path(args.out) / "metrics.json").read_text(encoding="utf-8"))["export"]
+    if exported["thresholds_retuned"]:
+        print(f"thresholds re-tuned on the run's validation split (--retune): "
+              f"{_thresholds_text(exported['thresholds_before'])} -> "
+              f"{_thresholds_text(exported['thresholds_after'])}")
+    else:
+        print(f"thresholds kept from the run: {_thresholds_text(exported['thresholds_after'])}"
+              + ("" if not args.retune else " (the validation images are gone: nothing to re-tune on)"))
     return 0
+
+
+def _thresholds_text(t: dict[str, Any]) -> str:
+    """A threshold record in one short line: `global 0.42`, or the per-class range."""
+    values = [v for vs in (t.get("branches") or {"": t["values"]}).values() for v in vs]
+    lo, hi = min(values), max(values)
+    return f"{t['mode']} {lo:.2f}" if lo == hi else f"{t['mode']} {lo:.2f}-{hi:.2f}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -375,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="image decoding workers (default 2)")
     p.add_argument("--optimizer", help="adam or adamw (default)")
     p.add_argument("--loss", help="bce (default), weighted-bce, asl or focal")
-    p.add_argument("--thresholds", help="global (default), per-class or balanced")
+    p.add_argument("--decision", help="how scores become labels: global (one tuned threshold, the "
+                                      "default), per-class, balanced, or gfm (each item's "
+                                      "expected-F1-maximising label set; nothing tuned)")
+    p.add_argument("--thresholds", help="the older spelling of --decision")
     p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
     p.add_argument("--image-aug", help="image augmentation, e.g. crop,flip (default: on when the image "
                                        "encoder is fine-tuned or --aug-views is set); none to disable")
@@ -385,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
     p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
                                         "the text branch learns from them too")
+    p.add_argument("--val", type=Path, help="your own labelled validation CSV (images in --images): "
+                                            "the epoch and thresholds are chosen on it, not on a "
+                                            "--val-frac split of TRAIN_CSV")
     p.add_argument("--pseudo-rounds", type=int, help="pseudo-label rounds (default 0)")
     p.add_argument("--pseudo-confidence", type=float, help="score needed to trust a pseudo-label (0.9)")
     p.add_argument("--finetune", choices=["text", "image", "both"],
@@ -440,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--int8", action="store_true", help="quantise the text encoder to int8")
+    p.add_argument("--retune", action="store_true",
+                   help="re-tune the thresholds on the run's validation split as scored by the "
+                        "export (default: keep the run's thresholds and decision rule)")
     p.add_argument("--out", type=Path, required=True, help="directory of the exported bundle")
     p.set_defaults(func=cmd_export)
 

@@ -237,6 +237,9 @@ class DataConfig:
     workers: int = option(2, AT_LEAST_0, "--workers")
     extra_text: str = ""  # labelled captions without images: the text branch learns from them too
     unlabeled: str = ""  # unlabelled CSV for pseudo-label self-training
+    # the user's own labelled validation CSV (--val): every choice (epoch, thresholds) is made on
+    # it instead of a val_frac split of the training rows
+    val_csv: str = ""
 
 
 @dataclass

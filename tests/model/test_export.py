@@ -68,14 +68,31 @@ def test_exported_bundle_records_its_origin(exported: dict[str, Path]) -> None:
     assert meta["precision"] == "int8" and meta["probe_cosine"] >= 0.98
     metrics = json.loads((exported["int8"] / "metrics.json").read_text())
     assert metrics["export"]["int8"] is True and len(metrics["export"]["from_manifest_sha256"]) == 64
-    assert metrics["export"]["thresholds_retuned"] is True
+    assert metrics["export"]["thresholds_retuned"] is False
+
+
+def test_export_keeps_the_runs_thresholds_unless_asked_to_retune(
+        fused_run: Path, exported: dict[str, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from mmtag import cli
+
+    run = api.Tagger.load(fused_run).thresholds.to_dict()
+    assert api.Tagger.load(exported["int8"]).thresholds.to_dict() == run  # the default
+    assert cli.main(["export", str(fused_run), "--int8", "--retune", "--out",
+                     str(tmp_path / "retuned")]) == 0
+    out = capsys.readouterr().out
+    assert "thresholds re-tuned on the run's validation split (--retune): " in out
+    record = json.loads((tmp_path / "retuned" / "metrics.json").read_text())["export"]
+    assert record["thresholds_retuned"] is True and record["thresholds_before"] == run
+    assert record["thresholds_after"] == api.Tagger.load(tmp_path / "retuned").thresholds.to_dict()
 
 
 def test_int8_export_reports_its_own_validation_metrics(exported: dict[str, Path]) -> None:
-    # the export's metrics are of the export: re-scoring its validation split reproduces them
+    # the export's metrics are of the export: re-scoring its validation split at the thresholds
+    # it keeps reproduces them
     t = api.Tagger.load(exported["int8"])
     recorded = t.val_metrics
-    again = t.recalibrate()
+    again = t.recalibrate(retune=False)
     assert again is not None and recorded is not None
     assert again.samples_f1 == pytest.approx(recorded.samples_f1, abs=1e-9)
 

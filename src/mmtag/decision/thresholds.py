@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import MmtagError
+from .expected_f1 import decide_expected_f1
 from .metrics import samples_f1
 
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
@@ -59,6 +60,9 @@ def decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | flo
     label is the best single guess. For union decisions (`Scores.union` with per-branch
     thresholds) each branch's label set is thresholded on its own and the sets are united.
     """
+    if isinstance(thresholds, Thresholds) and thresholds.mode == EXPECTED_F1:
+        # no threshold: each item's expected-F1-maximising label set (`expected_f1`)
+        return decide_expected_f1(probs.probs if isinstance(probs, Scores) else probs)
     if isinstance(probs, Scores):
         if probs.union and isinstance(thresholds, Thresholds) and thresholds.branches:
             pred = np.zeros(probs.probs.shape, dtype=bool)
@@ -179,15 +183,26 @@ def tune_balanced(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID
     return Thresholds(mode="balanced", values=values)
 
 
+EXPECTED_F1 = "gfm"  # the decision rule that tunes nothing (see `expected_f1`)
+
+
+def expected_f1_rule(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
+    """The expected-F1 decision per item: nothing is fitted to the validation rows. Its record
+    keeps 0.5 per class only so every decision record has the same shape; `decide` ignores it."""
+    return Thresholds(mode=EXPECTED_F1, values=np.full(probs.shape[1], 0.5, dtype=np.float32))
+
+
+# The decision rules by name (`--decision`, also spelled `--thresholds`).
 TUNERS: dict[str, Callable[[np.ndarray, np.ndarray], Thresholds]] = {
     "global": tune_global,
     "per-class": tune_per_class,
     "balanced": tune_balanced,
+    EXPECTED_F1: expected_f1_rule,
 }
 
 
 def tune(mode: str, probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
-    """Thresholds tuned on validation scores by `mode` (global, per-class or balanced)."""
+    """The decision rule `mode` fitted on validation scores (global, per-class, balanced, gfm)."""
     try:
         tuner = TUNERS[mode]
     except KeyError:
@@ -216,7 +231,7 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
         inside = grid[(grid >= lo - 1e-9) & (grid <= hi + 1e-9)]
         return inside if len(inside) else np.array([lo], dtype=grid.dtype)
 
-    if not scores.union:
+    if not scores.union or mode == EXPECTED_F1:  # the expected-F1 rule reads the fused probs
         return tune(mode, scores.probs, y_true)
     names = sorted(scores.branches)
     if mode == "global" and len(names) == 2:

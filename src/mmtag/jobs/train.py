@@ -37,6 +37,8 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
         raise MmtagError("no training CSV: give TRAIN_CSV or data.train_csv in the config")
     config.data.train_csv = str(Path(train_csv).resolve())
     config.data.images = str(Path(images).resolve()) if images else ""
+    if config.data.val_csv:  # saved resolved, so `--resume` and `--config RUN/config.yaml` find it
+        config.data.val_csv = str(Path(config.data.val_csv).resolve())
     tagger = Tagger(config)
     if "image" in tagger.modalities and images is None:
         raise MmtagError("--images DIR is required when the image modality is used")
@@ -57,12 +59,17 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
             unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
                                                    skip_bad=config.data.skip_bad)
             skipped += pool_skipped
+        val = None
+        if config.data.val_csv:
+            val, val_skipped = read_dataset(config.data.val_csv, image_dir, labelled=True,
+                                            skip_bad=config.data.skip_bad)
+            skipped += val_skipped
         extra_text = None
         if config.data.extra_text:
             extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
                                                      skip_bad=config.data.skip_bad)
             skipped += extra_skipped
-        fit = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
+        fit = tagger.fit(dataset, val, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
         fit.skipped = skipped + fit.skipped
         manifest: dict[str, Any] = {}
         if space is not None:

@@ -146,10 +146,11 @@ class Tagger:
         return self.featurizer.features(dataset, skip_bad=skip_bad, progress=progress,
                                         distribute=distribute)
 
-    def recalibrate(self, *, progress: bool = False) -> Metrics | None:
+    def recalibrate(self, *, retune: bool = True, progress: bool = False) -> Metrics | None:
         """Re-score the run's validation split with the current encoders (e.g. after an int8
-        export) and re-tune the thresholds on it, as training did. None, and nothing changed,
-        when the run kept no validation record or its images are no longer where they were."""
+        export): the record and the metrics become those of the current encoders; with `retune`
+        the thresholds are tuned on it again, as training did, otherwise they are kept. None, and
+        nothing changed, when the run kept no validation record or its images are gone."""
         state = self.state()
         rec = state.validation
         if rec is None:
@@ -164,8 +165,12 @@ class Tagger:
         data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
                        captions=list(rec.captions), labels=None, images_dir=images_dir)
         scores = self.scores(self.features(data, progress=progress).features)
-        state.thresholds, state.val_metrics = tune(self.config, scores,
-                                                   rec.y_true.astype(np.float32), state.label_space)
+        y = rec.y_true.astype(np.float32)
+        if retune:
+            state.thresholds, state.val_metrics = tune(self.config, scores, y, state.label_space)
+        else:
+            ls = state.label_space
+            state.val_metrics = compute(y, decide(scores, state.thresholds), ls.ids, ls.names)
         state.validation = ValidationRecord(
             probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
             captions=rec.captions, image_paths=rec.image_paths)

@@ -6,10 +6,12 @@ trainer itself knows none of them.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import dist
 from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
                     parse_image_aug, parse_text_aug, train_val_split)
@@ -22,6 +24,8 @@ from ..heads import Head
 from .checkpoint import RunLog
 from .loop import predict_outputs
 from .strategies import PseudoRound, TrainInputs, TrainState, plan
+
+log = logging.getLogger("mmtag")
 
 
 @dataclass
@@ -123,6 +127,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
         skipped += list(full.skipped) + (va.skipped if val is not None else [])
         log = {}
     tr_data, va_data = tr.dataset, va.dataset
+    warn_if_few(len(va_data), user_val=val is not None)
     extra_labels = extra_text.label_rows() if extra_text is not None else []
     label_space = LabelSpace.from_labels(tr_data.label_rows() + extra_labels)
     state = TrainState(cfg, featurizer, inputs, label_space, tr_data, va_data, run_log=run_log,
@@ -155,6 +160,20 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
                        skipped=skipped, val_metrics=val_metrics, best_epoch=result.best_epoch,
                        pseudo_rounds=rounds)
     return fitted, report
+
+
+# Below this many validation rows, the epoch and threshold chosen on them are noise: on coco-real,
+# a 195-row split overstated held-out sample-F1 by 1-3 points and ranked the heads wrongly.
+FEW_VALIDATION_ROWS = 1000
+
+
+def warn_if_few(n_val: int, *, user_val: bool) -> None:
+    """Say it when the run's choices rest on few validation rows, and how many."""
+    if n_val < FEW_VALIDATION_ROWS and dist.context().is_main:
+        source = "your --val set" if user_val else "the --val-frac split"
+        log.warning("the best epoch and the thresholds are chosen on %d validation row(s) (%s); "
+                    "below %d they are noisy and the validation figures optimistic: give a larger "
+                    "--val CSV", n_val, source, FEW_VALIDATION_ROWS)
 
 
 def augmented_views(state: TrainState) -> list[Features] | None:
