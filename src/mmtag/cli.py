@@ -67,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
         "model.random_init": True if args.random_init else None,
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
+        "train.folds": args.folds,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
         "train.optimizer": args.optimizer, "train.loss": args.loss,
         "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
@@ -104,6 +105,11 @@ def _decision(args: argparse.Namespace) -> str | None:
     return args.decision or args.thresholds
 
 
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
 def _interrupted(run: Path) -> KeyboardInterrupt:
     """Ctrl-C in training: the interrupt, carrying the command that continues the run (when
     there is one to continue); `main` prints it."""
@@ -118,10 +124,18 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
     _report_skipped(report.skipped)
     m = report.val_metrics
     print(f"report: {Path(out) / 'report.html'}")
-    print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
-          f"(best epoch {report.best_epoch})")
-    if m is not None:
-        print(f"validation: {m.headline()}")
+    if report.folds > 1:
+        f1 = report.fold_samples_f1
+        print(f"trained {manifest['head']['name']} x {report.folds} folds on {report.n_train} rows, "
+              f"each row validated once, out of fold (mean best epoch {report.best_epoch})")
+        if m is not None:
+            print(f"out-of-fold: {m.headline()}")
+        print(f"per fold: samples_f1 {sum(f1) / len(f1):.4f} ± {_std(f1):.4f} over {len(f1)} folds")
+    else:
+        print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
+              f"(best epoch {report.best_epoch})")
+        if m is not None:
+            print(f"validation: {m.headline()}")
     for r in report.pseudo_rounds:
         print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
               f"val samples_f1={r.val_samples_f1:.4f}")
@@ -413,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
     p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
                                         "the text branch learns from them too")
+    p.add_argument("--folds", type=int,
+                   help="cross-fitting: K > 1 trains a head per fold, chooses the epoch and the "
+                        "decision on out-of-fold scores of every row, and averages the K heads "
+                        "(default 1: a --val-frac split)")
     p.add_argument("--val", type=Path, help="your own labelled validation CSV (images in --images): "
                                             "the epoch and thresholds are chosen on it, not on a "
                                             "--val-frac split of TRAIN_CSV")

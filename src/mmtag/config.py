@@ -297,6 +297,9 @@ class TrainConfig:
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
     union_text_range: list[float] = option(check=ThresholdRange(), factory=list)
+    # cross-fitting: K > 1 trains a head per fold and chooses the decision on out-of-fold scores
+    # of every training row (instead of a val_frac split); the model averages the K heads
+    folds: int = option(1, Interval(1, 50, integer=True), "--folds")
     # training strategies asked for by name, besides those the inputs switch on (--finetune,
     # --extra-text, --unlabeled); see mmtag.training.strategies
     strategies: list[str] = option(check=SubsetOf("training strategy", _registered("training strategy"), may_be_empty=True),

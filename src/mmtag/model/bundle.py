@@ -34,7 +34,7 @@ from ..data import LabelSpace
 from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
 from ..errors import MmtagError
 from ..decision import Metrics, Thresholds, ValidationRecord
-from ..heads import HEADS, create_head, head_needs
+from ..heads import HEADS, create_model_head, head_needs
 from ..io import atomic_write_text, atomic_write_with, staged_dir
 from . import rundir
 
@@ -414,16 +414,18 @@ def _check_consistency(run: Path, manifest: dict[str, Any], config: Config, labe
         if named != entry["name"]:
             raise MmtagError(f"{cpath}: model.{modality}_encoder '{named}' disagrees with the bundle's "
                              f"{modality} encoder '{entry['name']}' ({mpath})")
+    folds = config.train.folds
     _check_head_tensors(run / "head.safetensors", head_state, name, dims, n, model,
-                        f"{mpath}'s head ({name}, inputs {dims}, hidden {hidden}, {n} labels)")
+                        f"{mpath}'s head ({name}{f' x {folds} folds' if folds > 1 else ''}, "
+                        f"inputs {dims}, hidden {hidden}, {n} labels)", folds)
 
 
 def _check_head_tensors(path: Path, state: dict[str, torch.Tensor], name: str, dims: dict[str, int],
-                        num_classes: int, model: ModelConfig, described: str) -> None:
+                        num_classes: int, model: ModelConfig, described: str, folds: int = 1) -> None:
     # The meta device gives the expected names and shapes without allocating or drawing random
     # numbers; the head is built from config.yaml's hyper-parameters, as `Tagger.load` builds it.
     with torch.device("meta"):
-        want = create_head(name, dims, num_classes, model).state_dict()
+        want = create_model_head(name, dims, num_classes, model, folds).state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing:

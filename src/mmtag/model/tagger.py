@@ -27,7 +27,7 @@ from ..encoders import Encoder
 from ..errors import DataError, MmtagError
 from ..features import FeatureCache, Features, FeatureSet
 from ..features.pipeline import Featurizer
-from ..heads import Head, create_head, head_needs
+from ..heads import Head, create_model_head, head_needs
 from ..training.checkpoint import RunLog
 from ..training.trainer import FitReport, Fitted, TrainInputs, fit, head_scores, tune
 from . import bundle as bundle_io
@@ -283,7 +283,8 @@ class Tagger:
     def from_bundle(cls, b: bundle_io.Bundle) -> "Tagger":
         """The Tagger a loaded bundle describes."""
         tagger = cls(b.config, encoders=b.encoders)
-        head = create_head(b.head_name, b.dims, len(b.label_space), b.config.model)
+        head = create_model_head(b.head_name, b.dims, len(b.label_space), b.config.model,
+                                 b.config.train.folds)
         head.load_state_dict(b.head_state)
         head.eval()
         tagger.fitted = Fitted(label_space=b.label_space, head=head, dims=b.dims,

@@ -16,14 +16,14 @@ from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
                     parse_image_aug, parse_text_aug, train_val_split)
 from ..decision import (Metrics, Scores, Thresholds, ValidationRecord, compute, decide,
-                        tune_decisions)
+                        samples_f1, tune_decisions)
 from ..errors import DataError, MmtagError
 from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
-from ..heads import Head
+from ..heads import FoldEnsemble, Head
 from .checkpoint import RunLog
 from .loop import predict_outputs
-from .strategies import PseudoRound, TrainInputs, TrainState, plan
+from .strategies import PseudoRound, Strategy, TrainInputs, TrainState, plan
 
 log = logging.getLogger("mmtag")
 
@@ -39,6 +39,8 @@ class FitReport:
     val_metrics: Metrics | None = None
     best_epoch: int = 0
     pseudo_rounds: list[PseudoRound] = field(default_factory=list)
+    folds: int = 1  # > 1: cross-fitted; the metrics are out of fold, over every training row
+    fold_samples_f1: list[float] = field(default_factory=list)  # each fold's, at the chosen decision
 
 
 @dataclass
@@ -88,6 +90,12 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
     if extra_text is not None and not extra_text.labelled:
         raise DataError(extra_text.path, "--extra-text needs a Labels column")
     cfg = config.validate()  # a Config built in Python gets the checks files and flags get
+    if val is not None and cfg.train.folds > 1:
+        raise MmtagError(f"give a validation set (--val) or --folds {cfg.train.folds}, not both: "
+                         "each is a way to choose the epoch and the thresholds")
+    if cfg.train.folds > 1 and cfg.finetune.modalities:
+        raise MmtagError("--folds with --finetune would fine-tune the encoders once per fold; "
+                         "use --folds 1 (a --val-frac split) or --val with --finetune")
     strategies = plan(cfg, inputs)
     skip_bad = cfg.data.skip_bad
     skipped: list[DataError] = []
@@ -116,50 +124,142 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
         log = state.log
     else:
         full = featurizer.features(train, skip_bad=skip_bad, progress=progress)
+        skipped += list(full.skipped)
         if val is None:
             # undecodable images dropped under --skip-bad may leave too few rows to split
-            check_trainable(full.dataset, None, extra_text, dropped=len(skipped) + len(full.skipped))
+            check_trainable(full.dataset, None, extra_text, dropped=len(skipped),
+                            folds=cfg.train.folds)
+            if cfg.train.folds > 1:
+                return cross_fit(cfg, featurizer, inputs, strategies, full, skipped,
+                                 run_log=run_log, progress=progress)
             tr_idx, va_idx = train_val_split(len(full.dataset), cfg.data.val_frac, cfg.train.seed)
             tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
             va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
         else:
             tr, va = full, featurizer.features(val, skip_bad=skip_bad, progress=progress)
-        skipped += list(full.skipped) + (va.skipped if val is not None else [])
+            skipped += va.skipped
         log = {}
-    tr_data, va_data = tr.dataset, va.dataset
-    warn_if_few(len(va_data), user_val=val is not None)
+    warn_if_few(len(va.dataset), user_val=val is not None)
+    label_space = label_space_of(tr.dataset, extra_text)
+    state = run_head_strategies(cfg, featurizer, inputs, strategies, label_space, tr, va, log,
+                                run_log=run_log, progress=progress)
+    result = state.result
+    assert result is not None and state.y_val is not None
+    scores = head_scores(result.head, va.features)
+    thresholds, val_metrics = tune(cfg, scores, state.y_val, label_space)
+    fitted = Fitted(label_space=label_space, head=result.head, dims=state.dims,
+                    thresholds=thresholds, val_metrics=val_metrics,
+                    history=result.history_dicts(),
+                    validation=validation_record(scores, state.y_val, va.dataset, featurizer),
+                    extra=strategy_extras(state.log))
+    report = FitReport(n_train=len(tr.dataset), n_val=len(va.dataset), val_dataset=va.dataset,
+                       skipped=skipped, val_metrics=val_metrics, best_epoch=result.best_epoch,
+                       pseudo_rounds=pseudo_rounds(fitted.extra))
+    return fitted, report
+
+
+def label_space_of(train: Dataset, extra_text: Dataset | None) -> LabelSpace:
+    """The labels a model predicts: those of its training rows and of its extra captions."""
     extra_labels = extra_text.label_rows() if extra_text is not None else []
-    label_space = LabelSpace.from_labels(tr_data.label_rows() + extra_labels)
-    state = TrainState(cfg, featurizer, inputs, label_space, tr_data, va_data, run_log=run_log,
-                       progress=progress, dims=featurizer.dims(tr.features), train=tr.features,
-                       val=va.features, y_train=label_space.encode(tr_data.label_rows()),
-                       y_val=label_space.encode(va_data.label_rows()), log=dict(log))
-    if cfg.augment.views > 0 and extra_text is None:
+    return LabelSpace.from_labels(train.label_rows() + extra_labels)
+
+
+def run_head_strategies(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
+                        strategies: list[type[Strategy]], label_space: LabelSpace,
+                        tr: FeatureSet, va: FeatureSet, log: dict[str, object], *,
+                        run_log: RunLog | None, progress: bool, stage_prefix: str = "") -> TrainState:
+    """The head and refine phases on training features `tr`, validated on `va`."""
+    state = TrainState(cfg, featurizer, inputs, label_space, tr.dataset, va.dataset,
+                       run_log=run_log, progress=progress, dims=featurizer.dims(tr.features),
+                       train=tr.features, val=va.features,
+                       y_train=label_space.encode(tr.dataset.label_rows()),
+                       y_val=label_space.encode(va.dataset.label_rows()), log=dict(log),
+                       stage_prefix=stage_prefix)
+    if cfg.augment.views > 0 and inputs.extra_text is None:
         state.views = augmented_views(state)
     for strategy in strategies:
         if strategy.phase != "encoders":
             strategy().run(state)
-    result = state.result
-    assert result is not None, "the head strategy left no result"
-    y_va = state.y_val
-    assert y_va is not None
-    scores = head_scores(result.head, va.features)
-    thresholds, val_metrics = tune(cfg, scores, y_va, label_space)
-    validation = ValidationRecord(
-        probs=scores.probs, y_true=y_va, branches=scores.branches,
-        image_ids=list(va_data.image_ids), captions=list(va_data.captions),
-        image_paths=[str(va_data.image_path(i)) if "image" in featurizer.modalities else ""
-                     for i in range(len(va_data))])
-    extra = {"pseudo_rounds": state.log.get("pseudo_rounds", []),
-             "finetune": state.log.get("finetune", {})}
-    fitted = Fitted(label_space=label_space, head=result.head, dims=state.dims,
-                    thresholds=thresholds, val_metrics=val_metrics,
-                    history=result.history_dicts(), validation=validation, extra=extra)
-    rounds = [PseudoRound(**r) for r in extra["pseudo_rounds"]]  # type: ignore[arg-type, attr-defined]
-    report = FitReport(n_train=len(tr_data), n_val=len(va_data), val_dataset=va_data,
-                       skipped=skipped, val_metrics=val_metrics, best_epoch=result.best_epoch,
-                       pseudo_rounds=rounds)
+    assert state.result is not None, "the head strategy left no result"
+    return state
+
+
+def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
+              strategies: list[type[Strategy]], full: FeatureSet, skipped: list[DataError], *,
+              run_log: RunLog | None, progress: bool) -> tuple[Fitted, FitReport]:
+    """K-fold cross-fitting (`--folds K`): a head per fold, trained on the other folds and
+    stopped early on its own; every training row is scored once, by the head that did not see
+    it. Those out-of-fold scores choose the decision (thresholds) and give the run's figures;
+    the model is the K fold heads averaged (bagging), so no row of the data is left out of it."""
+    label_space = label_space_of(full.dataset, inputs.extra_text)
+    y = label_space.encode(full.dataset.label_rows())
+    k = cfg.train.folds
+    oof_probs = np.zeros(y.shape, dtype=np.float64)
+    oof_branches: dict[str, np.ndarray] = {}
+    heads: list[Head] = []
+    folds = fold_indices(y, k, cfg.train.seed)
+    states = []
+    for i, (tr_idx, va_idx) in enumerate(folds, 1):
+        tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
+        va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
+        if dist.context().is_main:
+            log.info("fold %d/%d: training on %d rows, validating on %d", i, k, len(tr_idx), len(va_idx))
+        state = run_head_strategies(cfg, featurizer, inputs, strategies, label_space, tr, va, {},
+                                    run_log=run_log, progress=progress, stage_prefix=f"fold{i}-")
+        assert state.result is not None
+        scores = head_scores(state.result.head, va.features)
+        oof_probs[va_idx] = scores.probs
+        for name, probs in scores.branches.items():
+            oof_branches.setdefault(name, np.zeros(y.shape, dtype=np.float64))[va_idx] = probs
+        heads.append(state.result.head)
+        states.append(state)
+    union = heads[0].decision == "union"
+    scores = Scores(probs=oof_probs, branches=oof_branches, union=union)
+    thresholds, oof_metrics = tune(cfg, scores, y, label_space)
+    per_fold = [samples_f1(y[va_idx], decide(Scores(probs=oof_probs[va_idx], union=union,
+                                                    branches={n: b[va_idx] for n, b in oof_branches.items()}),
+                                             thresholds)) for _, va_idx in folds]
+    best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
+    extra = strategy_extras(states[0].log)
+    extra["folds"] = {"k": k, "samples_f1": per_fold, "best_epochs": best_epochs,
+                      "seed": cfg.train.seed}
+    first = states[0].result
+    assert first is not None
+    fitted = Fitted(label_space=label_space, head=FoldEnsemble(heads), dims=states[0].dims,
+                    thresholds=thresholds, val_metrics=oof_metrics, history=first.history_dicts(),
+                    validation=validation_record(scores, y, full.dataset, featurizer), extra=extra)
+    report = FitReport(n_train=len(full.dataset), n_val=len(full.dataset), val_dataset=full.dataset,
+                       skipped=skipped, val_metrics=oof_metrics,
+                       best_epoch=int(round(float(np.mean(best_epochs)))),
+                       pseudo_rounds=pseudo_rounds(extra), folds=k, fold_samples_f1=per_fold)
     return fitted, report
+
+
+def fold_indices(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """K seeded folds, stratified on every label at once (iterative stratification), so each
+    fold's validation rows hold each label in about the same proportion."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    splitter = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros((len(y), 1)), y)]
+
+
+def validation_record(scores: Scores, y: np.ndarray, data: Dataset,
+                      featurizer: Featurizer) -> ValidationRecord:
+    return ValidationRecord(
+        probs=scores.probs, y_true=y, branches=scores.branches,
+        image_ids=list(data.image_ids), captions=list(data.captions),
+        image_paths=[str(data.image_path(i)) if "image" in featurizer.modalities else ""
+                     for i in range(len(data))])
+
+
+def strategy_extras(log: dict[str, object]) -> dict[str, object]:
+    """What the strategies logged that the bundle keeps."""
+    return {"pseudo_rounds": log.get("pseudo_rounds", []), "finetune": log.get("finetune", {})}
+
+
+def pseudo_rounds(extra: dict[str, object]) -> list[PseudoRound]:
+    return [PseudoRound(**r) for r in extra.get("pseudo_rounds", [])]  # type: ignore[arg-type, attr-defined]
 
 
 # Below this many validation rows, the epoch and threshold chosen on them are noise: on coco-real,
@@ -197,7 +297,7 @@ def split(config: Config, train: Dataset, val: Dataset | None) -> tuple[Dataset,
 
 
 def check_trainable(train: Dataset, val: Dataset | None, extra_text: Dataset | None, *,
-                    dropped: int = 0) -> None:
+                    dropped: int = 0, folds: int = 1) -> None:
     """Refuse, before any feature is computed, data that cannot train a multi-label tagger:
     too few rows for a training and a validation part, or a single label (nothing to tell
     apart; sklearn's multi-label metrics would also fail on it after the training time)."""
@@ -206,6 +306,8 @@ def check_trainable(train: Dataset, val: Dataset | None, extra_text: Dataset | N
     rows = f"{n} labelled row{'' if n == 1 else 's'}{left}"
     if val is None and n < 2:
         raise DataError(train.path, f"{rows}; training needs at least 2 (1 to train on, 1 to validate on)")
+    if val is None and folds > n:
+        raise DataError(train.path, f"{rows}; --folds {folds} needs at least {folds}")
     if n < 1:
         raise DataError(train.path, f"{rows}; training needs at least 1")
     if val is not None and len(val) < 1:

@@ -65,6 +65,7 @@ class TrainState:
     views: list[Features] | None = None
     result: FitResult | None = None
     log: dict[str, object] = field(default_factory=dict)  # what strategies report (bundle extras)
+    stage_prefix: str = ""  # cross-fitting: "fold2-", so each fold's checkpoints are its own
 
     @property
     def head_name(self) -> str:
@@ -86,7 +87,8 @@ class TrainState:
             head = self.new_head()
         return fit_head(head, train, y_train, self.val, self.y_val, cfg.train,
                         criterion=create_loss(cfg.train.loss, y_train), views=views,
-                        progress=self.progress, run_log=self.run_log, stage=stage)
+                        progress=self.progress, run_log=self.run_log,
+                        stage=self.stage_prefix + stage)
 
 
 class Strategy:

@@ -1,0 +1,60 @@
+"""Cross-fitting (`--folds K`): folds partition the rows, each row is scored by the one head that
+never trained on it, the decision is chosen on those scores, and the model is the K heads."""
+import numpy as np
+import pytest
+
+from mmtag import Tagger, api
+from mmtag.errors import MmtagError
+from mmtag.heads import FoldEnsemble
+from mmtag.training.trainer import fold_indices, head_scores
+
+
+def test_folds_partition_the_rows_seeded_and_stratified():
+    rng = np.random.default_rng(0)
+    y = (rng.random((300, 6)) < [0.5, 0.3, 0.1, 0.05, 0.4, 0.2]).astype(np.float32)
+    folds = fold_indices(y, 5, seed=3)
+    seen = np.concatenate([va for _, va in folds])
+    assert sorted(seen.tolist()) == list(range(300))  # every row validated exactly once
+    for tr, va in folds:
+        assert not set(tr) & set(va) and len(tr) + len(va) == 300
+        # each fold holds each label in about its overall proportion
+        assert np.all(np.abs(y[va].mean(0) - y.mean(0)) <= 0.05)
+    again = fold_indices(y, 5, seed=3)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, fold_indices(y, 5, seed=4)))
+
+
+def test_every_row_is_scored_by_the_head_that_never_saw_it(tiny, make_config, tmp_path):
+    cfg = make_config(**{"model.modalities": ["text"], "train.folds": 3, "train.epochs": 4})
+    train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
+    tagger = Tagger(cfg)
+    report = tagger.fit(train, progress=False)
+    assert report.folds == 3 and report.n_train == report.n_val == len(train)
+    assert len(report.fold_samples_f1) == 3
+    head = tagger.head
+    assert isinstance(head, FoldEnsemble) and len(head.members) == 3
+    rec = tagger.validation
+    assert rec is not None and rec.image_ids == train.image_ids  # out of fold: every row
+    y = tagger.label_space.encode(train.label_rows())
+    feats = tagger.features(train, progress=False).features
+    for member, (_, va) in zip(head.members, fold_indices(y, 3, cfg.train.seed)):
+        assert np.allclose(head_scores(member, feats.subset(va)).probs, rec.probs[va], atol=1e-6)
+    # the figures are the out-of-fold ones, saved and reloaded with the K heads
+    tagger.save(tmp_path / "run")
+    back = Tagger.load(tmp_path / "run")
+    assert isinstance(back.head, FoldEnsemble) and back.val_metrics.samples_f1 == report.val_metrics.samples_f1
+    data, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    assert np.allclose(back.predict_proba_dataset(data, progress=False).probs,
+                       tagger.predict_proba_dataset(data, progress=False).probs)
+
+
+def test_folds_refuse_what_they_cannot_do(tiny, make_config):
+    train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
+    holdout, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
+    cfg = make_config(**{"model.modalities": ["text"], "train.folds": 3})
+    with pytest.raises(MmtagError, match="--val\\) or --folds 3, not both"):
+        Tagger(cfg).fit(train, holdout, progress=False)
+    with pytest.raises(MmtagError, match="--folds with --finetune"):
+        Tagger(cfg.override({"finetune.modalities": ["text"]})).fit(train, progress=False)
+    with pytest.raises(MmtagError, match="--folds 50 needs at least 50"):
+        Tagger(cfg.override({"train.folds": 50})).fit(train.subset(list(range(10))), progress=False)
