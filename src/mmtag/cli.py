@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
         "model.random_init": True if args.random_init else None,
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.folds": args.folds,
+        "train.folds": args.folds, "train.stack": True if args.stack else None,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
         "train.optimizer": args.optimizer, "train.loss": args.loss,
         "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
@@ -431,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-fitting: K > 1 trains a head per fold, chooses the epoch and the "
                         "decision on out-of-fold scores of every row, and averages the K heads "
                         "(default 1: a --val-frac split)")
+    p.add_argument("--stack", action="store_true",
+                   help="late fusion (mean, gated) with --folds: per-label weights of the image and "
+                        "text branches, fitted on their out-of-fold scores")
     p.add_argument("--val", type=Path, help="your own labelled validation CSV (images in --images): "
                                             "the epoch and thresholds are chosen on it, not on a "
                                             "--val-frac split of TRAIN_CSV")

@@ -300,6 +300,9 @@ class TrainConfig:
     # cross-fitting: K > 1 trains a head per fold and chooses the decision on out-of-fold scores
     # of every training row (instead of a val_frac split); the model averages the K heads
     folds: int = option(1, Interval(1, 50, integer=True), "--folds")
+    # late fusion with --folds: per-label weights of the image and text branches, fitted on their
+    # out-of-fold scores (logistic regression), instead of the head's own combination
+    stack: bool = option(False, flag="--stack")
     # training strategies asked for by name, besides those the inputs switch on (--finetune,
     # --extra-text, --unlabeled); see mmtag.training.strategies
     strategies: list[str] = option(check=SubsetOf("training strategy", _registered("training strategy"), may_be_empty=True),

@@ -18,4 +18,4 @@ from .early import EARLY_FUSION_PARAMS, ConcatHead  # noqa: F401
 from .late import LateFusionHead, MeanHead, UnionHead, GatedHead  # noqa: F401
 from .cross_attention import CrossAttention, CrossAttentionHead  # noqa: F401
 from .averaged import MeanWithBranchesHead, ConcatMeanHead, CrossAttentionMeanHead  # noqa: F401
-from .ensemble import FoldEnsemble, create_model_head  # noqa: F401
+from .ensemble import FoldEnsemble, StackedHead, can_stack, create_model_head  # noqa: F401

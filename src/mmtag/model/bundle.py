@@ -417,15 +417,16 @@ def _check_consistency(run: Path, manifest: dict[str, Any], config: Config, labe
     folds = config.train.folds
     _check_head_tensors(run / "head.safetensors", head_state, name, dims, n, model,
                         f"{mpath}'s head ({name}{f' x {folds} folds' if folds > 1 else ''}, "
-                        f"inputs {dims}, hidden {hidden}, {n} labels)", folds)
+                        f"inputs {dims}, hidden {hidden}, {n} labels)", folds, config.train.stack)
 
 
 def _check_head_tensors(path: Path, state: dict[str, torch.Tensor], name: str, dims: dict[str, int],
-                        num_classes: int, model: ModelConfig, described: str, folds: int = 1) -> None:
+                        num_classes: int, model: ModelConfig, described: str, folds: int = 1,
+                        stack: bool = False) -> None:
     # The meta device gives the expected names and shapes without allocating or drawing random
     # numbers; the head is built from config.yaml's hyper-parameters, as `Tagger.load` builds it.
     with torch.device("meta"):
-        want = create_model_head(name, dims, num_classes, model, folds).state_dict()
+        want = create_model_head(name, dims, num_classes, model, folds, stack).state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
     if missing:

@@ -284,7 +284,7 @@ class Tagger:
         """The Tagger a loaded bundle describes."""
         tagger = cls(b.config, encoders=b.encoders)
         head = create_model_head(b.head_name, b.dims, len(b.label_space), b.config.model,
-                                 b.config.train.folds)
+                                 b.config.train.folds, b.config.train.stack)
         head.load_state_dict(b.head_state)
         head.eval()
         tagger.fitted = Fitted(label_space=b.label_space, head=head, dims=b.dims,

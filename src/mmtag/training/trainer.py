@@ -10,6 +10,8 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
 from .. import dist
 from ..config import Config
@@ -20,9 +22,10 @@ from ..decision import (Metrics, Scores, Thresholds, ValidationRecord, compute, 
 from ..errors import DataError, MmtagError
 from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
-from ..heads import FoldEnsemble, Head
+from ..heads import FoldEnsemble, Head, StackedHead, can_stack, head_class
 from .checkpoint import RunLog
 from .loop import predict_outputs
+from .stacking import fit_stacker, stacked_probs
 from .strategies import PseudoRound, Strategy, TrainInputs, TrainState, plan
 
 log = logging.getLogger("mmtag")
@@ -93,6 +96,10 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
     if val is not None and cfg.train.folds > 1:
         raise MmtagError(f"give a validation set (--val) or --folds {cfg.train.folds}, not both: "
                          "each is a way to choose the epoch and the thresholds")
+    if cfg.train.stack and (cfg.train.folds < 2 or not can_stack(head_class(cfg.model.head_name()))):
+        raise MmtagError("--stack fits per-label weights of the image and text branches on "
+                         "out-of-fold scores: it needs --folds K (K >= 2) and a late-fusion head "
+                         f"(mean or gated), not '{cfg.model.head_name()}'")
     if cfg.train.folds > 1 and cfg.finetune.modalities:
         raise MmtagError("--folds with --finetune would fine-tune the encoders once per fold; "
                          "use --folds 1 (a --val-frac split) or --val with --finetune")
@@ -214,6 +221,19 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
         heads.append(state.result.head)
         states.append(state)
     union = heads[0].decision == "union"
+    model_head: nn.Module = FoldEnsemble(heads)
+    if cfg.train.stack:
+        # Cross-validated, as the heads were: each fold's rows are combined by weights fitted on
+        # the other folds' out-of-fold scores; the saved weights are fitted on every row's.
+        names = list(StackedHead.branches)
+        for _, va_idx in folds:
+            rest = np.setdiff1d(np.arange(len(y)), va_idx)
+            w, b = fit_stacker([oof_branches[n][rest] for n in names], y[rest])
+            oof_probs[va_idx] = stacked_probs([oof_branches[n][va_idx] for n in names], w, b)
+        w, b = fit_stacker([oof_branches[n] for n in names], y)
+        model_head = StackedHead(model_head, y.shape[1])
+        model_head.weight.data = torch.as_tensor(w, dtype=torch.float32)
+        model_head.bias.data = torch.as_tensor(b, dtype=torch.float32)
     scores = Scores(probs=oof_probs, branches=oof_branches, union=union)
     thresholds, oof_metrics = tune(cfg, scores, y, label_space)
     per_fold = [samples_f1(y[va_idx], decide(Scores(probs=oof_probs[va_idx], union=union,
@@ -225,7 +245,7 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
                       "seed": cfg.train.seed}
     first = states[0].result
     assert first is not None
-    fitted = Fitted(label_space=label_space, head=FoldEnsemble(heads), dims=states[0].dims,
+    fitted = Fitted(label_space=label_space, head=model_head, dims=states[0].dims,  # type: ignore[arg-type]
                     thresholds=thresholds, val_metrics=oof_metrics, history=first.history_dicts(),
                     validation=validation_record(scores, y, full.dataset, featurizer), extra=extra)
     report = FitReport(n_train=len(full.dataset), n_val=len(full.dataset), val_dataset=full.dataset,
@@ -272,8 +292,9 @@ def warn_if_few(n_val: int, *, user_val: bool) -> None:
     if n_val < FEW_VALIDATION_ROWS and dist.context().is_main:
         source = "your --val set" if user_val else "the --val-frac split"
         log.warning("the best epoch and the thresholds are chosen on %d validation row(s) (%s); "
-                    "below %d they are noisy and the validation figures optimistic: give a larger "
-                    "--val CSV", n_val, source, FEW_VALIDATION_ROWS)
+                    "below %d they are noisy and the validation figures optimistic: use --folds 5 "
+                    "(every row validates once) or give a larger --val CSV", n_val, source,
+                    FEW_VALIDATION_ROWS)
 
 
 def augmented_views(state: TrainState) -> list[Features] | None:
