@@ -150,7 +150,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "cache_dir": args.cache_dir})
+                              "train.folds": args.folds, "cache_dir": args.cache_dir})
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     run_ablation(args.train_csv, args.images, args.out, config, variants,
                  extra_text=args.extra_text, progress=_progress(args))
@@ -168,7 +168,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "cache_dir": args.cache_dir})
+                              "train.folds": args.folds, "cache_dir": args.cache_dir})
     rows = run_sweep(args.train_csv, args.images, args.out, config, grid, progress=_progress(args))
     print((args.out / "sweep.md").read_text(encoding="utf-8"), end="")
     print(f"tables: {args.out / 'sweep.csv'}, {args.out / 'sweep.md'}; plot: {args.out / 'sweep.png'}")
@@ -333,6 +333,8 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config every run starts from")
     p.add_argument("--seed", type=int, help="random seed of the shared split (default 0)")
     p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
+    p.add_argument("--folds", type=int, help="cross-fit every run with K folds and rank by "
+                                             "out-of-fold figures (default 1: the shared split)")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
 
 

@@ -11,12 +11,12 @@ def test_ablation_writes_one_row_per_variant(tiny, make_config, tmp_path):
     with open(tmp_path / "ablation.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == ["variant", "samples_f1", "micro_f1", "macro_f1", "train_s", "predict_s",
-                              "model_size_mb"]
+                              "model_size_mb", "folds", "samples_f1_std"]
     assert [t["variant"] for t in table] == variants
     assert all(0 < float(t["samples_f1"]) <= 1 and float(t["model_size_mb"]) > 0 for t in table)
     md = (tmp_path / "ablation.md").read_text()
     best = max(rows, key=lambda r: r.samples_f1).variant
-    assert f"Best variant by validation sample-F1: {best}." in md
+    assert f"Best variant by validation sample-F1 (one seeded split): {best}." in md
     assert "trained: text, union, xattn+mean, gated" in md  # heads with a separate text branch
     assert (tmp_path / "runs" / "xattn_mean" / "manifest.json").is_file()
 
@@ -48,3 +48,14 @@ def test_a_head_registered_here_is_ablated_and_validated_without_editing_mmtag()
     finally:
         HEADS.pop("toy-text")
     assert "toy-text" not in default_variants()
+
+
+def test_ablation_with_folds_ranks_by_out_of_fold_figures(tiny, make_config, tmp_path):
+    rows = run_ablation(tiny.train_csv, tiny.images, tmp_path,
+                        make_config(**{"train.epochs": 4, "train.folds": 3}), ["text", "mean"],
+                        progress=False)
+    assert all(r.folds == 3 and r.samples_f1_std > 0 for r in rows)
+    md = (tmp_path / "ablation.md").read_text()
+    best = max(rows, key=lambda r: r.samples_f1)
+    assert f"| **{best.variant}** | {best.samples_f1:.4f} ± {best.samples_f1_std:.4f} |" in md
+    assert f"Best variant by out-of-fold sample-F1 (3 folds;" in md

@@ -302,8 +302,11 @@ def _train_one(cfg: Config, combo: dict[str, Any], run_dir: Path, dataset: Datas
                                   image_dir if "image" in tagger.modalities else None, False,
                                   cfg.data.skip_bad)
     t0 = time.perf_counter()
-    report = tagger.fit(train_part, val_part, unlabeled=unlabeled, extra_text=extra,
-                        progress=progress)
+    if cfg.train.folds > 1:  # cross-fitted: every row trains and is validated out of fold
+        report = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra, progress=progress)
+    else:
+        report = tagger.fit(train_part, val_part, unlabeled=unlabeled, extra_text=extra,
+                            progress=progress)
     train_s = time.perf_counter() - t0
     manifest = tagger.save(run_dir)
     m = report.val_metrics
