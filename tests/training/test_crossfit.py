@@ -46,6 +46,9 @@ def test_every_row_is_scored_by_the_head_that_never_saw_it(tiny, make_config, tm
     data, _ = api.read_dataset(tiny.holdout_csv, None, labelled=True)
     assert np.allclose(back.predict_proba_dataset(data, progress=False).probs,
                        tagger.predict_proba_dataset(data, progress=False).probs)
+    # the report says what its figures are
+    page = api.report(tmp_path / "run").read_text()
+    assert "out of fold (3 folds, every training row)" in page
 
 
 def test_folds_refuse_what_they_cannot_do(tiny, make_config):

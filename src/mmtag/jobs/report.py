@@ -238,7 +238,10 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
                          for i in range(len(d))])
         title = f"{Path(run).name} on {Path(csv_path).name}"
     elif tagger.validation is not None:
-        record, title = tagger.validation, f"{Path(run).name}: validation split"
+        folds = tagger.config.train.folds
+        what = (f"out of fold ({folds} folds, every training row)" if folds > 1 else
+                "your validation set" if tagger.config.data.val_csv else "validation split")
+        record, title = tagger.validation, f"{Path(run).name}: {what}"
     else:
         raise MmtagError(f"{run}: no validation record in this run (an export, or trained before "
                          "mmtag kept one); use --csv to report on a labelled CSV")
