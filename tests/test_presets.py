@@ -7,7 +7,7 @@ from mmtag.presets import list_presets, load_preset, preset_dir
 
 
 def test_both_reference_presets_ship_and_substitute_missing_backbones():
-    assert {p.name for p in list_presets()} == {"effnet-albert-union", "effnet-berttiny-fm3"}
+    assert {p.name for p in list_presets()} == {"accurate", "effnet-albert-union", "effnet-berttiny-fm3"}
     a = load_preset("effnet-albert-union")
     assert a.model.fusion == "union" and a.finetune.modalities == ["image", "text"]
     assert a.train.union_image_range == [0.8, 0.8] and a.train.union_text_range == [0.3, 0.6]
@@ -17,6 +17,12 @@ def test_both_reference_presets_ship_and_substitute_missing_backbones():
     # timm and the HF checkpoints are not installed here: the offline encoders stand in, recorded
     assert b.model.image_encoder == "efficientnet-lite2" and b.model.text_encoder == "minilm-l6"
     assert "timm:efficientnet_b4 -> efficientnet-lite2" in b.substitutions and b.preset == "effnet-berttiny-fm3"
+
+
+def test_the_accurate_preset_is_cross_fitted_stacked_late_fusion():
+    cfg = load_preset("accurate")
+    assert (cfg.model.fusion, cfg.train.folds, cfg.train.stack) == ("mean", 5, True)
+    assert cfg.model.modalities == ["image", "text"] and cfg.preset == "accurate"
 
 
 def test_a_copied_preset_file_loads(tmp_path):

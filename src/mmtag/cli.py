@@ -396,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in --out (it stays intact until the new one is complete)")
     p.add_argument("--tensorboard", action="store_true", help="also log epochs to RUN/tensorboard")
     p.add_argument("--config", type=Path, help="YAML config (e.g. RUN/config.yaml); flags override it")
-    p.add_argument("--preset", help="start from a named preset: effnet-albert-union, effnet-berttiny-fm3")
+    p.add_argument("--preset", help="start from a named preset: accurate, effnet-albert-union, "
+                                    "effnet-berttiny-fm3")
     p.add_argument("--modalities", help="image, text or image,text (default)")
     p.add_argument("--fusion", help="fusion head when both modalities are used (default concat)")
     p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
