@@ -65,16 +65,13 @@ def cross_validated_rules(tagger: Tagger, k: int, seed: int) -> dict[str, tuple[
     rec = tagger.validation
     assert rec is not None
     y = rec.y_true.astype(np.float32)
-    union = tagger.head.decision == "union"
+    scores = Scores(probs=rec.probs, branches=rec.branches, union=tagger.head.decision == "union")
     out = {}
     for rule in ("global", "per-class", "gfm"):
         f1s = []
         for tr, va in fold_indices(y, k, seed):
-            def part(idx: np.ndarray) -> Scores:
-                return Scores(probs=rec.probs[idx], branches={n: b[idx] for n, b in rec.branches.items()},
-                              union=union)
-            decision = tune_decisions(rule, part(tr), y[tr])
-            f1s.append(samples_f1(y[va], decide(part(va), decision)))
+            decision = tune_decisions(rule, scores.subset(tr), y[tr])
+            f1s.append(samples_f1(y[va], decide(scores.subset(va), decision)))
         out[rule] = (float(np.mean(f1s)), float(np.std(f1s, ddof=1)))
     return out
 

@@ -6,7 +6,8 @@ import pytest
 from mmtag import Tagger, api
 from mmtag.errors import MmtagError
 from mmtag.heads import FoldEnsemble
-from mmtag.training.trainer import fold_indices, head_scores
+from mmtag.training.loop import head_scores
+from mmtag.training.trainer import fold_indices
 
 
 def test_folds_partition_the_rows_seeded_and_stratified():

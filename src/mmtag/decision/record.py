@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..data import Dataset
+
 
 @dataclass
 class ValidationRecord:
@@ -17,3 +19,12 @@ class ValidationRecord:
     captions: list[str]
     image_paths: list[str]  # "" where the model used no image
     branches: dict[str, np.ndarray] = field(default_factory=dict)  # late fusion: per branch
+
+    @classmethod
+    def of(cls, probs: np.ndarray, branches: dict[str, np.ndarray], y_true: np.ndarray,
+           data: Dataset, *, with_images: bool) -> "ValidationRecord":
+        """The record of `data`'s rows scored `probs` (and `branches`), with their truth."""
+        return cls(probs=probs, y_true=y_true, branches=branches, image_ids=list(data.image_ids),
+                   captions=list(data.captions),
+                   image_paths=[str(data.image_path(i)) if with_images else ""
+                                for i in range(len(data))])

@@ -25,6 +25,10 @@ class Scores:
     branches: dict[str, np.ndarray] = field(default_factory=dict)
     union: bool = False
 
+    def subset(self, index: np.ndarray) -> "Scores":
+        """The scores of rows `index` (a fold's, say)."""
+        return Scores(self.probs[index], {k: v[index] for k, v in self.branches.items()}, self.union)
+
 
 @dataclass
 class Thresholds:

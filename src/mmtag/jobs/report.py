@@ -230,12 +230,8 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
         warn_unknown_labels(ls, d.label_rows(), dataset.path,
                             "the report shows the model's own labels only (see mmtag evaluate)")
         scores = tagger.scores(fs.features)
-        record = ValidationRecord(
-            probs=scores.probs, branches=scores.branches,
-            y_true=ls.encode(d.label_rows()),
-            image_ids=list(d.image_ids), captions=list(d.captions),
-            image_paths=[str(d.image_path(i)) if "image" in tagger.modalities else ""
-                         for i in range(len(d))])
+        record = ValidationRecord.of(scores.probs, scores.branches, ls.encode(d.label_rows()), d,
+                                     with_images="image" in tagger.modalities)
         title = f"{Path(run).name} on {Path(csv_path).name}"
     elif tagger.validation is not None:
         folds = tagger.config.train.folds

@@ -29,7 +29,8 @@ from ..features import FeatureCache, Features, FeatureSet
 from ..features.pipeline import Featurizer
 from ..heads import Head, create_model_head, head_needs
 from ..training.checkpoint import RunLog
-from ..training.trainer import FitReport, Fitted, TrainInputs, fit, head_scores, tune
+from ..training.loop import head_scores
+from ..training.trainer import FitReport, Fitted, TrainInputs, fit, tune
 from . import bundle as bundle_io
 
 log = logging.getLogger("mmtag")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .. import dist
 from ..config import TrainConfig
 from ..decision.metrics import samples_f1
-from ..decision.thresholds import decide, tune_global
+from ..decision.thresholds import Scores, decide, tune_global
 from ..features import Features
 from ..heads import FeatureBatch, Head
 from .checkpoint import RunLog, StageState
@@ -99,6 +99,17 @@ def predict_outputs(head: Head, features: Features,
 def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np.ndarray:
     """Head logits for every row, in order."""
     return predict_outputs(head, features, batch_size)[0]
+
+
+def head_scores(head: nn.Module, feats: Features) -> Scores:
+    """The head's probabilities (and each branch's, for late fusion) on features."""
+    logits, branches = predict_outputs(head, feats)  # type: ignore[arg-type]
+    return Scores(probs=sigmoid(logits), branches={k: sigmoid(v) for k, v in branches.items()},
+                  union=head.decision == "union")
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _loss(head: nn.Module, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:

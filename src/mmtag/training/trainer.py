@@ -24,7 +24,7 @@ from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
 from ..heads import FoldEnsemble, Head, StackedHead, can_stack, head_class
 from .checkpoint import RunLog
-from .loop import predict_outputs
+from .loop import head_scores
 from .stacking import fit_stacker, stacked_probs
 from .strategies import PseudoRound, Strategy, TrainInputs, TrainState, plan
 
@@ -62,17 +62,6 @@ class Fitted:
     @property
     def finetune_history(self) -> dict[str, list[dict[str, float]]]:
         return self.extra.get("finetune") or {}  # type: ignore[return-value]
-
-
-def head_scores(head: Head, feats: Features) -> Scores:
-    """The head's probabilities (and each branch's, for late fusion) on features."""
-    logits, branches = predict_outputs(head, feats)
-    return Scores(probs=sigmoid(logits), branches={k: sigmoid(v) for k, v in branches.items()},
-                  union=head.decision == "union")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def tune(config: Config, scores: Scores, y_val: np.ndarray,
@@ -236,9 +225,8 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
         model_head.bias.data = torch.as_tensor(b, dtype=torch.float32)
     scores = Scores(probs=oof_probs, branches=oof_branches, union=union)
     thresholds, oof_metrics = tune(cfg, scores, y, label_space)
-    per_fold = [samples_f1(y[va_idx], decide(Scores(probs=oof_probs[va_idx], union=union,
-                                                    branches={n: b[va_idx] for n, b in oof_branches.items()}),
-                                             thresholds)) for _, va_idx in folds]
+    per_fold = [samples_f1(y[va_idx], decide(scores.subset(va_idx), thresholds))
+                for _, va_idx in folds]
     best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
     extra = strategy_extras(states[0].log)
     extra["folds"] = {"k": k, "samples_f1": per_fold, "best_epochs": best_epochs,
@@ -266,11 +254,8 @@ def fold_indices(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.
 
 def validation_record(scores: Scores, y: np.ndarray, data: Dataset,
                       featurizer: Featurizer) -> ValidationRecord:
-    return ValidationRecord(
-        probs=scores.probs, y_true=y, branches=scores.branches,
-        image_ids=list(data.image_ids), captions=list(data.captions),
-        image_paths=[str(data.image_path(i)) if "image" in featurizer.modalities else ""
-                     for i in range(len(data))])
+    return ValidationRecord.of(scores.probs, scores.branches, y, data,
+                               with_images="image" in featurizer.modalities)
 
 
 def strategy_extras(log: dict[str, object]) -> dict[str, object]:

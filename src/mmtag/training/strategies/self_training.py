@@ -14,7 +14,7 @@ import numpy as np
 
 from ...config import Config
 from ...features import concat_features
-from ..loop import FitResult, predict_outputs
+from ..loop import FitResult, head_scores
 from .base import Strategy, TrainInputs, TrainState, register_strategy
 
 log = logging.getLogger("mmtag")
@@ -66,8 +66,8 @@ class SelfTraining(Strategy):
         best_f1 = val_f1(best)
         rounds = [PseudoRound(0, 0, best_f1)]
         for r in range(1, cfg.pseudo.rounds + 1):
-            logits, _ = predict_outputs(best.head, pool)
-            keep, y_pseudo = select_pseudo_labels(1.0 / (1.0 + np.exp(-logits)), cfg.pseudo.confidence)
+            keep, y_pseudo = select_pseudo_labels(head_scores(best.head, pool).probs,
+                                                  cfg.pseudo.confidence)
             candidate = state.fit(concat_features(state.train, pool.subset(keep)),
                                   np.concatenate([state.y_train, y_pseudo]), stage=f"pseudo-{r}")
             f1 = val_f1(candidate)
