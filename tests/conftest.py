@@ -66,8 +66,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def small_config(cache_dir: str, **overrides: object) -> Config:
+    # One split and the concat head, as the defaults were when most tests were written: a test
+    # that needs neither says so, and five folds would make every training test five times
+    # slower. The defaults themselves (auto folds, stacked mean) have their own tests.
     cfg = Config().override({"cache_dir": cache_dir, "train.epochs": 40, "train.patience": 10,
-                             "model.hidden": 128, "data.workers": 0})
+                             "model.hidden": 128, "data.workers": 0, "train.folds": 1,
+                             "model.fusion": "concat"})
     return cfg.override(dict(overrides))
 
 

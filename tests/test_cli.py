@@ -332,3 +332,16 @@ def test_ablate_checks_every_variant_before_training_the_first(capsys, tiny, tmp
     assert code == 2 and len(err) == 1, err
     assert "argument --variants: unknown fusion head 'nope'; available: concat," in err[0]
     assert not (tmp_path / "ab").exists() and not (tmp_path / "cache").exists()
+
+
+def test_folds_and_stack_flags_take_auto_and_a_negation(capsys):
+    from mmtag.cli import build_parser
+
+    args = build_parser().parse_args(["train", "t.csv", "--folds", "auto", "--no-stack"])
+    assert args.folds == "auto" and args.stack is False
+    args = build_parser().parse_args(["train", "t.csv", "--folds", "3", "--stack"])
+    assert args.folds == 3 and args.stack is True
+    args = build_parser().parse_args(["train", "t.csv"])
+    assert args.folds is None and args.stack is None  # the config's auto decides
+    code, err = _main(capsys, "train", "t.csv", "--folds", "many")
+    assert code == 2 and "argument --folds: must be auto or an integer, got 'many'" in err[-1]

@@ -203,7 +203,8 @@ def concat_bundles(tmp_path_factory):
     encoders = {"image": create_encoder("efficientnet-lite0", "image", random_init=True),
                 "text": create_encoder(f"hf:{bert}", "text")}
     dims = {"image": encoders["image"].dim, "text": encoders["text"].dim}
-    base = Config().override({"model.text_encoder": f"hf:{bert}", "model.hidden": 16})
+    base = Config().override({"model.text_encoder": f"hf:{bert}", "model.hidden": 16,
+                              "model.fusion": "concat", "train.folds": 1, "train.stack": False})
     configs = {"custom": base.override({"model.proj_dim": 24, "model.image_input_dropout": 0.25}),
                "old": base}
     runs = {}

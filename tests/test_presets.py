@@ -7,7 +7,8 @@ from mmtag.presets import list_presets, load_preset, preset_dir
 
 
 def test_both_reference_presets_ship_and_substitute_missing_backbones():
-    assert {p.name for p in list_presets()} == {"accurate", "effnet-albert-union", "effnet-berttiny-fm3"}
+    assert {p.name for p in list_presets()} == {"accurate", "fast", "effnet-albert-union",
+                                                  "effnet-berttiny-fm3"}
     a = load_preset("effnet-albert-union")
     assert a.model.fusion == "union" and a.finetune.modalities == ["image", "text"]
     assert a.train.union_image_range == [0.8, 0.8] and a.train.union_text_range == [0.3, 0.6]
@@ -23,6 +24,14 @@ def test_the_accurate_preset_is_cross_fitted_stacked_late_fusion():
     cfg = load_preset("accurate")
     assert (cfg.model.fusion, cfg.train.folds, cfg.train.stack) == ("mean", 5, True)
     assert cfg.model.modalities == ["image", "text"] and cfg.preset == "accurate"
+
+
+def test_the_fast_preset_is_one_concat_head_on_a_split():
+    cfg = load_preset("fast")
+    assert (cfg.model.fusion, cfg.train.folds, cfg.train.stack) == ("concat", 1, False)
+    # and the defaults are what `accurate` spells out, before `auto` is settled by the data
+    from mmtag import Config
+    assert (Config().model.fusion, Config().train.folds, Config().train.stack) == ("mean", "auto", "auto")
 
 
 def test_a_copied_preset_file_loads(tmp_path):

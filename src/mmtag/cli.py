@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
         "model.random_init": True if args.random_init else None,
         "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.folds": args.folds, "train.stack": True if args.stack else None,
+        "train.folds": _folds_of(args), "train.stack": args.stack,
         "train.batch_size": args.batch_size, "train.patience": args.patience,
         "train.optimizer": args.optimizer, "train.loss": args.loss,
         "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
@@ -150,7 +150,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "train.folds": args.folds, "cache_dir": args.cache_dir})
+                              "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     run_ablation(args.train_csv, args.images, args.out, config, variants,
                  extra_text=args.extra_text, progress=_progress(args))
@@ -168,7 +168,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "train.folds": args.folds, "cache_dir": args.cache_dir})
+                              "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
     rows = run_sweep(args.train_csv, args.images, args.out, config, grid, progress=_progress(args))
     print((args.out / "sweep.md").read_text(encoding="utf-8"), end="")
     print(f"tables: {args.out / 'sweep.csv'}, {args.out / 'sweep.md'}; plot: {args.out / 'sweep.png'}")
@@ -333,9 +333,27 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config every run starts from")
     p.add_argument("--seed", type=int, help="random seed of the shared split (default 0)")
     p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
-    p.add_argument("--folds", type=int, help="cross-fit every run with K folds and rank by "
-                                             "out-of-fold figures (default 1: the shared split)")
+    p.add_argument("--folds", type=_folds, help="cross-fit every run with K folds and rank by "
+                                                "out-of-fold figures; 1: the shared split "
+                                                "(default auto: 5 folds, 1 with --finetune)")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+
+
+def _folds_of(args: argparse.Namespace) -> int | str | None:
+    """--folds as given; asking for a --val-frac split without --folds means that split."""
+    if args.folds is None and getattr(args, "val_frac", None) is not None:
+        return 1
+    return args.folds
+
+
+def _folds(text: str) -> int | str:
+    """--folds: `auto` or a whole number (its range is the config's to check and to say)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -430,13 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
     p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
                                         "the text branch learns from them too")
-    p.add_argument("--folds", type=int,
+    p.add_argument("--folds", type=_folds,
                    help="cross-fitting: K > 1 trains a head per fold, chooses the epoch and the "
-                        "decision on out-of-fold scores of every row, and averages the K heads "
-                        "(default 1: a --val-frac split)")
-    p.add_argument("--stack", action="store_true",
+                        "decision on out-of-fold scores of every row, and averages the K heads; "
+                        "1: a --val-frac split (default auto: 5, or 1 with --val, --val-frac, "
+                        "--finetune or under 100 rows)")
+    p.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
                    help="late fusion (mean, gated) with --folds: per-label weights of the image and "
-                        "text branches, fitted on their out-of-fold scores")
+                        "text branches, fitted on their out-of-fold scores (default: on whenever "
+                        "it can be)")
     p.add_argument("--val", type=Path, help="your own labelled validation CSV (images in --images): "
                                             "the epoch and thresholds are chosen on it, not on a "
                                             "--val-frac split of TRAIN_CSV")

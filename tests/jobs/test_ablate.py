@@ -11,7 +11,7 @@ def test_ablation_writes_one_row_per_variant(tiny, make_config, tmp_path):
     with open(tmp_path / "ablation.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == ["variant", "samples_f1", "micro_f1", "macro_f1", "train_s", "predict_s",
-                              "model_size_mb", "folds", "samples_f1_std"]
+                              "model_size_mb", "folds", "samples_f1_std", "stack"]
     assert [t["variant"] for t in table] == variants
     assert all(0 < float(t["samples_f1"]) <= 1 and float(t["model_size_mb"]) > 0 for t in table)
     md = (tmp_path / "ablation.md").read_text()
@@ -57,5 +57,7 @@ def test_ablation_with_folds_ranks_by_out_of_fold_figures(tiny, make_config, tmp
     assert all(r.folds == 3 and r.samples_f1_std > 0 for r in rows)
     md = (tmp_path / "ablation.md").read_text()
     best = max(rows, key=lambda r: r.samples_f1)
-    assert f"| **{best.variant}** | {best.samples_f1:.4f} ± {best.samples_f1_std:.4f} |" in md
+    assert [r.stack for r in rows] == [False, True]  # late fusion is stacked wherever it can be
+    name = best.variant + (" (stacked)" if best.stack else "")
+    assert f"| **{name}** | {best.samples_f1:.4f} ± {best.samples_f1_std:.4f} |" in md
     assert f"Best variant by out-of-fold sample-F1 (3 folds;" in md

@@ -20,7 +20,7 @@ from mmtag.training.checkpoint import RunLog, StageState
 from mmtag.errors import MmtagError
 
 OPTS = ["--modalities", "text", "--epochs", "4", "--patience", "4", "--hidden", "32",
-        "--workers", "0"]
+        "--workers", "0", "--folds", "1"]
 
 
 def _train(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, list[str]]:

@@ -95,7 +95,8 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("small-bundle")
     bert = _tiny_bert(root / "bert")
-    config = Config().override({"model.text_encoder": f"hf:{bert}", "model.hidden": 16})
+    config = Config().override({"model.text_encoder": f"hf:{bert}", "model.hidden": 16,
+                                "model.fusion": "concat", "train.folds": 1, "train.stack": False})
     encoders = {"image": create_encoder("efficientnet-lite0", "image", random_init=True),
                 "text": create_encoder(f"hf:{bert}", "text")}
     dims = {"image": encoders["image"].dim, "text": encoders["text"].dim}

@@ -62,3 +62,44 @@ def test_folds_refuse_what_they_cannot_do(tiny, make_config):
         Tagger(cfg.override({"finetune.modalities": ["text"]})).fit(train, progress=False)
     with pytest.raises(MmtagError, match="--folds 50 needs at least 50"):
         Tagger(cfg.override({"train.folds": 50})).fit(train.subset(list(range(10))), progress=False)
+
+
+@pytest.mark.parametrize("n_rows, user_val, finetuning, can_stack, want", [
+    (2000, False, False, True, (5, True)),    # the default: 5 folds, stacked late fusion
+    (2000, False, False, False, (5, False)),  # a head without branches cannot be stacked
+    (2000, True, False, True, (1, False)),    # the user's --val set makes the choices
+    (2000, False, True, True, (1, False)),    # fine-tuning once per fold would cost 5x
+    (99, False, False, True, (1, False)),     # under 20 rows per fold: one split
+    (100, False, False, True, (5, True)),
+])
+def test_auto_folds_and_stacking_settle_from_the_inputs(n_rows, user_val, finetuning, can_stack, want):
+    from mmtag.config import TrainConfig
+
+    t = TrainConfig().resolved(n_rows=n_rows, user_val=user_val, finetuning=finetuning,
+                               can_stack=can_stack)
+    assert (t.folds, t.stack) == want
+    # what the user set is kept
+    t = TrainConfig(folds=3, stack=False).resolved(n_rows=n_rows, user_val=user_val,
+                                                   finetuning=finetuning, can_stack=can_stack)
+    assert (t.folds, t.stack) == (3, False)
+
+
+def test_the_default_model_is_a_stacked_five_fold_late_fusion_and_says_so(tiny, cache_dir, tmp_path):
+    """No option given: mean late fusion, 5 folds (tiny has >= 100 rows), stacked; the saved
+    config records what ran, not `auto`."""
+    from mmtag import Config
+    from mmtag.heads import StackedHead
+
+    cfg = Config().override({"cache_dir": cache_dir, "train.epochs": 3, "model.hidden": 16,
+                             "data.workers": 0})
+    assert (cfg.model.fusion, cfg.train.folds, cfg.train.stack) == ("mean", "auto", "auto")
+    train, _ = api.read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    assert len(train) >= 100
+    tagger = Tagger(cfg)
+    report = tagger.fit(train, progress=False)
+    assert report.folds == 5 and isinstance(tagger.head, StackedHead)
+    assert (tagger.config.train.folds, tagger.config.train.stack) == (5, True)
+    tagger.save(tmp_path / "run")
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "folds: 5" in saved and "stack: true" in saved
+    assert isinstance(Tagger.load(tmp_path / "run").head, StackedHead)

@@ -35,6 +35,7 @@ class AblationRow:
     model_size_mb: float
     folds: int = 1  # > 1: the figures are out of fold (cross-fitted), not of the shared split
     samples_f1_std: float = 0.0  # std of the folds' sample-F1s (0 for the split)
+    stack: bool = False  # late fusion: branches combined by per-label weights fitted out of fold
 
 
 def variant_config(base: Config, variant: str) -> Config:
@@ -75,7 +76,8 @@ def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, bas
         folds = report.fold_samples_f1
         rows.append(AblationRow(variant, m.samples_f1, m.micro_f1, m.macro_f1, train_s, predict_s,
                                 float(manifest["model_size_mb"]), report.folds,
-                                float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0))
+                                float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0,
+                                bool(tagger.config.train.stack)))
         write_tables(out, rows, extra_text=extra_text)  # after every variant: an interrupted
         # ablation keeps the rows it finished
     return rows
@@ -93,7 +95,8 @@ def write_tables(out: Path, rows: list[AblationRow], *, extra_text: str | Path |
     lines = ["| variant | samples F1 | micro F1 | macro F1 | train s | predict s | model MB |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        name = f"**{r.variant}**" if r is best else r.variant
+        name = r.variant + (" (stacked)" if r.stack else "")
+        name = f"**{name}**" if r is best else name
         f1 = f"{r.samples_f1:.4f} ± {r.samples_f1_std:.4f}" if oof else f"{r.samples_f1:.4f}"
         lines.append(f"| {name} | {f1} | {r.micro_f1:.4f} | {r.macro_f1:.4f} | "
                      f"{r.train_s:.1f} | {r.predict_s:.2f} | {r.model_size_mb:.1f} |")

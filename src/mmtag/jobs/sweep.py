@@ -30,7 +30,8 @@ from typing import Any
 from .ablate import uses_extra_text
 from ..data import read_dataset
 from ..model.tagger import Tagger
-from ..config import Config, read_yaml_mapping
+from ..training.trainer import TrainInputs, resolve
+from ..config import AUTO, Config, read_yaml_mapping
 from ..data import Dataset, train_val_split
 from ..encoders import Encoder
 from ..errors import MmtagError
@@ -302,7 +303,9 @@ def _train_one(cfg: Config, combo: dict[str, Any], run_dir: Path, dataset: Datas
                                   image_dir if "image" in tagger.modalities else None, False,
                                   cfg.data.skip_bad)
     t0 = time.perf_counter()
-    if cfg.train.folds > 1:  # cross-fitted: every row trains and is validated out of fold
+    # `auto` settled for the whole dataset: the shared split is the sweep's, not the user's --val
+    tagger.config = resolve(cfg, TrainInputs(train=dataset))
+    if tagger.config.train.folds > 1:  # cross-fitted: every row trains and is validated out of fold
         report = tagger.fit(dataset, unlabeled=unlabeled, extra_text=extra, progress=progress)
     else:
         report = tagger.fit(train_part, val_part, unlabeled=unlabeled, extra_text=extra,
@@ -381,7 +384,11 @@ def _same_config(run_dir: Path, cfg: Config) -> bool:
         saved = Config.from_yaml(run_dir / "config.yaml").to_dict()
     except MmtagError:
         return False
-    return _strip(saved) == _strip(cfg.to_dict())
+    wanted = cfg.to_dict()
+    for key in ("folds", "stack"):  # a run saves what `auto` became for the sweep's data
+        if wanted["train"][key] == AUTO:
+            wanted["train"][key] = saved["train"][key]
+    return _strip(saved) == _strip(wanted)
 
 
 def _strip(d: dict[str, Any]) -> dict[str, Any]:

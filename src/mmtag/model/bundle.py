@@ -318,9 +318,14 @@ def _read_json(path: Path) -> Any:
 
 def _read_config(path: Path) -> Config:
     try:
-        return Config.from_yaml(path)  # names the file itself for YAML and option problems
+        config = Config.from_yaml(path)  # names the file itself for YAML and option problems
     except (OSError, ValueError, TypeError) as exc:
         raise MmtagError(f"{path}: unreadable config ({error_summary(exc)})") from None
+    # A trained run saves what it did; `auto` there means a bundle written before these options
+    # existed (or defaulted to auto), which trained one head on a split, unstacked.
+    config.train.folds = 1 if config.train.folds == "auto" else config.train.folds
+    config.train.stack = False if config.train.stack == "auto" else config.train.stack
+    return config
 
 
 def _read_labels(path: Path) -> LabelSpace:

@@ -30,7 +30,7 @@ from ..features.pipeline import Featurizer
 from ..heads import Head, create_model_head, head_needs
 from ..training.checkpoint import RunLog
 from ..training.loop import head_scores
-from ..training.trainer import FitReport, Fitted, TrainInputs, fit, tune
+from ..training.trainer import FitReport, Fitted, TrainInputs, fit, resolve, tune
 from . import bundle as bundle_io
 
 log = logging.getLogger("mmtag")
@@ -137,6 +137,7 @@ class Tagger:
         model or a late-fusion head (mean, union, gated).
         """
         inputs = TrainInputs(train=train, val=val, unlabeled=unlabeled, extra_text=extra_text)
+        self.config = resolve(self.config, inputs)  # `auto` settled: the saved config says what ran
         self.fitted, report = fit(self.config, self.featurizer, inputs, run_log=self.run_log,
                                   progress=progress)
         return report

@@ -6,6 +6,7 @@ trainer itself knows none of them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -81,7 +82,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
         raise DataError(train.path, "training data needs a Labels column")
     if extra_text is not None and not extra_text.labelled:
         raise DataError(extra_text.path, "--extra-text needs a Labels column")
-    cfg = config.validate()  # a Config built in Python gets the checks files and flags get
+    cfg = resolve(config, inputs)
     if val is not None and cfg.train.folds > 1:
         raise MmtagError(f"give a validation set (--val) or --folds {cfg.train.folds}, not both: "
                          "each is a way to choose the epoch and the thresholds")
@@ -152,6 +153,17 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
                        skipped=skipped, val_metrics=val_metrics, best_epoch=result.best_epoch,
                        pseudo_rounds=pseudo_rounds(fitted.extra))
     return fitted, report
+
+
+def resolve(config: Config, inputs: TrainInputs) -> Config:
+    """The validated config with `auto` options settled for these inputs (what a run saves, so
+    its config.yaml says what it did). A Config built in Python gets the checks files and flags
+    get."""
+    cfg = config.validate()
+    train = cfg.train.resolved(n_rows=len(inputs.train), user_val=inputs.val is not None,
+                               finetuning=bool(cfg.finetune.modalities),
+                               can_stack=can_stack(head_class(cfg.model.head_name())))
+    return dataclasses.replace(cfg, train=train)
 
 
 def label_space_of(train: Dataset, extra_text: Dataset | None) -> LabelSpace:
