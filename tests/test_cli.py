@@ -177,6 +177,7 @@ def _no_work(tmp_path):
     ("--ft-head-lr", "-0.001", "finetune.head_lr", "a finite number > 0"),
     ("--ft-batch-size", "0", "finetune.batch_size", "an integer >= 1"),
     ("--unfreeze-blocks", "-1", "finetune.unfreeze_blocks", "an integer >= 0"),
+    ("--ft-top-layers", "-1", "finetune.top_layers", "an integer >= 0"),
 ])
 def test_out_of_range_flag_is_one_line_before_any_work(capsys, tiny, small_csv, tmp_path, flag,
                                                       value, dotted, valid):

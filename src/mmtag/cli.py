@@ -80,6 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "finetune.unfreeze_blocks": args.unfreeze_blocks, "finetune.epochs": args.ft_epochs,
         "finetune.lr": args.ft_lr, "finetune.head_lr": args.ft_head_lr,
         "finetune.batch_size": args.ft_batch_size, "finetune.optimizer": args.ft_optimizer,
+        "finetune.top_layers": args.ft_top_layers,
         "cache_dir": args.cache_dir, "device": args.device, "amp": args.amp,
         "data.train_csv": str(args.train_csv) if args.train_csv else None,
         "data.images": str(args.images) if args.images else None,
@@ -470,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-head-lr", type=float, help="fine-tuning task-head learning rate (1e-3)")
     p.add_argument("--ft-batch-size", type=int, help="fine-tuning batch size (32)")
     p.add_argument("--ft-optimizer", help="fine-tuning optimizer: adam or adamw (default)")
+    p.add_argument("--ft-top-layers", type=int,
+                   help="text fine-tuning: train only the top N transformer layers, the lower "
+                        "ones computed once per caption (default 0: the whole encoder)")
     p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
     _add_device_options(p, default=None)
     p.set_defaults(func=cmd_train)

@@ -368,6 +368,10 @@ class FinetuneConfig:
     # image encoder: how many of the last MBConv blocks are trained (its block count is the
     # upper bound, checked when the encoder is built)
     unfreeze_blocks: int = option(2, AT_LEAST_0, "--unfreeze-blocks")
+    # text encoder: 0 = today's full fine-tuning; N = the lower layers frozen and computed once
+    # per caption, only the top N transformer layers trained (several times faster on a CPU; its
+    # layer count is the upper bound, checked when fine-tuning starts)
+    top_layers: int = option(0, AT_LEAST_0, "--ft-top-layers")
 
 
 @dataclass

@@ -76,3 +76,81 @@ def test_hf_pickle_weights_are_refused_never_unpickled(tiny_bert_dir, tmp_path):
     assert not marker.exists()
     pickle.loads((d / "pytorch_model.bin").read_bytes())  # the trap is real: unpickling runs it
     assert marker.read_text() == "unpickled"
+
+
+# ------------------------------------------------ split at a layer (top-layer fine-tuning)
+def test_upper_of_lower_states_is_the_forward(minilm):
+    b = minilm.tokenize(["a dog", "a man riding a horse on the beach at sunset with a dog", "bus"])
+    with torch.no_grad():
+        full = minilm(**b)
+        for top in range(1, minilm.layer_count() + 1):
+            lower = minilm.lower_states(b["input_ids"], b["attention_mask"], top)
+            assert lower.shape == (3, b["input_ids"].shape[1], 384)
+            up = minilm.upper_pooled(lower, b["attention_mask"], top)
+            assert torch.allclose(up, full, atol=1e-6), (top, (up - full).abs().max())
+
+
+def _tiny_model(model_type):
+    from transformers import AutoModel, BertConfig, RobertaConfig, XLMRobertaConfig
+
+    kind = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig}[model_type]
+    torch.manual_seed(0)
+    cfg = kind(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+               intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
+    return AutoModel.from_config(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta"])
+def test_every_split_of_each_splittable_architecture(model_type):
+    from mmtag.encoders import HFTextEncoder
+
+    enc = HFTextEncoder("tiny", _tiny_model(model_type), tokenizer=None)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 50, (4, 9), generator=g)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    for row, n in enumerate([9, 3, 6, 1]):  # right padding, as the tokenizers pad
+        ids[row, n:], mask[row, n:] = 1, 0
+    assert enc.layer_count() == 3
+    with torch.no_grad():
+        full = enc(ids, mask)
+    for top in (1, 2, 3):
+        up = enc.upper_pooled(enc.lower_states(ids, mask, top), mask, top)
+        assert torch.allclose(up, full, atol=1e-6), (model_type, top)
+
+
+def test_trainable_groups_are_the_top_layers_and_lower_states_have_no_grad():
+    from mmtag.encoders import HFTextEncoder
+
+    enc = HFTextEncoder("tiny", _tiny_model("bert"), tokenizer=None)
+    assert enc.trainable_groups() == [enc]  # whole-encoder fine-tuning, as before
+    assert enc.trainable_groups(2) == list(enc.model.encoder.layer[1:])
+    for p in enc.parameters():
+        p.requires_grad_(True)
+    ids, mask = torch.randint(5, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    lower = enc.lower_states(ids, mask, 1)
+    assert not lower.requires_grad
+    enc.upper_pooled(lower, mask, 1).sum().backward()
+    assert enc.model.encoder.layer[2].output.dense.weight.grad is not None
+    assert enc.model.encoder.layer[1].output.dense.weight.grad is None
+    assert enc.model.embeddings.word_embeddings.weight.grad is None
+
+
+def test_bad_splits_are_one_line_errors_naming_the_option(minilm):
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from mmtag.encoders import HFTextEncoder
+
+    b = minilm.tokenize(["a dog"])
+    for top in (0, 7, -1):
+        with pytest.raises(MmtagError, match=rf"^--ft-top-layers {top}: text encoder 'minilm-l6' "
+                                              r"has 6 transformer layers; use 1 to 6") as info:
+            minilm.lower_states(b["input_ids"], b["attention_mask"], top)
+        assert "\n" not in str(info.value)
+    with pytest.raises(MmtagError, match="has 6 transformer layers"):
+        minilm.trainable_groups(9)
+    other = HFTextEncoder("distil", DistilBertModel(DistilBertConfig(
+        vocab_size=20, dim=8, n_layers=1, n_heads=2, hidden_dim=16)), tokenizer=None)
+    assert other.layer_count() == 0
+    with pytest.raises(MmtagError, match=r"^--ft-top-layers 1: text encoder 'distil' \(model type "
+                                         r"distilbert\) cannot run its lower layers apart"):
+        other.trainable_groups(1)

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import save_tiny_bert
 from mmtag.data.augment import parse_image_aug
 from mmtag.config import FinetuneConfig
-from mmtag.encoders import Encoder, create_encoder
+from mmtag.encoders import Encoder, TextEncoder, create_encoder
 from mmtag.errors import DataError, MmtagError
 from mmtag.data import read_csv
 from mmtag.features import FeatureCache, encode_captions, extract
@@ -392,3 +392,177 @@ def test_finished_finetuning_is_not_retrained(tiny_text: Encoder, tmp_path: Path
     assert counting.calls == 0  # no training step, no validation: the checkpoint's result
     assert_same_run(again, first)
     assert again.history == first.history  # the seconds too: they come from the checkpoint
+
+
+# ------------------------------------------------------- top-layer fine-tuning (top_layers)
+@pytest.fixture(scope="module")
+def top_run(text_run: Run) -> Run:
+    """MiniLM with only its top 2 of 6 layers trained on the toy task."""
+    enc = text_run.original
+    caps, y = toy_captions(80)
+    cfg = FinetuneConfig(epochs=2, batch_size=32, lr=1e-3, head_lr=1e-2, top_layers=2)
+    result = finetune_text(enc, caps[:64], y[:64], caps[64:], y[64:], cfg, progress=False)
+    return Run(enc, text_run.before_id, text_run.before_state, result, cfg.epochs,
+               {"sep_before": text_run.extra["sep_before"],
+                "sep_after": separation(result.encoder, caps[:64], y[:64])})
+
+
+def test_top_layers_change_only_the_top_layers(top_run: Run) -> None:
+    new = top_run.result.encoder
+    before, after = top_run.before_state, new.state_dict()
+    assert set(after) == set(before)
+    top = ("model.encoder.layer.4.", "model.encoder.layer.5.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(top) for k in changed), sorted(changed)
+    for prefix in top:  # each trained layer learned, attention and feed-forward alike
+        for part in ("attention.self.query.weight", "intermediate.dense.weight"):
+            assert prefix + part in changed
+    frozen = [k for k in before if not k.startswith(top)]
+    assert any(k.startswith("model.embeddings.") for k in frozen)
+    assert any(k.startswith("model.encoder.layer.0.") for k in frozen)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+
+
+def test_top_layers_learn_the_toy_task_and_finalize_a_new_encoder(top_run: Run) -> None:
+    extra, result = top_run.extra, top_run.result
+    assert extra["sep_after"] > extra["sep_before"] + 0.1, extra
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert max(h["val_samples_f1"] for h in result.history) >= 0.9
+    new = result.encoder
+    assert new.encoder_id != top_run.before_id and new.encoder_id.startswith("minilm-l6-")
+    assert new.source.get("finetuned_from") == top_run.original.weights_sha256
+    assert_frozen_fp16(new)
+    assert top_run.original.encoder_id == top_run.before_id  # the caller's encoder untouched
+    assert not any(p.requires_grad for p in top_run.original.parameters())
+
+
+def test_lower_states_batches_give_the_encoders_output(text_run: Run) -> None:
+    # Trimmed fp16 states re-padded with zeros in another batch composition: the pooled output
+    # is the encoder's own, but for the fp16 rounding of the cached states.
+    from mmtag.training.finetune import LowerStates
+
+    enc = text_run.original
+    caps = ["a dog", "a photo of a cat on the sofa next to a very large bus", "my car"]
+    states = LowerStates.compute(enc, caps, 2, torch.device("cpu"))  # type: ignore[arg-type]
+    assert states.states.dtype == torch.float16
+    assert states.lengths.tolist() == enc.tokenize(caps)["attention_mask"].sum(1).tolist()
+    idx = np.array([2, 0, 1])
+    with torch.no_grad():
+        pooled = enc.upper_pooled(*states.batch(idx, torch.device("cpu")), 2)  # type: ignore[attr-defined]
+        direct = enc(**enc.tokenize([caps[i] for i in idx]))
+    assert torch.allclose(pooled, direct, atol=2e-3), (pooled - direct).abs().max()
+
+
+def test_bucketed_batches_cover_every_row_once_with_little_padding() -> None:
+    from mmtag.training.finetune import BUCKET_BATCHES, bucketed_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=1003)
+    size = 8
+    a = bucketed_batches(lengths, size, torch.Generator().manual_seed(1))
+    assert len(a) == -(-len(lengths) // size)  # the plain path's batch count: same LR schedule
+    assert sorted(np.concatenate(a).tolist()) == list(range(len(lengths)))
+    assert sum(len(b) < size for b in a) == 1
+    padded = sum(len(b) * lengths[b].max() for b in a)
+    plain = [np.arange(k, min(k + size, 1003)) for k in range(0, 1003, size)]
+    assert padded < 0.8 * sum(len(b) * lengths[b].max() for b in plain)
+    b = bucketed_batches(lengths, size, torch.Generator().manual_seed(1))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))  # seeded
+    c = bucketed_batches(lengths, size, torch.Generator().manual_seed(2))
+    assert [x.tolist() for x in a] != [x.tolist() for x in c]
+    # the batches of one chunk are not handed out in length order
+    firsts = [lengths[x].min() for x in a[:BUCKET_BATCHES]]
+    assert firsts != sorted(firsts)
+
+
+def test_top_layers_resume_equals_uninterrupted(tiny_text: Encoder, tmp_path: Path) -> None:
+    caps, y = tiny_captions(40, 0)
+    vcaps, yv = tiny_captions(12, 1)
+    cfg = FinetuneConfig(epochs=3, batch_size=8, lr=1e-3, head_lr=1e-2, warmup_frac=0.2,
+                         top_layers=1)
+
+    def run(run_log: RunLog | None) -> FinetuneResult:
+        return finetune_text(tiny_text, caps, y, vcaps, yv, cfg, seed=4, progress=False,
+                             run_log=run_log)
+
+    straight = run(None)
+    run_log = DiesAfter(tmp_path, 1)
+    with pytest.raises(Killed):
+        run(run_log)
+    saved = RunLog(tmp_path).load("finetune-text")
+    assert saved is not None and saved.epoch == 1 and not saved.done
+    assert saved.scheduler is not None and saved.scheduler["last_epoch"] == 5  # 5 steps an epoch
+    # only the trained top layer and the head: the frozen rest never changes
+    encoder_keys = {k for k in saved.model if k.startswith("encoder.")}
+    assert encoder_keys and all(k.startswith("encoder.model.encoder.layer.1.") for k in encoder_keys)
+    assert any(k.startswith("head.") for k in saved.model)
+    resumed = run(run_log)
+    assert_same_run(resumed, straight)
+    # and it is not the whole-encoder run: the embeddings and layer 0 did not move
+    before, after = tiny_text.state_dict(), straight.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before
+               if not k.startswith("model.encoder.layer.1."))
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bad_top_layers_are_one_line_errors(tiny_text: Encoder) -> None:
+    caps, y = tiny_captions(6, 5)
+    with pytest.raises(MmtagError, match=r"^--ft-top-layers 3: .* has 2 transformer layers") as e:
+        finetune_text(tiny_text, caps[:4], y[:4], caps[4:], y[4:],
+                      FinetuneConfig(epochs=1, top_layers=3), progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(MmtagError, match="--text-aug"):
+        finetune_text(tiny_text, caps[:4], y[:4], caps[4:], y[4:],
+                      FinetuneConfig(epochs=1, top_layers=1), augment=DropOrRepeat(),  # type: ignore[arg-type]
+                      progress=False)
+
+    class Hashing(TextEncoder):
+        """A text encoder without transformer layers to split."""
+
+        name, dim = "hashing", 4
+
+    with pytest.raises(MmtagError, match=r"^--ft-top-layers 1: text encoder 'hashing' cannot"):
+        finetune_text(Hashing(), caps[:4], y[:4], caps[4:], y[4:],
+                      FinetuneConfig(epochs=1, top_layers=1), progress=False)
+
+
+def test_top_layers_option_and_flag(tiny_bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmtag import cli
+    from mmtag.config import Config
+    from mmtag import Tagger
+
+    assert Config().finetune.top_layers == 0  # today's whole-encoder fine-tuning by default
+    assert Config().override({"finetune.top_layers": 2}).finetune.top_layers == 2
+    with pytest.raises(MmtagError, match=r"^--ft-top-layers \(finetune.top_layers\) must be an "
+                                         r"integer >= 0, got -1"):
+        Config().override({"finetune.top_layers": -1})
+    caps, _ = tiny_captions(60, 7)
+    labels = [" ".join(str(i + 1) for i, w in enumerate((("dog",), ("cat", "horse")))
+                       if any(x in c.split() for x in w)) for c in caps]
+    rows = [(f"{i}.jpg", lab, c) for i, (lab, c) in enumerate(zip(labels, caps)) if lab]
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("ImageID,Labels,Caption\n" + "".join(f"{r[0]},{r[1]},{r[2]}\n" for r in rows))
+    common = ["-q", "train", str(csv_path), "--modalities", "text", "--text-encoder",
+              f"hf:{tiny_bert_dir}", "--finetune", "text", "--ft-epochs", "1", "--epochs", "2",
+              "--hidden", "8", "--val-frac", "0.25", "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert cli.main([*common, "--out", str(tmp_path / "bad"), "--ft-top-layers", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mmtag: error: --ft-top-layers (finetune.top_layers) must be an integer >= 0, "
+                   "got -1"], err
+    assert cli.main([*common, "--out", str(tmp_path / "bad"), "--ft-top-layers", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ft-top-layers 5:" in err[0] and "has 2 transformer layers" in err[0]
+    image_only = [a if a != "text" or common[i - 1] != "--finetune" else "image"
+                  for i, a in enumerate(common)]
+    assert cli.main([*image_only, "--out", str(tmp_path / "img"), "--ft-top-layers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ft-top-layers 1" in err[0] and "--finetune image" in err[0], err
+    run = tmp_path / "run"
+    assert cli.main([*common, "--out", str(run), "--ft-top-layers", "1"]) == 0
+    assert "top_layers: 1" in (run / "config.yaml").read_text()
+    tuned = Tagger.load(run).encoders["text"]
+    before = create_encoder(f"hf:{tiny_bert_dir}", "text").state_dict()
+    after = tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.encoder.layer.1.") for k in changed)

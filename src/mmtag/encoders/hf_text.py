@@ -15,6 +15,10 @@ from .base import Encoder, TextEncoder, error_summary, load_weights, read_safete
 from .registry import EncoderEntry, register_encoder, register_prefix
 
 
+# Architectures whose layers `HFTextEncoder.lower_states` / `upper_pooled` may run apart.
+SPLITTABLE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+
+
 class HFTextEncoder(TextEncoder):
     """A BERT-family encoder loaded with `transformers` from a local directory; mean pooling."""
 
@@ -34,6 +38,76 @@ class HFTextEncoder(TextEncoder):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    # ------------------------------------------- split at a layer (top-layer fine-tuning)
+    def layer_count(self) -> int:
+        """How many transformer layers `lower_states` / `upper_pooled` can split between (0
+        when this architecture cannot be split)."""
+        return len(self.model.encoder.layer) if self._splittable() else 0
+
+    def trainable_groups(self, k: int | None = None) -> list[nn.Module]:
+        """The whole encoder (k None), or its last `k` transformer layers: with mean pooling
+        and no pooler nothing follows them, so they are all that top-layer fine-tuning trains."""
+        if k is None:
+            return [self]
+        layers = self._layers(k)
+        return list(layers[len(layers) - k:])
+
+    def lower_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     top: int) -> torch.Tensor:
+        """(B, T, D) hidden states after the embeddings and all but the last `top` layers,
+        without gradients: what top-layer fine-tuning computes once per caption."""
+        layers = self._layers(top)
+        with torch.no_grad():
+            hidden = self.model.embeddings(input_ids=input_ids)
+            mask = self._attention_mask(hidden, attention_mask)
+            for layer in layers[:len(layers) - top]:
+                hidden = layer(hidden, mask)
+        return hidden
+
+    def upper_pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                     top: int) -> torch.Tensor:
+        """The last `top` layers on `lower_states`' output, mean-pooled as `forward` pools:
+        upper_pooled(lower_states(x, m, top), m, top) is forward(x, m)."""
+        layers = self._layers(top)
+        mask = self._attention_mask(hidden, attention_mask)
+        for layer in layers[len(layers) - top:]:
+            hidden = layer(hidden, mask)
+        pool = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * pool).sum(1) / pool.sum(1).clamp(min=1.0)
+
+    def _splittable(self) -> bool:
+        # Model types whose forward is exactly embeddings → each `encoder.layer[i](hidden,
+        # mask)` in turn with the mask from `create_bidirectional_mask` (read in transformers
+        # 5.x's BertModel/RobertaModel.forward); any other architecture may do more between.
+        model_type = getattr(self.model.config, "model_type", "")
+        return (model_type in SPLITTABLE_MODEL_TYPES and not self.model.config.is_decoder
+                and hasattr(self.model, "embeddings")
+                and isinstance(getattr(getattr(self.model, "encoder", None), "layer", None),
+                               nn.ModuleList))
+
+    def _layers(self, top: int) -> nn.ModuleList:
+        """The transformer layers, once `top` is known to name 1 to all of them."""
+        n = self.layer_count()
+        if n == 0:
+            model_type = getattr(self.model.config, "model_type", "?")
+            raise MmtagError(f"--ft-top-layers {top}: text encoder '{self.name}' (model type "
+                             f"{model_type}) cannot run its lower layers apart from its top ones "
+                             f"(only {', '.join(SPLITTABLE_MODEL_TYPES)} can); use "
+                             "--ft-top-layers 0 to fine-tune all of it")
+        if not 1 <= top <= n:
+            raise MmtagError(f"--ft-top-layers {top}: text encoder '{self.name}' has {n} "
+                             f"transformer layers; use 1 to {n}, or 0 to fine-tune all of it")
+        return self.model.encoder.layer
+
+    def _attention_mask(self, hidden: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The layers' mask, made as the model's own forward makes it (its format depends on
+        the attention implementation: None, bool or additive)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        return create_bidirectional_mask(config=self.model.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
 
     def save(self, directory: Path) -> list[Path]:
         directory.mkdir(parents=True, exist_ok=True)

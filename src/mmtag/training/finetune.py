@@ -6,9 +6,12 @@ validation epoch, is finalized again (fp16-rounded, frozen, re-hashed). Its new 
 the feature-cache key, so the normal pipeline caches the fine-tuned features separately from the
 pretrained ones and fits its fusion head on them.
 
-Text encoders train the whole transformer; image encoders only their last `unfreeze_blocks` MBConv
-blocks plus the head conv/BN, with the frozen BatchNorm layers kept in eval mode (their running
-statistics are ImageNet's and a small task batch would only corrupt them).
+Text encoders train the whole transformer, or with `top_layers` = N only its last N layers: the
+frozen lower layers then run once per caption before training (their states kept in memory, fp16,
+trimmed to each caption's length), and each step runs only the top layers on length-bucketed
+batches, several times faster on a CPU. Image encoders train only their last `unfreeze_blocks`
+MBConv blocks plus the head conv/BN, with the frozen BatchNorm layers kept in eval mode (their
+running statistics are ImageNet's and a small task batch would only corrupt them).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from ..data.augment import ImageAugment, TextAugment
 from ..config import FinetuneConfig
 from ..data import (Dataset, ImageBatch, ImageItems, image_batches, image_loader,
                    normalize_images)
-from ..encoders import Encoder, ImageEncoder, TextEncoder
+from ..encoders import Encoder, HFTextEncoder, ImageEncoder, TextEncoder
 from ..errors import MmtagError
 from .checkpoint import RunLog, numpy_rng_tensor, set_numpy_rng
 from .loop import Progress, Trainee, higher_f1_then_lower_loss, train_loop
@@ -35,6 +38,10 @@ from .optim import make_optimizer, warmup_linear_scheduler
 
 HEAD_DROPOUT = 0.1  # dropout before the temporary task head's linear layer
 GRAD_CLIP = 1.0  # max global grad norm, the usual guard for transformer fine-tuning
+# Top-layer fine-tuning sorts each random chunk of this many batches' rows by length before cutting
+# it into batches: padding nearly vanishes, and which rows meet in a batch still changes per epoch.
+BUCKET_BATCHES = 50
+LOWER_BATCH = 128  # captions per batch when their lower-layer states are computed
 
 
 @dataclass
@@ -55,10 +62,17 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched.
     With `augment` (e.g. synonym replacement), training captions are rewritten with a fresh
     seed each time they are drawn; validation captions never are. With `run_log`, every epoch
-    is checkpointed under `stage` and an interrupted run resumes to the uninterrupted result."""
+    is checkpointed under `stage` and an interrupted run resumes to the uninterrupted result.
+
+    With `cfg.top_layers` = N > 0 only the last N transformer layers (and the head) train: see
+    `_finetune_text_top`."""
     if not isinstance(encoder, TextEncoder):
         raise MmtagError(f"finetune_text needs a text encoder, got {type(encoder).__name__}")
     y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
+    if cfg.top_layers > 0:
+        return _finetune_text_top(encoder, captions, y, val_captions, y_val, cfg, loss=loss,
+                                 seed=seed, augment=augment, progress=progress, run_log=run_log,
+                                 stage=stage)
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
     trainable = enc.trainable_groups()
@@ -93,6 +107,117 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
                                     y, len(y_val), cfg, _criterion(loss), augment_rng=rng),
                      y_val, cfg, seed=seed, progress=progress, source=encoder, run_log=run_log,
                      stage=stage)
+
+
+def _finetune_text_top(encoder: TextEncoder, captions: list[str], y: np.ndarray,
+                      val_captions: list[str], y_val: np.ndarray, cfg: FinetuneConfig, *,
+                      loss: nn.Module | None = None, seed: int = 0,
+                      augment: TextAugment | None = None, progress: bool = True,
+                      run_log: RunLog | None = None,
+                      stage: str = "finetune-text") -> FinetuneResult:
+    """Fine-tune a copy of the text encoder's last `cfg.top_layers` transformer layers; the
+    embeddings and lower layers stay as they are, so their output is computed once per caption
+    (`LowerStates`) and every epoch runs only the top layers, on length-bucketed batches. The
+    optimiser, schedule, clipping, best-epoch restore and checkpoints are those of the whole-
+    encoder path (one `EncoderTrainee`, one `train_loop`); the result is a complete finalized
+    encoder whose top layers changed."""
+    top = cfg.top_layers
+    if not isinstance(encoder, HFTextEncoder):
+        raise MmtagError(f"--ft-top-layers {top}: text encoder '{encoder.name}' cannot run its "
+                         "lower layers apart from its top ones; use --ft-top-layers 0 to "
+                         "fine-tune all of it")
+    if augment is not None:
+        raise MmtagError(f"--ft-top-layers {top} computes each caption's lower-layer states once, "
+                         "so captions cannot be rewritten every epoch: drop --text-aug, or use "
+                         "--ft-top-layers 0")
+    y, y_val = _check_inputs(len(captions), y, len(val_captions), y_val, cfg)
+    encoder.trainable_groups(top)  # a bad top_layers fails here, before the copy and the states
+    torch.manual_seed(seed)
+    enc = copy.deepcopy(encoder)
+    trainable = enc.trainable_groups(top)
+    params = _unfreeze(trainable)
+    device = dist.context().device
+    enc.to(device)
+    enc.eval()  # the lower states are the frozen layers' inference output: no dropout
+    train_states = LowerStates.compute(enc, captions, top, device)
+    val_states = LowerStates.compute(enc, val_captions, top, device)
+    upper = _Upper(enc, top)
+    net = dist.wrap(upper)
+
+    def set_train() -> None:
+        enc.eval()  # embeddings and lower layers never run while training
+        for m in trainable:
+            m.train()
+
+    def train_batches(batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for idx in batches:
+            yield idx, net(*train_states.batch(idx, device))
+
+    def val_batches() -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        order = np.argsort(val_states.lengths, kind="stable")
+        size = max(2 * cfg.batch_size, 64)
+        for start in range(0, len(order), size):
+            idx = order[start:start + size]
+            yield idx, upper(*val_states.batch(idx, device))
+
+    # No augmentation stream is drawn from; one is kept so checkpoints look like the full path's.
+    trainee = TopLayersTrainee(enc, trainable, params, set_train, train_batches, val_batches, y,
+                               len(y_val), cfg, _criterion(loss),
+                               augment_rng=np.random.default_rng(seed + 1),
+                               lengths=train_states.lengths)
+    return _finetune(trainee, y_val, cfg, seed=seed, progress=progress, source=encoder,
+                     run_log=run_log, stage=stage)
+
+
+@dataclass
+class LowerStates:
+    """Each caption's hidden states after the frozen lower layers, kept at fp16 and trimmed to
+    its tokens: one (total tokens, D) tensor, caption i at rows offsets[i] + range(lengths[i])."""
+
+    states: torch.Tensor
+    offsets: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def compute(cls, enc: HFTextEncoder, captions: list[str], top: int,
+                device: torch.device) -> "LowerStates":
+        # Length-sorted batches: little padding computed. The result is in caption order.
+        order = np.argsort([len(c) for c in captions], kind="stable")
+        parts: list[torch.Tensor | None] = [None] * len(captions)
+        for start in range(0, len(order), LOWER_BATCH):
+            idx = order[start:start + LOWER_BATCH]
+            tokens = {k: v.to(device) for k, v in enc.tokenize([captions[i] for i in idx]).items()}
+            hidden = enc.lower_states(tokens["input_ids"], tokens["attention_mask"], top)
+            keep = tokens["attention_mask"].bool()
+            for j, i in enumerate(idx):
+                # Masked selection, not a prefix: right for either padding side (positions are
+                # already in the states, and attention does not care about token order).
+                parts[i] = hidden[j][keep[j]].half().cpu()
+        lengths = np.array([len(p) for p in parts], dtype=np.int64)  # type: ignore[arg-type]
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        return cls(torch.cat(parts), offsets, lengths)  # type: ignore[arg-type]
+
+    def batch(self, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `idx` as fp32 states padded (with zeros) to the longest, and their attention mask;
+        a padded position is masked out of attention and pooling, so its value never matters."""
+        lengths = self.lengths[idx]
+        longest = int(lengths.max())
+        hidden = torch.zeros(len(idx), longest, self.states.shape[1])
+        for j, i in enumerate(idx):
+            hidden[j, :lengths[j]] = self.states[self.offsets[i]:self.offsets[i] + lengths[j]]
+        mask = (torch.arange(longest)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        return hidden.to(device), mask.to(device)
+
+
+class _Upper(nn.Module):
+    """The encoder's top layers + pooling as one module's forward, so DDP can wrap it."""
+
+    def __init__(self, enc: HFTextEncoder, top: int) -> None:
+        super().__init__()
+        self.enc, self.top = enc, top
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.enc.upper_pooled(hidden, attention_mask, self.top)
 
 
 def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: np.ndarray,
@@ -266,7 +391,7 @@ class EncoderTrainee(Trainee):
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.state()):
             raise MmtagError(f"fine-tuning checkpoint of {self.enc.name} holds other weights than "
-                             "this run trains (another encoder or unfreeze_blocks?)")
+                             "this run trains (another encoder, unfreeze_blocks or top_layers?)")
         for prefix, m in self.trainable:
             m.load_state_dict({k[len("encoder.") + len(prefix):]: v for k, v in state.items()
                                if k.startswith("encoder." + prefix)})
@@ -283,6 +408,36 @@ class EncoderTrainee(Trainee):
             self.augment_rng.set_state(state["augment"])
         else:
             set_numpy_rng(self.augment_rng, state["augment"])
+
+
+class TopLayersTrainee(EncoderTrainee):
+    """An `EncoderTrainee` whose batches are length-bucketed (`bucketed_batches`). Every draw
+    comes from the loop's generator, so a resumed run draws the same batches; the batch count
+    is the plain path's, and so is the LR schedule."""
+
+    def __init__(self, *args: object, lengths: np.ndarray, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lengths = lengths
+
+    def epoch_batches(self, generator: torch.Generator) -> list[np.ndarray]:
+        return bucketed_batches(self.lengths, self.batch_size, generator)
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int,
+                     generator: torch.Generator) -> list[np.ndarray]:
+    """One epoch's batches of rows 0..len(lengths)-1, each row once: shuffled, each chunk of
+    BUCKET_BATCHES batches' rows sorted by length and cut into batches, the batches shuffled.
+    As many batches as plain shuffled batching makes (only the last chunk's last one is short)."""
+    n = len(lengths)
+    order = torch.randperm(n, generator=generator).numpy()
+    chunk_rows = batch_size * BUCKET_BATCHES
+    batches: list[np.ndarray] = []
+    for start in range(0, n, chunk_rows):
+        chunk = order[start:start + chunk_rows]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffled]
 
 
 def _finetune(trainee: EncoderTrainee, y_val: np.ndarray, cfg: FinetuneConfig, *, seed: int,

@@ -2,7 +2,8 @@
 encoders by copies fine-tuned on the task (see `mmtag.training.finetune`); the head is then
 trained on the features of the fine-tuned encoders, which the cache keys apart from the
 pretrained ones by their new encoder ids. Each modality's fine-tuning is a checkpointed stage
-(`finetune-text`, `finetune-image`) that `mmtag train --resume` continues."""
+(`finetune-text`, `finetune-image`) that `mmtag train --resume` continues. With
+`finetune.top_layers` (`--ft-top-layers N`) only the text encoder's top N layers are trained."""
 from __future__ import annotations
 
 from ...config import Config
@@ -27,6 +28,10 @@ class Finetune(Strategy):
         y_tr = state.label_space.encode(tr.label_rows())
         y_va = state.label_space.encode(va.label_rows())
         history: dict[str, list[dict[str, float]]] = {}
+        if cfg.finetune.top_layers and "text" not in cfg.finetune.modalities:
+            raise MmtagError(f"--ft-top-layers {cfg.finetune.top_layers} chooses the text "
+                             "encoder's trained layers, but only --finetune image was asked for: "
+                             "add text (--finetune both), or drop --ft-top-layers")
         for modality in cfg.finetune.modalities:
             if modality not in state.featurizer.modalities:
                 raise MmtagError(f"--finetune {modality}: this model does not use the {modality} modality")
