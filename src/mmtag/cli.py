@@ -310,7 +310,9 @@ def cmd_encoders(args: argparse.Namespace) -> int:
         params = f"{e.params_m:.1f}M" if e.params_m is not None else "-"
         print(f"{e.name:<22}{e.modality:<10}{params:>9}  {'present' if e.weights_present else 'missing':<9}"
               f"{e.description}")
-    print("also: hf:PATH_OR_NAME (a local Hugging Face text model), timm:NAME (pip install 'mmtag[timm]')")
+    print("also: hf:PATH_OR_NAME (a local Hugging Face text model), timm:NAME (pip install "
+          "'mmtag[timm]'), flip:IMAGE_ENCODER (flip test-time augmentation), concat:A+B (image "
+          "encoders side by side)")
     return 0
 
 

@@ -32,8 +32,8 @@ def test_a_bare_registry_import_sees_the_builtin_families():
 import sys
 from mmtag.encoders.registry import ENCODERS, FAMILIES, PREFIXES, encoder_entry
 assert list(ENCODERS) == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
-                          "minilm-l6"], list(ENCODERS)
-assert list(FAMILIES) == list(PREFIXES) == ["hf", "timm", "onnx"], list(FAMILIES)
+                          "minilm-l6", "mpnet-base"], list(ENCODERS)
+assert list(FAMILIES) == list(PREFIXES) == ["hf", "timm", "flip", "concat", "onnx"], list(FAMILIES)
 assert encoder_entry("onnx:minilm-l6").modality == "text"
 assert "onnxruntime" not in sys.modules and "timm" not in sys.modules
 """
@@ -85,7 +85,7 @@ def test_a_family_registered_from_outside_resolves_and_validates(monkeypatch, li
                     modality="image")
     assert encoder_entry("toy:x", "image").name == "toy:x"
     assert encoders.family_modality("toy") == "image" and encoders.family_modality("onnx") is None
-    with pytest.raises(MmtagError, match="timm:NAME, toy:NAME"):
+    with pytest.raises(MmtagError, match="timm:NAME, flip:IMAGE_ENCODER, concat:A\\+B, toy:NAME"):
         encoder_entry("nothing", "image")
     assert Config().override({"model.image_encoder": "toy:x"}).model.image_encoder == "toy:x"
     with pytest.raises(ValueError, match="without ':'"):

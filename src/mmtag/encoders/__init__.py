@@ -34,7 +34,9 @@ from .hf_text import (  # noqa: F401
     hf_text_from_bundle,
     PICKLE_WEIGHTS,
 )
+from .mpnet import MPNET_DIR_ENV, mpnet_dir, mpnet_present  # noqa: F401
 from .timm import TimmImageEncoder  # noqa: F401
+from .combined import FlipEncoder, ConcatEncoder  # noqa: F401
 from .onnx import (  # noqa: F401
     ONNX_MODEL_FILE,
     RUN_BATCH,

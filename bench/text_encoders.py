@@ -1,0 +1,194 @@
+"""Text encoders compared out of fold on comp5329 captions (issue 16): sample-F1 and speed.
+
+    .venv/bin/python bench/text_encoders.py [--shared ../shared/data] [--cache DIR]
+        [--encoders mpnet-base minilm-l6] [--time ENCODER ...] [--folds 5] [--seed 0]
+        [--timing-rows 1000] [--with-test]
+
+On comp5329/train.csv, text only, defaults otherwise:
+* speed, for each encoder in `--time` (default: those in `--encoders`), one after the other at
+  the start of the run: captions/s of the encoder alone on the first `--timing-rows` captions
+  (batches of 128, length-sorted, as feature extraction runs), with no cache involved, so an
+  encoder whose features are cached already is timed like the others. The wall time of filling
+  the cache with whatever captions it lacked is reported too (the full extraction, for an
+  encoder seen for the first time).
+* for each encoder in `--encoders`, K-fold cross-fitting (`train.folds`): every row scored by
+  the fold head that never saw it. Each decision rule is tuned on the other folds' out-of-fold
+  scores and applied to the held fold (no rule is scored on the rows it was tuned on; `gfm`
+  tunes nothing): sample-F1 per fold (mean ± std over the K folds), and over all rows pooled
+  from those same held-fold decisions. The folds are the trainer's own (`fold_indices(y, K,
+  seed)`); each fold head also chose its stopping epoch on its held fold, as every `--folds`
+  run does.
+* `--with-test`, last (after the tables): each fitted encoder's features of comp5329/test.csv
+  (unlabelled) go into the cache for the pseudo-labelling runs that read them later. Stopping
+  it part-way loses nothing: extraction resumes from the shards already written.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmtag import Config, Tagger
+from mmtag.data import Dataset, read_dataset
+from mmtag.decision import Scores, decide, samples_f1, tune_decisions
+from mmtag.encoders import TextEncoder, create_encoder
+from mmtag.features import caption_key, encode_captions
+from mmtag.training.trainer import fold_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+RULES = ("global", "gfm")
+BATCH = 128  # what feature extraction uses for captions
+
+
+@dataclass
+class Extraction:
+    """Caption features computed into the cache: how many were missing and how long it took."""
+
+    computed: int
+    seconds: float
+
+    def cell(self) -> str:
+        if not self.computed:
+            return "cached"
+        return f"{self.computed} in {self.seconds:.0f} s ({self.computed / self.seconds:.1f}/s)"
+
+
+@dataclass
+class Timing:
+    name: str
+    dim: int
+    params_m: float
+    load_s: float
+    rows: int
+    captions_per_s: float
+
+
+@dataclass
+class FitResult:
+    name: str
+    tagger: Tagger
+    extraction: Extraction
+    fit_s: float
+    rules: dict[str, tuple[float, float, float]]  # rule → (fold mean, fold std, pooled)
+
+
+def load(name: str) -> tuple[TextEncoder, float]:
+    t0 = time.perf_counter()
+    enc = create_encoder(name, "text")
+    assert isinstance(enc, TextEncoder)
+    return enc, time.perf_counter() - t0
+
+
+def time_encoder(name: str, captions: list[str]) -> Timing:
+    """Captions/s of the encoder alone, batched and length-sorted like feature extraction."""
+    enc, load_s = load(name)
+    ordered = sorted(captions, key=len)
+    encode_captions(enc, ordered[:8])  # the first call pays one-off allocation and thread start-up
+    t0 = time.perf_counter()
+    for start in range(0, len(ordered), BATCH):
+        encode_captions(enc, ordered[start:start + BATCH])
+    rate = len(ordered) / (time.perf_counter() - t0)
+    params = sum(p.numel() for p in enc.parameters()) / 1e6
+    print(f"{name}: {enc.dim}-d, {params:.0f} M parameters, loaded in {load_s:.1f} s; {rate:.1f} "
+          f"captions/s on {len(ordered)} captions ({torch.get_num_threads()} threads)", flush=True)
+    return Timing(name, enc.dim, params, load_s, len(ordered), rate)
+
+
+def extract_into_cache(tagger: Tagger, data: Dataset) -> Extraction:
+    """Fill the cache with `data`'s caption features; count the distinct captions it lacked."""
+    enc = tagger.featurizer.encoder("text")
+    cache = tagger.featurizer.cache
+    cache.forget_index()  # another process may have filled it since this one last looked
+    index = cache.index(enc.encoder_id, "text")
+    missing = len({k for k in map(caption_key, data.captions) if k not in index})
+    t0 = time.perf_counter()
+    tagger.featurizer.text_features(data, progress=False)
+    return Extraction(missing, time.perf_counter() - t0)
+
+
+def held_fold_rules(tagger: Tagger, k: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    """Each rule tuned on K-1 folds' out-of-fold scores and applied to the held fold: per-fold
+    sample-F1 mean ± std, and sample-F1 of all rows' held-fold decisions pooled."""
+    rec = tagger.validation
+    assert rec is not None, "a --folds run keeps its out-of-fold record"
+    y = rec.y_true.astype(np.float32)
+    scores = Scores(probs=rec.probs, branches=rec.branches, union=tagger.head.decision == "union")
+    out = {}
+    for rule in RULES:
+        pred = np.zeros(y.shape, dtype=bool)
+        f1s = []
+        for tr, va in fold_indices(y, k, seed):
+            decision = tune_decisions(rule, scores.subset(tr), y[tr])
+            pred[va] = decide(scores.subset(va), decision)
+            f1s.append(samples_f1(y[va], pred[va]))
+        out[rule] = (float(np.mean(f1s)), float(np.std(f1s, ddof=1)), samples_f1(y, pred))
+    return out
+
+
+def fit_encoder(name: str, train: Dataset, cache_dir: str, folds: int, seed: int) -> FitResult:
+    cfg = Config().override({"cache_dir": cache_dir, "model.modalities": ["text"],
+                             "model.text_encoder": name, "train.folds": folds,
+                             "train.seed": seed})
+    tagger = Tagger(cfg)
+    extraction = extract_into_cache(tagger, train)
+    print(f"{name}: train features: {extraction.cell()}", flush=True)
+    t0 = time.perf_counter()
+    tagger.fit(train, progress=False)
+    fit_s = time.perf_counter() - t0
+    rules = held_fold_rules(tagger, folds, seed)
+    print(f"{name}: fit {fit_s:.0f} s | " + ", ".join(
+        f"{r} folds {m:.4f} ± {s:.4f}, pooled {p:.4f}" for r, (m, s, p) in rules.items()), flush=True)
+    return FitResult(name, tagger, extraction, fit_s, rules)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", type=Path, default=ROOT / ".." / "shared" / "data")
+    ap.add_argument("--cache", default=None, help="feature cache (default: mmtag's)")
+    ap.add_argument("--encoders", nargs="*", default=["mpnet-base", "minilm-l6"],
+                    help="encoders to cross-fit")
+    ap.add_argument("--time", nargs="*", default=None,
+                    help="encoders to time (default: the --encoders)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timing-rows", type=int, default=1000)
+    ap.add_argument("--with-test", action="store_true",
+                    help="also cache features of comp5329/test.csv (for pseudo-labelling)")
+    args = ap.parse_args()
+    cache = args.cache or str(Path.home() / ".cache" / "mmtag")
+    comp = args.shared.resolve() / "comp5329"
+    train, _ = read_dataset(comp / "train.csv", None, labelled=True)
+    timed = [time_encoder(n, train.captions[:args.timing_rows])
+             for n in (args.encoders if args.time is None else args.time)]
+    fits = [fit_encoder(n, train, cache, args.folds, args.seed) for n in args.encoders]
+
+    if fits:
+        print(f"\ncomp5329/train.csv, {len(train)} rows, text only, {args.folds} folds (seed "
+              f"{args.seed}); each rule tuned on the other folds, applied to the held fold\n")
+        print("| encoder | global: per fold (mean ± std) | global: pooled "
+              "| gfm: per fold (mean ± std) | gfm: pooled | train extraction | fit, all folds |")
+        print("|---|---|---|---|---|---|---|")
+        for r in fits:
+            g, f = r.rules["global"], r.rules["gfm"]
+            print(f"| {r.name} | {g[0]:.4f} ± {g[1]:.4f} | {g[2]:.4f} | {f[0]:.4f} ± {f[1]:.4f} "
+                  f"| {f[2]:.4f} | {r.extraction.cell()} | {r.fit_s:.0f} s |")
+    if timed:
+        print(f"\n| encoder | dim | params | load | captions/s (first {args.timing_rows} "
+              f"comp5329 captions, no cache, {torch.get_num_threads()} threads) |")
+        print("|---|---|---|---|---|")
+        for t in timed:
+            print(f"| {t.name} | {t.dim} | {t.params_m:.0f} M | {t.load_s:.1f} s "
+                  f"| {t.captions_per_s:.1f} |")
+    if args.with_test:
+        test, _ = read_dataset(comp / "test.csv", None, labelled=False)
+        for r in fits:
+            print(f"{r.name}: comp5329/test.csv features: {extract_into_cache(r.tagger, test).cell()}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
