@@ -1,4 +1,5 @@
-"""Issue-5 benchmark: prediction speed, memory, model size and the 30k-pair training estimate.
+"""Issue-5 benchmark: prediction speed, memory and model size (the 30k-pair training estimate
+moved to bench/train_budget.py, which trains on learnable data).
 
     .venv/bin/python bench/predict_speed.py --run RUN [--repeat N] [--shared ../shared/data] [--work DIR]
 
@@ -10,8 +11,7 @@ Prints, in one run:
      bundle and on its ONNX exports, against a plain eager fp32 PyTorch pipeline written here
      (PIL decode, one batch at a time, no workers) doing the same work; startup time apart;
   2. peak memory (PSS) of each `mmtag predict` process tree, in a run of its own;
-  3. model_size_mb and validation sample-F1 (the run's own seeded split) of every variant;
-  4. the full-training time for 30k pairs, extrapolated from rates measured here.
+  3. model_size_mb and validation sample-F1 (the run's own seeded split) of every variant.
 Every `mmtag predict` runs as its own process with an empty feature cache (nothing reused).
 """
 from __future__ import annotations
@@ -34,12 +34,9 @@ from PIL import Image
 
 from mmtag import api
 from mmtag.config import Config
-from mmtag.data import LabelSpace, read_csv, train_val_split
-from mmtag.features import Features, extract
-from mmtag.heads import FeatureBatch, create_head
-from mmtag.decision.thresholds import Scores, decide, tune
-from mmtag.training.loop import fit_head, predict_logits, seed_everything
-from mmtag.training.losses import create_loss
+from mmtag.data import read_csv, train_val_split
+from mmtag.heads import FeatureBatch
+from mmtag.decision.thresholds import Scores, decide
 
 MMTAG = str(Path(sys.executable).with_name("mmtag"))
 
@@ -140,70 +137,17 @@ def eager_baseline(run: Path, ids: list[str], captions: list[str], images: Path,
     return time.perf_counter() - t0
 
 
-# ------------------------------------------------------------ training estimate
-def training_estimate(shared: Path, images: Path, work: Path) -> None:
-    """Rates measured here, scaled to 30k pairs (stated as an extrapolation)."""
-    cfg = Config().override({"cache_dir": str(work / "train-cache")})
-    tagger = api.Tagger(cfg)
-    coco, _ = api.read_dataset(shared / "coco-real/train.csv", images, labelled=True)
-    comp, _ = api.read_dataset(shared / "comp5329/train.csv", None, labelled=True)
-    n_img = min(800, len(coco))
-    t0 = time.perf_counter()
-    extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger.featurizer.encoder("image"),
-            text_encoder=None, cache=tagger.featurizer.cache, progress=False)
-    img_rate = n_img / (time.perf_counter() - t0)
-    n_txt = min(8000, len(comp))
-    t0 = time.perf_counter()
-    extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
-            text_encoder=tagger.featurizer.encoder("text"), cache=tagger.featurizer.cache, progress=False)
-    txt_rate = n_txt / (time.perf_counter() - t0)
-    # Head training + thresholds on 30k rows of fused features: real comp5329 text features,
-    # image features resampled from the coco-real ones (their values do not change the cost);
-    # the default schedule (100 epochs max, early stopping) runs as it would.
-    fs_img = extract(coco.subset(list(range(n_img))), ["image"], image_encoder=tagger.featurizer.encoder("image"),
-                     text_encoder=None, cache=tagger.featurizer.cache, progress=False).features
-    fs_txt = extract(comp.subset(list(range(n_txt))), ["text"], image_encoder=None,
-                     text_encoder=tagger.featurizer.encoder("text"), cache=tagger.featurizer.cache, progress=False).features
-    rng = np.random.default_rng(0)
-    n = 30000
-    feats = Features({"image": fs_img["image"][rng.integers(0, n_img, n)],
-                     "text": fs_txt["text"][rng.integers(0, n_txt, n)]})
-    labels = [comp.labels[i] for i in rng.integers(0, len(comp), n)]
-    label_space = LabelSpace.from_labels(labels)
-    dims = {"image": feats["image"].shape[1], "text": feats["text"].shape[1]}
-    y = label_space.encode(labels)
-    tr, va = train_val_split(n, 0.1, 0)
-    t0 = time.perf_counter()
-    seed_everything(cfg.train.seed)
-    head = create_head(tagger.head_name, dims, len(label_space), cfg.model)
-    result = fit_head(head, feats.subset(tr), y[tr], feats.subset(va), y[va], cfg.train,
-                      criterion=create_loss(cfg.train.loss, y[tr]), progress=False)
-    tune("global", 1 / (1 + np.exp(-predict_logits(result.head, feats.subset(va)))), y[va])
-    head_s = time.perf_counter() - t0
-    img_s, txt_s = 30000 / img_rate, 30000 / txt_rate
-    print("\n## 4. Full training on 30k pairs (extrapolated)")
-    print(f"image features: {img_rate:.1f} img/s measured on {n_img} coco-real images -> {img_s / 60:.1f} min for 30k")
-    print(f"text features:  {txt_rate:.1f} captions/s measured on {n_txt} comp5329 captions -> {txt_s / 60:.1f} min for 30k")
-    print(f"head + thresholds: {head_s / 60:.1f} min measured on 30k fused rows ({len(result.history)} epochs, early stopping)")
-    print(f"estimate: {(img_s + txt_s + head_s) / 60:.1f} min for features + training + thresholds")
-
-
 # ---------------------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", type=Path, required=True, help="fused eager run trained on coco-real")
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--skip-training", action="store_true")
-    ap.add_argument("--only-training", action="store_true", help="just the 30k training estimate")
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed runs per variant (this machine's speed varies run to run)")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="mmtag-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.only_training:
-        training_estimate(args.shared, args.shared / "coco-real/images", work)
-        return
     csv_path = args.shared / "coco-real/train.csv"
     images = args.shared / "coco-real/images"
     data = read_csv(csv_path, images_dir=images).dataset
@@ -256,8 +200,6 @@ def main() -> None:
               f"{rate:.1f}{spread} | {rate / base_rate:.2f}x | {pss:.0f} |")
     same = sum(a == b for a, b in zip(open(work / "baseline.csv"), open(work / f"pred-{args.run.name}.csv")))
     print(f"\nbaseline and `mmtag predict` (eager bundle) submissions agree on {same - 1}/{n} rows")
-    if not args.skip_training:
-        training_estimate(args.shared, images, work)
 
 
 if __name__ == "__main__":
