@@ -110,8 +110,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
 
 def test_torchrun_train_and_predict_match_single_process(data: SyntheticPaths, tmp_path: Path) -> None:
     # Dropout off: with it, ranks draw their own masks, so runs differ by more than float order.
-    (tmp_path / "cfg.yaml").write_text("model:\n  dropout: 0.0\n  hidden: 64\n"
+    # one concat head on the val_frac split, the setting this comparison was calibrated on
+    (tmp_path / "cfg.yaml").write_text("model:\n  dropout: 0.0\n  hidden: 64\n  fusion: concat\n"
                                        "train:\n  epochs: 30\n  patience: 10\n  batch_size: 64\n"
+                                       "  folds: 1\n"
                                        "data:\n  workers: 0\n  val_frac: 0.3\n")
     common = [str(data.train_csv), "--images", str(data.images), "--config", "cfg.yaml"]
     one = _mmtag(["train", *common, "--out", "one", "--cache-dir", "c1"], nproc=1, cwd=tmp_path)
@@ -156,7 +158,7 @@ def test_a_bad_image_on_one_rank_stops_both_with_its_message(data: SyntheticPath
     with open(data.test_csv, newline="") as fh:
         last = list(csv.DictReader(fh))[-1]["ImageID"]  # in rank 1's shard
     (images / last).write_bytes(b"not an image")
-    (tmp_path / "cfg.yaml").write_text("train:\n  epochs: 2\ndata:\n  workers: 0\n")
+    (tmp_path / "cfg.yaml").write_text("train:\n  epochs: 2\n  folds: 1\ndata:\n  workers: 0\n")
     _mmtag(["train", str(data.train_csv), "--images", str(data.images), "--config", "cfg.yaml",
             "--out", "run", "--cache-dir", "c"], nproc=1, cwd=tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
