@@ -127,7 +127,8 @@ def main() -> None:
             r = f1_rows[-1]
             print(f"  {setting}: folds {r[2]:.4f} ± {r[3]:.4f}, pooled {r[4]:.4f} (decision tuned "
                   f"on other folds) | run's decision: folds {r[5]:.4f} ± {r[6]:.4f}, pooled "
-                  f"{r[7]:.4f} | fit {fit_s:.0f} s", flush=True)
+                  f"{r[7]:.4f} | fit {fit_s:.0f} s | folds: {' '.join(f'{v:.4f}' for v in held)}",
+                  flush=True)
     print(f"\ncoco-real/train.csv ({len(train)} rows), {FOLDS}-fold out of fold, seed {SEED}; "
           f"threshold rule: {Config().train.thresholds}\n")
     print("| image encoder | setting | sample-F1 per fold (mean ± std) | pooled | "
