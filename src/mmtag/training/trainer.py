@@ -242,7 +242,8 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
     extra = strategy_extras(states[0].log)
     extra["folds"] = {"k": k, "samples_f1": per_fold, "best_epochs": best_epochs,
-                      "seed": cfg.train.seed}
+                      "seed": cfg.train.seed,
+                      "pseudo_rounds": [s.log.get("pseudo_rounds", []) for s in states]}
     first = states[0].result
     assert first is not None
     fitted = Fitted(label_space=label_space, head=model_head, dims=states[0].dims,  # type: ignore[arg-type]
