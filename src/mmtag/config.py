@@ -15,16 +15,19 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import registries
 from .errors import MmtagError
 
+if TYPE_CHECKING:  # the reader's type, for annotations only
+    from .data.reader import CsvFormat
+
 MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
 AUTO = "auto"  # an option the trainer settles from the data (TrainConfig.resolved)
-# --folds auto: 5 folds measured best for the budget (README, "Cross-fitting"); below this many
+# --folds auto: 5 folds measured best for the budget (docs/results.md); below this many
 # rows per fold the folds' validation rows are too few to stop on, so auto uses one split
 AUTO_FOLDS = 5
 AUTO_FOLDS_MIN_ROWS_PER_FOLD = 20
@@ -154,9 +157,11 @@ class Pattern(Constraint):
 
     regex: str
     expected: str
+    exact: bool = False  # the value as it is: surrounding spaces are not forgiven
 
     def problem(self, value: Any) -> str | None:
-        if re.fullmatch(self.regex, str(value).strip(), flags=re.IGNORECASE):
+        text = str(value) if self.exact else str(value).strip()
+        if re.fullmatch(self.regex, text, flags=re.IGNORECASE):
             return None
         return f"must be {self.expected}, got {value!r}"
 
@@ -210,6 +215,17 @@ class AutoOr(Constraint):
         return f"must be auto or {got}, got {value!r}"
 
 
+class LabelSeparator(Constraint):
+    """What separates the labels in a Labels cell: one character that cannot be part of a label
+    id or break the CSV (no letter, digit, quote or line break); " " means any whitespace."""
+
+    def problem(self, value: Any) -> str | None:
+        if isinstance(value, str) and len(value) == 1 and not value.isalnum() \
+                and value not in "\"\r\n":
+            return None
+        return f"must be one character such as ' ', ',' or ';' (not a letter, digit or quote), got {value!r}"
+
+
 class ThresholdRange(Constraint):
     """Empty (the full grid) or [lo, hi] with 0 <= lo <= hi <= 1."""
 
@@ -229,6 +245,7 @@ def _heads() -> list[str]:
     return sorted(registries.names("fusion head"))
 
 
+COLUMN = Pattern(r".+", "a column name")
 POSITIVE = Interval(0, None, closed="neither")  # learning rates, ...
 AT_LEAST_0 = Interval(0, None, integer=True)
 AT_LEAST_1 = Interval(1, None, integer=True)
@@ -262,6 +279,34 @@ class DataConfig:
     # the user's own labelled validation CSV (--val): every choice (epoch, thresholds) is made on
     # it instead of a val_frac split of the training rows
     val_csv: str = ""
+    # How the CSVs are laid out (`mmtag.data.CsvFormat`); saved with the run, so evaluate and
+    # predict read the same layout unless told otherwise.
+    image_col: str = option("ImageID", COLUMN, "--image-col")
+    caption_col: str = option("Caption", COLUMN, "--caption-col")
+    labels_col: str = option("Labels", COLUMN, "--labels-col")
+    # " " (the competition format) splits on any whitespace; labels are integer ids or names
+    label_sep: str = option(" ", LabelSeparator(), "--label-sep")
+    # appended to each ImageID to name its image file, for ids written without it ("139" + ".jpg")
+    image_ext: str = option("", Pattern(r"(\.[a-z0-9_-]+)*", "empty or a file extension such as .jpg",
+                                        exact=True), "--image-ext")
+
+    def csv_format(self, **overrides: str | None) -> "CsvFormat":
+        """How these CSVs are read, with `overrides` (the image_col=, ... keyword arguments of
+        evaluate, predict, check, report; None keeps the option) checked like their flags."""
+        from .data.reader import CsvFormat
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(CsvFormat)}
+        for name, value in overrides.items():
+            if name not in values:
+                raise TypeError(f"unknown CSV option {name!r}; available: {', '.join(values)}")
+            if value is None:
+                continue
+            f = _field(DataConfig, name)
+            problem = f.metadata["check"].problem(value)
+            if problem:
+                raise MmtagError(_Where("config", {f"data.{name}"}).say(f"data.{name}", f, problem))
+            values[name] = value
+        return CsvFormat(**values)
 
 
 @dataclass
@@ -275,7 +320,7 @@ class ModelConfig:
     image_encoder: str = option("efficientnet-lite0", EncoderName("image"), "--image-encoder")
     text_encoder: str = option("minilm-l6", EncoderName("text"), "--text-encoder")
     # mean (late fusion): out of fold on coco-real it learns from captions without images
-    # (--extra-text) and, stacked, beat every other head (README, "Cross-fitting"); concat needs
+    # (--extra-text) and, stacked, beat every other head (docs/results.md); concat needs
     # both modalities in every row
     fusion: str = option("mean", FUSION_HEAD, "--fusion")
     random_init: bool = False  # allow encoders without pretrained weights (never silently)
@@ -339,7 +384,7 @@ class TrainConfig:
     def resolved(self, *, n_rows: int, user_val: bool, finetuning: bool,
                  can_stack: bool) -> "TrainConfig":
         """A copy with `auto` settled for this data. Out-of-fold choices beat a 10% split on
-        every dataset measured (README, "Cross-fitting"), but a user's --val set is what they
+        every dataset measured (docs/results.md), but a user's --val set is what they
         asked to choose on, and fine-tuning the encoders once per fold costs K times as much."""
         folds = self.folds
         if folds == AUTO:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from data_helpers import HEADER, crlf, write
-from mmtag.data import COCO_NAMES, Dataset, LabelSpace, read_csv, train_val_split
+from mmtag.data import (COCO_NAMES, Dataset, LabelSpace, LabelVocab, read_csv, shared_vocab,
+                        train_val_split)
+from mmtag.errors import MmtagError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,6 +57,43 @@ def test_label_space_dict_round_trip() -> None:
     assert LabelSpace.from_dict(raw) == space
     assert LabelSpace.from_dict(json.loads(json.dumps(raw))) == space
     assert LabelSpace.from_dict({"ids": ["1", "5"], "names": ["a", "b"]}).ids == (1, 5)
+
+
+def test_named_label_space_spells_its_labels_and_round_trips() -> None:
+    vocab = LabelVocab(("cat", "dog", "yak"))
+    space = LabelSpace.from_labels([[2, 0], [0]], vocab=vocab)
+    assert space.ids == (0, 2) and space.names == ("cat", "yak") and space.tokens == ("cat", "yak")
+    raw = space.to_dict()
+    assert raw == {"ids": [0, 2], "names": ["cat", "yak"], "vocab": ["cat", "dog", "yak"]}
+    assert LabelSpace.from_dict(json.loads(json.dumps(raw))) == space
+    # integer labels are written as before, and a dict without vocab reads as integer labels
+    ints = LabelSpace.from_labels([[3, 1]])
+    assert "vocab" not in ints.to_dict() and ints.tokens == ("1", "3")
+    assert not LabelSpace.from_dict(ints.to_dict()).vocab.named
+
+
+def test_label_vocab_extends_without_renumbering() -> None:
+    vocab = LabelVocab(("cat", "dog"))
+    more = vocab.extended(["zebra", "dog", "ant", "zebra"])
+    assert more.names == ("cat", "dog", "ant", "zebra") and more.index()["ant"] == 2
+    assert more.extends(vocab) and not vocab.extends(more)
+    assert not LabelVocab().extends(vocab) and LabelVocab().token(7) == "7"
+
+
+def test_label_space_of_datasets_read_in_one_chain(tmp_path: Path) -> None:
+    train = read_csv(write(tmp_path, HEADER + crlf(b"a.jpg,dog cat,x")), require_labels=True).dataset
+    extra = read_csv(write(tmp_path, HEADER + crlf(b"b.jpg,ant,y"), "extra.csv"),
+                     require_labels=True, vocab=train.vocab).dataset
+    space = LabelSpace.of(train, None, extra)
+    assert space.tokens == ("cat", "dog", "ant") and space.ids == (0, 1, 2)
+    assert shared_vocab(train, extra) == extra.vocab
+    # read on its own, the extra file numbers its names apart: refused, not silently mixed up
+    alone = read_csv(write(tmp_path, HEADER + crlf(b"b.jpg,ant,y"), "alone.csv"),
+                     require_labels=True).dataset
+    with pytest.raises(MmtagError, match="another label vocabulary"):
+        LabelSpace.of(train, alone)
+    with pytest.raises(MmtagError, match="alone.csv"):
+        shared_vocab(train, alone)
 
 
 def test_label_space_reports_unknown_ids() -> None:

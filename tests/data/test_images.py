@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 from data_helpers import HEADER, assert_data_error, crlf, write
 from mmtag.data.augment import parse_image_aug
 from mmtag.data import (
+    CsvFormat,
     IMAGE_FORMATS,
     ImageDecodeError,
     ImageItems,
@@ -348,6 +349,39 @@ def test_check_images_exist_without_images_dir(tmp_path: Path) -> None:
     ds = read_csv(write(tmp_path, HEADER + crlf(b"a.png,1,x"))).dataset
     with pytest.raises(DataError, match="no images directory"):
         check_images_exist(ds, skip_bad=True)
+
+
+def test_ids_without_their_extension_are_one_error_naming_the_file_and_the_flag(
+        tmp_path: Path) -> None:
+    images = _dataset_with_images(tmp_path, ["139.jpg", "140.jpg", "sub/7.jpg", "other.png"])
+    path = write(tmp_path, HEADER + crlf(b"139,1,x", b"140,2,y", b"sub/7,3,z"))
+    ds = read_csv(path, images_dir=images).dataset
+    for skip_bad in (False, True):  # the reading is wrong, not the rows: never skipped
+        with pytest.raises(DataError) as info:
+            check_images_exist(ds, skip_bad=skip_bad)
+        assert_data_error(info.value, path, 1, 2, f"image '{images / '139'}' not found, but "
+                          f"'{images / '139.jpg'}' is (and so for all 3 rows",
+                          "no file extension; pass --image-ext .jpg")
+    # --image-ext .jpg: every image found
+    fixed = read_csv(path, images_dir=images, csv_format=CsvFormat(image_ext=".jpg")).dataset
+    kept, skipped = check_images_exist(fixed, skip_bad=False)
+    assert kept.image_ids == ["139", "140", "sub/7"] and skipped == []
+    assert kept.image_path(2) == images / "sub" / "7.jpg"
+
+
+def test_missing_images_stay_row_errors_when_no_extension_explains_them(tmp_path: Path) -> None:
+    images = _dataset_with_images(tmp_path, ["1.jpg", "1.png", "2.jpg"])
+    ambiguous = write(tmp_path, HEADER + crlf(b"1,1,x"))  # 1.jpg or 1.png?
+    with pytest.raises(DataError, match="not found$"):
+        check_images_exist(read_csv(ambiguous, images_dir=images).dataset, skip_bad=False)
+    partly = write(tmp_path, HEADER + crlf(b"2,1,x", b"3,1,y"), "partly.csv")  # 3.jpg is gone too
+    kept, skipped = check_images_exist(read_csv(partly, images_dir=images).dataset, skip_bad=True)
+    assert len(kept) == 0 and [e.row for e in skipped] == [1, 2]
+    assert all("--image-ext" not in str(e) for e in skipped)
+    named = write(tmp_path, HEADER + crlf(b"9.jpg,1,x"), "named.csv")  # has its extension already
+    Image.new("RGB", (4, 4)).save(images / "9.jpg.png")
+    with pytest.raises(DataError, match="not found$"):
+        check_images_exist(read_csv(named, images_dir=images).dataset, skip_bad=False)
 
 
 def _images_with_symlinks(tmp_path: Path) -> Path:

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_helpers import HEADER, assert_data_error, crlf, write
-from mmtag.data import MAX_CAPTION_CHARS, check_image_id, parse_labels, read_csv
+from mmtag.data import (MAX_CAPTION_CHARS, CsvFormat, LabelVocab, check_image_id, parse_labels,
+                        read_csv)
 from mmtag.errors import DataError
 
 
@@ -214,18 +215,19 @@ def test_read_csv_junk_after_closing_quote(tmp_path: Path) -> None:
     assert_data_error(info.value, path, 2, 3, "malformed CSV")
 
 
-@pytest.mark.parametrize("header,require_labels,missing", [
-    (b"ImageID,Caption", True, "Labels"),
-    (b"ImageID,Labels", False, "Caption"),
-    (b"Labels,Caption", False, "ImageID"),
-    (b"id,labels,caption", False, "ImageID, Caption"),
+@pytest.mark.parametrize("header,require_labels,message", [
+    (b"ImageID,Caption", True, "no column 'Labels' (found: ImageID, Caption); pass --labels-col NAME"),
+    (b"ImageID,Labels", False, "no column 'Caption' (found: ImageID, Labels); pass --caption-col NAME"),
+    (b"Labels,Caption", False, "no column 'ImageID' (found: Labels, Caption); pass --image-col NAME"),
+    (b"id,labels,caption", False, "no columns 'ImageID', 'Caption' (found: id, labels, caption); "
+                                  "pass --image-col NAME --caption-col caption"),
 ])
 def test_read_csv_missing_column(tmp_path: Path, header: bytes, require_labels: bool,
-                                 missing: str) -> None:
+                                 message: str) -> None:
     path = write(tmp_path, header + b"\r\n" + b"a.jpg,x\r\n")
     with pytest.raises(DataError) as info:
         read_csv(path, require_labels=require_labels)
-    assert_data_error(info.value, path, None, 1, f"missing column(s) {missing}")
+    assert_data_error(info.value, path, None, 1, message)
 
 
 def test_read_csv_labels_optional_unless_required(tmp_path: Path) -> None:
@@ -503,3 +505,125 @@ def test_fuzz_parse_labels_returns_ints_or_value_error(text: str) -> None:
     except ValueError:
         return
     assert all(isinstance(x, int) for x in labels)
+
+# ----------------------------------------------------------------------------------------------
+# 6. Other layouts: column names, label separators, named labels (issue 17)
+# ----------------------------------------------------------------------------------------------
+
+def test_read_csv_reads_the_columns_the_format_names(tmp_path: Path) -> None:
+    path = write(tmp_path, b"tags,text,file\r\n1 3,a cat,a.jpg\r\n2,a dog,b.jpg\r\n")
+    fmt = CsvFormat(image_col="file", caption_col="text", labels_col="tags", image_ext=".png")
+    ds = read_csv(path, images_dir=tmp_path, require_labels=True, csv_format=fmt).dataset
+    assert ds.image_ids == ["a.jpg", "b.jpg"] and ds.captions == ["a cat", "a dog"]
+    assert ds.labels == [[1, 3], [2]] and not ds.vocab.named
+    assert ds.image_path(0) == tmp_path / "a.jpg.png"  # the extension follows the id as written
+    assert ds.subset([1]).image_path(0) == tmp_path / "b.jpg.png"
+
+
+@pytest.mark.parametrize("header,fmt,message", [
+    # the one column left over is the likely caption column
+    (b"ImageID,Labels,text", CsvFormat(),
+     "no column 'Caption' (found: ImageID, Labels, text); pass --caption-col text"),
+    # another case first, then difflib's closest name
+    (b"imageid,Labels,Caption,extra", CsvFormat(),
+     "no column 'ImageID' (found: imageid, Labels, Caption, extra); pass --image-col imageid"),
+    (b"ImageID,Lables,Caption,extra", CsvFormat(),
+     "no column 'Labels' (found: ImageID, Lables, Caption, extra); pass --labels-col Lables"),
+    # a configured name that the file does not use points back at the file's own column
+    (b"ImageID,Labels,Caption", CsvFormat(caption_col="caption "),
+     "no column 'caption ' (found: ImageID, Labels, Caption); pass --caption-col Caption"),
+    (b"ImageID,Labels,image caption", CsvFormat(),
+     "pass --caption-col 'image caption'"),
+])
+def test_a_header_typo_names_the_closest_column_and_the_flag(tmp_path: Path, header: bytes,
+                                                             fmt: CsvFormat, message: str) -> None:
+    path = write(tmp_path, header + b"\r\na.jpg,1,x\r\n")
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True, csv_format=fmt)
+    assert_data_error(info.value, path, None, 1, message)
+
+
+@pytest.mark.parametrize("data,shown", [(b"ImageID;Labels;Caption\r\na.jpg;1;x\r\n", "';'"),
+                                        (b"ImageID\tLabels\tCaption\r\na.jpg\t1\tx\r\n", "tab")])
+def test_a_semicolon_or_tab_file_is_told_to_be_comma_separated(tmp_path: Path, data: bytes,
+                                                               shown: str) -> None:
+    path = write(tmp_path, data)
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert_data_error(info.value, path, None, 1, "must be comma-separated",
+                      f"is separated by {shown}")
+
+
+def test_a_comma_cell_under_the_default_separator_says_to_pass_label_sep(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1,ok", b'b.jpg,"1,3",bad'))
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert_data_error(info.value, path, 2, 3, "Labels '1,3' holds a comma", "pass --label-sep ,")
+
+
+def test_label_sep_reads_comma_separated_labels(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b'a.jpg,"1,3",one', b'b.jpg,"19, 2,",two',
+                                         b'c.jpg,"traffic light,cat",named'))
+    comma = CsvFormat(label_sep=",")
+    ds = read_csv(path, require_labels=True, csv_format=comma, skip_bad=True).dataset
+    assert ds.labels == [[1, 3], [2, 19]]  # row 3 mixes names into an integer file: refused
+    # space-separated ids under --label-sep , would read as one name: said instead
+    spaced = write(tmp_path, HEADER + crlf(b"a.jpg,1 3,x"), "spaced.csv")
+    with pytest.raises(DataError, match="separated by spaces, but --label-sep is ','"):
+        read_csv(spaced, require_labels=True, csv_format=comma)
+
+
+def test_named_labels_get_ids_in_sorted_order_and_keep_their_spelling(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,dog cat,one", b"b.jpg,Zebra dog dog,two",
+                                         "c.jpg,café,three".encode()))
+    ds = read_csv(path, require_labels=True).dataset
+    assert ds.vocab == LabelVocab(("Zebra", "café", "cat", "dog"))
+    assert ds.labels == [[2, 3], [0, 3], [1]]
+    assert [[ds.vocab.token(i) for i in row] for row in ds.labels] == \
+        [["cat", "dog"], ["Zebra", "dog"], ["café"]]
+    # with a separator, a name may hold spaces
+    spaced = write(tmp_path, HEADER + crlf(b'a.jpg,"traffic light;stop sign",x'), "s.csv")
+    sds = read_csv(spaced, require_labels=True, csv_format=CsvFormat(label_sep=";")).dataset
+    assert sds.vocab.names == ("stop sign", "traffic light") and sds.labels == [[0, 1]]
+
+
+def test_a_file_read_with_a_vocabulary_keeps_its_ids_and_appends_new_names(tmp_path: Path) -> None:
+    train = read_csv(write(tmp_path, HEADER + crlf(b"a.jpg,dog cat,x", b"b.jpg,cat,y")),
+                     require_labels=True).dataset
+    other = write(tmp_path, HEADER + crlf(b"c.jpg,yak dog,x", b"d.jpg,ant,y"), "other.csv")
+    ds = read_csv(other, require_labels=True, vocab=train.vocab).dataset
+    assert ds.vocab.names == ("cat", "dog", "ant", "yak")  # known ids first, then new names
+    assert ds.labels == [[1, 3], [2]]
+    assert ds.vocab.extends(train.vocab) and not train.vocab.extends(ds.vocab)
+
+
+@pytest.mark.parametrize("records,row,fragments", [
+    ([b"a.jpg,1,ok", b"b.jpg,1 x,bad"], 2, ["'x' is not an integer", "row 1's label '1'"]),
+    ([b"a.jpg,cat,ok", b"b.jpg,dog 3,bad"], 2, ["'3' is an integer", "row 1's label 'cat' is a name"]),
+    ([b"a.jpg,cat 3,bad"], 1, ["'3' is an integer", "row 1's label 'cat'"]),
+    ([b"a.jpg,cat -1,bad"], 1, ["'-1' is negative"]),  # reads as a number: refused, not a name
+    ([b"a.jpg,cat 1.5,bad"], 1, ["'1.5' is not an integer"]),
+])
+def test_a_file_holds_ids_or_names_not_both(tmp_path: Path, records: list[bytes], row: int,
+                                            fragments: list[str]) -> None:
+    path = write(tmp_path, HEADER + crlf(*records))
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert_data_error(info.value, path, row, row + 1, *fragments)
+
+
+def test_the_models_vocabulary_fixes_the_kind_of_label(tmp_path: Path) -> None:
+    names = write(tmp_path, HEADER + crlf(b"a.jpg,cat,x"), "names.csv")
+    ids = write(tmp_path, HEADER + crlf(b"a.jpg,3,x"), "ids.csv")
+    with pytest.raises(DataError, match="'cat' is not an integer, but the model's labels are integer ids"):
+        read_csv(names, vocab=LabelVocab())
+    with pytest.raises(DataError, match="'3' is an integer, but the model's labels are names"):
+        read_csv(ids, vocab=LabelVocab(("cat", "dog")))
+    assert read_csv(ids, vocab=LabelVocab()).dataset.labels == [[3]]
+
+
+def test_a_row_skipped_for_its_labels_does_not_decide_the_kind(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,cat 3,mixed", b"b.jpg,1,ok", b"c.jpg,2 5,ok"))
+    result = read_csv(path, require_labels=True, skip_bad=True)
+    assert result.dataset.labels == [[1], [2, 5]] and not result.dataset.vocab.named
+    assert [e.row for e in result.skipped] == [1]

@@ -3,7 +3,7 @@ import pytest
 
 from mmtag.errors import MmtagError
 from mmtag.decision.metrics import samples_f1
-from mmtag.decision.thresholds import GRID, Thresholds, decide, tune, tune_global
+from mmtag.decision.thresholds import GRID, Scores, Thresholds, decide, tune, tune_global
 
 
 def test_decide_applies_threshold_per_class():
@@ -17,6 +17,44 @@ def test_decide_top1_fallback_never_empty():
     out = decide(probs, 0.5)
     assert out.tolist() == [[False, True, False], [True, False, False], [True, False, False]]
     assert out.any(axis=1).all()
+
+
+def test_top_k_keeps_the_best_scoring_of_the_chosen_labels():
+    probs = np.array([[0.9, 0.6, 0.7, 0.8], [0.2, 0.1, 0.3, 0.6], [0.7, 0.7, 0.1, 0.95]])
+    thr = Thresholds("per-class", np.array([0.5, 0.5, 0.5, 0.99]))  # column 3 is never chosen
+    chosen = decide(probs, thr)
+    assert chosen.tolist() == [[True, True, True, False], [False, False, False, True],
+                               [True, True, False, False]]
+    capped = decide(probs, thr, top_k=2)
+    # row 0: 0.9 and 0.7 of the three chosen; row 1: the top-1 fallback, untouched; row 2: the
+    # 0.95 of column 3 was not chosen, so it is not added: a cap, never an addition; the tie
+    # (0.7, 0.7) keeps both since two fit
+    assert capped.tolist() == [[True, False, True, False], [False, False, False, True],
+                               [True, True, False, False]]
+    assert decide(probs, thr, top_k=1).tolist() == [[True, False, False, False],
+                                                    [False, False, False, True],
+                                                    [True, False, False, False]]  # tie: lower column
+    assert np.array_equal(decide(probs, thr, top_k=4), decide(probs, thr))
+    assert (decide(probs, thr, top_k=2) <= decide(probs, thr)).all()
+
+
+def test_top_k_caps_union_and_expected_f1_decisions_too():
+    a = np.array([[0.9, 0.8, 0.1]])
+    b = np.array([[0.1, 0.2, 0.9]])
+    scores = Scores(probs=np.array([[0.6, 0.3, 0.7]]), branches={"image": a, "text": b}, union=True)
+    thr = Thresholds("union/global", np.full(3, 0.5), branches={"image": np.full(3, 0.5),
+                                                                  "text": np.full(3, 0.5)})
+    assert decide(scores, thr).sum() == 3
+    assert decide(scores, thr, top_k=2).tolist() == [[True, False, True]]  # by fused score
+    gfm = Thresholds("gfm", np.full(3, 0.5))
+    many = np.array([[0.95, 0.9, 0.85]])
+    assert decide(many, gfm).sum() == 3 and decide(many, gfm, top_k=1).tolist() == [[True, False, False]]
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True, "2"])
+def test_top_k_must_be_a_positive_integer(k):
+    with pytest.raises(MmtagError, match="top_k must be an integer >= 1"):
+        decide(np.array([[0.9, 0.1]]), 0.5, top_k=k)
 
 
 def test_tune_global_finds_separating_threshold():
@@ -175,7 +213,6 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra.numpy import arrays  # noqa: E402
 
-from mmtag.decision.thresholds import Scores  # noqa: E402
 
 _unit = st.floats(0.0, 1.0, allow_nan=False, width=32)
 

@@ -222,6 +222,22 @@ def _both(*damages):
     return damage
 
 
+def test_named_labels_round_trip_and_an_integer_bundle_loads_as_before(small_bundle: Path,
+                                                                        tmp_path: Path) -> None:
+    before = bundle.load(small_bundle).label_space
+    assert not before.vocab.named and before.tokens == ("1", "2", "3")
+    assert "vocab" not in json.loads((small_bundle / "labels.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(small_bundle, run)
+    _json("labels.json", lambda r: r.update(names=["dog", "person", "yak"],
+                                            vocab=["cat", "dog", "person", "yak"]))(run)
+    _rehash(run)
+    named = bundle.load(run).label_space
+    assert named.vocab.names == ("cat", "dog", "person", "yak")
+    assert named.tokens == ("dog", "person", "yak") and named.ids == (1, 2, 3)
+    assert api.Tagger.load(run).label_space == named
+
+
 DAMAGES = [
     # weights
     pytest.param(_truncate("head.safetensors"), "head.safetensors", id="head-truncated"),
@@ -259,6 +275,12 @@ DAMAGES = [
     pytest.param(_json("labels.json", lambda r: r.pop("names")), "labels.json", id="labels-no-names"),
     pytest.param(_text("labels.json", "{"), "labels.json", id="labels-not-json"),
     pytest.param(_text("labels.json", b"\xff\xfe\x00"), "labels.json", id="labels-not-utf8"),
+    pytest.param(_json("labels.json", lambda r: r.update(vocab=["cat", "dog"])), "labels.json",
+                 id="labels-vocab-short"),  # ids 1, 2, 3: 2 and 3 have no name
+    pytest.param(_json("labels.json", lambda r: r.update(vocab=["cat", "dog", "cat", "yak"])),
+                 "labels.json", id="labels-vocab-duplicate"),
+    pytest.param(_json("labels.json", lambda r: r.update(vocab=["cat", 2, "dog", "yak"])),
+                 "labels.json", id="labels-vocab-not-strings"),
     pytest.param(_json("thresholds.json", lambda r: r["values"].pop()), "thresholds.json",
                  id="thresholds-count"),
     pytest.param(_json("thresholds.json", lambda r: r.update(values=[r["values"]])), "thresholds.json",

@@ -2,11 +2,14 @@
 # The package's public names, wherever in it they live: other packages import from here.
 from .dataset import (  # noqa: F401
     LabelSpace,
+    LabelVocab,
     Dataset,
+    shared_vocab,
     train_val_split,
 )
 from .reader import (  # noqa: F401
     MAX_CAPTION_CHARS,
+    CsvFormat,
     ReadResult,
     parse_labels,
     check_image_id,
@@ -15,7 +18,10 @@ from .reader import (  # noqa: F401
 )
 from .images import (  # noqa: F401
     IMAGE_FORMATS,
+    IMAGE_EXTENSIONS,
     ImageDecodeError,
+    ImageFiles,
+    locate_images,
     check_images_exist,
     check_images_decode,
     decode_image,

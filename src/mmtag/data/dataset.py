@@ -1,5 +1,6 @@
-"""The dataset types: `LabelSpace` (the ordered label ids a model predicts), `Dataset` (the rows
-of one CSV and where each came from) and the seeded train/validation split.
+"""The dataset types: `LabelVocab` (how labels are spelled), `LabelSpace` (the ordered label ids a
+model predicts), `Dataset` (the rows of one CSV and where each came from) and the seeded
+train/validation split.
 
 `mmtag.data.reader` builds a Dataset from a CSV; `mmtag.data.images` decodes its images.
 """
@@ -7,28 +8,84 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .coco import COCO_NAMES
-from ..errors import DataError
+from ..errors import DataError, MmtagError
+
+
+@dataclass(frozen=True)
+class LabelVocab:
+    """How label ids are spelled in CSVs and submissions.
+
+    Integer labels (`names` empty; the competition format): a label is its id, written as itself.
+    Named labels (`cat dog`): `names[i]` is the user's spelling of label id i. Training gives the
+    names of the training CSV ids in sorted order; a file read later with this vocabulary
+    (validation, evaluation) keeps those ids and appends the names it adds (`extended`), so
+    every id of every file read in that chain means one name.
+    """
+
+    names: tuple[str, ...] = ()
+
+    @property
+    def named(self) -> bool:
+        return bool(self.names)
+
+    def token(self, label_id: int) -> str:
+        """How label `label_id` is written: its name, or the id itself for integer labels."""
+        return self.names[label_id] if self.named else str(label_id)
+
+    def index(self) -> dict[str, int]:
+        """name → id (named labels)."""
+        return {name: i for i, name in enumerate(self.names)}
+
+    def extended(self, names: Iterable[str]) -> "LabelVocab":
+        """This vocabulary with the names it lacks appended, in sorted order (ids unchanged)."""
+        known = set(self.names)
+        return LabelVocab(self.names + tuple(sorted({n for n in names if n not in known})))
+
+    def extends(self, other: "LabelVocab") -> bool:
+        """Whether every id of `other` means the same label here."""
+        return self.named == other.named and self.names[:len(other.names)] == other.names
 
 
 @dataclass(frozen=True)
 class LabelSpace:
-    """The ordered set of label ids a model predicts, with display names."""
+    """The ordered set of label ids a model predicts, with display names, and the vocabulary
+    that spells them (integer ids unless the training labels were names)."""
 
     ids: tuple[int, ...]
     names: tuple[str, ...]
+    vocab: LabelVocab = LabelVocab()
 
     @classmethod
-    def from_labels(cls, labels: list[list[int]], names: dict[int, str] | None = None) -> "LabelSpace":
-        """Infer the label space from training labels (sorted ids)."""
+    def from_labels(cls, labels: list[list[int]], names: dict[int, str] | None = None,
+                    vocab: LabelVocab = LabelVocab()) -> "LabelSpace":
+        """Infer the label space from training labels (sorted ids). Display names: the user's
+        names for named labels, else `names` (default: the COCO names) or the id."""
         ids = tuple(sorted({label for row in labels for label in row}))
+        if vocab.named:
+            return cls(ids=ids, names=tuple(vocab.token(i) for i in ids), vocab=vocab)
         lookup = names if names is not None else COCO_NAMES
         return cls(ids=ids, names=tuple(lookup.get(i, str(i)) for i in ids))
+
+    @classmethod
+    def of(cls, *datasets: "Dataset | None") -> "LabelSpace":
+        """The labels of these datasets' rows (training rows, extra captions), spelled by their
+        vocabulary. Files with named labels must have been read in one chain (each with the
+        vocabulary of the one before; see `LabelVocab`), so their ids agree."""
+        data = [d for d in datasets if d is not None]
+        return cls.from_labels([row for d in data for row in (d.labels or [])],
+                               vocab=shared_vocab(*data))
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Each label as the user writes it (in CSVs and submissions): a name or an id."""
+        return tuple(self.vocab.token(i) for i in self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,11 +113,17 @@ class LabelSpace:
         return [[self.ids[j] for j in np.flatnonzero(row)] for row in mask]
 
     def to_dict(self) -> dict[str, list]:
-        return {"ids": list(self.ids), "names": list(self.names)}
+        """`ids` and `names`, and `vocab` (the names, in id order) for named labels only, so an
+        integer-labelled bundle is written as before and one without `vocab` reads as integers."""
+        out: dict[str, list] = {"ids": list(self.ids), "names": list(self.names)}
+        if self.vocab.named:
+            out["vocab"] = list(self.vocab.names)
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, list]) -> "LabelSpace":
-        return cls(ids=tuple(int(i) for i in raw["ids"]), names=tuple(str(n) for n in raw["names"]))
+        return cls(ids=tuple(int(i) for i in raw["ids"]), names=tuple(str(n) for n in raw["names"]),
+                   vocab=LabelVocab(tuple(str(n) for n in raw.get("vocab") or ())))
 
 
 @dataclass
@@ -74,6 +137,9 @@ class Dataset:
     images_dir: Path | None = None
     rows: list[int] = field(default_factory=list)  # 1-based data row of each item, for messages
     lines: list[int] = field(default_factory=list)  # physical line where each record starts
+    # how the label ids of `labels` are spelled (named labels: the names, see LabelVocab)
+    vocab: LabelVocab = LabelVocab()
+    image_ext: str = ""  # appended to each ImageID to name its file (`data.image_ext`)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -89,11 +155,11 @@ class Dataset:
         return self.labels
 
     def image_path(self, i: int) -> Path:
-        """`<images>/<ImageID>`; DataError (with the row) when it resolves outside the images
-        directory through a symlink, the way `check_image_id` refuses `../` in the id itself."""
+        """`<images>/<ImageID><image_ext>`; DataError (with the row) when it resolves outside the
+        images directory through a symlink, the way `check_image_id` refuses `../` in the id."""
         if self.images_dir is None:
             raise DataError(self.path, "no images directory given (--images)")
-        path = self.images_dir / self.image_ids[i]
+        path = self.images_dir / (self.image_ids[i] + self.image_ext)
         # Checked on every call, so no path handed out (to a decoder, a report) skips the check.
         try:
             target = path.resolve()
@@ -115,12 +181,28 @@ class Dataset:
             images_dir=self.images_dir,
             rows=[self.rows[i] for i in idx] if self.rows else [],
             lines=[self.lines[i] for i in idx] if self.lines else [],
+            vocab=self.vocab,
+            image_ext=self.image_ext,
         )
 
     def where(self, i: int) -> dict[str, int | None]:
         """Row/line keywords for a DataError about item i."""
         return {"row": self.rows[i] if self.rows else None,
                 "line": self.lines[i] if self.lines else None}
+
+
+def shared_vocab(*datasets: Dataset | None) -> LabelVocab:
+    """The vocabulary that spells the labels of all these datasets (the longest of theirs), or
+    an MmtagError when their label ids disagree: files with named labels read one by one without
+    passing on the vocabulary (`read_dataset(..., vocab=first.vocab)`) number their names apart."""
+    data = [d for d in datasets if d is not None and d.labels]
+    vocab = max((d.vocab for d in data), key=lambda v: len(v.names), default=LabelVocab())
+    for d in data:
+        if not vocab.extends(d.vocab):
+            raise MmtagError(f"{d.path}: its labels were read with another label vocabulary than "
+                             f"{data[0].path}'s; read each file after the first with "
+                             "vocab=<the dataset read before it>.vocab")
+    return vocab
 
 
 def train_val_split(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,8 @@
 """Image decoding and the one image loader.
 
 Images are decoded here (`decode_image`), only in `IMAGE_FORMATS`, and every bad image raises
-`ImageDecodeError`; a Dataset's image files are checked up front by `check_images_exist` and
-`check_images_decode`. The one image loader every stage uses (`ImageItems` + `collate_images`,
+`ImageDecodeError`; a Dataset's image files are checked up front by `check_images_exist` (which
+tells ImageIDs without their file extension apart from missing files) and `check_images_decode`. The one image loader every stage uses (`ImageItems` + `collate_images`,
 through `image_loader`) means feature extraction and encoder fine-tuning decode, augment, batch
 and report a bad image the same way.
 """
@@ -46,22 +46,79 @@ class ImageDecodeError(ValueError):
         self.too_large = too_large
 
 
-def check_images_exist(dataset: Dataset, *, skip_bad: bool) -> tuple[Dataset, list[DataError]]:
-    """Fail (or, with skip_bad, drop) rows whose image file is missing or is a symlink leading
-    outside the images directory, before any compute."""
+# File extensions of IMAGE_FORMATS, for telling a user whose ImageIDs lack theirs which one to add.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageFiles:
+    """Where a Dataset's image files stand: the rows whose file exists, and the problems of
+    the others (each a DataError with its row), in row order."""
+
+    present: list[int]
+    outside: list[DataError]  # a symlink leading outside the images directory
+    missing: list[DataError]  # no such file
+    problems: list[DataError]  # both, in row order
+
+
+def locate_images(dataset: Dataset) -> ImageFiles:
+    """Which rows' image files exist. When ImageIDs lack the file extension their files have
+    (every missing `<images>/139` has a `<images>/139.jpg`), this raises ONE DataError naming a
+    file and the flag that fixes it (`--image-ext .jpg`), whatever `--skip-bad` says: it is the
+    reading of the CSV that is wrong, not its rows."""
     if dataset.images_dir is None:
         raise DataError(dataset.path, "no images directory given (--images)")
-    keep: list[int] = []
-    skipped: list[DataError] = []
+    files = ImageFiles(present=[], outside=[], missing=[], problems=[])
+    missing_rows: list[int] = []
     for i in range(len(dataset)):
-        err = _image_problem(dataset, i)
-        if err is None:
-            keep.append(i)
+        try:
+            path = dataset.image_path(i)
+        except DataError as err:
+            files.outside.append(err)
+            files.problems.append(err)
             continue
-        if not skip_bad:
-            raise err
-        skipped.append(err)
-    return (dataset if not skipped else dataset.subset(keep)), skipped
+        if path.is_file():
+            files.present.append(i)
+        else:
+            missing_rows.append(i)
+            files.missing.append(DataError(dataset.path, f"image {str(path)!r} not found",
+                                           **dataset.where(i)))
+            files.problems.append(files.missing[-1])
+    if missing_rows:
+        hint = _extension_hint(dataset, missing_rows)
+        if hint is not None:
+            raise hint
+    return files
+
+
+def _extension_hint(dataset: Dataset, rows: list[int]) -> DataError | None:
+    """The one error for ImageIDs without their file extension, or None: the first missing
+    image has exactly one sibling `<name><ext>` with an image extension, and so has every
+    missing image."""
+    first = dataset.image_path(rows[0])
+    if first.suffix.lower() in IMAGE_EXTENSIONS or not first.parent.is_dir():
+        return None
+    found = [p.name[len(first.name):] for p in first.parent.iterdir()
+             if p.name.startswith(first.name + ".") and p.suffix == p.name[len(first.name):]
+             and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if len(found) != 1:
+        return None
+    ext = found[0]
+    if not all(Path(str(dataset.image_path(i)) + ext).is_file() for i in rows):
+        return None
+    others = f" (and so for all {len(rows)} rows whose image is missing)" if len(rows) > 1 else ""
+    return DataError(dataset.path, f"image {str(first)!r} not found, but {str(first) + ext!r} "
+                     f"is{others}: the ImageIDs have no file extension; pass --image-ext {ext}",
+                     **dataset.where(rows[0]))
+
+
+def check_images_exist(dataset: Dataset, *, skip_bad: bool) -> tuple[Dataset, list[DataError]]:
+    """Fail (or, with skip_bad, drop) rows whose image file is missing or is a symlink leading
+    outside the images directory, before any compute (see `locate_images`)."""
+    files = locate_images(dataset)
+    if files.problems and not skip_bad:
+        raise files.problems[0]
+    return (dataset if not files.problems else dataset.subset(files.present)), files.problems
 
 
 def check_images_decode(dataset: Dataset, *, skip_bad: bool,
@@ -71,7 +128,7 @@ def check_images_decode(dataset: Dataset, *, skip_bad: bool,
     feature cache, e.g. fine-tuning, where one bad file must not stop an epoch."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from ..progress import Bar
 
     def problem(i: int) -> DataError | None:
         try:
@@ -83,24 +140,13 @@ def check_images_decode(dataset: Dataset, *, skip_bad: bool,
 
     # Pillow releases the GIL while decoding, so threads use both cores.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        found = list(tqdm(pool.map(problem, range(len(dataset))), total=len(dataset),
-                          desc="checking images", unit="img", disable=not progress))
+        found = list(Bar(pool.map(problem, range(len(dataset))), total=len(dataset),
+                         label="checking images", unit="img", show=progress))
     skipped = [e for e in found if e is not None]
     if skipped and not skip_bad:
         raise skipped[0]
     keep = [i for i, e in enumerate(found) if e is None]
     return (dataset if not skipped else dataset.subset(keep)), skipped
-
-
-def _image_problem(dataset: Dataset, i: int) -> DataError | None:
-    """Why row i's image cannot be read (outside the images directory, or not a file), or None."""
-    try:
-        p = dataset.image_path(i)
-    except DataError as err:
-        return err
-    if p.is_file():
-        return None
-    return DataError(dataset.path, f"image {str(p)!r} not found", **dataset.where(i))
 
 
 @contextmanager

@@ -1,20 +1,54 @@
 """Reading the competition layout: `ImageID,Labels,Caption` CSVs and images at `<images>/<ImageID>`.
 
+Other layouts are read through a `CsvFormat` (the `data.*_col`, `data.label_sep` and
+`data.image_ext` options): other column names, another label separator, ImageIDs without their
+file extension. Labels are integer ids (the competition format) or names (`cat dog`); named
+labels get ids from a `LabelVocab` (see `read_csv`).
+
 Nothing here drops a row silently: a bad row raises `DataError` naming file, row and line, or, with
 `skip_bad=True`, is skipped and reported back in `ReadResult.skipped`.
 """
 from __future__ import annotations
 
 import csv
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .dataset import Dataset
+from .dataset import Dataset, LabelVocab
 from ..errors import DataError, MmtagError
 
 # Captions are encoded with a 128-token limit anyway; this bound stops a 100 MB "caption".
 MAX_CAPTION_CHARS = 10_000
+
+
+@dataclass(frozen=True)
+class CsvFormat:
+    """How a CSV is laid out: the config's `data.image_col`, `data.caption_col`,
+    `data.labels_col`, `data.label_sep` and `data.image_ext` (see `DataConfig.csv_format`).
+    Messages name each as its `mmtag` flag: the field name with dashes (`--caption-col`)."""
+
+    image_col: str = "ImageID"
+    caption_col: str = "Caption"
+    labels_col: str = "Labels"
+    label_sep: str = " "  # " ": any run of whitespace (the competition format)
+    image_ext: str = ""  # appended to every ImageID to name its file: "139" + ".jpg"
+
+    def split_labels(self, text: str) -> list[str]:
+        """A Labels cell → its label tokens (surrounding spaces and empty tokens dropped)."""
+        if self.label_sep == " ":
+            return text.split()
+        return [t.strip() for t in text.split(self.label_sep) if t.strip()]
+
+    def join_labels(self, tokens: list[str]) -> str:
+        """Label tokens → one Labels cell, separated as the input's are."""
+        return self.label_sep.join(tokens)
+
+
+def flag(option: str) -> str:
+    """The `mmtag` flag of a CsvFormat field: `caption_col` → `--caption-col`."""
+    return "--" + option.replace("_", "-")
 
 
 @dataclass
@@ -31,9 +65,9 @@ _LABEL = re.compile(r"[0-9]+")
 def parse_labels(text: str) -> list[int]:
     """'1 3  19' → [1, 3, 19] (sorted, unique); raises ValueError naming the bad token.
 
-    The one place a Labels field is read. A label is a string of ASCII digits: Python's int()
-    also reads '1_8' as 18, '+3', and Arabic-Indic or full-width digits, none of which a
-    label file means.
+    How an integer label is read. It is a string of ASCII digits: Python's int() also reads
+    '1_8' as 18, '+3', and Arabic-Indic or full-width digits, none of which a label file means
+    (`read_csv` refuses such a token rather than take it for a name).
     """
     out: set[int] = set()
     for token in text.split():
@@ -44,29 +78,38 @@ def parse_labels(text: str) -> list[int]:
     return sorted(out)
 
 
-def check_image_id(image_id: str) -> None:
+def check_image_id(image_id: str, column: str = "ImageID") -> None:
     """Reject ids that would escape the images directory (absolute paths, '..', drive letters)
     and ids with leading or trailing whitespace: an id names a file and is echoed in the
-    submission, so it is used exactly, never trimmed into another name."""
+    submission, so it is used exactly, never trimmed into another name. `column`: the id
+    column's name, for the message."""
     if not image_id:
-        raise ValueError("ImageID is empty")
+        raise ValueError(f"{column} is empty")
     if image_id != image_id.strip():
-        raise ValueError(f"ImageID {image_id!r} has leading or trailing spaces (ids are used exactly)")
+        raise ValueError(f"{column} {image_id!r} has leading or trailing spaces (ids are used exactly)")
     posix, win = PurePosixPath(image_id), PureWindowsPath(image_id)
     if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
-        raise ValueError(f"ImageID {image_id!r} points outside the images directory")
+        raise ValueError(f"{column} {image_id!r} points outside the images directory")
     if "\x00" in image_id:
-        raise ValueError("ImageID contains a NUL byte")
+        raise ValueError(f"{column} contains a NUL byte")
 
 
 def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
-             require_labels: bool = False, skip_bad: bool = False) -> ReadResult:
-    """Parse a competition CSV (train: ImageID,Labels,Caption; test: ImageID,Caption).
+             require_labels: bool = False, skip_bad: bool = False,
+             csv_format: CsvFormat | None = None, vocab: LabelVocab | None = None) -> ReadResult:
+    """Parse a competition CSV (train: ImageID,Labels,Caption; test: ImageID,Caption), or one
+    laid out as `csv_format` says.
 
     A real CSV parser is used, so quoted captions with commas, quotes and embedded CR/LF parse.
-    Labels are read when the header has a `Labels` column (required if `require_labels`).
+    Labels are read when the header has a labels column (required if `require_labels`).
+
+    Labels are integer ids or names, one kind per file. `vocab` None (training): the file
+    decides; names get ids in their sorted order. A vocabulary given (the model's, or the
+    training file's for a validation file) fixes the kind; names it lacks get new ids after its
+    own (`LabelVocab.extended`). `ReadResult.dataset.vocab` spells the ids read.
     """
     path = Path(path)
+    fmt = csv_format or CsvFormat()
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -85,30 +128,21 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
     physical = re.split(r"(?<=\n)", text) if "\n" in text else re.split(r"(?<=\r)", text)
     physical = [line for line in physical if line]
     if not physical:
-        raise DataError(path, "file is empty (expected a header ImageID,Labels,Caption)")
+        raise DataError(path, f"file is empty (expected a header {fmt.image_col},{fmt.labels_col},"
+                        f"{fmt.caption_col})")
 
     try:
         header = next(csv.reader([physical[0]], strict=True), [])
     except csv.Error as exc:
         raise DataError(path, f"malformed header ({exc})", line=1) from None
     header = [h.strip() for h in header]
-    for name in ("ImageID", "Labels", "Caption"):
-        if header.count(name) > 1:
-            # Otherwise one of the two silently wins, and a submission could list the wrong ids.
-            raise DataError(path, f"column {name!r} appears more than once in the header "
-                            f"{','.join(header)!r}", line=1)
-    col = {name: i for i, name in enumerate(header)}
-    missing = [c for c in ("ImageID", "Caption") if c not in col]
-    if require_labels and "Labels" not in col:
-        missing.insert(1, "Labels")
-    if missing:
-        raise DataError(path, f"missing column(s) {', '.join(missing)}; header is {','.join(header)!r}",
-                        line=1)
-    has_labels = "Labels" in col
+    col = _columns(path, header, fmt, require_labels)
+    has_labels = "labels_col" in col
+    labels_of = _LabelCells(fmt, vocab)
 
     ids: list[str] = []
     caps: list[str] = []
-    labels: list[list[int]] = []
+    labels: list[list[str]] = []  # each row's label tokens, given ids once the file is read
     rows: list[int] = []
     lines: list[int] = []
     skipped: list[DataError] = []
@@ -129,7 +163,8 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
                     if not any(f.strip() for f in record):
                         # `,,` is a record, unlike a blank line: something was meant to be here.
                         raise ValueError("every field is empty")
-                    image_id, caption, row_labels = _parse_record(record, header, col, has_labels)
+                    image_id, caption, row_labels = _parse_record(record, header, col, labels_of,
+                                                                  seen_rows)
                 except ValueError as exc:
                     err = DataError(path, str(exc), row=seen_rows, line=line)
                     if not skip_bad:
@@ -154,38 +189,167 @@ def read_csv(path: str | Path, *, images_dir: str | Path | None = None,
             # Resume on the line after the broken record's first line, so one stray quote
             # costs one row rather than the rest of the file.
             start = record_line
+    label_ids, read_vocab = labels_of.ids(labels)
     dataset = Dataset(path=path, image_ids=ids, captions=caps,
-                      labels=labels if has_labels else None,
+                      labels=label_ids if has_labels else None,
                       images_dir=Path(images_dir) if images_dir is not None else None,
-                      rows=rows, lines=lines)
+                      rows=rows, lines=lines, vocab=read_vocab, image_ext=fmt.image_ext)
     return ReadResult(dataset=dataset, skipped=skipped)
 
 
+def _columns(path: Path, header: list[str], fmt: CsvFormat,
+             require_labels: bool) -> dict[str, int]:
+    """CsvFormat field (`image_col`, ...) → the header position of its column. A missing one is
+    one error that lists the header and, for each, the flag to pass with the likeliest column:
+    the competition's name for it, the same name in another case, the closest name, or the one
+    column left over."""
+    if len(header) == 1:
+        for sep in (";", "\t", "|"):
+            if sep in header[0]:
+                shown = "tab" if sep == "\t" else repr(sep)
+                raise DataError(path, f"the file must be comma-separated, but its header "
+                                f"{header[0]!r} is separated by {shown}: save it as a CSV "
+                                "with commas between fields", line=1)
+    wanted = {"image_col": fmt.image_col, "caption_col": fmt.caption_col,
+              "labels_col": fmt.labels_col}
+    if len(set(wanted.values())) < len(wanted):
+        raise DataError(path, "two of --image-col, --caption-col and --labels-col name the same "
+                        f"column ({fmt.image_col!r}, {fmt.caption_col!r}, {fmt.labels_col!r})")
+    for name in wanted.values():
+        if header.count(name) > 1:
+            # Otherwise one of the two silently wins, and a submission could list the wrong ids.
+            raise DataError(path, f"column {name!r} appears more than once in the header "
+                            f"{','.join(header)!r}", line=1)
+    col = {option: header.index(name) for option, name in wanted.items() if name in header}
+    missing = [o for o in ("image_col", "labels_col", "caption_col")
+               if o not in col and (o != "labels_col" or require_labels)]
+    if not missing:
+        return col
+    unclaimed = [h for h in header if h not in wanted.values()]
+    fixes = []
+    defaults = CsvFormat()
+    for option in missing:
+        default = getattr(defaults, option)  # a file in the competition layout, say
+        guess = default if default in unclaimed else _closest(wanted[option], unclaimed,
+                                                               alone=len(missing) == 1)
+        if guess is not None:
+            unclaimed.remove(guess)
+        fixes.append(f"{flag(option)} {_shell_word(guess) if guess is not None else 'NAME'}")
+    names = ", ".join(repr(wanted[o]) for o in missing)
+    raise DataError(path, f"no column{'s' if len(missing) > 1 else ''} {names} (found: "
+                    f"{', '.join(header)}); pass {' '.join(fixes)}", line=1)
+
+
+def _closest(name: str, candidates: list[str], *, alone: bool) -> str | None:
+    """The header column most likely meant for `name`: the same name in another case, else
+    difflib's closest, else (`alone`: only one column is missing) the one unclaimed column."""
+    same = [c for c in candidates if c.lower() == name.lower()]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return close[0]
+    return candidates[0] if alone and len(candidates) == 1 else None
+
+
+def _shell_word(text: str) -> str:
+    """`text` as one shell word, quoted only when it needs to be (a column name with spaces)."""
+    return text if re.fullmatch(r"[\w.,:@%+=/-]+", text) else "'" + text.replace("'", "'\\''") + "'"
+
+
 def _parse_record(record: list[str], header: list[str], col: dict[str, int],
-                  has_labels: bool) -> tuple[str, str, list[int]]:
+                  labels_of: "_LabelCells", row: int) -> tuple[str, str, list[str]]:
     if len(record) != len(header):
         raise ValueError(f"has {len(record)} fields, the header has {len(header)}")
-    image_id = record[col["ImageID"]]
-    check_image_id(image_id)
-    caption = record[col["Caption"]].strip()
+    fmt = labels_of.fmt
+    image_id = record[col["image_col"]]
+    check_image_id(image_id, fmt.image_col)
+    caption = record[col["caption_col"]].strip()
     if not caption:
-        raise ValueError("Caption is empty")
+        raise ValueError(f"{fmt.caption_col} is empty")
     if len(caption) > MAX_CAPTION_CHARS:
-        raise ValueError(f"Caption is {len(caption)} characters long (limit {MAX_CAPTION_CHARS})")
-    row_labels: list[int] = []
-    if has_labels:
-        row_labels = parse_labels(record[col["Labels"]])
+        raise ValueError(f"{fmt.caption_col} is {len(caption)} characters long "
+                         f"(limit {MAX_CAPTION_CHARS})")
+    row_labels: list[str] = []
+    if "labels_col" in col:
+        row_labels = labels_of.tokens(record[col["labels_col"]], row)
         if not row_labels:
-            raise ValueError("Labels is empty (every item needs at least one label)")
+            raise ValueError(f"{fmt.labels_col} is empty (every item needs at least one label)")
     return image_id, caption, row_labels
 
 
+# Reads as a number (signed, decimal, exponent, digit groups, any script's digits): a label
+# like this is meant as an integer id, so it is refused as one (parse_labels), never taken as
+# a name.
+_NUMBER_LIKE = re.compile(r"[+-]?[\d_.]*\d[\d_.]*(?:[eE][+-]?\d+)?")
+
+
+class _LabelCells:
+    """One file's Labels cells → label tokens, and at the end ids: the file holds one kind of
+    label, integer ids or names, decided by the vocabulary it is read with or else by its first
+    label, so a stray name in an integer file (or the reverse) is an error on its row."""
+
+    def __init__(self, fmt: CsvFormat, vocab: LabelVocab | None) -> None:
+        self.fmt = fmt
+        self.vocab = vocab
+        self.named: bool | None = None if vocab is None else vocab.named
+        self.first: tuple[int, str] | None = None  # (row, label) that decided the kind
+
+    def tokens(self, cell: str, row: int) -> list[str]:
+        """The unique label tokens of one cell, in order; ValueError saying what is wrong."""
+        if self.fmt.label_sep == " " and "," in cell:
+            raise ValueError(f"{self.fmt.labels_col} {cell.strip()!r} holds a comma, but labels "
+                             "are separated by spaces; pass --label-sep , for comma-separated "
+                             "labels")
+        tokens = list(dict.fromkeys(self.fmt.split_labels(cell)))
+        for token in tokens:
+            if self.fmt.label_sep != " " and len(token.split()) > 1 \
+                    and all(_LABEL.fullmatch(t) for t in token.split()):
+                raise ValueError(f"{self.fmt.labels_col} {cell.strip()!r} holds ids separated by "
+                                 f"spaces, but --label-sep is {self.fmt.label_sep!r}; pass "
+                                 "--label-sep ' ' (the default) for space-separated labels")
+        named, first = self.named, self.first
+        for token in tokens:
+            is_id = bool(_LABEL.fullmatch(token))
+            if not is_id and _NUMBER_LIKE.fullmatch(token):
+                parse_labels(token)  # raises why it is not an id: negative, not ASCII digits...
+            if named is None:
+                named, first = not is_id, (row, token)
+            elif named == is_id:
+                raise ValueError(self._mixed(token, is_id, first))
+        self.named, self.first = named, first  # only a row read whole decides the file's kind
+        return tokens
+
+    def _mixed(self, token: str, is_id: bool, first: tuple[int, str] | None) -> str:
+        what = f"label {token!r} is {'an integer' if is_id else 'not an integer'}"
+        if first is None:  # the kind came from the model's vocabulary
+            if is_id:
+                assert self.vocab is not None
+                return f"{what}, but the model's labels are names (e.g. {self.vocab.names[0]!r})"
+            return f"{what}, but the model's labels are integer ids"
+        row, label = first
+        kind = "a name" if is_id else "an integer id"
+        return (f"{what}, but row {row}'s label {label!r} is {kind}: a labels column holds "
+                "integer ids or names, not both")
+
+    def ids(self, rows: list[list[str]]) -> tuple[list[list[int]], LabelVocab]:
+        """Every row's label ids (sorted) and the vocabulary that spells them."""
+        vocab = self.vocab if self.vocab is not None else LabelVocab()
+        if not self.named:
+            return [sorted({int(t) for t in row}) for row in rows], vocab
+        vocab = vocab.extended(t for row in rows for t in row)
+        index = vocab.index()
+        return [sorted(index[t] for t in row) for row in rows], vocab
+
+
 def read_dataset(csv_path: str | Path, images: str | Path | None, *, labelled: bool,
-                 skip_bad: bool = False) -> tuple[Dataset, list[DataError]]:
-    """Read a CSV (strict unless skip_bad) and attach the images directory."""
+                 skip_bad: bool = False, csv_format: CsvFormat | None = None,
+                 vocab: LabelVocab | None = None) -> tuple[Dataset, list[DataError]]:
+    """Read a CSV (strict unless skip_bad) and attach the images directory (see `read_csv`)."""
     if images is not None and not Path(images).is_dir():
         raise MmtagError(f"{images}: images directory not found")
-    result = read_csv(csv_path, images_dir=images, require_labels=labelled, skip_bad=skip_bad)
+    result = read_csv(csv_path, images_dir=images, require_labels=labelled, skip_bad=skip_bad,
+                      csv_format=csv_format, vocab=vocab)
     if len(result.dataset) == 0:
         raise DataError(csv_path, "no usable rows")
     return result.dataset, result.skipped

@@ -57,13 +57,20 @@ class Thresholds:
         return cls(mode="global", values=np.full(num_classes, value, dtype=np.float32))
 
 
-def decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | float) -> np.ndarray:
+def decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | float, *,
+           top_k: int | None = None) -> np.ndarray:
     """Scores (N, C) → boolean label matrix; a row with no label above threshold gets its top-1.
 
     Every item carries at least one label, so an empty prediction is always wrong; the top-1
     label is the best single guess. For union decisions (`Scores.union` with per-branch
     thresholds) each branch's label set is thresholded on its own and the sets are united.
+    `top_k` caps each row's labels: the k best-scoring of those chosen (see `keep_top_k`).
     """
+    fused = probs.probs if isinstance(probs, Scores) else probs
+    return keep_top_k(_decide(probs, thresholds), fused, top_k)
+
+
+def _decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | float) -> np.ndarray:
     if isinstance(thresholds, Thresholds) and thresholds.mode == EXPECTED_F1:
         # no threshold: each item's expected-F1-maximising label set (`expected_f1`)
         return decide_expected_f1(probs.probs if isinstance(probs, Scores) else probs)
@@ -84,6 +91,23 @@ def _top1_fallback(pred: np.ndarray, probs: np.ndarray) -> np.ndarray:
         rows = np.flatnonzero(empty)
         pred[rows, probs[rows].argmax(axis=1)] = True
     return pred
+
+
+def keep_top_k(pred: np.ndarray, probs: np.ndarray, k: int | None) -> np.ndarray:
+    """At most `k` labels per row: of the labels `pred` chose, those with the k highest scores
+    (ties: the lower column). A cap, never an addition: a row keeps every label it had when it
+    had k or fewer, so the top-1 fallback is untouched. None: no cap."""
+    if k is None:
+        return pred
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise MmtagError(f"top_k must be an integer >= 1, got {k!r}")
+    if pred.shape[1] <= k:
+        return pred
+    chosen = np.where(pred, probs, -np.inf)
+    best = np.argsort(-chosen, axis=1, kind="stable")[:, :k]
+    out = np.zeros_like(pred)
+    np.put_along_axis(out, best, True, axis=1)
+    return out & pred
 
 
 def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> Thresholds:

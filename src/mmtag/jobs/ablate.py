@@ -56,8 +56,11 @@ def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, bas
     """Train each variant into `out/runs/<variant>` and write `ablation.csv` + `ablation.md`."""
     out = Path(out)
     variants = variants or default_variants()
-    dataset, _ = read_dataset(train_csv, images, labelled=True, skip_bad=base.data.skip_bad)
-    extra = (read_dataset(extra_text, None, labelled=True, skip_bad=base.data.skip_bad)[0]
+    fmt = base.data.csv_format()
+    dataset, _ = read_dataset(train_csv, images, labelled=True, skip_bad=base.data.skip_bad,
+                              csv_format=fmt)
+    extra = (read_dataset(extra_text, None, labelled=True, skip_bad=base.data.skip_bad,
+                          csv_format=fmt, vocab=dataset.vocab)[0]
              if extra_text else None)
     rows: list[AblationRow] = []
     for variant in variants:

@@ -5,7 +5,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import check_images_decode, read_csv
+from ..config import DataConfig
+from ..data import check_images_decode, locate_images, read_csv
 from ..errors import DataError, MmtagError
 
 
@@ -16,7 +17,8 @@ class CheckReport:
     path: Path
     rows: int  # data rows read, bad ones included
     labelled: bool
-    label_counts: dict[int, int]  # label id → rows carrying it
+    # label → rows carrying it; the label is its id, or its name for named labels (`cat dog`)
+    label_counts: dict[int | str, int]
     bad_rows: list[DataError]  # rows the reader refuses (quoting, labels, empty captions, paths)
     missing_images: list[DataError]
     corrupt_images: list[DataError]
@@ -28,12 +30,17 @@ class CheckReport:
                 + len(self.duplicate_ids))
 
 
-def check(csv_path: str | Path, images: str | Path | None = None, *,
-          progress: bool = True) -> CheckReport:
-    """Validate a dataset without training: every row parsed, every image opened and decoded."""
+def check(csv_path: str | Path, images: str | Path | None = None, *, progress: bool = True,
+          image_col: str | None = None, caption_col: str | None = None,
+          labels_col: str | None = None, label_sep: str | None = None,
+          image_ext: str | None = None) -> CheckReport:
+    """Validate a dataset without training: every row parsed, every image opened and decoded.
+    The keyword arguments say how the CSV is laid out (see `DataConfig.csv_format`)."""
+    fmt = DataConfig().csv_format(image_col=image_col, caption_col=caption_col,
+                                  labels_col=labels_col, label_sep=label_sep, image_ext=image_ext)
     if images is not None and not Path(images).is_dir():
         raise MmtagError(f"{images}: images directory not found")
-    result = read_csv(csv_path, images_dir=images, skip_bad=True)
+    result = read_csv(csv_path, images_dir=images, skip_bad=True, csv_format=fmt)
     d = result.dataset
     counts: Counter[int] = Counter(label for row in (d.labels or []) for label in set(row))
     dup = {i: n for i, n in Counter(d.image_ids).items() if n > 1}
@@ -41,19 +48,12 @@ def check(csv_path: str | Path, images: str | Path | None = None, *,
     corrupt: list[DataError] = []
     escaped: list[DataError] = []
     if images is not None:
-        present = []
-        for i in range(len(d)):
-            try:
-                path = d.image_path(i)
-            except DataError as err:  # a symlink leading outside the images directory: a bad row
-                escaped.append(err)
-                continue
-            if path.is_file():
-                present.append(i)
-            else:
-                missing.append(DataError(d.path, f"image {str(path)!r} not found", **d.where(i)))
-        _, corrupt = check_images_decode(d.subset(present), skip_bad=True, progress=progress)
+        files = locate_images(d)  # ImageIDs lacking their extension: one error, raised
+        escaped, missing = files.outside, files.missing  # a symlink leading outside: a bad row
+        _, corrupt = check_images_decode(d.subset(files.present), skip_bad=True, progress=progress)
+    label_counts: dict[int | str, int] = {
+        (d.vocab.token(i) if d.vocab.named else i): n for i, n in sorted(counts.items())}
     return CheckReport(path=Path(csv_path), rows=len(d) + len(result.skipped), labelled=d.labelled,
-                       label_counts=dict(sorted(counts.items())),
+                       label_counts=label_counts,
                        bad_rows=sorted(result.skipped + escaped, key=lambda e: e.row or 0),
                        missing_images=missing, corrupt_images=corrupt, duplicate_ids=dup)

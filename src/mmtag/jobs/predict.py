@@ -1,12 +1,21 @@
-"""`mmtag evaluate` and `mmtag predict`: a saved run applied to a CSV."""
+"""`mmtag evaluate` and `mmtag predict`: a saved run applied to a CSV.
+
+The CSV is read as the run's config says (`data.image_col`, ..., saved at training), unless the
+keyword arguments `image_col=`, `caption_col=`, `labels_col=`, `label_sep=`, `image_ext=` say
+otherwise; its labels are read with the model's vocabulary, so a model trained on label names
+reads names and writes names.
+"""
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .. import dist
-from ..data import read_dataset
+from ..data import CsvFormat, Dataset, read_dataset
 from ..decision import Metrics
 from ..errors import MmtagError
 from ..io import atomic_write_text, check_writable_file
@@ -14,34 +23,84 @@ from ..model.tagger import DatasetPredictions, Tagger
 
 
 def evaluate(run: str | Path, csv_path: str | Path, images: str | Path | None, *,
-             progress: bool = True, cache_dir: str | None = None) -> Metrics:
+             progress: bool = True, cache_dir: str | None = None, image_col: str | None = None,
+             caption_col: str | None = None, labels_col: str | None = None,
+             label_sep: str | None = None, image_ext: str | None = None) -> Metrics:
     """Metrics of a saved run on a labelled CSV."""
     tagger = Tagger.load(run, cache_dir=cache_dir)
-    dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=True)
+    fmt = tagger.config.data.csv_format(image_col=image_col, caption_col=caption_col,
+                                        labels_col=labels_col, label_sep=label_sep,
+                                        image_ext=image_ext)
+    dataset = read_for(tagger, csv_path, images, fmt, labelled=True)
     return tagger.evaluate(dataset, progress=progress)
 
 
 def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, out: str | Path, *,
-            progress: bool = True, cache_dir: str | None = None) -> DatasetPredictions:
-    """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order."""
+            progress: bool = True, cache_dir: str | None = None, proba: str | Path | None = None,
+            top_k: int | None = None, image_col: str | None = None,
+            caption_col: str | None = None, labels_col: str | None = None,
+            label_sep: str | None = None, image_ext: str | None = None) -> DatasetPredictions:
+    """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order, the
+    labels spelled as the training CSV spelled them (ids or names). `proba`: also write every
+    label's probability per row (`write_probabilities`). `top_k`: at most k labels per row, the
+    best-scoring of those the decision chose."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise MmtagError(f"--top-k must be an integer >= 1, got {top_k!r}")
     if dist.context().is_main:
-        check_writable_file(out)  # before the model loads and every row is scored
+        # before the model loads and every row is scored
+        check_writable_file(out)
+        if proba is not None:
+            if Path(proba).resolve() == Path(out).resolve():
+                raise MmtagError(f"{proba}: --proba must name another file than the submission")
+            check_writable_file(proba)
     tagger = Tagger.load(run, cache_dir=cache_dir)
-    dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None, labelled=False)
-    preds = tagger.predict_proba_dataset(dataset, progress=progress)
+    fmt = tagger.config.data.csv_format(image_col=image_col, caption_col=caption_col,
+                                        labels_col=labels_col, label_sep=label_sep,
+                                        image_ext=image_ext)
+    dataset = read_for(tagger, csv_path, images, fmt, labelled=False)
+    preds = tagger.predict_proba_dataset(dataset, progress=progress, top_k=top_k)
     if dist.context().is_main:
-        write_submission(out, preds.dataset.image_ids, preds.labels)
+        ls = tagger.label_space
+        write_submission(out, preds.dataset.image_ids,
+                         [[ls.vocab.token(i) for i in row] for row in preds.labels],
+                         sep=fmt.label_sep)
+        if proba is not None:
+            write_probabilities(proba, preds.dataset.image_ids, preds.probs, ls.tokens)
     dist.barrier()
     return preds
 
 
-def write_submission(path: str | Path, image_ids: list[str], labels: list[list[int]]) -> None:
-    """`ImageID,Labels` CSV (labels space-separated), written via temp file + rename."""
+def read_for(tagger: Tagger, csv_path: str | Path, images: str | Path | None, fmt: CsvFormat, *,
+             labelled: bool) -> Dataset:
+    """A CSV as `tagger` reads it: laid out as `fmt` says, labels in the model's vocabulary, its
+    images only when the model uses them."""
+    dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None,
+                              labelled=labelled, csv_format=fmt, vocab=tagger.label_space.vocab)
+    return dataset
+
+
+def write_submission(path: str | Path, image_ids: list[str], labels: Sequence[Sequence[int | str]],
+                     *, sep: str = " ") -> None:
+    """`ImageID,Labels` CSV (each row's labels joined by `sep`), written via temp file + rename."""
     if len(image_ids) != len(labels):
         raise MmtagError("internal error: predictions do not cover every row")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["ImageID", "Labels"])
     for image_id, row in zip(image_ids, labels):
-        writer.writerow([image_id, " ".join(str(x) for x in row)])
+        writer.writerow([image_id, sep.join(str(x) for x in row)])
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_probabilities(path: str | Path, image_ids: list[str], probs: np.ndarray,
+                        labels: Sequence[str]) -> None:
+    """`ImageID,<label>,<label>,...`: every label's probability (6 significant digits) per row,
+    in input order, one column per label spelled as the user spells it; written atomically."""
+    if probs.shape != (len(image_ids), len(labels)):
+        raise MmtagError("internal error: probabilities do not cover every row and label")
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["ImageID", *labels])
+    for image_id, row in zip(image_ids, probs):
+        writer.writerow([image_id, *(f"{float(p):.6g}" for p in row)])
     atomic_write_text(path, buf.getvalue())

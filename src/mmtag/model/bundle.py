@@ -1,7 +1,7 @@
 """The run directory as a model bundle: safetensors weights + JSON/YAML, no pickle anywhere.
 
     RUN/config.yaml        resolved configuration (reproduces the run)
-    RUN/labels.json        label space (ids and names)
+    RUN/labels.json        label space (ids and names; for named labels, `vocab`: their spellings)
     RUN/thresholds.json    decision thresholds
     RUN/head.safetensors   fusion head weights
     RUN/encoders/<modality>/weights.safetensors (+ config/tokenizer files)  fp16 encoder weights
@@ -30,7 +30,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig
-from ..data import LabelSpace
+from ..data import LabelSpace, LabelVocab
 from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
 from ..errors import MmtagError
 from ..decision import Metrics, Thresholds, ValidationRecord
@@ -265,6 +265,7 @@ class _Manifest(_Schema):
 class _Labels(_Schema):
     ids: Annotated[list[NonNegativeInt], Field(min_length=1)]
     names: list[str]
+    vocab: list[str] = []  # named labels: the names, in id order; absent: integer labels
 
 
 class _Thresholds(_Schema):
@@ -335,7 +336,16 @@ def _read_labels(path: Path) -> LabelSpace:
     if len(set(labels.ids)) != len(labels.ids):
         twice = sorted({i for i in labels.ids if labels.ids.count(i) > 1})
         raise MmtagError(f"{path}: label id(s) {twice} listed more than once")
-    return LabelSpace(ids=tuple(labels.ids), names=tuple(labels.names))
+    if labels.vocab:
+        if len(set(labels.vocab)) != len(labels.vocab):
+            twice_names = sorted({n for n in labels.vocab if labels.vocab.count(n) > 1})
+            raise MmtagError(f"{path}: label name(s) {twice_names} listed more than once in vocab")
+        beyond = [i for i in labels.ids if i >= len(labels.vocab)]
+        if beyond:
+            raise MmtagError(f"{path}: label id(s) {beyond} have no name in vocab "
+                             f"({len(labels.vocab)} names)")
+    return LabelSpace(ids=tuple(labels.ids), names=tuple(labels.names),
+                      vocab=LabelVocab(tuple(labels.vocab)))
 
 
 def _read_thresholds(path: Path) -> Thresholds:

@@ -17,7 +17,7 @@ from torch import nn
 from .. import dist
 from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
-                    parse_image_aug, parse_text_aug, train_val_split)
+                    parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
 from ..decision import (Metrics, Scores, Thresholds, ValidationRecord, compute, decide,
                         samples_f1, tune_decisions)
 from ..errors import DataError, MmtagError
@@ -111,7 +111,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
             skipped += undecodable
             check_trainable(train, val, extra_text, dropped=len(skipped))
         tr_data, va_data = split(cfg, train, val)
-        state = TrainState(cfg, featurizer, inputs, LabelSpace.from_labels(tr_data.label_rows()),
+        state = TrainState(cfg, featurizer, inputs, LabelSpace.of(tr_data),
                            tr_data, va_data, run_log=run_log, progress=progress)
         for strategy in encoder_stage:
             strategy().run(state)
@@ -168,8 +168,7 @@ def resolve(config: Config, inputs: TrainInputs) -> Config:
 
 def label_space_of(train: Dataset, extra_text: Dataset | None) -> LabelSpace:
     """The labels a model predicts: those of its training rows and of its extra captions."""
-    extra_labels = extra_text.label_rows() if extra_text is not None else []
-    return LabelSpace.from_labels(train.label_rows() + extra_labels)
+    return LabelSpace.of(train, extra_text)  # spelled as the CSVs spell them: ids or names
 
 
 def run_head_strategies(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
@@ -331,9 +330,9 @@ def check_trainable(train: Dataset, val: Dataset | None, extra_text: Dataset | N
         raise DataError(train.path, f"{rows}; training needs at least 1")
     if val is not None and len(val) < 1:
         raise DataError(val.path, "no validation rows; validation needs at least 1")
-    labels = list(train.labels or []) + list((extra_text.labels or []) if extra_text is not None else [])
-    space = LabelSpace.from_labels(labels)
+    shared_vocab(train, val, extra_text)  # named labels: one id per name in every file
+    space = LabelSpace.of(train, extra_text)
     if len(space) < 2:
-        only = f"{space.ids[0]}" + (f" ({space.names[0]})" if space.names[0] != str(space.ids[0]) else "")
+        only = f"{space.tokens[0]}" + (f" ({space.names[0]})" if space.names[0] != space.tokens[0] else "")
         raise DataError(train.path, "a multi-label tagger needs at least 2 distinct labels; "
                                     f"every row has label {only}")
