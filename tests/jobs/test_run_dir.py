@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -194,6 +195,12 @@ def test_ctrl_c_prints_the_resume_command_and_the_run_resumes(
     assert (json.loads((run / "metrics.json").read_text())
             == json.loads((finished / "metrics.json").read_text()))
     assert not (run / "checkpoints").exists() and _leftovers(tmp_path) == []
+    # one train.log tells both attempts: the resumed one appended to it
+    logged = [ln.split(" ", 3)[3] for ln in (run / "train.log").read_text().splitlines()]
+    epochs = [ln.split(",")[0] for ln in logged if ln.startswith("head text: epoch ")]
+    assert epochs == [f"head text: epoch {e}/4" for e in (1, 2, 3, 4)]
+    assert logged.index("interrupted") < logged.index("head text: resuming after epoch 2/4 (stage head)")
+    assert sum(ln.startswith("mmtag ") and " train" in ln for ln in logged) == 2
 
 
 def test_ctrl_c_while_replacing_a_finished_run_keeps_it_and_resumes(
@@ -302,7 +309,7 @@ def _disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str, how: str) -> None:
 @pytest.mark.parametrize("how", ["os", "safetensors"])
 def test_disk_full_is_one_line_keeps_the_run_and_leaves_no_temporary_files(
         finished: Path, tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, how: str) -> None:
     before = _snapshot(finished)
     with monkeypatch.context() as m:
         _disk_full_at(m, "head.safetensors", how)
@@ -311,7 +318,10 @@ def test_disk_full_is_one_line_keeps_the_run_and_leaves_no_temporary_files(
     assert rc == 2 and len(err) == 1, err
     assert "head.safetensors: could not be written: No space left on device" in err[0]
     assert _snapshot(finished) == before and _leftovers(tmp_path) == []
-    # training itself had finished: its checkpoints wait for `--resume` once there is room
+    # training itself had finished: its checkpoints wait for `--resume` once there is room, and
+    # a warning (before the error line; in this process, pytest's log capture takes it) says so
+    assert (f"mmtag: the interrupted run is kept (config and checkpoints): `mmtag train --resume "
+            f"{finished}` continues it once the cause is fixed") in caplog.messages
     rc, err = _train(capsys, "--resume", finished)
     assert rc == 0, err
     assert api.Tagger.load(finished).config.train.seed == 5
@@ -326,6 +336,51 @@ def test_disk_full_in_a_checkpoint_is_one_line(tiny, cache_dir: str, tmp_path: P
     assert rc == 2 and len(err) == 1, err
     assert "head.json: could not be written: No space left on device" in err[0]
     assert list(tmp_path.iterdir()) == []  # nothing was saved to resume from: all of it went
+
+
+# ------------------------------------------------------------------ a failed train
+def test_a_train_failing_on_bad_input_leaves_no_run_folder(tiny, cache_dir: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The bad row is found after the run directory was made (config.yaml, train.log)."""
+    bad = _bad_csv(tiny, tmp_path)
+    rc, err = _train(capsys, bad, "--out", tmp_path / "run", *OPTS, "--cache-dir", cache_dir)
+    assert rc == 2 and len(err) == 1 and "row 1" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv"]
+
+
+def test_a_crash_in_training_keeps_the_checkpoints_and_says_how_to_resume(
+        tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        make_config) -> None:
+    run = tmp_path / "run"
+    cfg = make_config(**{"model.modalities": ["text"], "train.epochs": 4, "train.patience": 4,
+                         "model.hidden": 32, "data.workers": 0})
+    save = RunLog.save
+
+    def crash_at(epoch: int):
+        def save_then_crash(self: RunLog, stage: str, state: StageState) -> None:
+            if state.epoch == epoch:
+                raise RuntimeError("boom")
+            save(self, stage, state)
+        return save_then_crash
+
+    with monkeypatch.context() as m:  # before any epoch was saved: nothing to keep
+        m.setattr(RunLog, "save", crash_at(1))
+        with pytest.raises(RuntimeError, match="boom"):
+            api.train(tiny.train_csv, None, run, cfg, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING, logger="mmtag"):
+        m.setattr(RunLog, "save", crash_at(3))
+        with pytest.raises(RuntimeError, match="boom"):
+            api.train(tiny.train_csv, None, run, cfg, progress=False)
+    assert (run / "checkpoints" / "head.json").is_file()
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][-1] == (
+        f"mmtag: the interrupted run is kept (config and checkpoints): "
+        f"`mmtag train --resume {run}` continues it once the cause is fixed")
+    rc, err = _train(capsys, "--resume", run)
+    assert rc == 0, err
+    logged = (run / "train.log").read_text()
+    assert "failed: RuntimeError: boom" in logged and "resuming after epoch 2/4" in logged
 
 
 def test_python_api_refuses_a_finished_run_unless_overwrite(finished: Path, tiny, make_config) -> None:

@@ -1,13 +1,19 @@
 """`mmtag train` with the user's own validation set (`--val CSV`)."""
 from __future__ import annotations
 
+import io
+import json
 import logging
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mmtag import api, cli
+from mmtag.config import Config
 
 
 def test_val_csv_chooses_on_the_users_rows_and_says_how_few(
@@ -38,3 +44,64 @@ def test_val_csv_without_labels_is_one_line(tiny, cache_dir: str, tmp_path: Path
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(tiny.test_csv) in err[0] and "Labels" in err[0]
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ progress and train.log
+TEXT_OPTS = ["--modalities", "text", "--folds", "1", "--epochs", "2", "--patience", "2",
+             "--hidden", "32", "--workers", "0"]
+EPOCH = re.compile(r"head text: epoch (\d)/2, train loss \d+\.\d{4}, val loss \d+\.\d{4}, val F1 "
+                   r"\d\.\d{4} \(best \d\.\d{4} at epoch \d\), elapsed \d\d:\d\d, ETA \d\d:\d\d")
+
+
+def _epochs(lines: list[str]) -> list[str]:
+    return [m[1] for m in map(EPOCH.search, lines) if m]
+
+
+def _logged(run: Path) -> list[str]:
+    """train.log's messages, without their time stamps and levels."""
+    return [ln.split(" ", 3)[3] for ln in (run / "train.log").read_text().splitlines()]
+
+
+def test_train_off_a_terminal_logs_a_plain_line_per_stage_and_epoch(
+        tiny, cache_dir: str, tmp_path: Path) -> None:
+    """`mmtag train ... 2>&1 | tee`, nohup, CI: stderr is a pipe, not a terminal."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mmtag", "train", str(tiny.train_csv), *TEXT_OPTS,
+                        "--cache-dir", cache_dir, "--out", str(run)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.splitlines()
+    assert "\r" not in r.stderr
+    assert "head text: training up to 2 epochs (stage head)" in err
+    assert _epochs(err) == ["1", "2"]
+    assert any(ln.startswith("head text: done after epoch 2/2, best epoch ") for ln in err)
+    # the finished run keeps the same lines, and its manifest covers the log
+    logged = _logged(run)
+    assert [ln for ln in err if ln.startswith("head text")] == \
+        [ln for ln in logged if ln.startswith("head text")]
+    assert logged[0].startswith("mmtag ") and f"-> {run}" in logged[0]
+    assert "train.log" in json.loads((run / "manifest.json").read_text())["files"]
+    api.Tagger.load(run)
+
+
+def test_train_log_is_written_under_quiet_too(tiny, cache_dir: str, tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        assert cli.main(["-q", "train", str(tiny.train_csv), *TEXT_OPTS, "--cache-dir", cache_dir,
+                         "--out", str(run)]) == 0
+    assert _epochs(caplog.messages) == []  # -q: no line for the console (pytest's log capture)
+    assert _epochs(_logged(run)) == ["1", "2"]
+
+
+def test_python_api_off_a_terminal_logs_lines_not_bars(
+        tiny, cache_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)  # a script run with `2> file`
+    cfg = Config().override({"cache_dir": cache_dir, "model.modalities": ["text"], "train.folds": 1,
+                             "train.epochs": 2, "model.hidden": 32, "data.workers": 0})
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        api.train(tiny.train_csv, None, tmp_path / "run", cfg)
+    assert _epochs([r.getMessage() for r in caplog.records]) == ["1", "2"]
+    assert "\r" not in piped.getvalue()

@@ -2,6 +2,10 @@
 a random stream of its own, an LR schedule and clipping that resumes to the uninterrupted run."""
 from __future__ import annotations
 
+import io
+import logging
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +19,7 @@ from mmtag.features import Features
 from mmtag.heads import create_head
 from mmtag.training.checkpoint import RunLog, numpy_rng_tensor, set_numpy_rng
 from mmtag.training.loop import (EpochLog, Progress, Trainee, fit_head, higher_f1,
-                                 higher_f1_then_lower_loss, train_loop)
+                                 higher_f1_then_lower_loss, stage_label, train_loop)
 from mmtag.training.optim import make_optimizer, warmup_linear_scheduler
 from training_helpers import DiesAfter, Killed
 
@@ -147,3 +151,93 @@ def test_patience_stops_and_keeps_the_best_weights() -> None:
     # the trainee holds the best epoch's weights, not the last epoch's
     val_loss = float(trainee.criterion(trainee.val_logits(), torch.from_numpy(trainee.yv)))
     assert val_loss == best.val_loss != result.history[-1].val_loss
+
+
+# ------------------------------------------------------------------ progress
+EPOCH_LINE = re.compile(r"noisy head: epoch (\d+)/40, train loss \d+\.\d{4}, val loss \d+\.\d{4}, "
+                        r"val F1 \d\.\d{4} \(best \d\.\d{4} at epoch \d+\), elapsed \d\d:\d\d, "
+                        r"ETA \d\d:\d\d")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _progress_run(progress: Progress, run_log: RunLog | None = None, epochs: int = 40):
+    trainee = Noisy(3, epochs)
+    return train_loop(trainee, trainee.yv, trainee.criterion, epochs=epochs, seed=7,
+                      better=higher_f1_then_lower_loss, patience=2, run_log=run_log,
+                      stage="noisy", progress=progress)
+
+
+def _shown(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mmtag.progress"]
+
+
+def test_off_a_terminal_each_stage_and_epoch_is_one_plain_line(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    piped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", piped)  # CI, nohup, `| tee`: not a terminal
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        result = _progress_run(Progress(label="noisy head"))
+    lines = _shown(caplog)
+    assert lines[0] == "noisy head: training up to 40 epochs (stage noisy)"
+    epochs = [int(m[1]) for m in map(EPOCH_LINE.fullmatch, lines[1:-1]) if m]
+    assert epochs == list(range(1, len(result.history) + 1)) == list(range(1, len(lines) - 1))
+    assert len(result.history) < 40  # stopped early: the last line says so
+    assert lines[-1].startswith(f"noisy head: early stop at epoch {len(result.history)}/40, "
+                                f"best epoch {result.best_epoch} (val F1 ")
+    assert "\r" not in piped.getvalue()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        _progress_run(Progress(label="noisy head", show=False))
+    assert _shown(caplog) == []  # -q: none on the console (train.log still gets them)
+
+
+def test_in_a_terminal_an_early_stop_closes_the_bar_full(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        result = _progress_run(Progress(label="noisy head"))
+    n = len(result.history)
+    assert n < 40
+    last = terminal.getvalue().rstrip("\n").split("\r")[-1]
+    assert last.startswith("noisy head: 100%") and f"{n}/{n} " in last, last
+    assert _shown(caplog) == []  # the bar says it all
+
+
+def test_long_epochs_get_a_row_bar_and_their_epoch_lines_in_a_terminal(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Fine-tuning's way: a bar over each epoch's rows, and each epoch's line above the bars."""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        result = _progress_run(Progress(label="noisy head", per_row=True, log_epochs=True),
+                               epochs=3)
+    assert "noisy head epoch 3/3: 100%" in terminal.getvalue() and "90/90" in terminal.getvalue()
+    assert [m[1] for m in map(re.compile(r"noisy head: epoch (\d)/3, ").match, _shown(caplog))
+            if m] == ["1", "2", "3"][:len(result.history)]
+
+
+def test_a_resumed_stage_says_where_it_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with pytest.raises(Killed):
+        _run(DiesAfter(tmp_path, 2))
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        _progress_run(Progress(label="noisy head"), run_log=RunLog(tmp_path), epochs=5)
+        _progress_run(Progress(label="noisy head"), run_log=RunLog(tmp_path), epochs=5)
+    lines = _shown(caplog)
+    assert lines[0] == "noisy head: resuming after epoch 2/5 (stage noisy)"
+    assert lines[1].startswith("noisy head: epoch 3/5, ")
+    assert lines[-1].startswith("noisy head: finished before the interruption (best epoch ")
+
+
+@pytest.mark.parametrize("stage, label", [
+    ("head", "head concat"), ("fold2-head", "fold 2/5 head concat"),
+    ("fold3-pseudo-1", "fold 3/5 pseudo-1 (head concat)"), ("branch-text", "branch-text (head concat)")])
+def test_stage_labels_say_what_trains(stage: str, label: str) -> None:
+    head = create_head("concat", {"image": 4, "text": 4}, 2, hidden=8, dropout=0.0)
+    assert stage_label(stage, head, 5) == label

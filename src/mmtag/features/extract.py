@@ -12,9 +12,8 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 from .. import dist
+from ..progress import Bar
 from ..data.augment import ImageAugment, TextAugment
 from ..data import Dataset, ImageItems, image_batches, image_loader, normalize_images
 from ..encoders import ImageEncoder, TextEncoder
@@ -115,7 +114,8 @@ def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncod
         seeds = [_seed_of(k) if view else None for k, _ in order]
         loader = image_loader(items, image_batches(seeds, batch_size), workers)
         pending: dict[str, tuple[list[str], list[np.ndarray]]] = {k: ([], []) for k in kinds}
-        bar = tqdm(total=len(order), desc=f"{encoder.name} features", unit="img", disable=not progress)
+        what = "augmented image features" if view else "image features"
+        bar = Bar(label=f"{what} {encoder.name}", total=len(order), unit="img", show=progress)
         try:
             for batch in loader:
                 for j, msg in batch.errors:
@@ -184,7 +184,8 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
         if "text" in kinds and text_augment is not None and text_encoder is not None:
             captions = [text_augment(c, _seed_of(_view_key(caption_key(c), f"{seed}|{k}")))
                         for c in dataset.captions]
-            arrays["text"] = _extract_text(captions, text_encoder, cache, progress=progress)
+            arrays["text"] = _extract_text(captions, text_encoder, cache, progress=progress,
+                                           what="augmented text features")
         f = Features(arrays)
         out.append(f)
     return out
@@ -213,13 +214,13 @@ def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:
 
 
 def _extract_text(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
-                  progress: bool, batch_size: int = 128) -> np.ndarray:
+                  progress: bool, batch_size: int = 128, what: str = "text features") -> np.ndarray:
     return _recomputing(lambda: _extract_text_once(captions, encoder, cache, progress=progress,
-                                                   batch_size=batch_size))
+                                                   batch_size=batch_size, what=what))
 
 
 def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
-                       progress: bool, batch_size: int) -> np.ndarray:
+                       progress: bool, batch_size: int, what: str) -> np.ndarray:
     keys = [caption_key(c) for c in captions]
     index = cache.index(encoder.encoder_id, "text")
     todo: dict[str, str] = {}
@@ -230,7 +231,7 @@ def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: Feature
     if todo:
         # Sorting by length keeps padding (wasted compute) low within a batch.
         items = sorted(todo.items(), key=lambda kv: len(kv[1]))
-        bar = tqdm(total=len(items), desc=f"{encoder.name} features", unit="cap", disable=not progress)
+        bar = Bar(label=f"{what} {encoder.name}", total=len(items), unit="cap", show=progress)
         ks: list[str] = []
         vs: list[np.ndarray] = []
         try:

@@ -1,20 +1,29 @@
 """`mmtag train`: read, train, tune, save into a run directory that is complete or untouched."""
 from __future__ import annotations
 
+import logging
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from .. import dist
+from ..version import __version__
 from ..config import Config
 from ..data import read_dataset
 from ..errors import MmtagError
 from ..model import bundle as bundle_io
 from ..model import rundir
 from ..model.tagger import Tagger
+from ..progress import line, train_log
 from ..training.checkpoint import RunLog
 from ..training.trainer import FitReport
 from .report import report
+
+log = logging.getLogger("mmtag")
+
+# The run's log: a line per stage and per epoch, and mmtag's warnings (see `mmtag.progress`).
+TRAIN_LOG = "train.log"
 
 
 def train(train_csv: str | Path | None, images: str | Path | None, out: str | Path, config: Config,
@@ -49,39 +58,42 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
                          if writer else None)
     run_log: RunLog | None = None
     try:
+        with train_log(space.work / TRAIN_LOG) if space is not None else nullcontext():
+            try:
+                if space is not None:
+                    line(f"mmtag {__version__} train{' --resume' if resume else ''}: "
+                         f"{train_csv} -> {out}", console=False)
+                    config.save_yaml(space.work / "config.yaml")
+                    run_log = tagger.run_log = RunLog(space.work, tensorboard=tensorboard)
+                fit = _read_and_fit(tagger, config, train_csv, image_dir, progress)
+                manifest: dict[str, Any] = {}
+                if space is not None:
+                    assert run_log is not None
+                    run_log.close()
+                    if fit.val_metrics is not None:
+                        line(f"trained: {'out-of-fold' if fit.folds > 1 else 'validation'} "
+                             f"samples F1 {fit.val_metrics.samples_f1:.4f}", show=progress)
+                    line(f"saving the run to {out}", show=progress)
+                    work = space.work
+                    manifest = bundle_io.save(out, tagger.bundle(),
+                                              add_files=lambda run: add_run_files(work, run))
+            except KeyboardInterrupt:
+                line("interrupted", console=False)
+                raise
+            except Exception as exc:
+                line(f"failed: {exc.__class__.__name__}: {exc}", console=False)
+                if space is not None and space.resumable:
+                    log.warning("mmtag: the interrupted run is kept (config and checkpoints): "
+                                "`%s` continues it once the cause is fixed",
+                                rundir.resume_command(out))
+                raise
         if space is not None:
-            config.save_yaml(space.work / "config.yaml")
-            run_log = tagger.run_log = RunLog(space.work, tensorboard=tensorboard)
-        dataset, skipped = read_dataset(train_csv, image_dir, labelled=True,
-                                        skip_bad=config.data.skip_bad)
-        unlabeled = None
-        if config.data.unlabeled:
-            unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
-                                                   skip_bad=config.data.skip_bad)
-            skipped += pool_skipped
-        val = None
-        if config.data.val_csv:
-            val, val_skipped = read_dataset(config.data.val_csv, image_dir, labelled=True,
-                                            skip_bad=config.data.skip_bad)
-            skipped += val_skipped
-        extra_text = None
-        if config.data.extra_text:
-            extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
-                                                     skip_bad=config.data.skip_bad)
-            skipped += extra_skipped
-        fit = tagger.fit(dataset, val, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
-        fit.skipped = skipped + fit.skipped
-        manifest: dict[str, Any] = {}
-        if space is not None:
-            assert run_log is not None
-            run_log.close()
-            work = space.work
-            manifest = bundle_io.save(out, tagger.bundle(),
-                                      add_files=lambda run: add_run_files(work, run))
             space.finish()
     except Exception:
+        if run_log is not None:
+            run_log.close()
         if space is not None:
-            space.abandon()
+            space.abandon()  # what this attempt made goes, unless `--resume` can use it
         raise
     finally:
         if run_log is not None:
@@ -90,10 +102,44 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
     return tagger, fit, manifest
 
 
+def _read_and_fit(tagger: Tagger, config: Config, train_csv: str | Path, image_dir: str | Path | None,
+                  progress: bool) -> FitReport:
+    """Read the training data (and the optional extra sets the config names) and train."""
+    # The layout the config says (--image-col, ...); every file after the training CSV is read
+    # with the label vocabulary of the one before, so named labels keep one id each.
+    dataset, skipped = read_dataset(train_csv, image_dir, labelled=True,
+                                    skip_bad=config.data.skip_bad,
+                                    csv_format=config.data.csv_format())
+    unlabeled = None
+    if config.data.unlabeled:
+        unlabeled, pool_skipped = read_dataset(config.data.unlabeled, image_dir, labelled=False,
+                                               skip_bad=config.data.skip_bad,
+                                               csv_format=config.data.csv_format(),
+                                               vocab=dataset.vocab)
+        skipped += pool_skipped
+    val = None
+    if config.data.val_csv:
+        val, val_skipped = read_dataset(config.data.val_csv, image_dir, labelled=True,
+                                        skip_bad=config.data.skip_bad,
+                                        csv_format=config.data.csv_format(), vocab=dataset.vocab)
+        skipped += val_skipped
+    extra_text = None
+    if config.data.extra_text:
+        extra_text, extra_skipped = read_dataset(config.data.extra_text, None, labelled=True,
+                                                 skip_bad=config.data.skip_bad,
+                                                 csv_format=config.data.csv_format(),
+                                                 vocab=(val or dataset).vocab)
+        skipped += extra_skipped
+    fit = tagger.fit(dataset, val, unlabeled=unlabeled, extra_text=extra_text, progress=progress)
+    fit.skipped = skipped + fit.skipped
+    return fit
+
+
 def add_run_files(work: Path, run: Path) -> None:
     """Into the new bundle `run`, before its manifest: the training logs and the report."""
-    if (work / "metrics.csv").is_file():
-        shutil.copy2(work / "metrics.csv", run / "metrics.csv")
+    for name in ("metrics.csv", TRAIN_LOG):
+        if (work / name).is_file():
+            shutil.copy2(work / name, run / name)
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", run / "tensorboard")
     report(run, progress=False)

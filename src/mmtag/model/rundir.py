@@ -1,6 +1,7 @@
 """Where `mmtag train` works, and how a finished run takes the place of what was at `--out`.
 
-    RUN/                        a new run trains here: config.yaml, checkpoints/, metrics.csv
+    RUN/                        a new run trains here: config.yaml, checkpoints/, metrics.csv,
+                                train.log (appended to by `--resume`)
     .RUN.partial/               ... or here, when RUN holds a finished run (`--overwrite`)
     .RUN.XXXXXXXX.staging/RUN   the bundle, report.html and metrics.csv, manifest last; then
                                 renamed into place (`io.staged_dir`)
@@ -27,7 +28,7 @@ from ..io import check_writable_dir, make_dirs, not_a_directory, restore_staged
 RUN_ENTRIES = frozenset({
     "config.yaml", "labels.json", "thresholds.json", "head.safetensors", "encoders", "metrics.json",
     "validation.safetensors", "validation.json", "manifest.json", "report.html", "metrics.csv",
-    "checkpoints", "tensorboard"})
+    "checkpoints", "tensorboard", "train.log"})
 
 
 class State(enum.Enum):
@@ -104,10 +105,17 @@ class Workspace:
     created: bool  # `run` did not exist before this attempt
     resumed: bool
 
+    @property
+    def resumable(self) -> bool:
+        """Whether `--resume` has something here to continue: a checkpoint (some stage finished
+        an epoch), or the earlier attempt this one continued."""
+        return self.resumed or has_checkpoint(self.work)
+
     def abandon(self) -> None:
-        """After a failure, remove what this attempt made, unless it got as far as a checkpoint
-        (that stays, for `--resume` once the cause is fixed) or it continues an earlier one."""
-        if self.resumed or has_checkpoint(self.work):
+        """After a failure, remove what this attempt made (config, train.log: the whole
+        directory when it made it), unless `resumable`: that stays, for `--resume` once the
+        cause is fixed."""
+        if self.resumable:
             return
         if self.work != self.run:
             shutil.rmtree(self.work, ignore_errors=True)

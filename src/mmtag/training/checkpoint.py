@@ -5,6 +5,8 @@
     RUN/checkpoints/<stage>-<epoch>.safetensors  model, best model, optimizer tensors, RNG states
     RUN/metrics.csv                              one row per epoch of every stage
     RUN/tensorboard/                             the same scalars, with --tensorboard
+    RUN/train.log                                a line per stage and epoch, and warnings:
+                                                 `mmtag train` writes it (`mmtag.progress`)
 
 A stage is one run of `training.loop.train_loop`: a `fit_head` call (the head; or a late-fusion
 branch; or a pseudo-label round) or an encoder fine-tuning (`finetune_text`/`finetune_image`).

@@ -5,7 +5,9 @@ cached features here, an encoder with a temporary task head in `training.finetun
 split across torchrun ranks, gradient scaling under `--amp`, validation sample-F1 at its tuned
 global threshold every epoch, the best epoch's weights kept by a rule the caller picks, optional
 early stopping, and per-epoch checkpoints through `RunLog` that a resumed run continues from to
-exactly the uninterrupted result. Seeded and deterministic on CPU.
+exactly the uninterrupted result. Seeded and deterministic on CPU. It reports through
+`mmtag.progress`: a labelled bar in a terminal, a line per stage and epoch (losses, val F1,
+elapsed, ETA) elsewhere, and those lines in the run's train.log always.
 
 `fit_head` trains a head with BCE-with-logits (or the given loss), AdamW by default, and early
 stopping on validation sample-F1.
@@ -13,8 +15,8 @@ stopping on validation sample-F1.
 from __future__ import annotations
 
 import copy
-import logging
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -23,20 +25,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import dist
 from ..config import TrainConfig
 from ..decision.metrics import samples_f1
 from ..decision.thresholds import Scores, decide, tune_global
 from ..features import Features
-from ..heads import FeatureBatch, Head
+from ..heads import HEADS, FeatureBatch, Head
+from ..progress import Bar, Mode, duration, eta, line, mode
 from .checkpoint import RunLog, StageState
 from .optim import make_optimizer
 from .sampling import epoch_order, repeat_factors
-
-log = logging.getLogger("mmtag")
-
 
 @dataclass
 class EpochLog:
@@ -207,11 +206,15 @@ def higher_f1_then_lower_loss(epoch: EpochLog, best: EpochLog | None) -> bool:
 
 @dataclass(frozen=True)
 class Progress:
-    """How `train_loop` reports its progress (nothing it computes depends on this)."""
+    """How `train_loop` reports its progress (nothing it computes depends on this).
+
+    Every stage and every epoch gives a line (label, epoch, losses, val F1, elapsed, ETA) to
+    train.log, and to the console where no bar shows it (`mmtag.progress`); `show=False`
+    (`-q`) keeps them off the console only."""
 
     label: str = "training"
     per_row: bool = False  # a bar over each epoch's rows (few long epochs), else one over epochs
-    log_epochs: bool = False  # an INFO line per finished epoch
+    log_epochs: bool = False  # in a terminal too, each epoch's line above the bars (long epochs)
     show: bool = True
 
 
@@ -278,11 +281,23 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
         result.best_epoch, start = saved.best_epoch, saved.epoch + 1
         if saved.done:
             start = epochs + 1  # finished before the interruption: nothing left to train
-        else:
-            log.info("%s: resuming after epoch %d", stage, saved.epoch)
-    bar = tqdm(range(start, epochs + 1), desc=progress.label, unit="epoch",
-               disable=not progress.show or progress.per_row)
-    for epoch in bar:
+    label = progress.label
+    if saved is not None and saved.done:
+        line(f"{label}: finished before the interruption (best epoch {saved.best_epoch}, "
+             f"val F1 {saved.best_f1:.4f})", show=progress.show)
+    elif saved is not None:
+        line(f"{label}: resuming after epoch {saved.epoch}/{epochs} (stage {stage})",
+             show=progress.show)
+    else:
+        line(f"{label}: training up to {epochs} epochs (stage {stage})", show=progress.show)
+    # In a terminal a bar over the epochs (over each epoch's rows with `per_row`); elsewhere the
+    # epoch lines say the same, on the console (`log_epochs`: in a terminal too) and in train.log.
+    bar = Bar(label=label, total=epochs, initial=start - 1, unit="epoch", lines=False,
+              show=progress.show and not progress.per_row)
+    shown = mode(progress.show)
+    console = shown is Mode.LINES or (progress.log_epochs and shown is Mode.BARS)
+    stage_t0, stop = time.perf_counter(), False
+    for epoch in range(start, epochs + 1):
         t0 = time.perf_counter()
         trainee.train_mode()
         # Under torchrun each rank takes its strided share of every global batch; a tail with
@@ -291,8 +306,9 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
         local_batches = [dist.local_batch(b) for b in global_batches]
         sizes = iter([len(b) for b in global_batches])
         total, seen = 0.0, 0
-        rows = tqdm(total=sum(len(b) for b in local_batches), desc=f"{progress.label} {epoch}/{epochs}",
-                    unit="row", disable=not (progress.show and progress.per_row))
+        rows = Bar(label=f"{label} epoch {epoch}/{epochs}", unit="row",
+                   total=sum(len(b) for b in local_batches),
+                   show=progress.show and progress.per_row, lines=progress.per_row)
         try:
             for idx, loss in trainee.batch_losses(local_batches):
                 optimizer.zero_grad(set_to_none=True)
@@ -307,8 +323,8 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
                     trainee.scheduler.step()
                 total += float(loss.detach()) * len(idx)
                 seen += len(idx)
+                rows.update(len(idx))
                 if not rows.disable:
-                    rows.update(len(idx))
                     rows.set_postfix(loss=f"{float(loss.detach()):.4f}")
         finally:
             rows.close()
@@ -324,10 +340,6 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
         entry = EpochLog(epoch, train_loss, val_loss, f1, float(thr.values[0]))
         result.history.append(entry)
         result.seconds.append(time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{f1:.4f}")
-        if progress.log_epochs:
-            log.info("%s epoch %d: train loss %.4f, val loss %.4f, val sample-F1 %.4f (%.0f s)",
-                     progress.label, epoch, train_loss, val_loss, f1, result.seconds[-1])
         stop = False
         if better(entry, _best(result)):
             best_state, stale, result.best_epoch = trainee.snapshot(), 0, epoch
@@ -339,6 +351,15 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
             stop = dist.broadcast(stop)
         best = _best(result)
         best_f1 = best.val_samples_f1 if best is not None else -1.0
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{f1:.4f}", refresh=False)
+        bar.update(1)
+        elapsed = time.perf_counter() - stage_t0
+        left = 0 if stop else epochs - epoch
+        line(f"{label}: epoch {epoch}/{epochs}, train loss {train_loss:.4f}, val loss "
+             f"{val_loss:.4f}, val F1 {f1:.4f} (best {best_f1:.4f} at epoch "
+             f"{result.best_epoch}), elapsed {duration(elapsed)}, ETA "
+             f"{duration(eta(elapsed, epoch - start + 1, epoch - start + 1 + left))}",
+             console=console)
         if run_log is not None:
             run_log.log_epoch(stage, asdict(entry))
             rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
@@ -353,10 +374,14 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
                 scaler=scaler.state_dict() if scaler.is_enabled() else None,
                 seconds=list(result.seconds)))
         if stop:
-            log.info("early stop at epoch %d (best %d, val sample-F1 %.4f)",
-                     epoch, result.best_epoch, best_f1)
             break
-    bar.close()
+    bar.finish()  # an early stop is the end: the bar closes full, not part-way
+    if start <= epochs:
+        best = _best(result)
+        line(f"{label}: {'early stop at' if stop else 'done after'} epoch {epoch}/{epochs}, "
+             f"best epoch {result.best_epoch} (val F1 "
+             f"{best.val_samples_f1 if best is not None else float('nan'):.4f}), "
+             f"elapsed {duration(time.perf_counter() - stage_t0)}", show=progress.show)
     trainee.load_state(best_state)
     return result
 
@@ -440,8 +465,18 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     seed_everything(cfg.seed)
     criterion = criterion if criterion is not None else nn.BCEWithLogitsLoss()
     trainee = HeadTrainee(head, train, y_train, val, cfg, criterion, views)
+    label = stage_label(stage, head, cfg.folds)
     done = train_loop(trainee, y_val, criterion, epochs=cfg.epochs, seed=cfg.seed,
                       better=higher_f1, patience=cfg.patience, run_log=run_log, stage=stage,
-                      progress=Progress(show=progress))
+                      progress=Progress(label=label, show=progress))
     head.cpu().eval()
     return FitResult(head=head, history=done.history, best_epoch=done.best_epoch)
+
+
+def stage_label(stage: str, head: Head, folds: int | str = 1) -> str:
+    """What a head-training stage does, for people: "head concat", "fold 2/5 head mean",
+    "fold 2/5 pseudo-1 (head concat)" (the stage names the checkpoints: "fold2-head", ...)."""
+    name = next((n for n, cls in HEADS.items() if cls is type(head)), type(head).__name__)
+    fold = re.fullmatch(r"fold(\d+)-(.+)", stage)
+    prefix, rest = (f"fold {fold[1]}/{folds} ", fold[2]) if fold else ("", stage)
+    return f"{prefix}head {name}" if rest == "head" else f"{prefix}{rest} (head {name})"
