@@ -193,3 +193,87 @@ def test_predict_and_export_refuse_an_impossible_out_before_the_work(fused_run, 
     with pytest.raises(MmtagError, match="not a directory"):
         api.export(fused_run, tmp_path / "a-file" / "export")
     assert (tmp_path / "user-data" / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ one input for late fusion
+@pytest.fixture(scope="module")
+def late_run(tiny, cache_dir, tmp_path_factory):
+    """The default model (mean late fusion, five folds, stacked), trained briefly."""
+    from mmtag import Config
+
+    cfg = Config().override({"cache_dir": cache_dir, "train.epochs": 3, "model.hidden": 16,
+                             "data.workers": 0})
+    out = tmp_path_factory.mktemp("runs") / "late"
+    api.train(tiny.train_csv, tiny.images, out, cfg, progress=False)
+    return out
+
+
+def _items(tiny, n=6):
+    data, _ = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    return [data.image_path(i) for i in range(n)], data.captions[:n]
+
+
+@pytest.mark.parametrize("branch", ["text", "image"])
+def test_late_fusion_answers_from_the_one_input_it_has_with_that_branch(tiny, late_run, branch):
+    """Only captions (or only images): the answer is that branch's own scores, decided by that
+    branch's thresholds tuned on its out-of-fold validation scores, and says which branch."""
+    from mmtag.decision import Scores, decide, tune_decisions
+    from mmtag.heads import FoldEnsemble, StackedHead
+
+    tagger = Tagger.load(late_run)
+    assert isinstance(tagger.head, StackedHead) and isinstance(tagger.head.inner, FoldEnsemble)
+    assert tagger.branches == ("image", "text") and tagger.can_predict_with([branch])
+    images, captions = _items(tiny)
+    both = tagger.score_inputs(images, captions)
+    assert both.modalities_used == ["image", "text"] and both.note is None
+    preds = tagger.predict(images=images if branch == "image" else None,
+                           captions=captions if branch == "text" else None)
+    got = np.array([[p.scores[i] for i in tagger.label_space.ids] for p in preds])
+    assert np.allclose(got, both.scores.branches[branch], atol=1e-5)  # the branch, not the fusion
+    assert not np.allclose(got, both.scores.probs, atol=1e-3)
+    rec = tagger.validation
+    decision = tagger.branch_decision(branch)
+    assert decision.source == "validation" and decision.val_metrics is not None
+    own = tune_decisions(tagger.config.train.thresholds, Scores(rec.branches[branch]),
+                         rec.y_true.astype(np.float32))
+    assert np.array_equal(decision.thresholds.values, own.values)
+    mask = decide(Scores(got.astype(np.float32)), own)
+    assert [p.labels for p in preds] == tagger.label_space.decode(mask)
+    missing = "image" if branch == "text" else "caption"
+    assert all(p.modalities_used == [branch] for p in preds)
+    assert all(p.note == f"{missing} missing: {branch} branch only" for p in preds)
+    assert np.allclose(tagger.predict_proba(images=images if branch == "image" else None,
+                                            captions=captions if branch == "text" else None), got)
+    assert tagger.thresholds_by_label(branch)[branch] == dict(
+        zip(tagger.label_space.ids, map(float, own.values)))
+
+
+def test_a_branch_decides_by_what_the_run_kept(late_run):
+    """No branch scores recorded: a union run's own branch thresholds, else the fused ones."""
+    from mmtag.decision import Thresholds
+
+    tagger = Tagger.load(late_run)
+    state = tagger.state()
+    assert tagger.branch_decision("text").source == "validation"
+    state.validation = None
+    fused = tagger.branch_decision("text")
+    assert fused.source == "fused" and fused.thresholds is state.thresholds
+    c = len(tagger.label_space)
+    state.thresholds = Thresholds("union/global", np.full(c, 0.3, np.float32),
+                                  {"image": np.full(c, 0.8, np.float32),
+                                   "text": np.full(c, 0.3, np.float32)})
+    union = tagger.branch_decision("image")
+    assert union.source == "union" and np.allclose(union.thresholds.values, 0.8)
+
+
+def test_early_fusion_refuses_one_input(tiny, fused_run):
+    tagger = Tagger.load(fused_run)
+    images, captions = _items(tiny, 2)
+    assert tagger.branches == () and not tagger.can_predict_with(["text"])
+    with pytest.raises(MmtagError, match="needs images .*head 'concat' fuses image and caption.*"
+                                         "captions alone .*heads that can: mean"):
+        tagger.predict(captions=captions)
+    with pytest.raises(MmtagError, match="needs captions .*images alone"):
+        tagger.predict_proba(images=images)
+    with pytest.raises(MmtagError, match="no branch 'text' that answers alone"):
+        tagger.branch_decision("text")

@@ -1,4 +1,4 @@
-"""The HTTP server: every endpoint, every error the README lists with its exact status and JSON
+"""The HTTP server: every endpoint, every error docs/usage.md lists with its exact status and JSON
 shape, availability under timed-out, hung-up and slow clients (on a real uvicorn server), the page.
 
 Every dependency here is a hard one (the package's or its `dev` extra's) and is imported, so a
@@ -56,7 +56,7 @@ def _png(w: int, h: int) -> bytes:
 
 
 def _is_error(r: httpx.Response, status: int, *mentions: str) -> None:
-    """The README's error shape: exactly `status`, JSON `{"error": "<one line>"}`, naming the field."""
+    """The error shape docs/usage.md gives: exactly `status`, JSON `{"error": "<one line>"}`, naming the field."""
     assert r.status_code == status, (r.status_code, r.text)
     assert r.headers["content-type"].startswith("application/json"), r.headers
     body = r.json()
@@ -68,7 +68,7 @@ def _is_error(r: httpx.Response, status: int, *mentions: str) -> None:
 
 def test_health_and_labels(client: TestClient) -> None:
     h = client.get("/health").json()
-    assert h["status"] == "ok" and h["modalities"] == ["image", "text"]
+    assert h["status"] == "ok" and h["modalities"] == ["image", "text"] and h["branches"] == []
     labels = client.get("/labels").json()
     assert len(labels) == h["num_labels"] and {"id", "name"} <= set(labels[0])
 
@@ -87,6 +87,7 @@ def test_predict_matches_the_python_api(client: TestClient, fused_run: Path,
     for s in out["scores"]:
         assert s["score"] == pytest.approx(want.scores[s["id"]], abs=1e-5)
     assert set(out["thresholds"]) == {"fused"}
+    assert out["modalities_used"] == ["image", "text"] and out["note"] is None
 
 
 def test_batch_returns_one_result_per_item(client: TestClient, item: tuple[bytes, str, list[int]]) -> None:
@@ -98,7 +99,7 @@ def test_batch_returns_one_result_per_item(client: TestClient, item: tuple[bytes
     assert len(preds) == 2 and all(p["labels"] for p in preds)
 
 
-# README: "Limits: --max-upload-mb (whole body, also when chunked; 413), --max-side (422) ...
+# docs/usage.md: "Limits: --max-upload-mb (whole body, also when chunked; 413), --max-side (422) ...
 # Files that are not images get 415, missing or empty fields 422; every error is JSON
 # {"error": "..."} naming the field."
 BAD_REQUESTS = [("not_image", 415, "image"), ("truncated_jpeg", 415, "image"), ("empty_file", 422, "image"),
@@ -163,6 +164,102 @@ def test_any_decoder_failure_is_415_never_500(client: TestClient, item: tuple[by
     _is_error(r, 415, "images[0] (a.jpg)")
 
 
+# ------------------------------------------------------------------ one input for late fusion
+@pytest.fixture(scope="module")
+def late_run(tiny: SyntheticPaths, cache_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model (mean late fusion, five folds, stacked), trained briefly."""
+    from mmtag import Config
+
+    cfg = Config().override({"cache_dir": cache_dir, "train.epochs": 3, "model.hidden": 16,
+                             "data.workers": 0})
+    out = tmp_path_factory.mktemp("runs") / "late"
+    api.train(tiny.train_csv, tiny.images, out, cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def late_client(late_run: Path) -> TestClient:
+    return TestClient(create_app(late_run, LIMITS))
+
+
+def _same_answer(out: dict[str, Any], want: api.Prediction) -> None:
+    assert [l["id"] for l in out["labels"]] == want.labels
+    for s in out["scores"]:
+        assert s["score"] == pytest.approx(want.scores[s["id"]], abs=1e-5)
+    assert out["modalities_used"] == want.modalities_used and out["note"] == want.note
+
+
+def test_late_fusion_answers_one_input_from_its_branch(late_client: TestClient, late_run: Path,
+                                                       tiny: SyntheticPaths,
+                                                       item: tuple[bytes, str, list[int]]) -> None:
+    """A caption alone (or an image alone) is answered by that branch, as the Python API answers
+    it, with the branch's own thresholds, and the answer says which branch it came from."""
+    image, caption, _ = item
+    h = late_client.get("/health").json()
+    assert h["head"] == "mean" and h["branches"] == ["image", "text"]
+    tagger = api.Tagger.load(late_run)
+    path = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)[0].image_path(0)
+    r = late_client.post("/predict", data={"caption": caption})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _same_answer(out, tagger.predict(captions=[caption])[0])
+    assert out["modalities_used"] == ["text"] and out["note"] == "image missing: text branch only"
+    assert out["thresholds"] == {"text": {str(i): round(t, 6) for i, t in
+                                          tagger.thresholds_by_label("text")["text"].items()}}
+    r = late_client.post("/predict", files={"image": ("a.jpg", image, "image/jpeg")}, data={"caption": " "})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    _same_answer(out, tagger.predict(images=[path])[0])
+    assert out["modalities_used"] == ["image"] and out["note"] == "caption missing: image branch only"
+    assert set(out["thresholds"]) == {"image"}
+    r = late_client.post("/predict", files={"image": ("a.jpg", image, "image/jpeg")}, data={"caption": caption})
+    out = r.json()
+    assert out["modalities_used"] == ["image", "text"] and out["note"] is None
+    assert set(out["thresholds"]) == {"fused"}
+    _is_error(late_client.post("/predict", data={"caption": ""}), 422, "image, caption", "or both")
+
+
+def test_late_fusion_batches_answer_each_item_from_what_it_has(late_client: TestClient, late_run: Path,
+                                                               tiny: SyntheticPaths,
+                                                               item: tuple[bytes, str, list[int]]) -> None:
+    image, caption, _ = item
+    tagger = api.Tagger.load(late_run)
+    path = api.read_dataset(tiny.holdout_csv, tiny.images, labelled=True)[0].image_path(0)
+    r = late_client.post("/predict/batch", data={"captions": [caption, "a dog"]})
+    assert r.status_code == 200, r.text
+    for out, want in zip(r.json()["predictions"], tagger.predict(captions=[caption, "a dog"]), strict=True):
+        _same_answer(out, want)
+        assert out["modalities_used"] == ["text"]
+    r = late_client.post("/predict/batch", files=[("images", ("a.jpg", image, "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    [out] = r.json()["predictions"]
+    _same_answer(out, tagger.predict(images=[path])[0])
+    # one item with both inputs, one with its caption left blank: each answered by what it has
+    files = [("images", ("a.jpg", image, "image/jpeg")), ("images", ("b.jpg", image, "image/jpeg"))]
+    r = late_client.post("/predict/batch", files=files, data={"captions": [caption, ""]})
+    assert r.status_code == 200, r.text
+    both, alone = r.json()["predictions"]
+    _same_answer(both, tagger.predict([path], [caption])[0])
+    _same_answer(alone, tagger.predict(images=[path])[0])
+    assert (both["modalities_used"], alone["modalities_used"]) == (["image", "text"], ["image"])
+    r = late_client.post("/predict/batch", files=files, data={"captions": [caption]})
+    _is_error(r, 422, "2 images but 1 captions")
+
+
+def test_early_fusion_refuses_one_input_naming_the_missing_field(client: TestClient,
+                                                                 item: tuple[bytes, str, list[int]]) -> None:
+    image, caption, _ = item
+    r = client.post("/predict", data={"caption": caption})
+    _is_error(r, 422, "image: this model needs an image file", "head 'concat' fuses image and caption")
+    r = client.post("/predict", files={"image": ("a.jpg", image, "image/jpeg")})
+    _is_error(r, 422, "caption: this model needs a non-empty caption", "head 'concat'")
+    _is_error(client.post("/predict/batch", data={"captions": [caption, caption]}), 422,
+              "images[0]: this model needs an image file", "head 'concat'")
+    files = [("images", ("a.jpg", image, "image/jpeg")), ("images", ("b.jpg", image, "image/jpeg"))]
+    _is_error(client.post("/predict/batch", files=files, data={"captions": [caption, " "]}), 422,
+              "captions[1]: this model needs a non-empty caption")
+
+
 def test_bad_batches(client: TestClient, item: tuple[bytes, str, list[int]]) -> None:
     image, caption, _ = item
     _is_error(client.post("/predict/batch"), 422, "no items")
@@ -211,6 +308,7 @@ def test_limits_are_refused_out_of_range() -> None:
 def test_page_and_openapi(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and 'id="caption"' in page.text and 'type="file"' in page.text
+    assert 'id="used"' in page.text and "modalities_used" in page.text
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/predict", "/predict/batch", "/labels", "/health"} <= set(paths)
 
@@ -461,7 +559,7 @@ def _chromium() -> str | None:
 def test_web_page_in_headless_chromium(client: TestClient, fused_run: Path,
                                        item: tuple[bytes, str, list[int]], tmp_path: Path) -> None:
     """Upload an image, type a caption, see label chips and score bars; save a screenshot.
-    Chromium is system software (`make setup` installs it where it can): without it, this skips."""
+    Chromium is system software (`make test` installs it where it can): without it, this skips."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
@@ -488,7 +586,7 @@ def test_web_page_in_headless_chromium(client: TestClient, fused_run: Path,
         assert chips == want
         assert bars == len(api.info(fused_run)["labels"]["ids"])
         assert shot.stat().st_size > 10_000
-        if os.environ.get("MMTAG_SCREENSHOT_DIR"):  # how the README's screenshot is refreshed
+        if os.environ.get("MMTAG_SCREENSHOT_DIR"):  # how the screenshot in docs/usage.md is refreshed
             shutil.copy(shot, Path(os.environ["MMTAG_SCREENSHOT_DIR"]) / "serve.png")
 
 

@@ -3,7 +3,7 @@
 # Importing a head module registers its heads, so the modules are imported in the order their
 # heads must appear in HEADS (user-visible: `mmtag ablate` variants, help texts):
 # image, text, concat, mean, union, gated, xattn, concat+mean, xattn+mean.
-from .base import FeatureBatch, HeadOutput, mlp, Head, projection  # noqa: F401
+from .base import FeatureBatch, HeadOutput, mlp, Branches, Head, projection  # noqa: F401
 from .registry import (  # noqa: F401
     HEADS,
     register_head,
@@ -12,6 +12,7 @@ from .registry import (  # noqa: F401
     head_params_problem,
     takes_unpaired,
     head_needs,
+    heads_with_branches,
 )
 from .single import SingleModalityHead, ImageHead, TextHead  # noqa: F401
 from .early import EARLY_FUSION_PARAMS, ConcatHead  # noqa: F401

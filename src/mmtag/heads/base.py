@@ -7,6 +7,7 @@ options that it names in `params`, so they are set in config.yaml and saved with
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import MmtagError
+from ..features import modality_of
 
 
 class FeatureBatch:
@@ -52,13 +54,47 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
                          nn.Dropout(dropout), nn.Linear(hidden, out_dim))
 
 
-class Head(nn.Module):
+class Branches:
+    """What a model's head can answer from: every modality it `needs`, or, through one of its
+    `branches`, one modality alone. A branch is a complete classifier that reads only its own
+    modality's pooled vector (feature kind = modality = branch name) and is supervised on its own,
+    so its scores mean what the fused ones mean: late fusion has one per modality, early fusion
+    none (its auxiliary classifiers are training signals on a shared projection, not models).
+    Heads and their wrappers (fold ensemble, stacking) declare this, so callers ask the head
+    instead of checking its class."""
+
+    needs: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+
+    def can_predict_with(self, modalities: Collection[str]) -> bool:
+        """Whether items that carry only `modalities` can be predicted, by the whole head or by
+        one branch."""
+        have = set(modalities)
+        whole = bool(have) and {modality_of(k) for k in self.needs} <= have
+        return whole or self.branch_for(have) is not None
+
+    def branch_for(self, modalities: Collection[str]) -> str | None:
+        """The branch that answers items carrying only `modalities`, when they lack part of what
+        the whole head needs; None when the whole head can run, or when no branch can."""
+        have = set(modalities)
+        if {modality_of(k) for k in self.needs} <= have:
+            return None
+        return next((b for b in self.branches if b in have), None)
+
+    def branch_only(self, batch: FeatureBatch, branch: str) -> torch.Tensor:
+        """The logits of `branch` alone, reading only that modality's features from `batch`."""
+        raise MmtagError(f"head '{type(self).__name__}' has no branch '{branch}' that predicts alone"
+                         f" (its branches: {', '.join(self.branches) or 'none'})")
+
+
+class Head(Branches, nn.Module):
     """Base class: `needs` lists the feature kinds read from a FeatureBatch; `decision` says how
     logits become labels: "threshold" (one threshold set on `HeadOutput.logits`) or "union" (each
     branch gets its own tuned thresholds and the label sets are united — the final logits are then
     only a summary, so code that decides must look at the branches). `takes_unpaired`: the head
     can also learn from captions that have no image (`--extra-text`), because its text part is a
-    complete classifier on its own.
+    complete classifier on its own. `branches` (see `Branches`): the modalities that each have
+    such a classifier, which answers items lacking the other modality.
 
     `params` names the `ModelConfig` fields the constructor takes as keyword arguments;
     `create_head` passes exactly those from the run's config. A head with a hyper-parameter of its
@@ -66,6 +102,7 @@ class Head(nn.Module):
     changes, and the value is saved in the bundle's config.yaml and used again when it loads."""
 
     needs: ClassVar[tuple[str, ...]] = ()
+    branches: ClassVar[tuple[str, ...]] = ()
     decision: ClassVar[str] = "threshold"
     takes_unpaired: ClassVar[bool] = False
     params: ClassVar[tuple[str, ...]] = ("hidden", "dropout")

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .base import FeatureBatch, Head, HeadOutput
+from .base import Branches, FeatureBatch, Head, HeadOutput
 from .registry import create_head
 
 
-class FoldEnsemble(nn.Module):
-    """Averages its members' outputs; it reads, decides and takes unpaired rows as they do."""
+class FoldEnsemble(Branches, nn.Module):
+    """Averages its members' outputs; it reads, decides, takes unpaired rows and answers from one
+    branch as they do."""
 
     def __init__(self, members: list[Head]) -> None:
         super().__init__()
@@ -21,6 +22,7 @@ class FoldEnsemble(nn.Module):
             raise ValueError("a fold ensemble needs one or more heads of one kind")
         self.members = nn.ModuleList(members)
         self.needs = members[0].needs
+        self.branches = members[0].branches
         self.decision = members[0].decision
         self.takes_unpaired = members[0].takes_unpaired
 
@@ -29,6 +31,10 @@ class FoldEnsemble(nn.Module):
         return HeadOutput(logits=torch.stack([o.logits for o in outs]).mean(0),
                           branches={k: torch.stack([o.branches[k] for o in outs]).mean(0)
                                     for k in outs[0].branches})
+
+    def branch_only(self, batch: FeatureBatch, branch: str) -> torch.Tensor:
+        """The members' `branch` logits averaged: the same as that branch in `forward`."""
+        return torch.stack([m.branch_only(batch, branch) for m in self.members]).mean(0)
 
 
 def create_model_head(name: str, dims: dict[str, int], num_classes: int, model: ModelConfig,
@@ -40,12 +46,15 @@ def create_model_head(name: str, dims: dict[str, int], num_classes: int, model: 
     return StackedHead(head, num_classes) if stack else head
 
 
-class StackedHead(nn.Module):
+class StackedHead(Branches, nn.Module):
     """Late fusion with learned per-label weights (`--stack`): label c's logit is
     w_c · (image logit, text logit) + b_c, the branches those of `inner` (one head or a fold
     ensemble). The weights are fitted on out-of-fold branch scores (`training.stacking`), so
     each label leans on the modality that predicts it: a weak image branch no longer drags the
-    caption's confident labels down, as an equal-weight mean does."""
+    caption's confident labels down, as an equal-weight mean does.
+
+    An item with one modality is answered by that branch of `inner` as it is: the weights were
+    fitted on both branches together, so one weighted term alone is no fitted model."""
 
     branches = ("image", "text")
 
@@ -63,6 +72,9 @@ class StackedHead(nn.Module):
         out = self.inner(batch)
         z = torch.stack([out.branches[b] for b in self.branches], dim=-1)  # (N, C, B)
         return HeadOutput(logits=(z * self.weight).sum(-1) + self.bias, branches=out.branches)
+
+    def branch_only(self, batch: FeatureBatch, branch: str) -> torch.Tensor:
+        return self.inner.branch_only(batch, branch)
 
 
 def can_stack(head_class: type) -> bool:

@@ -11,9 +11,11 @@ from .registry import register_head
 class LateFusionHead(Head):
     """Shared base of heads that keep a complete classifier per modality: an image MLP and a text
     MLP on the pooled vectors (`self.image`, `self.text`), whose logits the loss supervises as
-    branches. Subclasses only decide how the two are combined."""
+    branches. Subclasses only decide how the two are combined. Each branch answers alone for an
+    item that lacks the other modality (`branch_only`)."""
 
     needs = ("image", "text")
+    branches = ("image", "text")
     takes_unpaired = True
 
     def __init__(self, dims: dict[str, int], num_classes: int, *, hidden: int,
@@ -24,7 +26,14 @@ class LateFusionHead(Head):
 
     def branch_logits(self, batch: FeatureBatch) -> dict[str, torch.Tensor]:
         """{"image": image-MLP logits, "text": text-MLP logits}."""
-        return {"image": self.image(batch["image"]), "text": self.text(batch["text"])}
+        return {b: self.branch_only(batch, b) for b in self.branches}
+
+    def branch_only(self, batch: FeatureBatch, branch: str) -> torch.Tensor:
+        """One modality's MLP logits, reading only that modality's pooled vector."""
+        if branch not in self.branches:
+            return super().branch_only(batch, branch)  # the one-line refusal
+        net = self.image if branch == "image" else self.text
+        return net(batch[branch])
 
 
 @register_head("mean")

@@ -67,3 +67,8 @@ def takes_unpaired(name: str) -> bool:
 
 def head_needs(name: str) -> tuple[str, ...]:
     return head_class(name).needs
+
+
+def heads_with_branches() -> list[str]:
+    """The registered heads that answer from one modality alone (see `Branches`)."""
+    return [name for name, cls in HEADS.items() if cls.branches]

@@ -13,23 +13,25 @@ whole or not at all, so a Tagger is never half-built. Training itself lives in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .. import dist
 from ..config import Config, default_cache_dir
-from ..data import Dataset, LabelSpace
+from ..data import Dataset, LabelSpace, LabelVocab
 from ..decision import Metrics, Scores, Thresholds, ValidationRecord, compute, decide
 from ..encoders import Encoder
 from ..errors import DataError, MmtagError
 from ..features import FeatureCache, Features, FeatureSet
 from ..features.pipeline import Featurizer
-from ..heads import Head, create_model_head, head_needs
+from ..heads import FeatureBatch, Head, create_model_head, head_needs, heads_with_branches
 from ..training.checkpoint import RunLog
-from ..training.loop import head_scores
+from ..training.loop import head_scores, sigmoid
 from ..training.trainer import FitReport, Fitted, TrainInputs, fit, resolve, tune
 from . import bundle as bundle_io
 
@@ -38,11 +40,45 @@ log = logging.getLogger("mmtag")
 
 @dataclass
 class Prediction:
-    """One item's predicted label ids, their names, and the score of every label."""
+    """One item's predicted label ids, their names, and the score of every label.
+    `modalities_used`: the inputs the answer read ("image", "text"); a late-fusion model given
+    one input answers from that branch alone, and `note` then says so (None otherwise)."""
 
     labels: list[int]
     names: list[str]
     scores: dict[int, float]
+    modalities_used: list[str] = field(default_factory=list)
+    note: str | None = None
+
+
+@dataclass
+class BranchDecision:
+    """How one branch of a late-fusion model decides when it answers alone. `source` says where
+    its thresholds come from: "validation" — tuned, with the run's threshold mode, on that
+    branch's own scores in the run's validation record (out of fold for a cross-fitted run), the
+    principled choice, since the fused thresholds were tuned for fused scores; "union" — the
+    union rule's thresholds of that branch (a union run without a record); "fused" — the fused
+    thresholds, when the run kept no branch scores. `val_metrics`: the branch alone on the
+    validation record (source "validation" only)."""
+
+    branch: str
+    thresholds: Thresholds
+    source: str
+    val_metrics: Metrics | None = None
+
+
+@dataclass
+class InputScores:
+    """Scores of in-memory inputs, the thresholds that decide them, and what they were read from."""
+
+    scores: Scores
+    thresholds: Thresholds
+    modalities_used: list[str]
+    note: str | None = None
+
+
+# What an input is called by the people who send it, per modality.
+INPUT_NAMES = {"image": "image", "text": "caption"}
 
 
 @dataclass
@@ -69,6 +105,8 @@ class Tagger:
             FeatureCache(self.config.cache_dir or default_cache_dir()), encoders=encoders,
             workers=self.config.data.workers, random_init=m.random_init)
         self.fitted: Fitted | None = None
+        # branch → (validation record, thresholds, its decision): tuned once per learned state
+        self._branch_decisions: dict[str, tuple[Any, Any, BranchDecision]] = {}
         # Set by `jobs.train`: per-epoch checkpoints and metrics.csv in the run directory.
         self.run_log: RunLog | None = None
 
@@ -159,13 +197,15 @@ class Tagger:
             return None
         images_dir = None
         if "image" in self.modalities:
-            # path = <images dir>/<ImageID>; one images folder per dataset
-            dirs = {p[:len(p) - len(i)] for p, i in zip(rec.image_paths, rec.image_ids)}
+            # path = <images dir>/<ImageID><image_ext>; one images folder per dataset
+            ext = self.config.data.image_ext
+            dirs = {p[:len(p) - len(i) - len(ext)] for p, i in zip(rec.image_paths, rec.image_ids)}
             if len(dirs) != 1 or not all(Path(p).is_file() for p in rec.image_paths):
                 return None
             images_dir = Path(dirs.pop())
         data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
-                       captions=list(rec.captions), labels=None, images_dir=images_dir)
+                       captions=list(rec.captions), labels=None, images_dir=images_dir,
+                       image_ext=self.config.data.image_ext)
         scores = self.scores(self.features(data, progress=progress).features)
         y = rec.y_true.astype(np.float32)
         if retune:
@@ -183,8 +223,71 @@ class Tagger:
         """The head's probabilities (and each branch's, for late fusion) on cached features."""
         return head_scores(self.head, feats)
 
-    def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True) -> DatasetPredictions:
-        """Scores and decisions for every row (a bad row raises: predictions cover all rows).
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """The modalities whose branch answers alone, for items lacking the other modality (late
+        fusion: image and text); () when every prediction needs all of `modalities`."""
+        return tuple(b for b in self.head.branches if b in self.modalities)
+
+    def can_predict_with(self, modalities: Collection[str]) -> bool:
+        """Whether items that carry only `modalities` ("image", "text") can be predicted."""
+        return self.head.can_predict_with([m for m in modalities if m in self.modalities])
+
+    def branch_decision(self, branch: str) -> BranchDecision:
+        """How `branch` decides when it answers alone (see `BranchDecision`); tuned once per
+        learned state, so a server pays for it once."""
+        state = self.state()
+        if branch not in self.branches:
+            raise MmtagError(f"this model (head '{self.head_name}') has no branch '{branch}' that "
+                             f"answers alone; its branches: {', '.join(self.branches) or 'none'}")
+        cached = self._branch_decisions.get(branch)
+        if cached is not None and cached[0] is state.validation and cached[1] is state.thresholds:
+            return cached[2]
+        rec, thr = state.validation, state.thresholds
+        if rec is not None and branch in rec.branches:
+            thresholds, metrics = tune(self.config, Scores(probs=rec.branches[branch]),
+                                       rec.y_true.astype(np.float32), state.label_space)
+            decision = BranchDecision(branch, thresholds, "validation", metrics)
+        elif branch in thr.branches:
+            decision = BranchDecision(branch, Thresholds(thr.mode, thr.branches[branch]), "union")
+        else:
+            decision = BranchDecision(branch, thr, "fused")
+        self._branch_decisions[branch] = (rec, thr, decision)
+        return decision
+
+    def score_inputs(self, images: list[Any] | None = None,
+                     captions: list[str] | None = None) -> InputScores:
+        """Scores of in-memory inputs and the thresholds that decide them. Given every input the
+        model reads, the whole head answers; given one, a late-fusion head answers from that
+        modality's branch alone (its own scores and `branch_decision`); other heads refuse."""
+        state = self.state()
+        given = [m for m, x in (("image", images), ("text", captions))
+                 if x is not None and m in self.modalities]
+        missing = [m for m in self.modalities if m not in given]
+        if not given or not missing:  # nothing usable (the featurizer says what is needed), or all
+            return InputScores(self.scores(self.featurizer.encode(images, captions)),
+                               state.thresholds, list(self.modalities))
+        branch = self.head.branch_for(given)
+        if branch is None:
+            raise MmtagError(
+                f"this model needs {' and '.join(INPUT_NAMES[m] + 's' for m in missing)} (one per "
+                f"item): head '{self.head_name}' fuses image and caption, so it cannot answer from "
+                f"{' and '.join(INPUT_NAMES[m] + 's' for m in given)} alone (heads that can: "
+                f"{', '.join(heads_with_branches())})")
+        f = self.featurizer
+        alone = Featurizer((branch,), f.encoder_names, f.cache, encoders={branch: f.encoder(branch)},
+                           workers=f.workers, random_init=f.random_init)
+        feats = alone.encode(images if branch == "image" else None,
+                             captions if branch == "text" else None)
+        scores = Scores(probs=sigmoid(branch_only_logits(self.head, branch, feats[branch])))
+        return InputScores(scores, self.branch_decision(branch).thresholds, [branch],
+                           f"{' and '.join(INPUT_NAMES[m] for m in missing)} missing: "
+                           f"{branch} branch only")
+
+    def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True,
+                              top_k: int | None = None) -> DatasetPredictions:
+        """Scores and decisions for every row (a bad row raises: predictions cover all rows);
+        `top_k` caps each row's labels (`decision.keep_top_k`).
 
         Under torchrun each rank scores its contiguous shard of the rows and every rank gets
         all rows back, in input order, each exactly once.
@@ -195,7 +298,7 @@ class Tagger:
 
         def score() -> tuple[np.ndarray, np.ndarray]:
             scores = self.scores(self.features(part, progress=progress, distribute=False).features)
-            return scores.probs, decide(scores, state.thresholds)
+            return scores.probs, decide(scores, state.thresholds, top_k=top_k)
 
         shards = dist.all_gather(dist.checked(score))  # in rank order: the input order
         probs = np.concatenate([p for p, _ in shards])
@@ -205,29 +308,38 @@ class Tagger:
 
     def predict_proba(self, images: list[Any] | None = None,
                       captions: list[str] | None = None) -> np.ndarray:
-        """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions."""
-        self.state()
-        return self.scores(self.featurizer.encode(images, captions)).probs
+        """(N, C) label scores for in-memory inputs: image paths / PIL images, and captions;
+        a late-fusion model given only one of the two scores with that branch (`score_inputs`)."""
+        return self.score_inputs(images, captions).scores.probs
 
-    def predict(self, images: list[Any] | None = None,
-                captions: list[str] | None = None) -> list[Prediction]:
-        """Label lists and per-label scores for in-memory inputs (no cache, no files needed)."""
+    def predict(self, images: list[Any] | None = None, captions: list[str] | None = None, *,
+                top_k: int | None = None) -> list[Prediction]:
+        """Label lists and per-label scores for in-memory inputs (no cache, no files needed).
+        A late-fusion model given only images or only captions answers from that branch, decided
+        by its own thresholds (`branch_decision`), and says so in `Prediction.note`; an
+        early-fusion model refuses (MmtagError)."""
         state = self.state()
-        scores = self.scores(self.featurizer.encode(images, captions))
-        mask = decide(scores, state.thresholds)
+        answer = self.score_inputs(images, captions)
+        scores = answer.scores
+        mask = decide(scores, answer.thresholds, top_k=top_k)  # top_k: at most k labels an item
         ls = state.label_space
         out = []
         for row_p, row_m in zip(scores.probs, mask):
             idx = np.flatnonzero(row_m)
             out.append(Prediction(labels=[ls.ids[j] for j in idx], names=[ls.names[j] for j in idx],
-                                  scores={ls.ids[j]: float(row_p[j]) for j in range(len(ls))}))
+                                  scores={ls.ids[j]: float(row_p[j]) for j in range(len(ls))},
+                                  modalities_used=list(answer.modalities_used), note=answer.note))
         return out
 
-    def thresholds_by_label(self) -> dict[str, dict[int, float]]:
+    def thresholds_by_label(self, branch: str | None = None) -> dict[str, dict[int, float]]:
         """Decision thresholds per label id: {"fused": …}, or one map per branch when the
-        decision is the union of each branch's labels."""
+        decision is the union of each branch's labels; with `branch`, {branch: …}, the
+        thresholds that branch decides by when it answers alone (`branch_decision`)."""
         thr, ls = self.thresholds, self.label_space
-        tables = thr.branches if thr.branches else {"fused": thr.values}
+        if branch is not None:
+            tables = {branch: self.branch_decision(branch).thresholds.values}
+        else:
+            tables = thr.branches if thr.branches else {"fused": thr.values}
         return {name: {i: float(np.broadcast_to(v, (len(ls),))[j]) for j, i in enumerate(ls.ids)}
                 for name, v in tables.items()}
 
@@ -246,9 +358,10 @@ class Tagger:
         truth = preds.dataset.label_rows()
         y, mask, ids, names = ls.encode(truth), preds.mask, ls.ids, ls.names
         unknown = warn_unknown_labels(ls, truth, dataset.path,
-                                      "they count as missed labels in the metrics")
+                                      "they count as missed labels in the metrics",
+                                      vocab=preds.dataset.vocab)
         if unknown:
-            extra = LabelSpace.from_labels([list(unknown)])
+            extra = LabelSpace.from_labels([list(unknown)], vocab=preds.dataset.vocab)
             y = np.hstack([y, extra.encode(truth)])
             mask = np.hstack([mask, np.zeros((len(mask), len(extra)), dtype=mask.dtype)])
             ids, names = ids + extra.ids, names + tuple(f"{n} (unknown)" for n in extra.names)
@@ -268,8 +381,10 @@ class Tagger:
             head_name=self.head_name, dims=state.dims, head_state=state.head.state_dict(),
             encoders={m: self.featurizer.encoder(m) for m in self.modalities},
             val_metrics=state.val_metrics, history=state.history,
+            # a cross-fitted run's per-fold figures go into metrics.json ("folds"): the ± std
             extra={"pseudo_rounds": state.extra.get("pseudo_rounds", []),
-                   "finetune": state.finetune_history},
+                   "finetune": state.finetune_history,
+                   **({"folds": state.extra["folds"]} if state.extra.get("folds") else {})},
             validation=state.validation)
 
     @classmethod
@@ -293,18 +408,31 @@ class Tagger:
                                thresholds=b.thresholds, val_metrics=b.val_metrics,
                                history=b.history, validation=b.validation,
                                extra={"pseudo_rounds": b.extra.get("pseudo_rounds") or [],
-                                      "finetune": b.extra.get("finetune") or {}})
+                                      "finetune": b.extra.get("finetune") or {},
+                                      **({"folds": b.extra["folds"]} if b.extra.get("folds") else {})})
         return tagger
 
 
+def branch_only_logits(head: Head, branch: str, features: np.ndarray) -> np.ndarray:
+    """(N, C) logits of `head`'s `branch` alone on that modality's pooled features (N, D)."""
+    head.eval()
+    device = next(head.parameters()).device
+    with torch.inference_mode():
+        x = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
+        return head.branch_only(FeatureBatch({branch: x}), branch).float().cpu().numpy()
+
+
 def warn_unknown_labels(ls: LabelSpace, truth: list[list[int]], path: Path,
-                        consequence: str) -> dict[int, int]:
+                        consequence: str, *, vocab: LabelVocab | None = None) -> dict[int, int]:
     """True labels the model does not know (id → rows), said once in a warning, never dropped
-    silently from the truth."""
+    silently from the truth. `vocab`: the one `truth` was read with (named labels are then
+    listed by name)."""
     unknown = ls.unknown(truth)
     if unknown and dist.context().is_main:
+        spell = vocab if vocab is not None and vocab.named else None
         rows = sum(1 for row in truth if any(label in unknown for label in row))
-        listed = ", ".join(f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in list(unknown.items())[:20])
+        listed = ", ".join(f"{spell.token(i)!r} ({n} row{'s' if n > 1 else ''})" if spell else
+                           f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in list(unknown.items())[:20])
         more = f", and {len(unknown) - 20} more" if len(unknown) > 20 else ""
         log.warning("%s: %d true label id(s) in %d row(s) are not in this model's label space: "
                     "%s%s; the model never predicts them; %s", path, len(unknown), rows, listed,

@@ -7,6 +7,11 @@
     POST /predict/batch  multipart: images[] + captions[] → one result per item
     GET  /docs           OpenAPI documentation (FastAPI's own)
 
+A late-fusion model (one with `branches`, see `Tagger.branches`) also answers an item that has
+only an image or only a caption, from that branch alone; every result says what it read
+(`modalities_used`) and, when one branch answered, why (`note`), and gives the thresholds that
+decided it. An early-fusion model refuses such an item (422, naming the missing field).
+
 Every error is JSON `{"error": ...}` with a 4xx status, never a 500: bodies over the upload limit
 (413, also when chunked), uploads that do not decode as an image (415), images over the dimension
 cap, missing or empty fields (422), unknown paths (404), wrong methods (405), malformed HTTP
@@ -205,8 +210,15 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
     needs_image = "image" in tagger.modalities
     needs_text = "text" in tagger.modalities
     image_size = int(tagger.encoders["image"].image_size) if needs_image else 0  # type: ignore[attr-defined]
-    thresholds = {k: {str(i): round(t, 6) for i, t in v.items()}
-                  for k, v in tagger.thresholds_by_label().items()}
+
+    def threshold_table(branch: str | None) -> dict[str, dict[str, float]]:
+        return {k: {str(i): round(t, 6) for i, t in v.items()}
+                for k, v in tagger.thresholds_by_label(branch).items()}
+
+    # The thresholds each answer is decided by: the whole model's, and each branch's when it
+    # answers alone (tuned here, once, rather than on the first such request).
+    thresholds = {tuple(tagger.modalities): threshold_table(None),
+                  **{(b,): threshold_table(b) for b in tagger.branches}}
     names = dict(zip(ls.ids, ls.names))
     model = _ModelThread()
     page = resources.files("mmtag.serve").joinpath("web/index.html").read_text(encoding="utf-8")
@@ -234,9 +246,7 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
 
     async def read_image(upload: UploadFile | None, what: str) -> Any:
         if upload is None:
-            if needs_image:
-                raise _Bad(422, f"{what}: this model needs an image file")
-            return None
+            return None  # whether it may be missing is `check_item`'s to say
         data = await upload.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
             raise _Bad(413, f"{what}: file exceeds {limits.max_bytes} bytes")
@@ -253,23 +263,51 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
 
     def check_caption(caption: str | None, what: str) -> str | None:
         if caption is None or not caption.strip():
-            if needs_text:
-                raise _Bad(422, f"{what}: this model needs a non-empty caption")
-            return None
+            return None  # whether it may be missing is `check_item`'s to say
         if len(caption) > MAX_CAPTION_CHARS:
             raise _Bad(422, f"{what}: caption is longer than {MAX_CAPTION_CHARS} characters")
         return caption
+
+    def check_item(image: Any, caption: str | None, image_field: str, caption_field: str) -> None:
+        """Refuse an item the model cannot answer, naming the missing field: every model needs
+        one input it reads; only a late-fusion one answers from one of two."""
+        given = [m for m, x in (("image", image), ("text", caption)) if x is not None]
+        if tagger.can_predict_with(given):
+            return
+        need = {"image": (image_field, "an image file"), "text": (caption_field, "a non-empty caption")}
+        missing = [m for m in tagger.modalities if m not in given]
+        if tagger.branches:  # late fusion given nothing at all
+            raise _Bad(422, f"{image_field}, {caption_field}: this model needs an image file, "
+                            "a non-empty caption, or both")
+        fields = ", ".join(need[m][0] for m in missing)
+        why = (f" (head '{tagger.head_name}' fuses image and caption, so it answers only from both)"
+               if given else "")
+        raise _Bad(422, f"{fields}: this model needs {' and '.join(need[m][1] for m in missing)}{why}")
 
     def run_step(images: list[Any], captions: list[str | None],
                  cancelled: threading.Event) -> list[dict[str, Any]]:
         if cancelled.is_set():  # picked up after its request gave up: leave the model to others
             return []
-        preds = tagger.predict(images if needs_image else None,
-                               captions if needs_text else None)  # type: ignore[arg-type]
-        return [{"labels": [{"id": i, "name": n, "score": round(p.scores[i], 6)}
-                            for i, n in zip(p.labels, p.names)],
-                 "scores": [{"id": i, "name": names[i], "score": round(s, 6)} for i, s in p.scores.items()],
-                 "thresholds": thresholds} for p in preds]
+        # Items with the same inputs run together: a late-fusion model answers those with only a
+        # caption (or only an image) from that branch, the others with the whole model.
+        groups: dict[tuple[bool, bool], list[int]] = {}
+        for k, (img, cap) in enumerate(zip(images, captions)):
+            groups.setdefault((needs_image and img is not None, needs_text and cap is not None), []).append(k)
+        out: list[dict[str, Any]] = [{}] * len(images)
+        for (has_image, has_text), rows in groups.items():
+            preds = tagger.predict([images[k] for k in rows] if has_image else None,
+                                   [captions[k] for k in rows] if has_text else None)  # type: ignore[misc]
+            for k, p in zip(rows, preds):
+                out[k] = result(p)
+        return out
+
+    def result(p: Any) -> dict[str, Any]:
+        used = tuple(p.modalities_used)
+        return {"labels": [{"id": i, "name": n, "score": round(p.scores[i], 6)}
+                           for i, n in zip(p.labels, p.names)],
+                "scores": [{"id": i, "name": names[i], "score": round(s, 6)} for i, s in p.scores.items()],
+                "thresholds": thresholds.get(used, thresholds[tuple(tagger.modalities)]),
+                "modalities_used": list(used), "note": p.note}
 
     async def infer(request: Request, images: list[Any], captions: list[str | None]) -> list[dict[str, Any]]:
         """Run the model on the items, a step at a time, for as long as someone waits for it:
@@ -317,7 +355,7 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
     def health() -> dict[str, Any]:
         """Liveness, and what each prediction needs."""
         return {"status": "ok", "run": Path(run).name, "modalities": tagger.modalities,
-                "head": tagger.head_name, "num_labels": len(ls)}
+                "branches": list(tagger.branches), "head": tagger.head_name, "num_labels": len(ls)}
 
     @app.get("/labels")
     def labels() -> list[dict[str, Any]]:
@@ -328,24 +366,31 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
     async def predict(request: Request, image: UploadFile | None = File(None),
                       caption: str | None = Form(None)) -> dict[str, Any]:
         """One image + caption → predicted labels (with names and scores), every label's score,
-        and the thresholds used."""
+        the thresholds used, and what the answer read (`modalities_used`, `note`). A late-fusion
+        model also answers an image alone or a caption alone, from that branch."""
         img = await read_image(image, "image")
         cap = check_caption(caption, "caption")
+        check_item(img, cap, "image", "caption")
         return (await infer(request, [img], [cap]))[0]
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, images: list[UploadFile] | None = File(None),
                             captions: list[str] | None = Form(None)) -> dict[str, Any]:
-        """Items i = (images[i], captions[i]) → {"predictions": [one result per item]}."""
+        """Items i = (images[i], captions[i]) → {"predictions": [one result per item]}. A
+        late-fusion model also takes only images or only captions (or blank captions), answering
+        those items from the branch they have."""
         n = max(len(images or []), len(captions or []))
         if n == 0:
             raise _Bad(422, "no items: send images and/or captions fields")
         if n > limits.max_batch:
             raise _Bad(413, f"{n} items; the limit is {limits.max_batch} per batch")
-        if needs_image and needs_text and len(images or []) != len(captions or []):
-            raise _Bad(422, f"got {len(images or [])} images but {len(captions or [])} captions")
+        # Both lists given: they pair up item by item, so they must be as long as each other.
+        if needs_image and needs_text and images and captions and len(images) != len(captions):
+            raise _Bad(422, f"got {len(images)} images but {len(captions)} captions")
         imgs = [await read_image(f, f"images[{k}]") for k, f in enumerate(images or [None] * n)]
         caps = [check_caption(c, f"captions[{k}]") for k, c in enumerate(captions or [None] * n)]
+        for k in range(n):
+            check_item(imgs[k], caps[k], f"images[{k}]", f"captions[{k}]")
         return {"predictions": await infer(request, imgs, caps)}
 
     app.add_middleware(_Guard, limits=limits)
