@@ -30,6 +30,8 @@ def test_train_writes_report(fused_run: Path) -> None:
     _check(html)
     info = api.info(fused_run)
     assert f"{info['validation']['samples_f1']:.4f}" in html  # headline = the run's own metric
+    n = info["validation"]["n"]
+    assert f"Validation figures: a validation split of {n} rows" in html  # the fixture: one split
 
 
 def test_report_regenerates_and_reports_on_a_csv(fused_run: Path, tiny: SyntheticPaths,
@@ -42,6 +44,7 @@ def test_report_regenerates_and_reports_on_a_csv(fused_run: Path, tiny: Syntheti
     _check(html)
     m = api.evaluate(fused_run, tiny.holdout_csv, tiny.images, progress=False)
     assert f"{m.samples_f1:.4f}" in html
+    assert f"Validation figures: the labelled CSV {tiny.holdout_csv} ({m.n} rows)" in html
 
 
 def test_report_of_an_export_is_of_the_export(fused_run: Path, tmp_path: Path) -> None:
@@ -66,3 +69,126 @@ def test_run_without_validation_record_needs_a_csv(fused_run: Path, tmp_path: Pa
     bundle.save(copy, b)
     with pytest.raises(MmtagError, match="--csv"):
         api.report(copy)
+
+
+# ---------------------------------------------------------------- rendering, on synthetic inputs
+def _data(rows: int, classes: int = 18, *, absent: tuple[int, ...] = (), few: dict[int, int] | None = None,
+          folds: int = 1, seed: int = 0):
+    """A ReportData built without a model: `rows` items, `classes` labels, columns `absent` with
+    no positive, columns `few` with that many, noisy scores that rank positives higher."""
+    import numpy as np
+
+    from mmtag.decision import Thresholds, ValidationRecord, compute
+    from mmtag.jobs.report import ReportData, ValidationSource
+
+    rng = np.random.default_rng(seed)
+    y = (rng.random((rows, classes)) < 0.3).astype(np.float32)
+    for j in absent:
+        y[:, j] = 0
+    for j, k in (few or {}).items():
+        y[:, j] = 0
+        y[rng.choice(rows, k, replace=False), j] = 1
+    probs = np.clip(0.35 * y + rng.random((rows, classes)) * 0.65, 0, 1)
+    thresholds = Thresholds.constant(0.5, classes)
+    mask = probs >= 0.5
+    ids = list(range(classes))
+    names = [f"class{j}" for j in ids]
+    record = ValidationRecord(probs=probs, y_true=y, image_ids=[f"{i}.jpg" for i in range(rows)],
+                              captions=[f"caption {i}" for i in range(rows)], image_paths=[""] * rows)
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 + abs(e - 4) / 20,
+                "val_samples_f1": 0.7 - abs(e - 4) / 50, "threshold": 0.4} for e in range(1, 11)]
+    source = (ValidationSource("out-of-fold", rows, folds=folds) if folds > 1
+              else ValidationSource("split", rows))
+    return ReportData(title="synthetic", label_ids=ids, label_names=names, record=record, mask=mask,
+                      thresholds=thresholds, metrics=compute(y, mask, tuple(ids), tuple(names)),
+                      history=history, finetune_history={}, config_yaml="{}", source=source,
+                      train_folds=folds)
+
+
+def test_per_class_legend_sits_outside_the_bars() -> None:
+    from mmtag.jobs.report import per_class_figure
+
+    fig = per_class_figure(_data(300))
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert legend is not None
+    renderer = fig.canvas.get_renderer()
+    assert not legend.get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+    assert not legend.get_window_extent(renderer).overlaps(ax.title.get_window_extent(renderer))
+
+
+def test_absent_classes_are_marked_not_plotted_as_zeros() -> None:
+    import matplotlib.pyplot as plt
+
+    from mmtag.jobs.report import ABSENT, per_class_figure, pr_figure, render
+
+    d = _data(300, absent=(2, 7))
+    (ax,) = per_class_figure(d).axes
+    bar_x = {round(p.get_x() + p.get_width() / 2) for p in ax.patches if p.get_width() < 0.5}
+    assert bar_x == set(range(18)) - {2, 7}  # no bar at all for the absent classes
+    assert sum(t.get_text() == ABSENT for t in ax.texts) == 2
+    pr = pr_figure(d)
+    for j, panel in enumerate(pr.axes):
+        assert (len(panel.get_lines()) == 0) == (j in (2, 7)), j
+    plt.close("all")
+    html = render(d)
+    assert len(re.findall(r'<tr class="absent"><td>\d+</td><td>class[27]</td>', html)) == 2
+    assert "2 class(es) with no validation example (not scored): class2, class7." in html
+
+
+def test_pr_curves_are_small_multiples_one_axes_per_class() -> None:
+    from mmtag.jobs.report import pr_figure
+
+    for classes in (18, 4, 13):  # a full grid, one row, a ragged last row
+        fig = pr_figure(_data(200, classes))
+        assert len(fig.axes) == classes
+        assert [ax.get_title().split("\n")[0] for ax in fig.axes] == [f"class{j}" for j in range(classes)]
+        assert len({(round(ax.get_xlim()[1], 3), round(ax.get_ylim()[1], 3)) for ax in fig.axes}) == 1
+        assert fig.legends and len(fig.legends[0].get_texts()) == 3
+
+
+def test_training_curves_mark_the_best_epoch() -> None:
+    from mmtag.jobs.report import best_epoch, render, training_figure
+    from mmtag.training.loop import higher_f1
+
+    d = _data(300, folds=5)
+    assert best_epoch(d.history, higher_f1) == 4
+    fig = training_figure(d)
+    for ax in fig.axes:
+        marks = [ln for ln in ax.get_lines() if ln.get_label() == "best epoch 4"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [4, 4]
+    assert "best epoch 4" in fig.axes[1].texts[0].get_text()
+    assert "head (fold 1 of 5)" in fig.axes[0].get_title()
+    assert "out of fold over all 300 training rows (5 folds" in render(d)
+
+
+def test_example_cards_show_each_label_with_its_score() -> None:
+    import numpy as np
+
+    from mmtag.jobs.report import render
+
+    d = _data(40)
+    html = render(d)
+    cards = re.findall(r'<div class="card">.*?</div></div>', html)
+    assert cards
+    shown = re.findall(r'<div class="id">(\d+)\.jpg</div>', html)
+    for card, i in zip(cards, map(int, shown)):
+        want = np.flatnonzero(d.mask[i] | d.record.y_true[i].astype(bool))
+        for j in want:
+            assert f'class{j} <span class="p">{d.record.probs[i, j]:.2f}</span>' in card
+
+
+def test_small_validation_warns_with_counts_and_large_does_not() -> None:
+    from mmtag.jobs.report import FEW_POSITIVES, render
+    from mmtag.training.trainer import FEW_VALIDATION_ROWS
+
+    small = render(_data(150, 6, few={3: 2}))
+    assert 'class="warn"' in small
+    assert "Only 150 validation row(s)" in small
+    assert f"fewer than {FEW_POSITIVES} validation examples" in small and "class3 (2)" in small
+    large = render(_data(FEW_VALIDATION_ROWS, 6, seed=1))
+    assert 'class="warn"' not in large
+    # many rows, but one class with few examples: still warned, about that class only
+    rare = render(_data(FEW_VALIDATION_ROWS, 6, few={0: FEW_POSITIVES - 1}))
+    assert 'class="warn"' in rare and "validation row(s)" not in rare and "class0 (4)" in rare

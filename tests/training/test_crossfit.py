@@ -1,5 +1,7 @@
 """Cross-fitting (`--folds K`): folds partition the rows, each row is scored by the one head that
 never trained on it, the decision is chosen on those scores, and the model is the K heads."""
+import json
+
 import numpy as np
 import pytest
 
@@ -49,7 +51,10 @@ def test_every_row_is_scored_by_the_head_that_never_saw_it(tiny, make_config, tm
                        tagger.predict_proba_dataset(data, progress=False).probs)
     # the report says what its figures are
     page = api.report(tmp_path / "run").read_text()
-    assert "out of fold (3 folds, every training row)" in page
+    assert f"out of fold over all {len(train)} training rows (3 folds" in page
+    # and metrics.json keeps each fold's figure, the ± std of an out-of-fold run
+    folds = json.loads((tmp_path / "run" / "metrics.json").read_text())["folds"]
+    assert folds["k"] == 3 and folds["samples_f1"] == pytest.approx(report.fold_samples_f1)
 
 
 def test_folds_refuse_what_they_cannot_do(tiny, make_config):

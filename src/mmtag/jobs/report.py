@@ -1,13 +1,15 @@
 """`mmtag report`: one self-contained HTML file (plots and thumbnails embedded), drawn with
 matplotlib. `report` assembles a `ReportData` from a run; `render` draws it (no model, no files
-read except the example thumbnails).
+read except the example thumbnails). The `*_figure` functions return the matplotlib figures the
+report embeds, so their layout can be checked without reading pixels.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,41 @@ from ..model import bundle as bundle_io
 from ..model.tagger import Tagger, warn_unknown_labels
 from ..decision import (GRID, Metrics, Scores, Thresholds, ValidationRecord, compute,
                         confusion_counts, decide, f1_by_threshold, pr_curve)
+from ..training.loop import BestRule, EpochLog, higher_f1, higher_f1_then_lower_loss
+from ..training.trainer import FEW_VALIDATION_ROWS
 
 EXAMPLES = 12  # validation items shown with their true and predicted labels
+# Below this many validation examples a class's precision, recall and threshold move by whole
+# tenths when one example changes: the report names such classes in its warning banner.
+FEW_POSITIVES = 5
+PR_COLUMNS = 6  # precision-recall small multiples per row
+ABSENT = "no validation example"
+
+# Where the validation figures come from (`ValidationSource.kind`): what the report says of each.
+SOURCES = {
+    "out-of-fold": "out of fold over all {rows} training rows ({folds} folds: each row scored by "
+                   "the fold head that did not train on it)",
+    "split": "a validation split of {rows} rows held out from the training CSV (--val-frac)",
+    "val-csv": "your --val CSV {path} ({rows} rows)",
+    "csv": "the labelled CSV {path} ({rows} rows), scored by this run",
+}
+
+
+@dataclass
+class ValidationSource:
+    """Which rows the report's figures are of."""
+
+    kind: str  # a key of SOURCES
+    rows: int
+    folds: int = 1  # "out-of-fold": how many
+    path: str = ""  # "val-csv" and "csv": the file
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCES:
+            raise ValueError(f"validation source {self.kind!r}: expected one of {', '.join(SOURCES)}")
+
+    def describe(self) -> str:
+        return SOURCES[self.kind].format(rows=self.rows, folds=self.folds, path=self.path)
 
 
 @dataclass
@@ -37,6 +72,8 @@ class ReportData:
     history: list[dict[str, float]]
     finetune_history: dict[str, list[dict[str, float]]]
     config_yaml: str
+    source: ValidationSource
+    train_folds: int = 1  # the run's own training: > 1 = cross-fitted, `history` is fold 1's
 
 
 def _plt() -> Any:
@@ -56,57 +93,169 @@ def _figure_html(fig: Any, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _training_curves(d: ReportData) -> str:
-    plt = _plt()
-    runs = [("head", d.history)] + [(f"fine-tune {m}", h) for m, h in d.finetune_history.items() if h]
-    runs = [(name, h) for name, h in runs if h]
+def _present(d: ReportData) -> np.ndarray:
+    """(C,) whether each class has at least one validation example."""
+    return d.record.y_true.astype(bool).any(0)
+
+
+# ------------------------------------------------------------------------ training curves
+def best_epoch(history: list[dict[str, float]], better: BestRule) -> int:
+    """The epoch whose weights training kept: its own rule `better` replayed on the history it
+    logged (0 for an empty history)."""
+    best: EpochLog | None = None
+    at = 0
+    for h in history:
+        entry = EpochLog(**{f.name: h[f.name] for f in fields(EpochLog)})
+        if better(entry, best):
+            best, at = entry, int(entry.epoch)
+    return at
+
+
+def training_figure(d: ReportData) -> Any | None:
+    """Loss and validation sample-F1 per epoch for the head and each fine-tuned encoder, the best
+    epoch (the weights kept) marked by a vertical line; None without any history."""
+    head = "head" if d.train_folds <= 1 else f"head (fold 1 of {d.train_folds})"
+    runs = [(head, d.history, higher_f1)]
+    runs += [(f"fine-tune {m}", h, higher_f1_then_lower_loss) for m, h in d.finetune_history.items()]
+    runs = [r for r in runs if r[1]]
     if not runs:
-        return "<p>No per-epoch history in this run.</p>"
+        return None
+    plt = _plt()
     fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.2 * len(runs)), squeeze=False)
-    for (name, hist), (ax_loss, ax_f1) in zip(runs, axes):
+    for (name, hist, rule), (ax_loss, ax_f1) in zip(runs, axes):
         epochs = [h["epoch"] for h in hist]
+        f1 = [h["val_samples_f1"] for h in hist]
+        best = best_epoch(hist, rule)
+        best_f1 = f1[epochs.index(best)]
         ax_loss.plot(epochs, [h["train_loss"] for h in hist], label="train loss")
         ax_loss.plot(epochs, [h["val_loss"] for h in hist], label="validation loss")
+        ax_f1.plot(epochs, f1, color="tab:green", label="validation sample-F1")
+        ax_f1.plot([best], [best_f1], "o", color="tab:red", ms=5)
+        for ax in (ax_loss, ax_f1):
+            ax.axvline(best, color="tab:red", ls="--", lw=1, label=f"best epoch {best}")
+        # The label beside the F1 panel's dashed line, on the side with more room (inside the
+        # axes), on white so no curve hides it.
+        left = best > (epochs[0] + epochs[-1]) / 2
+        ax_f1.annotate(f"best epoch {best}\nF1 {best_f1:.4f}", (best, best_f1),
+                       xytext=(-8 if left else 8, -30), textcoords="offset points",
+                       ha="right" if left else "left", fontsize=8, color="tab:red",
+                       bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
         ax_loss.set(title=f"{name}: loss", xlabel="epoch")
-        ax_loss.legend()
-        ax_f1.plot(epochs, [h["val_samples_f1"] for h in hist], color="tab:green")
         ax_f1.set(title=f"{name}: validation sample-F1", xlabel="epoch")
+        ax_loss.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return _figure_html(fig, "training curves")
+    return fig
+
+
+def _training_curves(d: ReportData) -> str:
+    fig = training_figure(d)
+    if fig is None:
+        return "<p>No per-epoch history in this run.</p>"
+    note = ("<p>The head's curves are fold 1's; every fold stops at its own best epoch.</p>"
+            if d.train_folds > 1 and d.history else "")
+    return note + _figure_html(fig, "training curves")
+
+
+# ------------------------------------------------------------------------ per class
+def per_class_figure(d: ReportData) -> Any:
+    """Precision, recall and F1 bars per class, the legend above the axes (never over a bar);
+    a class with no validation example gets a grey band saying so instead of zero bars."""
+    plt = _plt()
+    pc = d.metrics.per_class
+    present = _present(d)
+    x = np.arange(len(pc))
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for k, (attr, color) in enumerate((("precision", "tab:blue"), ("recall", "tab:orange"),
+                                       ("f1", "tab:green"))):
+        ax.bar(x[present] + (k - 1) * 0.27, [getattr(c, attr) for c, ok in zip(pc, present) if ok],
+               0.27, label=attr, color=color)
+    for i in np.flatnonzero(~present):
+        ax.axvspan(i - 0.45, i + 0.45, color="#e4e4e4", lw=0)
+        ax.text(i, 0.5, ABSENT, rotation=90, ha="center", va="center", fontsize=7, color="#666")
+    ax.set_xticks(x, [f"{c.name}\n(n={c.support})" for c in pc], rotation=60, ha="right", fontsize=8)
+    for tick, ok in zip(ax.get_xticklabels(), present):
+        if not ok:
+            tick.set_color("#888")
+    ax.set_xlim(-0.6, len(pc) - 0.4)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("per-class precision / recall / F1 (support in brackets)", loc="left")
+    # Above the axes, right-aligned, beside the left-aligned title: no bar can be under it.
+    ax.legend(ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.01), borderaxespad=0, fontsize=9,
+              frameon=False)
+    return fig
 
 
 def _per_class_bars(d: ReportData) -> str:
-    plt = _plt()
-    pc = d.metrics.per_class
-    x = np.arange(len(pc))
-    fig, ax = plt.subplots(figsize=(11, 4))
-    for k, (attr, color) in enumerate((("precision", "tab:blue"), ("recall", "tab:orange"), ("f1", "tab:green"))):
-        ax.bar(x + (k - 1) * 0.27, [getattr(c, attr) for c in pc], 0.27, label=attr, color=color)
-    ax.set_xticks(x, [f"{c.name}\n(n={c.support})" for c in pc], rotation=60, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1.05), title="per-class precision / recall / F1 (support in brackets)")
-    ax.legend(ncol=3)
-    return _figure_html(fig, "per-class precision, recall and F1")
+    return _figure_html(per_class_figure(d), "per-class precision, recall and F1")
 
 
-def _confusion_table(d: ReportData) -> str:
+def _per_class_table(d: ReportData) -> str:
     counts = confusion_counts(d.record.y_true, d.mask)
-    rows = "".join(f"<tr><td>{i}</td><td>{html.escape(n)}</td>" + "".join(f"<td>{v}</td>" for v in c) + "</tr>"
-                   for i, n, c in zip(d.label_ids, d.label_names, counts))
-    return ("<table><tr><th>id</th><th>label</th><th>TP</th><th>FP</th><th>FN</th><th>TN</th></tr>"
-            f"{rows}</table>")
+    present = _present(d)
+    rows = []
+    for j, (i, n, c, m) in enumerate(zip(d.label_ids, d.label_names, counts, d.metrics.per_class)):
+        if present[j]:
+            ap = pr_curve(d.record.y_true[:, j], d.record.probs[:, j])[2]
+            scores = [f"{v:.3f}" for v in (m.precision, m.recall, m.f1, ap)]
+            note = f"only {m.support} validation example(s)" if m.support < FEW_POSITIVES else ""
+            cls = ' class="few"' if note else ""
+        else:
+            scores, note, cls = ["—"] * 4, ABSENT, ' class="absent"'
+        rows.append(f"<tr{cls}><td>{i}</td><td>{html.escape(n)}</td><td>{m.support}</td>"
+                    + "".join(f"<td>{v}</td>" for v in c) + "".join(f"<td>{s}</td>" for s in scores)
+                    + f"<td>{note}</td></tr>")
+    return ("<table><tr><th>id</th><th>label</th><th>support</th><th>TP</th><th>FP</th><th>FN</th>"
+            "<th>TN</th><th>precision</th><th>recall</th><th>F1</th><th>AP</th><th>note</th></tr>"
+            f"{''.join(rows)}</table>")
+
+
+# ------------------------------------------------------------------------ precision-recall
+def pr_figure(d: ReportData) -> Any:
+    """Precision-recall small multiples: one panel per class (same axes everywhere), each with
+    the class's chance level and the model's own operating point; a class with no validation
+    example gets a grey panel saying so."""
+    from matplotlib.lines import Line2D
+
+    plt = _plt()
+    n = len(d.label_names)
+    cols = max(1, min(PR_COLUMNS, n))
+    rows = math.ceil(n / cols) if n else 1
+    # Constrained layout keeps the figure legend "outside", above every panel.
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.95 * rows + 0.5), sharex=True,
+                             sharey=True, squeeze=False, layout="constrained")
+    y, p = d.record.y_true.astype(bool), d.record.probs
+    for j, ax in enumerate(axes.flat):
+        if j >= n:
+            # An empty slot of the last row: the panel above it shows the recall ticks instead.
+            axes.flat[j - cols].xaxis.set_tick_params(labelbottom=True)
+            ax.remove()
+            continue
+        name, c = d.label_names[j], d.metrics.per_class[j]
+        ax.set(xlim=(0, 1.02), ylim=(0, 1.05))  # a perfect curve stays off the frame
+        ax.tick_params(labelsize=7)
+        if not y[:, j].any():
+            ax.set_facecolor("#eeeeee")
+            ax.text(0.5, 0.5, "no validation\nexample", ha="center", va="center", fontsize=8,
+                    color="#666", transform=ax.transAxes)
+            ax.set_title(name, fontsize=8, color="#888")
+            continue
+        precision, recall, ap = pr_curve(y[:, j], p[:, j])
+        ax.plot(recall, precision, color="tab:blue", lw=1.2)
+        ax.axhline(float(y[:, j].mean()), color="#999", ls=":", lw=1)
+        ax.plot([c.recall], [c.precision], "o", color="tab:red", ms=4)
+        ax.set_title(f"{name}\nAP {ap:.2f} · n={c.support}", fontsize=8)
+    fig.supxlabel("recall", fontsize=9)
+    fig.supylabel("precision", fontsize=9)
+    handles = [Line2D([], [], color="tab:blue", lw=1.2, label="precision-recall curve"),
+               Line2D([], [], color="#999", ls=":", label="chance (the class's share of rows)"),
+               Line2D([], [], color="tab:red", marker="o", ls="", ms=4,
+                      label="the model's decision (its threshold)")]
+    fig.legend(handles=handles, loc="outside upper center", ncol=3, fontsize=8, frameon=False)
+    return fig
 
 
 def _pr_curves(d: ReportData) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 6))
-    y, p = d.record.y_true, d.record.probs
-    for j, name in enumerate(d.label_names):
-        if y[:, j].any():
-            precision, recall, ap = pr_curve(y[:, j], p[:, j])
-            ax.plot(recall, precision, label=f"{name} (AP {ap:.2f})", lw=1)
-    ax.set(xlabel="recall", ylabel="precision", title="precision-recall per class", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
-    return _figure_html(fig, "precision-recall curves")
+    return _figure_html(pr_figure(d), "precision-recall curves, one panel per class")
 
 
 def _threshold_curve(d: ReportData) -> str:
@@ -138,11 +287,14 @@ def _label_frequency(d: ReportData) -> str:
     ax.bar(x - 0.2, d.record.y_true.sum(0), 0.4, label="true")
     ax.bar(x + 0.2, d.mask.sum(0), 0.4, label="predicted")
     ax.set_xticks(x, d.label_names, rotation=60, ha="right", fontsize=8)
-    ax.set(yscale="log", title="label frequency (items carrying the label, log scale)")
-    ax.legend()
+    ax.set_yscale("log")
+    ax.set_title("label frequency (items carrying the label, log scale)", loc="left")
+    ax.legend(ncol=2, loc="lower right", bbox_to_anchor=(1.0, 1.01), borderaxespad=0, fontsize=9,
+              frameon=False)  # above the axes, as on the per-class bars
     return _figure_html(fig, "label frequency")
 
 
+# ------------------------------------------------------------------------ examples
 def _thumbnail(path: str) -> str:
     if not path:
         return ""
@@ -155,6 +307,11 @@ def _thumbnail(path: str) -> str:
     return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def _chip(kind: str, name: str, prob: float) -> str:
+    return (f'<span class="chip {kind}">{html.escape(name)} '
+            f'<span class="p">{prob:.2f}</span></span>')
+
+
 def _examples(d: ReportData) -> str:
     r = d.record
     n = len(r.image_ids)
@@ -165,18 +322,48 @@ def _examples(d: ReportData) -> str:
     pick = wrong[:EXAMPLES // 2]
     pick += right[:EXAMPLES - len(pick)]
     pick += wrong[len(wrong[:EXAMPLES // 2]):][:EXAMPLES - len(pick)]
-    names = np.array(d.label_names)
     cards = []
     for i in pick:
-        true = set(names[r.y_true[i].astype(bool)])
-        pred = set(names[d.mask[i]])
-        chips = "".join(f'<span class="chip {"ok" if x in true else "fp"}">{html.escape(x)}</span>'
-                        for x in sorted(pred))
-        missed = "".join(f'<span class="chip fn">{html.escape(x)}</span>' for x in sorted(true - pred))
+        truth, pred = r.y_true[i].astype(bool), d.mask[i].astype(bool)
+        # Highest score first: the chip order says how sure the model was.
+        order = sorted(range(len(d.label_names)), key=lambda j: -float(r.probs[i, j]))
+        chips = "".join(_chip("ok" if truth[j] else "fp", d.label_names[j], float(r.probs[i, j]))
+                        for j in order if pred[j])
+        missed = "".join(_chip("fn", d.label_names[j], float(r.probs[i, j]))
+                         for j in order if truth[j] and not pred[j])
         cards.append(f'<div class="card">{_thumbnail(r.image_paths[i])}<div class="id">{html.escape(r.image_ids[i])}</div>'
                      f'<div class="cap">{html.escape(r.captions[i])}</div><div>{chips}{missed}</div></div>')
-    return ('<p>Green: predicted and true. Red: predicted, not true. Grey: true, missed.</p>'
+    return ('<p>Each label with the model\'s score for it. Green: predicted and true. Red: '
+            'predicted, not true. Grey: true, missed.</p>'
             f'<div class="grid">{"".join(cards)}</div>')
+
+
+# ------------------------------------------------------------------------ page
+def caveats(d: ReportData) -> list[str]:
+    """What makes this report's figures shaky, one sentence each (shown as a banner)."""
+    out = []
+    rows = len(d.record.y_true)
+    if rows < FEW_VALIDATION_ROWS:
+        out.append(f"Only {rows} validation row(s): below {FEW_VALIDATION_ROWS} the figures, the "
+                   "best epoch and the thresholds are noisy, and the figures optimistic.")
+    support = d.record.y_true.astype(bool).sum(0)
+    absent = [n for n, s in zip(d.label_names, support) if s == 0]
+    few = [f"{n} ({s})" for n, s in zip(d.label_names, support) if 0 < s < FEW_POSITIVES]
+    if absent:
+        out.append(f"{len(absent)} class(es) with no validation example (not scored): "
+                   f"{', '.join(absent)}.")
+    if few:
+        out.append(f"{len(few)} class(es) with fewer than {FEW_POSITIVES} validation examples "
+                   f"(their figures rest on a handful of rows): {', '.join(few)}.")
+    return out
+
+
+def _banner(d: ReportData) -> str:
+    items = caveats(d)
+    if not items:
+        return ""
+    return ('<div class="warn"><b>Read with care.</b><ul>'
+            + "".join(f"<li>{html.escape(w)}</li>" for w in items) + "</ul></div>")
 
 
 STYLE = """
@@ -184,10 +371,16 @@ body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1150
 h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #dde; }
 img { max-width: 100%; } table { border-collapse: collapse; font-size: 13px; }
 td, th { border: 1px solid #ccd; padding: 3px 8px; text-align: right; } td:nth-child(2) { text-align: left; }
-.headline { font-size: 17px; } .grid { display: grid; grid-template-columns: repeat(4, 1fr); gap: 12px; }
+td:last-child, th:last-child { text-align: left; } td:last-child { color: #667; }
+tr.absent td { color: #999; background: #f2f2f2; } tr.few td:last-child { color: #a66a00; }
+.headline { font-size: 17px; } .source { color: #445; margin-top: 0; }
+.warn { background: #fff4d6; border: 1px solid #e0b84a; border-radius: 6px; padding: 8px 14px; }
+.warn ul { margin: 4px 0; padding-left: 20px; }
+.grid { display: grid; grid-template-columns: repeat(4, 1fr); gap: 12px; }
 .card { border: 1px solid #dde; border-radius: 6px; padding: 8px; } .card img { display: block; margin: auto; }
 .id { color: #667; font-size: 12px; } .cap { margin: 4px 0; }
 .chip { display: inline-block; padding: 1px 8px; margin: 2px; border-radius: 10px; color: #fff; font-size: 12px; }
+.chip .p { font-weight: 600; font-variant-numeric: tabular-nums; opacity: .9; }
 .ok { background: #2e8b57; } .fp { background: #c0392b; } .fn { background: #999; }
 pre { background: #f4f5f8; padding: 12px; overflow: auto; }
 """
@@ -199,7 +392,7 @@ def render(d: ReportData) -> str:
     sections = [
         ("Training curves", _training_curves(d)),
         ("Per-class precision, recall, F1", _per_class_bars(d)),
-        ("Per-class confusion counts", _confusion_table(d)),
+        ("Per-class confusion counts", _per_class_table(d)),
         ("Precision-recall curves", _pr_curves(d)),
         ("Threshold vs F1", _threshold_curve(d)),
         ("Label frequency", _label_frequency(d)),
@@ -213,31 +406,39 @@ def render(d: ReportData) -> str:
             f"<h1>mmtag report</h1><p>{html.escape(d.title)}</p>"
             f'<p class="headline">sample-F1 <b>{m.samples_f1:.4f}</b> · micro-F1 {m.micro_f1:.4f} · '
             f"macro-F1 {m.macro_f1:.4f} · n = {m.n} · thresholds: {html.escape(d.thresholds.mode)}</p>"
-            f"{body}</body></html>\n")
+            f'<p class="source">Validation figures: {html.escape(d.source.describe())}.</p>'
+            f"{_banner(d)}{body}</body></html>\n")
 
 
 def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Path | None = None,
-           images: str | Path | None = None, progress: bool = True) -> Path:
+           images: str | Path | None = None, progress: bool = True, image_col: str | None = None,
+           caption_col: str | None = None, labels_col: str | None = None,
+           label_sep: str | None = None, image_ext: str | None = None) -> Path:
     """Write a self-contained HTML report of a run (default RUN/report.html): of its validation
-    split, or with `csv_path`, of that labelled CSV scored by the run."""
+    split, or with `csv_path`, of that labelled CSV scored by the run (read as the run's config
+    says, or as `image_col=`, ... say; see `DataConfig.csv_format`)."""
     tagger = Tagger.load(run)
     ls = tagger.label_space
     if csv_path is not None:
+        fmt = tagger.config.data.csv_format(image_col=image_col, caption_col=caption_col,
+                                            labels_col=labels_col, label_sep=label_sep,
+                                            image_ext=image_ext)
         dataset, _ = read_dataset(csv_path, images if "image" in tagger.modalities else None,
-                                  labelled=True)
+                                  labelled=True, csv_format=fmt, vocab=ls.vocab)
         fs = tagger.features(dataset, progress=progress)
         d = fs.dataset
         warn_unknown_labels(ls, d.label_rows(), dataset.path,
-                            "the report shows the model's own labels only (see mmtag evaluate)")
+                            "the report shows the model's own labels only (see mmtag evaluate)",
+                            vocab=d.vocab)
         scores = tagger.scores(fs.features)
         record = ValidationRecord.of(scores.probs, scores.branches, ls.encode(d.label_rows()), d,
                                      with_images="image" in tagger.modalities)
         title = f"{Path(run).name} on {Path(csv_path).name}"
+        source = ValidationSource("csv", len(record.y_true), path=str(csv_path))
     elif tagger.validation is not None:
-        folds = tagger.config.train.folds
-        what = (f"out of fold ({folds} folds, every training row)" if folds > 1 else
-                "your validation set" if tagger.config.data.val_csv else "validation split")
-        record, title = tagger.validation, f"{Path(run).name}: {what}"
+        record = tagger.validation
+        source = validation_source(tagger, len(record.y_true))
+        title = Path(run).name
     else:
         raise MmtagError(f"{run}: no validation record in this run (an export, or trained before "
                          "mmtag kept one); use --csv to report on a labelled CSV")
@@ -248,10 +449,21 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
         title=title, label_ids=list(ls.ids), label_names=list(ls.names), record=record, mask=mask,
         thresholds=tagger.thresholds, metrics=compute(record.y_true, mask, ls.ids, ls.names),
         history=tagger.history, finetune_history=tagger.finetune_history,
-        config_yaml=_yaml(tagger.config.to_dict()))
+        config_yaml=_yaml(tagger.config.to_dict()), source=source,
+        train_folds=int(tagger.config.train.folds))
     target = Path(out) if out is not None else Path(run) / "report.html"
     bundle_io.write_file(run, target, render(data))  # RUN/report.html: the manifest follows
     return target
+
+
+def validation_source(tagger: Tagger, rows: int) -> ValidationSource:
+    """Which rows a run's own validation record holds, from the config it was trained with."""
+    data, folds = tagger.config.data, int(tagger.config.train.folds)
+    if folds > 1:
+        return ValidationSource("out-of-fold", rows, folds=folds)
+    if data.val_csv:
+        return ValidationSource("val-csv", rows, path=data.val_csv)
+    return ValidationSource("split", rows)
 
 
 def _yaml(obj: dict[str, Any]) -> str:
