@@ -44,7 +44,7 @@ def test_train_evaluate_predict_info(tiny, tmp_path):
     assert all(row["Labels"].strip() for row in rows)
 
     r = mmtag("info", run)
-    assert r.returncode == 0 and "model_size_mb" in r.stdout and "mean" in r.stdout
+    assert r.returncode == 0 and "model size" in r.stdout and "mean" in r.stdout
     info = json.loads(mmtag("info", run, "--json").stdout)
     assert info["config"]["train"]["seed"] == 3 and info["config"]["data"]["val_frac"] == 0.2
 
@@ -57,7 +57,7 @@ def _write(path, text):
 @pytest.mark.parametrize("content, needle", [
     ('ImageID,Labels,Caption\r\n0.jpg,1,"unterminated\r\n1.jpg,1,ok\r\n', "row 1 (line 2): malformed CSV"),
     ("ImageID,Labels,Caption\r\n0.jpg,1,fine\r\n1.jpg,one,bad\r\n", "row 2 (line 3): label 'one'"),
-    ("ImageID,Caption\r\n0.jpg,no labels\r\n", "missing column(s) Labels"),
+    ("ImageID,Caption\r\n0.jpg,no labels\r\n", "no column 'Labels' (found: ImageID, Caption); pass --labels-col NAME"),
     ("ImageID,Labels,Caption\r\n0.jpg,1,\r\n", "row 1 (line 2): Caption is empty"),
     ("ImageID,Labels,Caption\r\n../0.jpg,1,x\r\n", "outside the images directory"),
 ])
@@ -127,7 +127,7 @@ def test_check_exit_codes(tiny, tmp_path):
 # ------------------------------------------ bad flags and degenerate data: one line, before work
 # These drive `mmtag.cli.main` in-process: exit code 2, exactly one stderr line, and no work done
 # (no run directory, nothing in the feature cache).
-from mmtag import cli  # noqa: E402
+from mmtag import api, cli  # noqa: E402
 from mmtag.data import train_val_split  # noqa: E402
 
 
@@ -346,3 +346,158 @@ def test_folds_and_stack_flags_take_auto_and_a_negation(capsys):
     assert args.folds is None and args.stack is None  # the config's auto decides
     code, err = _main(capsys, "train", "t.csv", "--folds", "many")
     assert code == 2 and "argument --folds: must be auto or an integer, got 'many'" in err[-1]
+
+
+# --------------------------------------------------- start-up, help, and one meaning per word
+def _python(code, **kwargs):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+def test_help_and_version_do_not_import_the_library():
+    # what makes `mmtag --help` fast: nothing heavy is imported to parse a command line or to
+    # print the top-level help, a command's help without registry names, or the version
+    code = """
+import contextlib, io, sys
+from mmtag import cli
+for argv in (["--help"], ["--version"], ["evaluate", "--help"], ["info", "--help"]):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            cli.main(argv)
+        except SystemExit as exc:
+            assert exc.code == 0, (argv, exc.code)
+    assert out.getvalue().strip(), argv
+cli.build_parser().parse_args(["train", "t.csv", "--fusion", "mean", "-q"])
+print(sorted(m for m in ("torch", "transformers", "sklearn", "mmtag.api") if m in sys.modules))
+"""
+    r = _python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_public_names_still_import_from_the_package():
+    r = _python("import sys, mmtag\nassert 'torch' not in sys.modules\n"
+                "from mmtag import Tagger, Config, MmtagError, DataError, Prediction, __version__\n"
+                "print(Tagger.__name__, Config.__name__, issubclass(DataError, MmtagError))")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["Tagger", "Config", "True"]
+
+
+def test_version():
+    import mmtag
+
+    r = _python("from mmtag import cli; cli.main(['--version'])")
+    assert r.returncode == 0 and r.stdout == f"mmtag {mmtag.__version__}\n"
+
+
+@pytest.mark.parametrize("argv, quiet, verbose", [
+    (["-q", "train", "t.csv"], True, False),
+    (["train", "-q", "t.csv"], True, False),
+    (["train", "t.csv", "--quiet"], True, False),
+    (["-v", "demo"], False, True),
+    (["demo", "-v"], False, True),
+    (["-q", "demo", "-v"], True, True),  # given before the command, not reset after it
+    (["demo"], False, False),
+])
+def test_quiet_and_verbose_before_or_after_the_command(argv, quiet, verbose):
+    args = cli.build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def test_out_defaults():
+    import re
+    from pathlib import Path
+
+    parse = cli.build_parser().parse_args
+    assert parse(["predict", "run", "t.csv"]).out == Path("submission.csv")
+    # ablate and sweep, like train, write to a new dated directory under runs/
+    assert parse(["ablate", "t.csv", "--images", "i"]).out is None
+    assert parse(["sweep", "t.csv", "--grid", "lr=1e-3"]).out is None
+    assert re.fullmatch(r"runs/sweep-\d{8}-\d{6}", cli._dated_dir("sweep").as_posix())
+
+
+def _subcommands():
+    import argparse
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_says_what_it_does_and_commands_show_examples():
+    for name, p in _subcommands().items():
+        assert p.epilog and "examples:" in p.epilog and f"mmtag {name}" in p.epilog, name
+        for action in p._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+
+
+def test_help_lists_the_registered_names(capsys):
+    from mmtag import registries
+    from mmtag.encoders import registry as encoders
+
+    for argv, names in ((["ablate", "--help"], registries.names("fusion head")),
+                        (["train", "--help"], registries.names("loss") + registries.names("optimizer")
+                         + registries.names("threshold mode") + list(encoders.ENCODERS))):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())  # unwrapped
+        for n in names:
+            assert n in out, (argv, n)
+
+
+def test_unknown_modality_is_named_not_asked_for_images(capsys, tmp_path):
+    csv_path = _write(tmp_path / "t.csv", _rows("1", "2", "1 2"))
+    code, err = _main(capsys, "train", csv_path, "--modalities", "txt", "--out", tmp_path / "run")
+    assert code == 2 and err == ["mmtag: error: --modalities (model.modalities): unknown modality "
+                                 "'txt'; available: image, text"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_is_a_readable_table(capsys, fused_run):
+    assert cli.main(["info", str(fused_run)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if not line.startswith(" ")]  # wrapped lines aside
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "run", "head", "image encoder", "text encoder", f"labels ({len(api.info(fused_run)['labels']['ids'])})",
+        "thresholds", "validation", "settings", "model size"]
+    # plain words and numbers: no Python dict or list printed as it is
+    assert not any(c in out for c in "{}[]'"), out
+    assert "concat (hidden 128; inputs: image 1280, text 384)" in out
+    assert "model.fusion=concat" in out and "train.epochs=40" in out
+
+
+def test_info_json_to_a_closed_pipe_exits_quietly(fused_run):
+    # `mmtag info RUN --json | head -1`: the reader is gone before mmtag writes. The pipe's read
+    # end is closed here first, so the write fails every time, not only when the reader is quick.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "mmtag", "info", str(fused_run), "--json"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write)
+    assert r.returncode == 141 and r.stderr == ""
+
+
+def test_info_json_to_stdout_or_to_a_file(capsys, fused_run, tmp_path):
+    expected = json.loads(json.dumps(api.info(fused_run)))
+    assert cli.main(["info", str(fused_run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected  # stdout is the JSON alone
+    assert cli.main(["info", "--json", str(fused_run)]) == 0  # the older order
+    assert json.loads(capsys.readouterr().out) == expected
+    assert cli.main(["info", str(fused_run), "--json", str(tmp_path / "i.json")]) == 0
+    assert capsys.readouterr().out == f"run information written to {tmp_path / 'i.json'}\n"
+    assert json.loads((tmp_path / "i.json").read_text()) == expected
+
+
+def test_evaluate_json_to_a_file_or_to_stdout(capsys, fused_run, tiny, cache_dir, tmp_path):
+    common = ["evaluate", str(fused_run), str(tiny.holdout_csv), "--images", str(tiny.images),
+              "--cache-dir", cache_dir]
+    assert cli.main([*common, "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "samples F1 (Mean F1)" in out and f"metrics written to {tmp_path / 'm.json'}" in out
+    written = json.loads((tmp_path / "m.json").read_text())
+    for tail in (["--json"], ["--json", "-"]):
+        assert cli.main([*common, *tail]) == 0
+        assert json.loads(capsys.readouterr().out) == written  # the JSON alone, no table

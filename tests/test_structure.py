@@ -175,7 +175,7 @@ def test_no_module_uses_a_private_name_of_another() -> None:
 # never one after it: the library never reaches up into the jobs or the faces. (`config` sits
 # after `data` and `encoders` because validating a config names their augmentations and
 # encoders; `decision` before `training` because training validates with tuned thresholds.)
-LAYERS = ["errors", "io", "registries", "dist", "data", "encoders", "config", "features", "heads",
+LAYERS = ["version", "errors", "io", "registries", "dist", "progress", "data", "encoders", "config", "features", "heads",
           "decision", "training", "model", "presets", "jobs", "api", "serve", "cli", "__main__"]
 FACES = {"cli", "serve", "__main__"}
 
@@ -206,3 +206,10 @@ def test_nothing_but_a_face_imports_a_face() -> None:
     found = [f"{a} -> {b}" for a, bs in import_graph().items() for b in bs
              if _face(b) and not _face(a)]
     assert not found, "modules importing the cli or the server:\n" + "\n".join(found)
+
+
+def test_version_matches_pyproject() -> None:
+    from mmtag.version import __version__
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    assert f'\nversion = "{__version__}"\n' in pyproject

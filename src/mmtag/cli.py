@@ -1,7 +1,9 @@
 """Command line: parses options, calls `mmtag.api`, prints results. No logic of its own.
 
 argparse (stdlib) rather than typer/click: no extra dependency, fast start-up, and `torchrun -m
-mmtag` works unchanged.
+mmtag` works unchanged. Start-up stays fast because nothing here imports torch until a command
+runs: the library is imported inside the cmd_* functions, and the registry names that help texts
+list are read only when that help is printed (`_Parser.format_help`).
 """
 from __future__ import annotations
 
@@ -11,23 +13,27 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
+import textwrap
 import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import AT_LEAST_1, FUSION_HEAD, POSITIVE, Constraint, Interval
+from . import registries
+from .version import __version__
+from .config import AT_LEAST_1, FUSION_HEAD, MODALITIES, POSITIVE, Config, Constraint, Interval
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    from . import dist
-
-    return not args.quiet and sys.stderr.isatty() and dist.context().is_main
+    # Whether to report progress at all; how (bars in a terminal, log lines elsewhere, rank 0
+    # only) is `mmtag.progress`'s one policy, the Python API's too.
+    return not args.quiet
 
 
 def _report_skipped(skipped: list[DataError]) -> None:
@@ -42,7 +48,6 @@ def _report_skipped(skipped: list[DataError]) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import api, dist
-    from .config import Config
     from .presets import load_preset
 
     if args.resume:
@@ -84,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "cache_dir": args.cache_dir, "device": args.device, "amp": args.amp,
         "data.train_csv": str(args.train_csv) if args.train_csv else None,
         "data.images": str(args.images) if args.images else None,
+        **{f"data.{name}": value for name, value in _layout(args).items()},
     })
     ctx = dist.setup(config.device, config.amp)
     # One directory for all ranks: rank 0's clock names it.
@@ -147,60 +153,84 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from .jobs.ablate import run_ablation
-    from .config import Config
 
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
                               "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
-    run_ablation(args.train_csv, args.images, args.out, config, variants,
+    out = args.out or _dated_dir("ablate")
+    print(f"ablation directory: {out}")
+    run_ablation(args.train_csv, args.images, out, config, variants,
                  extra_text=args.extra_text, progress=_progress(args))
-    print((args.out / "ablation.md").read_text(encoding="utf-8"), end="")
-    print(f"tables written to {args.out / 'ablation.csv'} and {args.out / 'ablation.md'}")
+    print((out / "ablation.md").read_text(encoding="utf-8"), end="")
+    print(f"tables written to {out / 'ablation.csv'} and {out / 'ablation.md'}")
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .config import Config
     from .jobs.sweep import best_row, load_grid_file, parse_grid, run_sweep
 
     if bool(args.grid) == bool(args.grid_file):
-        raise MmtagError("give exactly one of --grid \"lr=1e-4,5e-4 batch=32,64\" or --grid-file FILE")
+        raise MmtagError("give exactly one of --grid \"lr=1e-4,5e-4 batch-size=32,64\" or --grid-file FILE")
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
     config = Config.from_yaml(args.config) if args.config else Config()
     config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
                               "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
-    rows = run_sweep(args.train_csv, args.images, args.out, config, grid, progress=_progress(args))
-    print((args.out / "sweep.md").read_text(encoding="utf-8"), end="")
-    print(f"tables: {args.out / 'sweep.csv'}, {args.out / 'sweep.md'}; plot: {args.out / 'sweep.png'}")
+    out = args.out or _dated_dir("sweep")
+    print(f"sweep directory: {out} (give it as --out to resume the sweep if it stops)")
+    rows = run_sweep(args.train_csv, args.images, out, config, grid, progress=_progress(args))
+    print((out / "sweep.md").read_text(encoding="utf-8"), end="")
+    print(f"tables: {out / 'sweep.csv'}, {out / 'sweep.md'}; plot: {out / 'sweep.png'}")
     print(f"best run (a bundle for mmtag predict): {best_row(rows).run}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import api, dist
-    from .io import atomic_write_text
 
+    layout = _layout(args)
     metrics = api.evaluate(args.run, args.csv, args.images, progress=_progress(args),
-                           cache_dir=args.cache_dir)
-    print(metrics.table())
+                           cache_dir=args.cache_dir, **layout)
+    # `--json` alone (or `--json -`): stdout carries the JSON only, so it can be piped
+    if args.json != STDOUT:
+        print(metrics.table())
     if not dist.context().is_main:
         return 0  # under torchrun, rank 0 writes the files
     if args.json:
-        atomic_write_text(args.json, json.dumps(metrics.to_dict(), indent=2) + "\n")
-        print(f"metrics written to {args.json}")
+        _write_json(metrics.to_dict(), args.json, "metrics")
     if args.report:
-        api.report(args.run, args.report, csv_path=args.csv, images=args.images, progress=False)
-        print(f"report written to {args.report}")
+        api.report(args.run, args.report, csv_path=args.csv, images=args.images, progress=False,
+                   **layout)
+        print(f"report written to {args.report}", file=sys.stderr if args.json == STDOUT else sys.stdout)
     return 0
+
+
+# `--json` without a FILE (or with `-`): the JSON goes to stdout
+STDOUT = "-"
+
+
+def _write_json(data: Any, dest: str, what: str) -> None:
+    """`--json [FILE]`: `data` as indented JSON to stdout, or written atomically to FILE."""
+    from .io import atomic_write_text
+
+    text = json.dumps(data, indent=2) + "\n"
+    if dest == STDOUT:
+        sys.stdout.write(text)
+    else:
+        atomic_write_text(dest, text)
+        print(f"{what} written to {dest}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
 
+    # the new output options reach the API only when given, so the call is today's otherwise
+    extra = {k: v for k, v in (("proba", args.proba), ("top_k", args.top_k)) if v is not None}
     preds = api.predict(args.run, args.csv, args.images, args.out, progress=_progress(args),
-                        cache_dir=args.cache_dir)
+                        cache_dir=args.cache_dir, **_layout(args), **extra)
     print(f"wrote {len(preds.labels)} predictions to {args.out}")
+    if args.proba is not None:
+        print(f"label probabilities written to {args.proba}")
     return 0
 
 
@@ -243,7 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from . import api
 
     path = api.report(args.run, args.out, csv_path=args.csv, images=args.images,
-                      progress=_progress(args))
+                      progress=_progress(args), **_layout(args))
     print(f"report written to {path}")
     return 0
 
@@ -252,7 +282,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from . import api
     from .data.coco import COCO_NAMES
 
-    r = api.check(args.csv, args.images, progress=_progress(args))
+    r = api.check(args.csv, args.images, progress=_progress(args), **_layout(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
     if r.label_counts:
         print("rows per label: " + ", ".join(f"{i} {COCO_NAMES.get(i, '')}".rstrip() + f" {n}"
@@ -274,31 +304,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from . import api
+    from .jobs.info import info_rows
 
+    if args.run is None:
+        # `mmtag info --json RUN`, the older order: --json took RUN as its FILE
+        if args.json in (None, STDOUT):
+            raise MmtagError("give the run directory: mmtag info RUN [--json [FILE]]")
+        args.run, args.json = Path(args.json), STDOUT
     data: dict[str, Any] = api.info(args.run)
     if args.json:
-        print(json.dumps(data, indent=2))
+        _write_json(data, args.json, "run information")
         return 0
-    head = data["head"]
-    print(f"run:            {data['run']}")
-    print(f"head:           {head['name']} (hidden {head['hidden']}, inputs {head['dims']})")
-    for modality, enc in data["encoders"].items():
-        src = enc.get("source", {})
-        print(f"{modality + ' encoder:':<16}{enc['name']}  weights sha256 {enc['weights_sha256'][:16]}…"
-              + (f"  from {src.get('package')}/{src.get('file')} (sha256 {src.get('file_sha256', '')[:16]}…)"
-                 if src else ""))
-    labels = data["labels"]
-    print(f"labels ({len(labels['ids'])}):    " +
-          ", ".join(f"{i} {n}" for i, n in zip(labels["ids"], labels["names"])))
-    thr = data["thresholds"]
-    for name, values in (thr.get("branches") or {"": thr["values"]}).items():
-        shown = f"{values[0]:.2f}" if len(set(values)) == 1 else str([round(v, 2) for v in values])
-        print(f"thresholds:     {thr['mode']}{' ' + name if name else ''} {shown}")
-    val = data.get("validation")
-    if val:
-        print(f"validation:     samples_f1={val['samples_f1']:.4f} micro_f1={val['micro_f1']:.4f} "
-              f"macro_f1={val['macro_f1']:.4f} (n={val['n']})")
-    print(f"model_size_mb:  {data['model_size_mb']}")
+    rows = info_rows(data)
+    width = max(len(name) for name, _ in rows) + 2
+    columns = max(60, shutil.get_terminal_size().columns - 1)
+    for name, text in rows:
+        # Long values (80 labels, many settings) wrap under their own column, after a comma
+        # only, so that "19 horse" or "micro F1 0.63" stay on one line.
+        glued = text.replace(" ", "\xa0").replace(",\xa0", ", ") if ", " in text else text
+        print(textwrap.fill(glued, width=columns, initial_indent=f"{name:<{width}}",
+                            subsequent_indent=" " * width, break_on_hyphens=False,
+                            break_long_words=False).replace("\xa0", " "))
     return 0
 
 
@@ -328,42 +354,96 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"runs:       {', '.join(str(p) for p in result.runs.values())}")
     print(f"submission: {result.submission}")
     print(f"data:       {result.out / 'data'}")
+    print("next, try:")
+    for step in result.next_steps():
+        print(f"  {step}")
     return 0
 
 
-def _add_split_options(p: argparse.ArgumentParser) -> None:
-    """Options of the many-runs commands: the base config and the one split they all share."""
-    p.add_argument("--config", type=Path, help="YAML config every run starts from")
-    p.add_argument("--seed", type=int, help="random seed of the shared split (default 0)")
-    p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
-    p.add_argument("--folds", type=_folds, help="cross-fit every run with K folds and rank by "
-                                                "out-of-fold figures; 1: the shared split "
-                                                "(default auto: 5 folds, 1 with --finetune)")
-    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+# ------------------------------------------------------------------------------------ parser
+# Every option's help says its default, read from the config's own defaults (config.py is
+# torch-free). An option that takes a registered name lists the names, read from the registry
+# itself (the single source) through `names=`: the registries import torch, so they are read
+# only when that help is printed (`_Parser.format_help`), never to parse a command line.
+_DEFAULTS = Config()
 
 
-def _folds_of(args: argparse.Namespace) -> int | str | None:
-    """--folds as given; asking for a --val-frac split without --folds means that split."""
-    if args.folds is None and getattr(args, "val_frac", None) is not None:
-        return 1
-    return args.folds
+def _default(dotted: str) -> str:
+    """The config's default of option `dotted` (`train.lr`) as help text shows it."""
+    value: Any = _DEFAULTS
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value) if value != "" else "none"
 
 
-def _folds(text: str) -> int | str:
-    """--folds: `auto` or a whole number (its range is the config's to check and to say)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer, got {text!r}") from None
+def _registered(what: str) -> Callable[[], list[str]]:
+    """The names in a registry of mmtag.registries (`fusion head`, `loss`, ...)."""
+    return lambda: registries.names(what)
+
+
+def _encoder_names(modality: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        from .jobs.info import encoder_names
+
+        return encoder_names(modality)
+    return names
+
+
+def _preset_names() -> list[str]:
+    from .presets import list_presets
+
+    return [p.name for p in list_presets()]
+
+
+def _augment_ops(kind: str) -> Callable[[], list[str]]:
+    def names() -> list[str]:
+        from .data import augment
+
+        return list(augment.IMAGE_OPS) if kind == "image" else [f"{op}:N" for op in augment.TEXT_OPS]
+    return names
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (like every other mmtag error), not usage + error."""
+    """argparse, with a usage error as one line (like every other mmtag error), not usage +
+    error; help texts laid out as written (epilog examples); and `names=` on `add_argument`: a
+    function whose names replace `{names}` in the help text when the help is printed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        self._named: list[tuple[argparse.Action, Callable[[], list[str]]]] = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, names: Callable[[], list[str]] | None = None,
+                     **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if names is not None:
+            self._named.append((action, names))
+        return action
+
+    def format_help(self) -> str:
+        for action, names in self._named:
+            action.help = (action.help or "").replace("{names}", ", ".join(names()))
+        self._named = []
+        return super().format_help()
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _verbosity(default: Any) -> argparse.ArgumentParser:
+    """-q/-v, given to `mmtag` and to every subcommand, so they may come before or after the
+    command's name. The subcommands' defaults are SUPPRESS: not giving the flag there must not
+    reset what was given before the command's name."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--quiet", "-q", action="store_true", default=default,
+                   help="no progress output")
+    p.add_argument("--verbose", "-v", action="store_true", default=default,
+                   help="log more (what each step does, on stderr)")
+    return p
 
 
 def _checked(convert: Callable[[str], Any], constraint: Constraint) -> Callable[[str], Any]:
@@ -390,11 +470,85 @@ def _variants(text: str) -> str:
     return text
 
 
+def _folds_of(args: argparse.Namespace) -> int | str | None:
+    """--folds as given; asking for a --val-frac split without --folds means that split."""
+    if args.folds is None and getattr(args, "val_frac", None) is not None:
+        return 1
+    return args.folds
+
+
+def _folds(text: str) -> int | str:
+    """--folds: `auto` or a whole number (its range is the config's to check and to say)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer, got {text!r}") from None
+
+
+def _dated_dir(kind: str) -> Path:
+    """The default output directory of ablate and sweep, like train's: runs/KIND-DATE-TIME."""
+    return Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
+
+
+# The CSV layout flags (train, evaluate, predict, check, report): each is the keyword of the
+# API call and the option of the config's `data` section of the same name.
+LAYOUT = ("image_col", "caption_col", "labels_col", "label_sep", "image_ext")
+
+
+def _layout(args: argparse.Namespace) -> dict[str, str]:
+    """The CSV layout flags given (only those: a call without them is the same as before)."""
+    return {name: getattr(args, name) for name in LAYOUT if getattr(args, name) is not None}
+
+
+def _add_layout_options(p: argparse.ArgumentParser) -> None:
+    """For CSVs not written as ImageID,Labels,Caption with space-separated labels."""
+    p.add_argument("--image-col", metavar="NAME", help="column of the image ids (default: ImageID)")
+    p.add_argument("--caption-col", metavar="NAME", help="column of the captions (default: Caption)")
+    p.add_argument("--labels-col", metavar="NAME", help="column of the labels (default: Labels)")
+    p.add_argument("--label-sep", metavar="SEP",
+                   help="what separates the labels in that column (default: a space)")
+    p.add_argument("--image-ext", metavar="EXT",
+                   help="file extension of the images when the ids carry none, e.g. .jpg "
+                        "(default: none, the ids are file names)")
+
+
+def _add_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="feature cache (default: $MMTAG_CACHE or ~/.cache/mmtag)")
+
+
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    """Options of the many-runs commands: the base config and the one split they all share."""
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="config every run starts from (default: the built-in defaults)")
+    p.add_argument("--seed", type=int, metavar="N",
+                   help=f"random seed of the shared split (default: {_default('train.seed')})")
+    p.add_argument("--val-frac", type=float, metavar="F",
+                   help=f"validation fraction of the shared split (default: {_default('data.val_frac')}; "
+                        "implies --folds 1)")
+    p.add_argument("--folds", type=_folds, metavar="K",
+                   help="cross-fit every run with K folds and rank by out-of-fold figures; 1: the "
+                        "shared split (default: auto, 5 folds, 1 with --finetune)")
+    _add_cache_option(p)
+
+
 def _add_device_options(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--device", default=default,
-                   help="auto (default: CUDA if available), cpu, cuda or cuda:N")
+                   help=f"auto, cpu, cuda or cuda:N (default: {_default('device')}, CUDA if available)")
     p.add_argument("--amp", action="store_true", default=None,
-                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPU")
+                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPU (default: off)")
+
+
+def _json_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", nargs="?", const=STDOUT, metavar="FILE",
+                   help=f"{what} as JSON: to FILE, or to stdout (alone, without the table) when "
+                        "no FILE or - is given")
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 # Commands that run as ranks under torchrun; the others refuse a process group.
@@ -403,171 +557,270 @@ DISTRIBUTED = ("train", "evaluate", "predict")
 
 def build_parser() -> argparse.ArgumentParser:
     # Subcommand parsers are made by the same class, so their errors are one line too.
-    parser = _Parser(prog="mmtag", description="Multi-label tagging of image+caption pairs.")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    parser.add_argument("--verbose", "-v", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mmtag", description="Multi-label tagging of image+caption pairs.",
+                     parents=[_verbosity(False)],
+                     epilog=_examples("mmtag demo",
+                                      "mmtag train train.csv --images images/ --out runs/first",
+                                      "mmtag predict runs/first test.csv --images images/",
+                                      "mmtag COMMAND --help    (every option of COMMAND)"))
+    parser.add_argument("--version", action="version", version=f"mmtag {__version__}",
+                        help="print mmtag's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = [_verbosity(argparse.SUPPRESS)]
 
-    p = sub.add_parser("train", help="train a tagger on a labelled CSV")
-    p.add_argument("train_csv", type=Path, nargs="?", help="labelled CSV (default: data.train_csv of --config)")
-    p.add_argument("--images", type=Path, help="images folder (not needed for --modalities text)")
-    p.add_argument("--out", type=Path, help="run directory to write (default runs/mmtag-DATE-TIME)")
+    def command(name: str, help: str, *examples: str) -> _Parser:
+        return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                              parents=common, epilog=_examples(*examples) if examples else None)
+
+    p = command("train", "train a tagger on a labelled CSV",
+                "mmtag train train.csv --images images/ --out runs/fused",
+                "mmtag train train.csv --modalities text --epochs 30 --out runs/text",
+                "mmtag train --preset fast train.csv --images images/",
+                "mmtag train --resume runs/fused    (after an interruption)")
+    p.add_argument("train_csv", type=Path, nargs="?",
+                   help="labelled CSV (default: data.train_csv of --config)")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="images folder (not needed for --modalities text)")
+    p.add_argument("--out", type=Path, metavar="RUN",
+                   help="run directory to write (default: runs/mmtag-DATE-TIME)")
     p.add_argument("--resume", type=Path, metavar="RUN", help="continue an interrupted run from its checkpoints")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (it stays intact until the new one is complete)")
     p.add_argument("--tensorboard", action="store_true", help="also log epochs to RUN/tensorboard")
-    p.add_argument("--config", type=Path, help="YAML config (e.g. RUN/config.yaml); flags override it")
-    p.add_argument("--preset", help="start from a named preset: accurate, effnet-albert-union, "
-                                    "effnet-berttiny-fm3")
-    p.add_argument("--modalities", help="image, text or image,text (default)")
-    p.add_argument("--fusion", help="fusion head when both modalities are used (default concat)")
-    p.add_argument("--val-frac", type=float, help="validation fraction (default 0.1)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--config", type=Path, metavar="YAML",
+                   help="YAML config (e.g. RUN/config.yaml); flags override it")
+    p.add_argument("--preset", names=_preset_names, metavar="NAME",
+                   help="start from a named preset: {names} (default: none)")
+    p.add_argument("--modalities", metavar="LIST",
+                   help=f"comma-separated, from {', '.join(MODALITIES)} "
+                        f"(default: {_default('model.modalities')})")
+    p.add_argument("--fusion", metavar="HEAD", names=_registered("fusion head"),
+                   help="fusion head when both modalities are used: {names} "
+                        f"(default: {_default('model.fusion')})")
+    p.add_argument("--val-frac", type=float, metavar="F",
+                   help=f"validation fraction (default: {_default('data.val_frac')}; implies --folds 1)")
+    p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default: {_default('train.seed')})")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing")
-    p.add_argument("--image-encoder", help="image encoder (default efficientnet-lite0; timm:NAME with "
-                                           "mmtag[timm])")
-    p.add_argument("--text-encoder", help="text encoder (default minilm-l6; hf:PATH_OR_NAME for any "
-                                          "local Hugging Face model)")
+    p.add_argument("--image-encoder", metavar="NAME", names=_encoder_names("image"),
+                   help="image encoder: {names} "
+                        f"(default: {_default('model.image_encoder')}; timm: needs mmtag[timm])")
+    p.add_argument("--text-encoder", metavar="NAME", names=_encoder_names("text"),
+                   help="text encoder: {names}, hf: being any local Hugging Face model "
+                        f"(default: {_default('model.text_encoder')})")
     p.add_argument("--random-init", action="store_true",
                    help="allow encoders without pretrained weights (random initialisation)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--patience", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--workers", type=int, help="image decoding workers (default 2)")
-    p.add_argument("--optimizer", help="adam or adamw (default)")
-    p.add_argument("--loss", help="bce (default), weighted-bce, asl or focal")
-    p.add_argument("--decision", help="how scores become labels: global (one tuned threshold, the "
-                                      "default), per-class, balanced, or gfm (each item's "
-                                      "expected-F1-maximising label set; nothing tuned)")
-    p.add_argument("--thresholds", help="the older spelling of --decision")
+    p.add_argument("--epochs", type=int, metavar="N", help=f"most epochs of head training (default: {_default('train.epochs')})")
+    p.add_argument("--patience", type=int, metavar="N",
+                   help="epochs without a better validation samples F1 before stopping "
+                        f"(default: {_default('train.patience')})")
+    p.add_argument("--lr", type=float, metavar="F", help=f"learning rate (default: {_default('train.lr')})")
+    p.add_argument("--batch-size", type=int, metavar="N", help=f"batch size (default: {_default('train.batch_size')})")
+    p.add_argument("--hidden", type=int, metavar="N",
+                   help=f"hidden width of the head's classifier (default: {_default('model.hidden')})")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help=f"image decoding workers (default: {_default('data.workers')})")
+    p.add_argument("--optimizer", metavar="NAME", names=_registered("optimizer"),
+                   help=f"{{names}} (default: {_default('train.optimizer')})")
+    p.add_argument("--loss", metavar="NAME", names=_registered("loss"),
+                   help=f"{{names}} (default: {_default('train.loss')})")
+    p.add_argument("--decision", metavar="RULE", names=_registered("threshold mode"),
+                   help="how scores become labels: {names} "
+                        f"(default: {_default('train.thresholds')}). global: one tuned threshold; "
+                        "per-class: one per label; balanced: per label, where false positives and "
+                        "false negatives balance; gfm: each item's expected-F1-maximising label set, nothing tuned")
+    p.add_argument("--thresholds", metavar="RULE", help="the older spelling of --decision")
     p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
-    p.add_argument("--image-aug", help="image augmentation, e.g. crop,flip (default: on when the image "
-                                       "encoder is fine-tuned or --aug-views is set); none to disable")
-    p.add_argument("--text-aug", help="caption augmentation, e.g. synonyms:2 (WordNet synonyms)")
-    p.add_argument("--aug-views", type=int, help="frozen encoders: cache K augmented views per "
-                                                 "training item, draw one per epoch (default 0)")
-    p.add_argument("--unlabeled", help="unlabelled CSV for pseudo-label self-training")
-    p.add_argument("--extra-text", help="labelled captions without images (ImageID,Labels,Caption); "
-                                        "the text branch learns from them too")
-    p.add_argument("--folds", type=_folds,
+    p.add_argument("--image-aug", metavar="OPS", names=_augment_ops("image"),
+                   help="image augmentation, comma-separated from {names}, or none "
+                        f"(default: {_default('augment.image')}: crop,flip when the image encoder "
+                        "is fine-tuned or --aug-views is set)")
+    p.add_argument("--text-aug", metavar="OP", names=_augment_ops("text"),
+                   help="caption augmentation: {names} (WordNet synonyms of N words; "
+                        f"default: {_default('augment.text')})")
+    p.add_argument("--aug-views", type=int, metavar="K",
+                   help="frozen encoders: cache K augmented views per training item, draw one "
+                        f"per epoch (default: {_default('augment.views')})")
+    p.add_argument("--unlabeled", metavar="CSV", help="unlabelled CSV for pseudo-label self-training")
+    p.add_argument("--extra-text", metavar="CSV",
+                   help="labelled captions without images (ImageID,Labels,Caption); "
+                        "the text branch learns from them too")
+    p.add_argument("--folds", type=_folds, metavar="K",
                    help="cross-fitting: K > 1 trains a head per fold, chooses the epoch and the "
                         "decision on out-of-fold scores of every row, and averages the K heads; "
-                        "1: a --val-frac split (default auto: 5, or 1 with --val, --val-frac, "
-                        "--finetune or under 100 rows)")
+                        f"1: a --val-frac split (default: {_default('train.folds')}: 5, or 1 with "
+                        "--val, --val-frac, --finetune or under 100 rows)")
     p.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
                    help="late fusion (mean, gated) with --folds: per-label weights of the image and "
-                        "text branches, fitted on their out-of-fold scores (default: on whenever "
-                        "it can be)")
-    p.add_argument("--val", type=Path, help="your own labelled validation CSV (images in --images): "
-                                            "the epoch and thresholds are chosen on it, not on a "
-                                            "--val-frac split of TRAIN_CSV")
-    p.add_argument("--pseudo-rounds", type=int, help="pseudo-label rounds (default 0)")
-    p.add_argument("--pseudo-confidence", type=float, help="score needed to trust a pseudo-label (0.9)")
+                        "text branches, fitted on their out-of-fold scores (default: "
+                        f"{_default('train.stack')}, on whenever it can be)")
+    p.add_argument("--val", type=Path, metavar="CSV",
+                   help="your own labelled validation CSV (images in --images): the epoch and "
+                        "thresholds are chosen on it, not on a --val-frac split of TRAIN_CSV")
+    p.add_argument("--pseudo-rounds", type=int, metavar="N",
+                   help=f"pseudo-label rounds (default: {_default('pseudo.rounds')})")
+    p.add_argument("--pseudo-confidence", type=float, metavar="F",
+                   help=f"score needed to trust a pseudo-label (default: {_default('pseudo.confidence')})")
     p.add_argument("--finetune", choices=["text", "image", "both"],
-                   help="two-stage: fine-tune these encoders on the task first")
-    p.add_argument("--unfreeze-blocks", type=int, help="image fine-tuning: last K blocks trained (2)")
-    p.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (4)")
-    p.add_argument("--ft-lr", type=float, help="fine-tuning encoder learning rate (5e-5)")
-    p.add_argument("--ft-head-lr", type=float, help="fine-tuning task-head learning rate (1e-3)")
-    p.add_argument("--ft-batch-size", type=int, help="fine-tuning batch size (32)")
-    p.add_argument("--ft-optimizer", help="fine-tuning optimizer: adam or adamw (default)")
-    p.add_argument("--ft-top-layers", type=int,
+                   help="two-stage: fine-tune these encoders on the task first (default: none)")
+    p.add_argument("--unfreeze-blocks", type=int, metavar="K",
+                   help="image fine-tuning: last K blocks trained "
+                        f"(default: {_default('finetune.unfreeze_blocks')})")
+    p.add_argument("--ft-epochs", type=int, metavar="N",
+                   help=f"fine-tuning epochs (default: {_default('finetune.epochs')})")
+    p.add_argument("--ft-lr", type=float, metavar="F",
+                   help=f"fine-tuning encoder learning rate (default: {_default('finetune.lr')})")
+    p.add_argument("--ft-head-lr", type=float, metavar="F",
+                   help=f"fine-tuning task-head learning rate (default: {_default('finetune.head_lr')})")
+    p.add_argument("--ft-batch-size", type=int, metavar="N",
+                   help=f"fine-tuning batch size (default: {_default('finetune.batch_size')})")
+    p.add_argument("--ft-optimizer", metavar="NAME", names=_registered("optimizer"),
+                   help=f"fine-tuning optimizer: {{names}} (default: {_default('finetune.optimizer')})")
+    p.add_argument("--ft-top-layers", type=int, metavar="N",
                    help="text fine-tuning: train only the top N transformer layers, the lower "
-                        "ones computed once per caption (default 0: the whole encoder)")
-    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+                        "ones computed once per caption "
+                        f"(default: {_default('finetune.top_layers')}, the whole encoder)")
+    _add_layout_options(p)
+    _add_cache_option(p)
     _add_device_options(p, default=None)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("ablate", help="train every fusion variant on one split and tabulate")
-    p.add_argument("train_csv", type=Path)
-    p.add_argument("--images", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", type=_variants, help="comma-separated (default: all)")
-    p.add_argument("--extra-text", help="labelled captions without images, for text and late fusion")
+    p = command("ablate", "train every fusion variant on one split and tabulate",
+                "mmtag ablate train.csv --images images/",
+                "mmtag ablate train.csv --images images/ --variants text,concat,mean --out runs/ab")
+    p.add_argument("train_csv", type=Path, help="labelled CSV (ImageID,Labels,Caption)")
+    p.add_argument("--images", type=Path, metavar="DIR", required=True, help="images folder")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="directory of the runs and tables (default: runs/ablate-DATE-TIME)")
+    p.add_argument("--variants", type=_variants, metavar="HEADS", names=_registered("fusion head"),
+                   help="comma-separated, from {names} (default: all)")
+    p.add_argument("--extra-text", metavar="CSV",
+                   help="labelled captions without images, for text and late fusion")
     _add_split_options(p)
     p.set_defaults(func=cmd_ablate)
 
-    p = sub.add_parser("sweep", help="train every combination of a hyper-parameter grid")
-    p.add_argument("train_csv", type=Path)
-    p.add_argument("--images", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--grid", help='e.g. "lr=1e-4,5e-4 batch=32,64 optimizer=adam,adamw"')
-    p.add_argument("--grid-file", type=Path, help="YAML mapping axis -> list of values")
+    p = command("sweep", "train every combination of a hyper-parameter grid",
+                'mmtag sweep train.csv --images images/ --grid "lr=1e-4,5e-4 batch-size=32,64"',
+                "mmtag sweep train.csv --grid-file grid.yaml --out runs/sweep-lr   "
+                "(the same --out resumes it)")
+    p.add_argument("train_csv", type=Path, help="labelled CSV (ImageID,Labels,Caption)")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="images folder (not needed when every combination is text-only)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="directory of the runs and tables (default: runs/sweep-DATE-TIME; give an "
+                        "interrupted sweep's directory to resume it)")
+    p.add_argument("--grid", metavar="SPEC",
+                   help='axes separated by spaces, values by commas, e.g. "lr=1e-4,5e-4 '
+                        'batch-size=32,64 optimizer=adam,adamw"; an axis is a flag name of '
+                        "mmtag train or a dotted config key (train.weight_decay)")
+    p.add_argument("--grid-file", type=Path, metavar="YAML", help="YAML mapping axis -> list of values")
     _add_split_options(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("evaluate", help="metrics of a run on a labelled CSV")
-    p.add_argument("run", type=Path)
-    p.add_argument("csv", type=Path)
-    p.add_argument("--images", type=Path)
-    p.add_argument("--json", type=Path, help="also write the metrics as JSON")
-    p.add_argument("--report", type=Path, help="also write an HTML report of this CSV")
-    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    p = command("evaluate", "metrics of a run on a labelled CSV",
+                "mmtag evaluate runs/fused holdout.csv --images images/",
+                "mmtag evaluate runs/fused holdout.csv --images images/ --json metrics.json",
+                "mmtag evaluate runs/fused holdout.csv --images images/ --json | jq .samples_f1")
+    p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
+    p.add_argument("csv", type=Path, help="labelled CSV (ImageID,Labels,Caption)")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="images folder (not needed for a text-only run)")
+    _json_option(p, "also the metrics")
+    p.add_argument("--report", type=Path, metavar="HTML", help="also write an HTML report of this CSV")
+    _add_layout_options(p)
+    _add_cache_option(p)
     _add_device_options(p, default="auto")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="write a submission CSV (ImageID,Labels)")
-    p.add_argument("run", type=Path)
-    p.add_argument("csv", type=Path)
-    p.add_argument("--images", type=Path)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--cache-dir", help="feature cache (default $MMTAG_CACHE or ~/.cache/mmtag)")
+    p = command("predict", "write a submission CSV (ImageID,Labels)",
+                "mmtag predict runs/fused test.csv --images images/",
+                "mmtag predict runs/fused test.csv --images images/ --out sub.csv "
+                "--proba probs.csv --top-k 3")
+    p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
+    p.add_argument("csv", type=Path, help="CSV of the rows to tag (ImageID and Caption columns)")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="images folder (not needed for a text-only run)")
+    p.add_argument("--out", type=Path, metavar="CSV", default=Path("submission.csv"),
+                   help="submission to write (default: submission.csv in the current directory, "
+                        "replaced if it exists)")
+    p.add_argument("--proba", type=Path, metavar="CSV",
+                   help="also write every label's probability for each row (default: not written)")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help="at most K labels per row, the most probable (default: no cap)")
+    _add_layout_options(p)
+    _add_cache_option(p)
     _add_device_options(p, default="auto")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="copy a run with its encoders exported for ONNX Runtime")
-    p.add_argument("run", type=Path)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p = command("export", "copy a run with its encoders exported for ONNX Runtime",
+                "mmtag export runs/fused --out runs/fused-onnx",
+                "mmtag export runs/fused --out runs/fused-int8 --int8 --retune")
+    p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
     p.add_argument("--int8", action="store_true", help="quantise the text encoder to int8")
     p.add_argument("--retune", action="store_true",
                    help="re-tune the thresholds on the run's validation split as scored by the "
                         "export (default: keep the run's thresholds and decision rule)")
-    p.add_argument("--out", type=Path, required=True, help="directory of the exported bundle")
+    p.add_argument("--out", type=Path, metavar="DIR", required=True,
+                   help="directory of the exported bundle")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI)")
-    p.add_argument("run", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_checked(int, Interval(0, 65535, integer=True)), default=8000)
+    p = command("serve", "HTTP API + web page for a run (FastAPI)",
+                "mmtag serve runs/fused    (then open http://127.0.0.1:8000)",
+                "mmtag serve runs/fused --host 0.0.0.0 --port 8080 --max-batch 16")
+    p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=_checked(int, Interval(0, 65535, integer=True)), default=8000,
+                   help="(default: %(default)s)")
     p.add_argument("--max-upload-mb", type=_checked(float, POSITIVE), default=10.0,
-                   help="request body limit (10)")
+                   help="request body limit (default: %(default)s)")
     p.add_argument("--max-side", type=_checked(int, AT_LEAST_1), default=8192,
-                   help="image side limit in pixels (8192)")
+                   help="image side limit in pixels (default: %(default)s)")
     p.add_argument("--max-batch", type=_checked(int, AT_LEAST_1), default=64,
-                   help="items per /predict/batch (64)")
+                   help="items per /predict/batch (default: %(default)s)")
     p.add_argument("--timeout", type=_checked(float, POSITIVE), default=60.0,
-                   help="seconds per request (60)")
+                   help="seconds per request (default: %(default)s)")
     p.add_argument("--header-timeout", type=_checked(float, POSITIVE), default=10.0,
                    help="seconds a connection has to send a request's headers, from connecting "
-                        "or from its last answer (10)")
+                        "or from its last answer (default: %(default)s)")
     p.add_argument("--max-connections", type=_checked(int, AT_LEAST_1), default=100,
-                   help="open connections; past it the longest-idle one is closed (100)")
+                   help="open connections; past it the longest-idle one is closed (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("report", help="(re)write a run's HTML report")
-    p.add_argument("run", type=Path)
-    p.add_argument("--out", type=Path, help="HTML file (default RUN/report.html)")
-    p.add_argument("--csv", type=Path, help="report on this labelled CSV instead of the validation split")
-    p.add_argument("--images", type=Path)
+    p = command("report", "(re)write a run's HTML report",
+                "mmtag report runs/fused",
+                "mmtag report runs/fused --csv holdout.csv --images images/ --out holdout.html")
+    p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
+    p.add_argument("--out", type=Path, metavar="HTML", help="HTML file (default: RUN/report.html)")
+    p.add_argument("--csv", type=Path,
+                   help="report on this labelled CSV (default: the run's validation split)")
+    p.add_argument("--images", type=Path, metavar="DIR", help="images folder of --csv")
+    _add_layout_options(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("check", help="validate a dataset without training (exit 1 on problems)")
-    p.add_argument("csv", type=Path)
-    p.add_argument("--images", type=Path, help="also check every image exists and decodes")
+    p = command("check", "validate a dataset without training (exit 1 on problems)",
+                "mmtag check train.csv",
+                "mmtag check train.csv --images images/")
+    p.add_argument("csv", type=Path, help="the CSV to check (labelled or not)")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="also check every image exists and decodes (default: not checked)")
+    _add_layout_options(p)
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("info", help="what a run holds")
-    p.add_argument("run", type=Path)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = command("info", "what a run holds",
+                "mmtag info runs/fused",
+                "mmtag info runs/fused --json | jq .labels")
+    # optional only so that the older `mmtag info --json RUN` still works (see cmd_info)
+    p.add_argument("run", type=Path, nargs="?", help="a trained run directory (mmtag train --out)")
+    _json_option(p, "the whole record (config, labels, thresholds, encoders, metrics)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("encoders", help="list the encoders available here")
+    p = command("encoders", "list the encoders available here", "mmtag encoders")
     p.set_defaults(func=cmd_encoders)
 
-    p = sub.add_parser("demo", help="train and evaluate on a generated dataset")
-    p.add_argument("--out", type=Path, default=Path("mmtag-demo"))
+    p = command("demo", "train and evaluate on a generated dataset",
+                "mmtag demo", "mmtag demo --out /tmp/mmtag-demo -v")
+    p.add_argument("--out", type=Path, metavar="DIR", default=Path("mmtag-demo"),
+                   help="where the data, runs and submission go (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -588,7 +841,16 @@ def main(argv: list[str] | None = None) -> int:
         # Under torchrun only rank 0 speaks; the others' results are the same.
         quiet = contextlib.nullcontext() if dist.context().is_main else contextlib.redirect_stdout(io.StringIO())
         with quiet:
-            return int(args.func(args))
+            code = int(args.func(args))
+            sys.stdout.flush()  # a reader gone early (`| head -1`) shows here, where it is handled
+        return code
+    except BrokenPipeError:
+        # Python's recipe (the `signal` docs): stdout onto devnull, so the interpreter's own
+        # flush at exit does not fail again, and the exit status a shell gives a process whose
+        # reader went away (128 + SIGPIPE). No message: nobody is reading.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except MmtagError as exc:
         rank = dist.context()
         where = f" (rank {rank.rank})" if rank.distributed else ""

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from mmtag import Tagger
+from mmtag.config import Config
 from mmtag.errors import MmtagError
-from mmtag.jobs.sweep import (GRID_ALIASES, best_row, combinations, load_grid_file, parse_grid,
-                         resolve_axis, run_slug, run_sweep)
+from mmtag.jobs.sweep import (GRID_ALIASES, best_row, combination_config, combinations,
+                              load_grid_file, parse_grid, resolve_axis, run_slug, run_sweep)
 
 COLUMNS = ["samples_f1", "micro_f1", "macro_f1", "val_loss", "train_loss", "train_s",
            "model_size_mb", "run"]
@@ -28,6 +29,23 @@ def test_parse_grid_aliases_and_dotted_keys():
     assert grid == {"train.weight_decay": ["0.01", "0.1"], "fusion": ["concat", "concat+mean"],
                     "modalities": ["text", "image+text"]}
     assert resolve_axis("train.weight_decay") == "train.weight_decay"
+
+
+def test_grid_axes_take_the_train_flag_names():
+    # as `mmtag train` spells them, with or without dashes, or with underscores
+    grid = parse_grid("batch-size=32,64 --ft-lr=1e-5 val_frac=0.2 decision=global,gfm")
+    assert [resolve_axis(a) for a in grid] == ["train.batch_size", "finetune.lr", "data.val_frac",
+                                               "train.thresholds"]
+    assert resolve_axis("image-encoder") == GRID_ALIASES["image_encoder"]
+    cfg = combination_config(Config(), combinations(grid)[-1])
+    assert (cfg.train.batch_size, cfg.finetune.lr, cfg.data.val_frac, cfg.train.thresholds) == (
+        64, 1e-5, 0.2, "gfm")
+    # an alias and the flag of one option are one axis given twice
+    with pytest.raises(MmtagError, match="axes 'batch' and 'batch-size' both set train.batch_size"):
+        parse_grid("batch=32 batch-size=64")
+    with pytest.raises(MmtagError, match="unknown grid axis 'learning-rate'; use a flag name of "
+                                         r"mmtag train \(.*batch-size.*\)"):
+        parse_grid("learning-rate=1e-3")
 
 
 @pytest.mark.parametrize("spec, needle", [

@@ -1,4 +1,5 @@
-"""`mmtag info` and `mmtag encoders`: what a run holds, and which encoders this machine has."""
+"""`mmtag info` and `mmtag encoders`: what a run holds (as a record, or as rows for people), and
+which encoders this machine has."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,21 @@ from typing import Any
 
 from ..config import Config
 from ..encoders import EncoderInfo, list_encoders
+from ..encoders import registry as encoder_registry
 from ..model import bundle as bundle_io
 
 
 def available_encoders() -> list[EncoderInfo]:
     """Encoders usable here and now (`mmtag encoders`)."""
     return list_encoders()
+
+
+def encoder_names(modality: str) -> list[str]:
+    """The names an encoder option of `modality` accepts, from the encoder registry: registered
+    encoders, then open-ended families as PREFIX:WHAT (`timm:NAME`). Builds nothing."""
+    names = [n for n, e in encoder_registry.ENCODERS.items() if e.modality == modality]
+    return names + [f"{f.prefix}:{f.placeholder}" for f in encoder_registry.FAMILIES.values()
+                    if f.modality == modality]
 
 
 def info(run: str | Path) -> dict[str, Any]:
@@ -32,3 +42,55 @@ def info(run: str | Path) -> dict[str, Any]:
         "config": Config.from_yaml(run / "config.yaml").to_dict(),
         "model_size_mb": manifest["model_size_mb"],
     }
+
+
+def info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """`info(run)` for people: (field, text) rows of plain words and numbers, no nested dicts or
+    long lists (`mmtag info RUN`; `--json` gives the whole record)."""
+    head = data["head"]
+    inputs = ", ".join(f"{kind} {width}" for kind, width in head["dims"].items())
+    rows = [("run", data["run"]),
+            ("head", f"{head['name']} (hidden {head['hidden']}; inputs: {inputs})")]
+    for modality, enc in data["encoders"].items():
+        src = enc.get("source") or {}
+        where = f"; from {src.get('package')}/{src.get('file')}" if src else ""
+        rows.append((f"{modality} encoder",
+                     f"{enc['name']} (weights sha256 {enc['weights_sha256'][:16]}…{where})"))
+    labels = data["labels"]
+    rows.append((f"labels ({len(labels['ids'])})",
+                 ", ".join(f"{i} {n}" for i, n in zip(labels["ids"], labels["names"]))))
+    thr = data["thresholds"]
+    for branch, values in (thr.get("branches") or {"": thr["values"]}).items():
+        rows.append(("thresholds", f"{thr['mode']}{' ' + branch if branch else ''} {_spread(values)}"))
+    val = data.get("validation")
+    if val:
+        rows.append(("validation", f"samples F1 {val['samples_f1']:.4f}, micro F1 "
+                                   f"{val['micro_f1']:.4f}, macro F1 {val['macro_f1']:.4f} "
+                                   f"({val['n']} rows)"))
+    changed = _changed_settings(data["config"], Config().to_dict())
+    rows.append(("settings", ", ".join(f"{k}={v}" for k, v in changed) if changed
+                 else "the defaults"))
+    rows.append(("model size", f"{data['model_size_mb']} MB"))
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    """One threshold, or the range of per-label ones: `0.55`, `0.20–0.61 (median 0.40)`."""
+    ordered = sorted(values)
+    lo, hi, mid = ordered[0], ordered[-1], ordered[len(ordered) // 2]
+    return f"{lo:.2f}" if round(lo, 2) == round(hi, 2) else f"{lo:.2f}–{hi:.2f} (median {mid:.2f})"
+
+
+def _changed_settings(config: dict[str, Any], defaults: dict[str, Any],
+                      prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every option that differs from the default config, in config order
+    (paths such as data.train_csv included: where the run came from)."""
+    changed: list[tuple[str, str]] = []
+    for key, value in config.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict):
+            changed += _changed_settings(value, default or {}, f"{prefix}{key}.")
+        elif value != default:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            changed.append((f"{prefix}{key}", text))
+    return changed

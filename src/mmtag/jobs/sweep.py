@@ -14,6 +14,7 @@ and has its row in `sweep.csv` is kept, not retrained.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
@@ -71,9 +72,32 @@ class SweepRow:
 
 
 # ------------------------------------------------------------------------------------ grids
+def flag_keys() -> dict[str, str]:
+    """`mmtag train`'s flag names (without the dashes) → their dotted config keys, read from the
+    `flag` each config field declares (`batch-size` → train.batch_size), so a grid axis can be
+    written as the flag is. `decision` is the newer spelling of the `--thresholds` flag."""
+    keys: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get("flag"):
+                keys[f.metadata["flag"].lstrip("-")] = f"{prefix}{f.name}"
+
+    walk(Config(), "")
+    if "thresholds" in keys:
+        keys.setdefault("decision", keys["thresholds"])
+    return keys
+
+
 def resolve_axis(axis: str) -> str:
-    """The dotted config key of a grid axis (an alias of GRID_ALIASES or a dotted key itself)."""
-    key = GRID_ALIASES.get(axis, axis)
+    """The dotted config key of a grid axis: an alias of GRID_ALIASES (`batch`), a flag name of
+    `mmtag train` (`batch-size`, also written `batch_size` or `--batch-size`) or a dotted key."""
+    flags = flag_keys()
+    flag = axis.lstrip("-").replace("_", "-")
+    key = GRID_ALIASES.get(axis) or (flags.get(flag) if "." not in axis else None) or axis
     node: Any = Config().to_dict()
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -81,7 +105,8 @@ def resolve_axis(axis: str) -> str:
             break
         node = node[part]
     if node is None or isinstance(node, dict):
-        raise MmtagError(f"unknown grid axis '{axis}'; use one of {', '.join(GRID_ALIASES)} "
+        raise MmtagError(f"unknown grid axis '{axis}'; use a flag name of mmtag train "
+                         f"({', '.join(sorted(flags))}), one of {', '.join(GRID_ALIASES)}, "
                          "or a dotted config key such as train.weight_decay")
     return key
 
@@ -115,8 +140,8 @@ def _check_axes(grid: dict[str, list[Any]], source: str) -> None:
 def parse_grid(spec: str) -> dict[str, list[str]]:
     """`"lr=1e-4,5e-4 batch=32,64 optimizer=adam,adamw"` → ordered axes with their values.
 
-    Axes are separated by whitespace, values by commas; an axis is an alias (GRID_ALIASES) or a
-    dotted config key. A list option such as modalities joins its items with '+'
+    Axes are separated by whitespace, values by commas; an axis is a flag name of `mmtag train`
+    (`batch-size`), an alias (GRID_ALIASES: `batch`) or a dotted config key. A list option such as modalities joins its items with '+'
     (`modalities=text,image+text`); fusion names keep their '+' (`fusion=concat,concat+mean`).
     """
     try:
@@ -260,7 +285,8 @@ def run_sweep(train_csv: str | Path, images: str | Path | None, out: str | Path,
 
     needs_images = any("image" in c.model.modalities for c in configs)
     image_dir = images if needs_images else None
-    dataset, _ = read_dataset(train_csv, image_dir, labelled=True, skip_bad=base.data.skip_bad)
+    dataset, _ = read_dataset(train_csv, image_dir, labelled=True, skip_bad=base.data.skip_bad,
+                              csv_format=base.data.csv_format())
     # One split for all: the base's seed and val_frac, even when an axis sets train.seed.
     try:
         tr_idx, va_idx = train_val_split(len(dataset), base.data.val_frac, base.train.seed)
@@ -296,12 +322,12 @@ def _train_one(cfg: Config, combo: dict[str, Any], run_dir: Path, dataset: Datas
             encoders.setdefault((modality, enc.name), enc)
     extra = None
     if cfg.data.extra_text and uses_extra_text(cfg.model.head_name()):
-        extra = _side_dataset(side_data, cfg.data.extra_text, None, True, cfg.data.skip_bad)
+        extra = _side_dataset(side_data, cfg.data.extra_text, None, True, cfg, dataset)
     unlabeled = None
     if cfg.data.unlabeled and cfg.pseudo.rounds > 0:
         unlabeled = _side_dataset(side_data, cfg.data.unlabeled,
                                   image_dir if "image" in tagger.modalities else None, False,
-                                  cfg.data.skip_bad)
+                                  cfg, dataset)
     t0 = time.perf_counter()
     # `auto` settled for the whole dataset: the shared split is the sweep's, not the user's --val
     tagger.config = resolve(cfg, TrainInputs(train=dataset))
@@ -323,10 +349,13 @@ def _train_one(cfg: Config, combo: dict[str, Any], run_dir: Path, dataset: Datas
 
 
 def _side_dataset(memo: dict[tuple[str, bool], Dataset], path: str, images: str | Path | None,
-                  labelled: bool, skip_bad: bool) -> Dataset:
+                  labelled: bool, cfg: Config, train: Dataset) -> Dataset:
+    """An --extra-text or --unlabeled CSV, read once per sweep in the run's layout and with the
+    training file's label vocabulary (so named labels get the same ids)."""
     key = (f"{path}\0{images}", labelled)
     if key not in memo:
-        memo[key] = read_dataset(path, images, labelled=labelled, skip_bad=skip_bad)[0]
+        memo[key] = read_dataset(path, images, labelled=labelled, skip_bad=cfg.data.skip_bad,
+                                 csv_format=cfg.data.csv_format(), vocab=train.vocab)[0]
     return memo[key]
 
 
