@@ -1,11 +1,18 @@
 # One command to set up, one to test. The venv lives in .venv/ in the repo root.
+# `make setup` installs what running mmtag needs; `make test` adds the test tools (pytest,
+# hypothesis, schemathesis, Playwright + Chromium) on top, so a user who only runs mmtag does
+# not carry them (Playwright alone is ≈ 165 MB).
 PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip
 
-.PHONY: setup test bench clean
+.PHONY: setup test test-tools bench clean
 
-setup: $(VENV)/.installed wordnet chromium
+setup: $(VENV)/.installed wordnet
+
+# The test tools alone, without running the suite (also what docs/screenshot_report.py and
+# bench/serve_load.py need).
+test-tools: $(VENV)/.test-installed chromium
 
 # WordNet 3.0 dict files for caption synonym augmentation (mmtag.augment); Debian's wordnet-base
 # puts them in /usr/share/wordnet. Best effort: without apt or root it only warns.
@@ -18,8 +25,10 @@ wordnet:
 	  echo "warning: could not install wordnet-base; caption synonym augmentation needs it" \
 	       "(run 'sudo apt-get install wordnet-base' or set MMTAG_WORDNET to a WordNet 3.0 dict dir)"; }
 
-# Headless Chromium for the web page's browser test (tests/test_serve.py), driven by Playwright's
-# Python client with executable_path. Best effort: without apt or root the test skips and says why.
+# Headless Chromium for the web page's browser test (tests/serve/test_app.py) and the README's
+# screenshots (docs/screenshot_report.py), driven by Playwright's Python client with
+# executable_path. mmtag itself never starts a browser, so this is part of `make test`, not of
+# `make setup`. Best effort: without apt or root the test skips and says why.
 .PHONY: chromium
 chromium:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
@@ -33,6 +42,11 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: the CPU wheel; anything unpinned would pull a CUDA build.
 	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e .
+	touch $@
+
+# The dev extra (pyproject.toml): pytest, hypothesis, schemathesis, httpx, playwright.
+$(VENV)/.test-installed: $(VENV)/.installed pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	touch $@
 
@@ -67,10 +81,10 @@ mpnet:
 	rm -rf "$(MPNET_DIR)"; mv "$$src" "$(MPNET_DIR)"; rm -rf "$$tmp"; \
 	echo "all-mpnet-base-v2 installed in $(MPNET_DIR) (use --text-encoder mpnet-base)"
 
-test: setup
+test: setup test-tools
 	$(VENV)/bin/python -m pytest -q
 
-# Benchmarks need ../shared/data; they print tables (see README, "Results").
+# Benchmarks need ../shared/data; they print tables (see docs/results.md).
 bench: setup
 	$(VENV)/bin/python bench/foundation.py
 
