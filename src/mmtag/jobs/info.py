@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import Config
 from ..encoders import EncoderInfo, list_encoders
 from ..encoders import registry as encoder_registry
@@ -39,6 +41,7 @@ def info(run: str | Path) -> dict[str, Any]:
         "labels": json.loads((run / "labels.json").read_text(encoding="utf-8")),
         "thresholds": json.loads((run / "thresholds.json").read_text(encoding="utf-8")),
         "validation": metrics.get("validation"),
+        "folds": metrics.get("folds"),  # cross-fitted runs: the validation figures are out of fold
         "config": Config.from_yaml(run / "config.yaml").to_dict(),
         "model_size_mb": manifest["model_size_mb"],
     }
@@ -64,9 +67,14 @@ def info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("thresholds", f"{thr['mode']}{' ' + branch if branch else ''} {_spread(values)}"))
     val = data.get("validation")
     if val:
+        folds = data.get("folds") or {}
+        per_fold = folds.get("samples_f1") or []
+        where = (f"out of fold, {val['n']} rows, {len(per_fold)} folds: per fold "
+                 f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}"
+                 if len(per_fold) > 1 else f"{val['n']} rows")
         rows.append(("validation", f"samples F1 {val['samples_f1']:.4f}, micro F1 "
                                    f"{val['micro_f1']:.4f}, macro F1 {val['macro_f1']:.4f} "
-                                   f"({val['n']} rows)"))
+                                   f"({where})"))
     changed = _changed_settings(data["config"], Config().to_dict())
     rows.append(("settings", ", ".join(f"{k}={v}" for k, v in changed) if changed
                  else "the defaults"))

@@ -1,0 +1,23 @@
+"""`mmtag info`'s table says what its validation figure is: out of fold (with each fold's spread)
+for a cross-fitted run, plain rows for a split."""
+from mmtag.jobs.info import info_rows
+
+
+def _data(folds):
+    return {
+        "run": "runs/x", "head": {"name": "text", "hidden": 64, "dims": {"text": 384}},
+        "encoders": {}, "labels": {"ids": [1, 2], "names": ["person", "bicycle"]},
+        "thresholds": {"mode": "global", "values": [0.4, 0.4]},
+        "validation": {"samples_f1": 0.9, "micro_f1": 0.8, "macro_f1": 0.7, "n": 300},
+        "folds": folds, "config": {}, "model_size_mb": 1.0,
+    }
+
+
+def test_validation_row_of_a_cross_fitted_run_is_out_of_fold():
+    rows = dict(info_rows(_data({"k": 3, "samples_f1": [0.88, 0.90, 0.92]})))
+    assert rows["validation"].endswith("(out of fold, 300 rows, 3 folds: per fold 0.9000 ± 0.0200)")
+
+
+def test_validation_row_of_a_split_gives_its_rows():
+    for folds in (None, {}):
+        assert dict(info_rows(_data(folds)))["validation"].endswith("(300 rows)")
