@@ -3,6 +3,7 @@ resolve after sections move between pages, a data example the reader accepts, an
 installing what running mmtag needs while `make test` adds the test tools."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,8 +76,11 @@ def _recipes(target: str) -> str:
     make = shutil.which("make")
     if make is None:
         pytest.skip("no make on this machine")
-    return subprocess.run([make, "-n", "-B", target], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout
+    # Under `make test` this runs inside make: a nested make would add "Entering directory" lines
+    # and inherit the outer one's flags, so it gets neither.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run([make, "--no-print-directory", "-n", "-B", target], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=True).stdout
 
 
 def test_setup_installs_no_test_tools():
