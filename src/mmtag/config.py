@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the reader's type, for annotations only
 
 MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
 AUTO = "auto"  # an option the trainer settles from the data (TrainConfig.resolved)
-# --folds auto: 5 folds measured best for the budget (docs/results.md); below this many
+# --folds auto: 5 folds measured best out of fold (docs/results.md); below this many
 # rows per fold the folds' validation rows are too few to stop on, so auto uses one split
 AUTO_FOLDS = 5
 AUTO_FOLDS_MIN_ROWS_PER_FOLD = 20
