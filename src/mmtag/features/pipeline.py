@@ -103,12 +103,14 @@ class Featurizer:
 
     # ------------------------------------------------------------ in-memory inputs (not cached)
     def encode(self, images: list[Any] | None, captions: list[str] | None,
-               batch_size: int = 32) -> Features:
-        """Features of in-memory inputs: image paths or PIL images, and captions."""
+               batch_size: int = 32, *, modalities: tuple[str, ...] | None = None) -> Features:
+        """Features of in-memory inputs: image paths or PIL images, and captions; `modalities`
+        (default: all of this featurizer's) says which to encode, e.g. one late-fusion branch."""
+        wanted = self.modalities if modalities is None else list(modalities)
         encoded: dict[str, np.ndarray] = {}
-        if "image" in self.modalities and images is None:
+        if "image" in wanted and images is None:
             raise MmtagError("this model needs images (one per item)")
-        if "text" in self.modalities and captions is None:
+        if "text" in wanted and captions is None:
             raise MmtagError("this model needs captions (one per item)")
         sizes = {len(x) for x in (images, captions) if x is not None}
         if len(sizes) != 1:
@@ -116,10 +118,10 @@ class Featurizer:
         n = sizes.pop()
         if n == 0:
             raise MmtagError("nothing to predict: no items given")
-        if "image" in self.modalities:
+        if "image" in wanted:
             assert images is not None
             encoded.update(self._encode_images(images, n, batch_size))
-        if "text" in self.modalities:
+        if "text" in wanted:
             assert captions is not None
             enc = self._encoder_of(TextEncoder, "text")
             encoded["text"] = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))

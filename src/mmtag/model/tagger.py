@@ -274,11 +274,8 @@ class Tagger:
                 f"item): head '{self.head_name}' fuses image and caption, so it cannot answer from "
                 f"{' and '.join(INPUT_NAMES[m] + 's' for m in given)} alone (heads that can: "
                 f"{', '.join(heads_with_branches())})")
-        f = self.featurizer
-        alone = Featurizer((branch,), f.encoder_names, f.cache, encoders={branch: f.encoder(branch)},
-                           workers=f.workers, random_init=f.random_init)
-        feats = alone.encode(images if branch == "image" else None,
-                             captions if branch == "text" else None)
+        feats = self.featurizer.encode(images if branch == "image" else None,
+                                       captions if branch == "text" else None, modalities=(branch,))
         scores = Scores(probs=sigmoid(branch_only_logits(self.head, branch, feats[branch])))
         return InputScores(scores, self.branch_decision(branch).thresholds, [branch],
                            f"{' and '.join(INPUT_NAMES[m] for m in missing)} missing: "
