@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import AT_LEAST_1
 from ..errors import MmtagError
 from .expected_f1 import decide_expected_f1
 from .metrics import samples_f1
@@ -99,8 +100,7 @@ def keep_top_k(pred: np.ndarray, probs: np.ndarray, k: int | None) -> np.ndarray
     had k or fewer, so the top-1 fallback is untouched. None: no cap."""
     if k is None:
         return pred
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise MmtagError(f"top_k must be an integer >= 1, got {k!r}")
+    check_top_k(k, "top_k")
     if pred.shape[1] <= k:
         return pred
     chosen = np.where(pred, probs, -np.inf)
@@ -108,6 +108,14 @@ def keep_top_k(pred: np.ndarray, probs: np.ndarray, k: int | None) -> np.ndarray
     out = np.zeros_like(pred)
     np.put_along_axis(out, best, True, axis=1)
     return out & pred
+
+
+def check_top_k(k: object, name: str) -> None:
+    """`k` is a valid cap on labels per row (the config's AT_LEAST_1, declared once), else a
+    one-line error naming the option as the caller knows it (`--top-k`, `top_k`)."""
+    problem = AT_LEAST_1.problem(int(k) if isinstance(k, np.integer) else k)
+    if problem:
+        raise MmtagError(f"{name} {problem}")
 
 
 def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> Thresholds:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import dist
 from ..data import CsvFormat, Dataset, read_dataset
-from ..decision import Metrics
+from ..decision import Metrics, check_top_k
 from ..errors import MmtagError
 from ..io import atomic_write_text, check_writable_file
 from ..model.tagger import DatasetPredictions, Tagger
@@ -44,8 +44,8 @@ def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, ou
     labels spelled as the training CSV spelled them (ids or names). `proba`: also write every
     label's probability per row (`write_probabilities`). `top_k`: at most k labels per row, the
     best-scoring of those the decision chose."""
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise MmtagError(f"--top-k must be an integer >= 1, got {top_k!r}")
+    if top_k is not None:
+        check_top_k(top_k, "--top-k")  # before the model loads
     if dist.context().is_main:
         # before the model loads and every row is scored
         check_writable_file(out)
