@@ -218,7 +218,7 @@ def test_a_flip_tagger_trains_saves_reloads_and_exports(small, make_config, tmp_
 
 def test_a_concat_encoder_exports_with_its_resize(tmp_path):
     pytest.importorskip("onnxruntime")
-    from mmtag.model.export import export_image_encoder
+    from mmtag.encoders import export_image_encoder
 
     enc = create_encoder(f"concat:{LITE0}+{LITE1}", "image")  # 224 and 240: one part is resized
     out = export_image_encoder(enc, tmp_path)  # checks agreement with eager on an unseen batch

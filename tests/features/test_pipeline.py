@@ -42,3 +42,64 @@ def test_text_features_of_the_encoder_in_use(tmp_path):
     b = fz.encode(None, ["a dog on a sofa", "two trains"])
     assert not np.allclose(a["text"], b["text"])
     assert fz.dims(b) == {"text": b["text"].shape[-1]}
+
+
+# ------------------------------------------------------- which runtime computes the features
+def _runtime_featurizer(tmp_path, runtime: str) -> Featurizer:
+    return Featurizer(("image",), {"image": "efficientnet-lite0"}, FeatureCache(str(tmp_path)),
+                      workers=0, runtime=runtime)
+
+
+def test_auto_traces_a_twin_only_where_the_work_repays_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from mmtag.encoders import OnnxImageEncoder
+    from mmtag.features.pipeline import TWIN_MIN_ITEMS
+
+    fz = _runtime_featurizer(tmp_path, "auto")
+    enc = fz.encoder("image")
+    assert fz.runner(enc, TWIN_MIN_ITEMS["image"] - 1) is enc  # a few items: eager is quicker
+    twin = fz.runner(enc, TWIN_MIN_ITEMS["image"])
+    assert isinstance(twin, OnnxImageEncoder) and twin.encoder_id == enc.encoder_id
+    # once traced into the cache, any number of items uses it, in this process or the next
+    again = _runtime_featurizer(tmp_path, "auto")
+    assert isinstance(again.runner(again.encoder("image"), 1), OnnxImageEncoder)
+    assert _runtime_featurizer(tmp_path, "torch").runner(enc, 10**6) is enc
+    assert isinstance(_runtime_featurizer(tmp_path / "b", "onnx").runner(enc, 1), OnnxImageEncoder)
+
+
+def test_a_failed_twin_falls_back_to_pytorch_under_auto_only(tmp_path, monkeypatch, caplog):
+    from mmtag.features import pipeline
+
+    def broken(enc, root):
+        raise RuntimeError("tracer says no")
+
+    monkeypatch.setattr(pipeline, "runtime_twin", broken)
+    monkeypatch.setattr(pipeline, "TWIN_MIN_ITEMS", {"image": 0})
+    fz = _runtime_featurizer(tmp_path, "auto")
+    enc = fz.encoder("image")
+    with caplog.at_level("WARNING", logger="mmtag"):
+        assert fz.runner(enc, 5) is enc
+    assert "ONNX Runtime twin failed (RuntimeError: tracer says no)" in caplog.text
+    with pytest.raises(MmtagError, match="--feature-runtime onnx: cannot run 'efficientnet-lite0'"):
+        _runtime_featurizer(tmp_path, "onnx").runner(enc, 5)
+
+
+def test_twin_features_share_the_cache_with_eager_ones(tiny, tmp_path):
+    """Features computed by the twin land under the encoder's own id: an eager run afterwards
+    reads them instead of computing, and they agree with eager features to fp16 rounding."""
+    pytest.importorskip("onnxruntime")
+    from mmtag.data import read_dataset
+
+    data, _ = read_dataset(tiny.train_csv, tiny.images, labelled=True)
+    data = data.subset(list(range(6)))
+    fast = _runtime_featurizer(tmp_path / "cache", "onnx").features(data, progress=False)
+    eager = _runtime_featurizer(tmp_path / "fresh", "torch").features(data, progress=False)
+    np.testing.assert_allclose(fast.features["image"], eager.features["image"], atol=2e-2, rtol=1e-2)
+    reused = _runtime_featurizer(tmp_path / "cache", "torch")
+
+    def no_compute(encoder, n):
+        raise AssertionError("computed again")
+
+    reused.runner = no_compute  # type: ignore[method-assign]
+    np.testing.assert_array_equal(reused.features(data, progress=False).features["image"],
+                                  fast.features["image"])

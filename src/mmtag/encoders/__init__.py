@@ -45,3 +45,13 @@ from .onnx import (  # noqa: F401
     OnnxTextEncoder,
     load_onnx_encoder,
 )
+from .onnx_export import (  # noqa: F401
+    MIN_COSINE,
+    OPSET,
+    TWIN_DIR,
+    export_encoder,
+    export_image_encoder,
+    export_text_encoder,
+    runtime_twin,
+    twin_traced,
+)

@@ -78,6 +78,12 @@ class OnnxEncoder:
     def finalize(self) -> None:  # nothing to round or freeze: the weights live in the graph
         self._weights_hash = sha256_file(self.path)
 
+    def twin_of(self, source: Encoder) -> None:
+        """Stand in for `source`, whose graph this is (`encoders.onnx_export.runtime_twin`):
+        its name and weights hash, hence its `encoder_id` and its feature-cache entries."""
+        self.name = source.name
+        self._weights_hash = source.weights_sha256
+
     def _save_graph(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / ONNX_MODEL_FILE

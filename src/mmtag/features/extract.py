@@ -16,12 +16,19 @@ from .. import dist
 from ..progress import Bar
 from ..data.augment import ImageAugment, TextAugment
 from ..data import Dataset, ImageItems, image_batches, image_loader, normalize_images
-from ..encoders import ImageEncoder, TextEncoder
+from ..encoders import Encoder, ImageEncoder, TextEncoder
 from ..errors import DataError, MmtagError
 from .cache import SHARD_ITEMS, CorruptShard, FeatureCache, caption_key, file_key
 from .types import FEATURE_KINDS, Features, FeatureSet
 
 T = TypeVar("T")
+# (encoder, items it must compute) → what computes them: the encoder itself or its ONNX Runtime
+# twin (same encoder_id, same cache entries); the Featurizer decides (`Featurizer.runner`).
+Runner = Callable[[Encoder, int], Encoder]
+
+
+def _same(encoder: Encoder, n: int) -> Encoder:
+    return encoder
 
 
 def _recomputing(compute: Callable[[], T]) -> T:
@@ -36,7 +43,7 @@ def _recomputing(compute: Callable[[], T]) -> T:
 def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncoder | None,
             text_encoder: TextEncoder | None, cache: FeatureCache, skip_bad: bool = False,
             workers: int = 2, batch_size: int = 32, progress: bool = True,
-            distribute: bool = True) -> FeatureSet:
+            distribute: bool = True, runner: Runner = _same) -> FeatureSet:
     """Features of `kinds` for every row of `dataset`, computing only what the cache lacks.
 
     A row whose image cannot be decoded raises DataError (after everything computed so far has
@@ -45,14 +52,14 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
     Under torchrun (and `distribute`), each rank first computes its shard of the rows into the
     cache; then every rank reads all rows from it. With the cache on storage all ranks share,
     every item is computed once; on a cache private to a machine, a rank computes what it
-    cannot find (slower, same result).
+    cannot find (slower, same result). `runner` picks what computes the missing items.
     """
     ctx = dist.context()
     if distribute and ctx.distributed and cache.root is not None:
         dist.checked(lambda: extract(
             dataset.subset(ctx.shard(len(dataset))), kinds, image_encoder=image_encoder,
             text_encoder=text_encoder, cache=cache, skip_bad=skip_bad, workers=workers,
-            batch_size=batch_size, progress=progress, distribute=False))
+            batch_size=batch_size, progress=progress, distribute=False, runner=runner))
         cache.forget_index()
         progress = False  # what is left is reading the cache
     kinds = set(kinds)
@@ -67,7 +74,7 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
         image_kinds = sorted(kinds & {"image", "image_tokens"})
         image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
                                             skip_bad=skip_bad, workers=workers,
-                                            batch_size=batch_size, progress=progress)
+                                            batch_size=batch_size, progress=progress, runner=runner)
         if bad:
             skipped.extend(err for _, err in bad)
             dataset = dataset.subset(keep)
@@ -75,7 +82,8 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
     if "text" in kinds:
         if text_encoder is None:
             raise MmtagError("text features requested but no text encoder given")
-        arrays["text"] = _extract_text(dataset.captions, text_encoder, cache, progress=progress)
+        arrays["text"] = _extract_text(dataset.captions, text_encoder, cache, progress=progress,
+                                       runner=runner)
     return FeatureSet(features=Features(arrays), dataset=dataset, skipped=skipped)
 
 
@@ -85,7 +93,7 @@ def _extract_images(*args, **kwargs) -> tuple[dict[str, np.ndarray], list[int], 
 
 def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncoder, cache: FeatureCache,
                     *, skip_bad: bool, workers: int, batch_size: int, progress: bool,
-                    view: tuple[ImageAugment, str] | None = None) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
+                    view: tuple[ImageAugment, str] | None = None, runner: Runner = _same) -> tuple[dict[str, np.ndarray], list[int], list[tuple[int, DataError]]]:
     paths = [dataset.image_path(i) for i in range(len(dataset))]
     keys: list[str] = []
     bad: list[tuple[int, DataError]] = []
@@ -108,6 +116,7 @@ def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncod
             todo[key] = i
     extra: dict[str, dict[str, np.ndarray]] = {k: {} for k in kinds}
     if todo:
+        compute = runner(encoder, len(todo))
         order = list(todo.items())
         items = ImageItems([paths[i] for _, i in order], encoder.image_size,
                            view[0] if view else None, source=dataset, rows=[i for _, i in order])
@@ -124,7 +133,7 @@ def _extract_images_once(dataset: Dataset, kinds: list[str], encoder: ImageEncod
                         raise err
                     bad.extend((i, err) for i, k in enumerate(keys) if k == order[j][0])
                 if batch.images is not None:
-                    outs = encode_images(encoder, batch.images)
+                    outs = encode_images(compute, batch.images)  # type: ignore[arg-type]
                     for kind in kinds:
                         ks, vs = pending[kind]
                         ks.extend(order[j][0] for j in batch.items)
@@ -163,7 +172,7 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
                   image_encoder: ImageEncoder | None, text_encoder: TextEncoder | None,
                   cache: FeatureCache, image_augment: ImageAugment | None,
                   text_augment: TextAugment | None, seed: int = 0, workers: int = 2,
-                  progress: bool = True) -> list[Features]:
+                  progress: bool = True, runner: Runner = _same) -> list[Features]:
     """K augmented views of every row's features, each cached like plain features.
 
     With frozen encoders, augmentation only reaches the model through features: a training run
@@ -179,13 +188,14 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
             tag = f"{image_augment.spec}|seed{seed}|view{k}"
             image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
                                                       skip_bad=False, workers=workers, batch_size=32,
-                                                      progress=progress, view=(image_augment, tag))
+                                                      progress=progress, view=(image_augment, tag),
+                                                      runner=runner)
             arrays.update(image_arrays)
         if "text" in kinds and text_augment is not None and text_encoder is not None:
             captions = [text_augment(c, _seed_of(_view_key(caption_key(c), f"{seed}|{k}")))
                         for c in dataset.captions]
             arrays["text"] = _extract_text(captions, text_encoder, cache, progress=progress,
-                                           what="augmented text features")
+                                           what="augmented text features", runner=runner)
         f = Features(arrays)
         out.append(f)
     return out
@@ -214,13 +224,14 @@ def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:
 
 
 def _extract_text(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
-                  progress: bool, batch_size: int = 128, what: str = "text features") -> np.ndarray:
+                  progress: bool, batch_size: int = 128, what: str = "text features",
+                  runner: Runner = _same) -> np.ndarray:
     return _recomputing(lambda: _extract_text_once(captions, encoder, cache, progress=progress,
-                                                   batch_size=batch_size, what=what))
+                                                   batch_size=batch_size, what=what, runner=runner))
 
 
 def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: FeatureCache, *,
-                       progress: bool, batch_size: int, what: str) -> np.ndarray:
+                       progress: bool, batch_size: int, what: str, runner: Runner) -> np.ndarray:
     keys = [caption_key(c) for c in captions]
     index = cache.index(encoder.encoder_id, "text")
     todo: dict[str, str] = {}
@@ -229,6 +240,7 @@ def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: Feature
             todo.setdefault(key, cap)
     extra: dict[str, np.ndarray] = {}
     if todo:
+        compute = runner(encoder, len(todo))
         # Sorting by length keeps padding (wasted compute) low within a batch.
         items = sorted(todo.items(), key=lambda kv: len(kv[1]))
         bar = Bar(label=f"{what} {encoder.name}", total=len(items), unit="cap", show=progress)
@@ -237,7 +249,7 @@ def _extract_text_once(captions: list[str], encoder: TextEncoder, cache: Feature
         try:
             for start in range(0, len(items), batch_size):
                 chunk = items[start:start + batch_size]
-                vec = encode_captions(encoder, [c for _, c in chunk]).astype(np.float16)
+                vec = encode_captions(compute, [c for _, c in chunk]).astype(np.float16)  # type: ignore[arg-type]
                 ks.extend(k for k, _ in chunk)
                 vs.extend(vec)
                 if len(ks) >= SHARD_ITEMS:

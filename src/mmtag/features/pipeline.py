@@ -6,6 +6,8 @@ training time and at prediction time are computed by the same code from the same
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +18,20 @@ from PIL import Image
 from .. import dist
 from ..data import (Dataset, ImageAugment, ImageDecodeError, TextAugment, check_images_exist,
                     decode_image)
-from ..encoders import Encoder, ImageEncoder, TextEncoder, create_encoder
+from ..encoders import (Encoder, ImageEncoder, OnnxEncoder, TextEncoder, create_encoder,
+                        error_summary, runtime_twin, twin_traced)
 from ..errors import DataError, MmtagError
 from .cache import FeatureCache
 from .extract import encode_captions, encode_images, extract, extract_views
 from .types import Features, FeatureSet, modality_of
+
+log = logging.getLogger("mmtag")
+
+# Tracing an encoder for ONNX Runtime costs a few seconds (Lite0 ≈ 3 s, MiniLM ≈ 6 s, with the
+# agreement check); under `auto` a twin is traced only when at least this many items are to be
+# computed, which repays it (bench/feature_runtime.py, 2 cores: Lite0 59 against 15 images/s,
+# decoding included; MiniLM 281 against 176 captions/s). A traced twin is used for any number.
+TWIN_MIN_ITEMS = {"image": 200, "text": 5000}
 
 
 class Featurizer:
@@ -29,13 +40,15 @@ class Featurizer:
 
     def __init__(self, kinds: tuple[str, ...], encoder_names: dict[str, str], cache: FeatureCache,
                  *, encoders: dict[str, Encoder] | None = None, workers: int = 2,
-                 random_init: bool = False) -> None:
+                 random_init: bool = False, runtime: str = "torch") -> None:
         self.kinds = tuple(kinds)
         self.encoder_names = dict(encoder_names)
         self.cache = cache
         self.encoders: dict[str, Encoder] = dict(encoders or {})
         self.workers = workers
         self.random_init = random_init
+        self.runtime = runtime  # Config.feature_runtime: auto | onnx | torch
+        self._twins: dict[str, Encoder] = {}  # encoder_id → what computes its features
 
     @property
     def modalities(self) -> list[str]:
@@ -56,6 +69,33 @@ class Featurizer:
         features of the old and new encoders never mix."""
         self.encoders[modality] = encoder
 
+    def runner(self, encoder: Encoder, n_items: int) -> Encoder:
+        """What computes `n_items` uncached features of `encoder`: the encoder, or its ONNX
+        Runtime twin (`encoders.runtime_twin`) under `runtime` onnx, or auto on a CPU where the
+        work repays the tracing. Under auto a failed trace falls back to PyTorch, said once."""
+        if self.runtime == "torch" or isinstance(encoder, OnnxEncoder):
+            return encoder
+        known = self._twins.get(encoder.encoder_id)
+        if known is not None:
+            return known
+        if self.runtime == "auto":
+            on_cpu = dist.device_of(encoder).type == "cpu"
+            traced = twin_traced(encoder, self.cache.root)
+            if not on_cpu or importlib.util.find_spec("onnxruntime") is None or \
+                    (n_items < TWIN_MIN_ITEMS.get(encoder.modality, 0) and not traced):
+                return encoder
+        try:
+            twin: Encoder = runtime_twin(encoder, self.cache.root)
+        except Exception as exc:  # tracing and ONNX Runtime raise many types
+            if self.runtime == "onnx":
+                raise MmtagError(f"--feature-runtime onnx: cannot run '{encoder.name}' in ONNX "
+                                 f"Runtime ({error_summary(exc)})") from None
+            log.warning("computing %s features with PyTorch: its ONNX Runtime twin failed (%s)",
+                        encoder.name, error_summary(exc))
+            twin = encoder
+        self._twins[encoder.encoder_id] = twin
+        return twin
+
     def dims(self, feats: Features) -> dict[str, int]:
         return {k: int(feats[k].shape[-1]) for k in self.kinds}
 
@@ -70,7 +110,7 @@ class Featurizer:
         fs = extract(dataset, self.kinds, image_encoder=self._encoder_of(ImageEncoder, "image"),
                      text_encoder=self._encoder_of(TextEncoder, "text"), cache=self.cache,
                      skip_bad=skip_bad, workers=self.workers, progress=progress,
-                     distribute=distribute)
+                     distribute=distribute, runner=self.runner)
         fs.skipped = skipped + fs.skipped
         return fs
 
@@ -78,7 +118,7 @@ class Featurizer:
         """Caption features alone (rows without images, e.g. `--extra-text`)."""
         text = self._encoder_of(TextEncoder, "text", required=True)
         return extract(dataset, ["text"], image_encoder=None, text_encoder=text, cache=self.cache,
-                       progress=progress).features
+                       progress=progress, runner=self.runner).features
 
     def views(self, dataset: Dataset, n: int, *, image_augment: ImageAugment | None,
               text_augment: TextAugment | None, seed: int, progress: bool) -> list[Features]:
@@ -88,7 +128,7 @@ class Featurizer:
                              text_encoder=self._encoder_of(TextEncoder, "text", build=False),
                              cache=self.cache, image_augment=image_augment,
                              text_augment=text_augment, seed=seed, workers=self.workers,
-                             progress=progress)
+                             progress=progress, runner=self.runner)
 
     def _encoder_of(self, kind: type, modality: str, *, required: bool = False,
                     build: bool = True) -> Any:

@@ -103,7 +103,8 @@ class Tagger:
         self.featurizer = Featurizer(
             head_needs(m.head_name()), {"image": m.image_encoder, "text": m.text_encoder},
             FeatureCache(self.config.cache_dir or default_cache_dir()), encoders=encoders,
-            workers=self.config.data.workers, random_init=m.random_init)
+            workers=self.config.data.workers, random_init=m.random_init,
+            runtime=self.config.feature_runtime)
         self.fitted: Fitted | None = None
         # branch → (validation record, thresholds, its decision): tuned once per learned state
         self._branch_decisions: dict[str, tuple[Any, Any, BranchDecision]] = {}

@@ -1,0 +1,180 @@
+"""Tracing encoders to ONNX graphs, checked against eager PyTorch, and ONNX Runtime twins.
+
+Two users: `mmtag export` (`model.export`) ships a bundle's encoders as graphs, and feature
+extraction (`features.extract`, through the Featurizer) computes the features of a frozen encoder
+with its *runtime twin*: the same encoder traced to a graph once, kept in the feature cache, and
+run by ONNX Runtime, which fuses convolution, batch norm and activation and runs depthwise
+convolutions in blocked layouts. On this project's 2-core CPU, decoding included, EfficientNet-Lite0
+ran at 59 images/s that way against 15 in eager PyTorch, and MiniLM at 281 captions/s against 176
+(bench/feature_runtime.py). A twin keeps its source's name and `encoder_id`, so it reads and writes
+the same cache entries: its features agree with the eager ones to a cosine of 0.9999 (checked on
+probe inputs before first use), and the cache stores fp16 anyway.
+
+onnx / onnxruntime are imported only when a graph is made or loaded.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MmtagError
+from .base import Encoder, ImageEncoder, TextEncoder
+from .onnx import ONNX_MODEL_FILE, OnnxEncoder, OnnxImageEncoder, OnnxTextEncoder
+
+log = logging.getLogger("mmtag")
+
+OPSET = 17
+# Agreement demanded of an exported graph with the eager encoder (cosine of feature vectors):
+# fp32 graphs must match to rounding; int8 graphs lose a little (measured ≈ 0.99 for MiniLM).
+MIN_COSINE = {"fp32": 0.9999, "int8": 0.98}
+
+
+def export_graph(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                  inputs: list[str], outputs: list[str], dynamic: dict[str, dict[int, str]]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about shapes that dynamic_axes handles
+        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12
+    return float((num / den).min())
+
+
+def export_image_encoder(enc: ImageEncoder, workdir: Path) -> OnnxImageEncoder:
+    """Trace `enc` to ONNX (fp32), check it against eager on an unseen batch size."""
+    enc.eval()
+    s = enc.image_size
+    path = workdir / "image" / ONNX_MODEL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_graph(enc, (torch.zeros(2, 3, s, s),), path, ["images"], ["pooled", "tokens"],
+                  {"images": {0: "batch"}, "pooled": {0: "batch"}, "tokens": {0: "batch"}})
+    out = OnnxImageEncoder(f"onnx:{enc.name}", path, {
+        "modality": "image", "source_encoder": enc.name, "source_sha256": enc.weights_sha256,
+        "image_size": s, "dim": enc.dim, "precision": "fp32", "opset": OPSET})
+    probe = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (3, 3, s, s)).astype(np.float32))
+    with torch.inference_mode():
+        want = enc(probe)
+    got = out(probe)
+    cos = min(cosine(g.numpy(), w.numpy()) for g, w in zip(got, want))
+    check_agreement(enc.name, "fp32", cos)
+    out.meta["probe_cosine"] = round(cos, 6)
+    out.finalize()
+    return out
+
+
+def export_text_encoder(enc: TextEncoder, workdir: Path, *, int8: bool) -> OnnxTextEncoder:
+    """Trace `enc` to ONNX, optionally quantise to int8, check against eager on unseen shapes."""
+    enc.eval()
+    directory = workdir / "text"
+    directory.mkdir(parents=True, exist_ok=True)
+    fp32 = directory / ("fp32.onnx" if int8 else ONNX_MODEL_FILE)
+    trace = enc.tokenize(["a photo", "two people riding horses along a beach at sunset"])
+    export_graph(enc, (trace["input_ids"], trace["attention_mask"]), fp32,
+                  ["input_ids", "attention_mask"], ["pooled"],
+                  {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                   "pooled": {0: "batch"}})
+    precision = "fp32"
+    path = fp32
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path = directory / ONNX_MODEL_FILE
+        # Per-channel scales keep MiniLM's features at cosine ≈ 0.99 of fp32 (per-tensor: ≈ 0.96).
+        logging.disable(logging.WARNING)  # the quantiser logs advice to the root logger
+        try:
+            quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gather"])
+        finally:
+            logging.disable(logging.NOTSET)
+        fp32.unlink()
+        precision = "int8"
+    enc.tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
+    out = OnnxTextEncoder(f"onnx:{enc.name}", path, {
+        "modality": "text", "source_encoder": enc.name, "source_sha256": enc.weights_sha256,
+        "dim": enc.dim, "max_length": enc.max_length, "precision": precision, "opset": OPSET})
+    probe = enc.tokenize(["a dog", "a man on a motorcycle next to a red bus",
+                          "a cat sleeping on a bench in the park near three bicycles and a car"])
+    with torch.inference_mode():
+        want = enc(**probe).numpy()
+    cos = cosine(out(**probe).numpy(), want)
+    check_agreement(enc.name, precision, cos)
+    out.meta["probe_cosine"] = round(cos, 6)
+    out.finalize()
+    return out
+
+
+def check_agreement(name: str, precision: str, cos: float) -> None:
+    if cos < MIN_COSINE[precision]:
+        raise MmtagError(f"export of '{name}' ({precision}) disagrees with the eager encoder "
+                         f"(cosine {cos:.4f} < {MIN_COSINE[precision]}); not exporting it")
+    log.info("exported %s (%s): probe cosine %.6f", name, precision, cos)
+
+
+def export_encoder(enc: Encoder, workdir: Path, *, int8: bool = False) -> OnnxEncoder:
+    """`enc` traced into `workdir/<modality>/` and checked against eager (see above)."""
+    if isinstance(enc, OnnxEncoder):
+        raise MmtagError(f"the {enc.modality} encoder is already an ONNX export")
+    if isinstance(enc, ImageEncoder):
+        return export_image_encoder(enc, workdir)
+    if isinstance(enc, TextEncoder):
+        return export_text_encoder(enc, workdir, int8=int8)
+    raise MmtagError(f"encoder '{enc.name}' is neither an image nor a text encoder")
+
+
+TWIN_DIR = "onnx-twins"  # under the feature cache root: <root>/onnx-twins/<encoder_id>/
+
+
+def twin_traced(enc: Encoder, cache_root: Path | None) -> bool:
+    """Whether `enc`'s runtime twin is in the cache already (using it costs no tracing)."""
+    return cache_root is not None and (cache_root / TWIN_DIR / enc.encoder_id / "done.json").is_file()
+
+
+def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
+    """An ONNX Runtime copy of frozen `enc` with its name and `encoder_id` (so it shares its
+    cache entries), from `<cache_root>/onnx-twins/<encoder_id>/` or traced there first (a few
+    seconds; atomic, so concurrent ranks or runs never see half a graph). Raises MmtagError
+    where tracing fails or the graph disagrees with eager PyTorch."""
+    if cache_root is None:
+        # No cache to keep it in: trace into a directory that lives as long as the process.
+        workdir = Path(tempfile.mkdtemp(prefix="mmtag-twin-"))
+        atexit.register(shutil.rmtree, workdir, True)
+        twin = export_encoder(enc, workdir)
+        twin.twin_of(enc)
+        return twin
+    final = cache_root / TWIN_DIR / enc.encoder_id
+    if not twin_traced(enc, cache_root):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".tracing-", dir=final.parent))
+        try:
+            graph = export_encoder(enc, work)
+            # Written last, so a directory without it is an interrupted trace, never used.
+            (graph.path.parent / "done.json").write_text(json.dumps(graph.meta, indent=2),
+                                                         encoding="utf-8")
+            try:
+                os.rename(graph.path.parent, final)
+            except OSError:  # another process finished first: theirs is as good
+                if not (final / "done.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    meta = json.loads((final / "done.json").read_text(encoding="utf-8"))
+    if meta.get("source_sha256") != enc.weights_sha256:  # a foreign or damaged directory
+        raise MmtagError(f"{final}: traced from other weights than '{enc.name}'; delete it")
+    cls = OnnxImageEncoder if enc.modality == "image" else OnnxTextEncoder
+    twin = cls(enc.name, final / ONNX_MODEL_FILE, meta)
+    twin.twin_of(enc)
+    return twin
+
