@@ -465,8 +465,9 @@ class Config:
                          "--device")
     amp: bool = option(False, flag="--amp")  # mixed precision (fp16 autocast + grad scaling) on CUDA
     # What computes the features of frozen encoders: onnx = their ONNX Runtime twins (traced once
-    # into the cache; ≈ 5x eager PyTorch for EfficientNet-Lite0 on a CPU), torch = eager PyTorch,
-    # auto = onnx on a CPU where onnxruntime is installed and the work repays the tracing
+    # into the cache; 3.85x eager PyTorch for EfficientNet-Lite0 on 2 cores, per
+    # bench/feature_runtime.py), torch = eager PyTorch, auto = onnx on a CPU where onnxruntime is
+    # installed and the work repays the tracing
     feature_runtime: str = option("auto", OneOf("feature runtime", lambda: FEATURE_RUNTIMES),
                                   "--feature-runtime")
     preset: str = ""  # the preset this config started from, if any

@@ -137,9 +137,13 @@ def export_encoder(enc: Encoder, workdir: Path, *, int8: bool = False) -> OnnxEn
 TWIN_DIR = "onnx-twins"  # under the feature cache root: <root>/onnx-twins/<encoder_id>/
 
 
+def _twin_dir(enc: Encoder, cache_root: Path) -> Path:
+    return cache_root / TWIN_DIR / enc.encoder_id
+
+
 def twin_traced(enc: Encoder, cache_root: Path | None) -> bool:
     """Whether `enc`'s runtime twin is in the cache already (using it costs no tracing)."""
-    return cache_root is not None and (cache_root / TWIN_DIR / enc.encoder_id / "done.json").is_file()
+    return cache_root is not None and (_twin_dir(enc, cache_root) / "done.json").is_file()
 
 
 def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
@@ -148,13 +152,10 @@ def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
     seconds; atomic, so concurrent ranks or runs never see half a graph). Raises MmtagError
     where tracing fails or the graph disagrees with eager PyTorch."""
     if cache_root is None:
-        # No cache to keep it in: trace into a directory that lives as long as the process.
-        workdir = Path(tempfile.mkdtemp(prefix="mmtag-twin-"))
-        atexit.register(shutil.rmtree, workdir, True)
-        twin = export_encoder(enc, workdir)
-        twin.twin_of(enc)
-        return twin
-    final = cache_root / TWIN_DIR / enc.encoder_id
+        # No cache to keep it in: a directory that lives as long as the process stands in.
+        cache_root = Path(tempfile.mkdtemp(prefix="mmtag-twin-"))
+        atexit.register(shutil.rmtree, cache_root, True)
+    final = _twin_dir(enc, cache_root)
     if not twin_traced(enc, cache_root):
         final.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tracing-", dir=final.parent))
@@ -166,7 +167,7 @@ def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
             try:
                 os.rename(graph.path.parent, final)
             except OSError:  # another process finished first: theirs is as good
-                if not (final / "done.json").is_file():
+                if not twin_traced(enc, cache_root):
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -177,4 +178,3 @@ def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
     twin = cls(enc.name, final / ONNX_MODEL_FILE, meta)
     twin.twin_of(enc)
     return twin
-
