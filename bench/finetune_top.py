@@ -4,7 +4,7 @@ and the frozen encoder, on comp5329 captions with MiniLM (issue 16, item 6).
     nice -n 5 .venv/bin/python bench/finetune_top.py [--part speed|accuracy|both]
         [--shared ../shared/data] [--cache /tmp/beh/cache] [--threads 1]
         speed:    [--speed-rows 2000] [--speed-seconds 60] [--speed-tops 1 2]
-        accuracy: [--top 1] [--epochs 1] [--rows 0] [--folds 5]
+        accuracy: [--top 1] [--epochs 1] [--ft-lr LR] [--rows 0] [--folds 5]
 
 Speed, in one run: the same seeded `--speed-rows` training captions (batch 32) fine-tuned by
 `finetune_text` with top_layers 0 (today), then each of `--speed-tops`; each variant runs as
@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--speed-tops", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--top", type=int, default=1, help="accuracy: top layers fine-tuned")
     ap.add_argument("--epochs", type=int, default=1, help="accuracy: fine-tuning epochs")
+    ap.add_argument("--ft-lr", type=float, default=None,
+                    help="accuracy: the encoder's learning rate (default: the config's)")
     ap.add_argument("--rows", type=int, default=0, help="accuracy: a seeded subset (0 = all)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -206,14 +208,17 @@ def main() -> int:
     if args.part in ("accuracy", "both"):
         sub = data.subset(subsample(len(data), args.rows, 0))
         print(f"\naccuracy: {len(sub)} of {len(data)} rows (seed 0), top_layers {args.top}, "
-              f"{args.epochs} fine-tuning epoch(s), defaults otherwise", flush=True)
+              f"{args.epochs} fine-tuning epoch(s), encoder lr {args.ft_lr or 'default'}, "
+              "defaults otherwise", flush=True)
         tuned_cache = tempfile.mkdtemp(prefix="mmtag-ft-top-")  # fine-tuned encoders' features
         try:
             out_of_fold(sub, [
                 Variant("frozen MiniLM", {}, args.cache),
-                Variant(f"top {args.top} layer(s) fine-tuned, {args.epochs} epoch(s)",
+                Variant(f"top {args.top} layer(s) fine-tuned, {args.epochs} epoch(s), "
+                        f"lr {args.ft_lr or FinetuneConfig().lr:g}",
                         {"finetune.modalities": ["text"], "finetune.top_layers": args.top,
-                         "finetune.epochs": args.epochs}, tuned_cache),
+                         "finetune.epochs": args.epochs, "finetune.lr": args.ft_lr},
+                        tuned_cache),
             ], args.folds)
         finally:
             shutil.rmtree(tuned_cache, ignore_errors=True)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/text_encoders.py [--shared ../shared/data] [--cache DIR]
         [--encoders mpnet-base minilm-l6] [--time ENCODER ...] [--folds 5] [--seed 0]
-        [--timing-rows 1000] [--with-test]
+        [--timing-rows 1000] [--ensemble] [--with-test]
 
 On comp5329/train.csv, text only, defaults otherwise:
 * speed, for each encoder in `--time` (default: those in `--encoders`), one after the other at
@@ -18,6 +18,13 @@ On comp5329/train.csv, text only, defaults otherwise:
   from those same held-fold decisions. The folds are the trainer's own (`fold_indices(y, K,
   seed)`); each fold head also chose its stopping epoch on its held fold, as every `--folds`
   run does.
+* `--ensemble` (with two or more `--encoders`): the mean of the encoders' out-of-fold
+  probabilities, each row from fold heads that never saw it, decided by the same protocol: is
+  a second encoder worth more than its extraction time?
+* label agreement: rows whose captions are the same (lower-cased, letters and spaces only) but
+  are separate items; the sample-F1 of one such row's labels taken as the other's prediction.
+  Labels come from the images, so a caption does not fix them: this says how much a text-only
+  model cannot know (not a ceiling: a model predicts a mode, not one draw).
 * `--with-test`, last (after the tables): each fitted encoder's features of comp5329/test.csv
   (unlabelled) go into the cache for the pseudo-labelling runs that read them later. Stopping
   it part-way loses nothing: extraction resumes from the shards already written.
@@ -25,7 +32,9 @@ On comp5329/train.csv, text only, defaults otherwise:
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +119,18 @@ def extract_into_cache(tagger: Tagger, data: Dataset) -> Extraction:
     return Extraction(missing, time.perf_counter() - t0)
 
 
-def held_fold_rules(tagger: Tagger, k: int, seed: int) -> dict[str, tuple[float, float, float]]:
-    """Each rule tuned on K-1 folds' out-of-fold scores and applied to the held fold: per-fold
-    sample-F1 mean ± std, and sample-F1 of all rows' held-fold decisions pooled."""
+def out_of_fold(tagger: Tagger) -> tuple[Scores, np.ndarray]:
+    """A --folds run's out-of-fold scores and the labels they score."""
     rec = tagger.validation
     assert rec is not None, "a --folds run keeps its out-of-fold record"
-    y = rec.y_true.astype(np.float32)
     scores = Scores(probs=rec.probs, branches=rec.branches, union=tagger.head.decision == "union")
+    return scores, rec.y_true.astype(np.float32)
+
+
+def held_fold_rules(scores: Scores, y: np.ndarray, k: int,
+                    seed: int) -> dict[str, tuple[float, float, float]]:
+    """Each rule tuned on K-1 folds' out-of-fold scores and applied to the held fold: per-fold
+    sample-F1 mean ± std, and sample-F1 of all rows' held-fold decisions pooled."""
     out = {}
     for rule in RULES:
         pred = np.zeros(y.shape, dtype=bool)
@@ -139,10 +153,35 @@ def fit_encoder(name: str, train: Dataset, cache_dir: str, folds: int, seed: int
     t0 = time.perf_counter()
     tagger.fit(train, progress=False)
     fit_s = time.perf_counter() - t0
-    rules = held_fold_rules(tagger, folds, seed)
+    rules = held_fold_rules(*out_of_fold(tagger), folds, seed)
     print(f"{name}: fit {fit_s:.0f} s | " + ", ".join(
         f"{r} folds {m:.4f} ± {s:.4f}, pooled {p:.4f}" for r, (m, s, p) in rules.items()), flush=True)
     return FitResult(name, tagger, extraction, fit_s, rules)
+
+
+def ensemble(fits: list[FitResult], k: int, seed: int) -> FitResult:
+    """The mean of the fitted encoders' out-of-fold probabilities, decided like each alone."""
+    parts = [out_of_fold(r.tagger) for r in fits]
+    y = parts[0][1]
+    assert all(np.array_equal(p[1], y) for p in parts), "the same rows in the same order"
+    probs = np.mean([p[0].probs for p in parts], axis=0)
+    name = "mean of " + " and ".join(r.name for r in fits)
+    rules = held_fold_rules(Scores(probs=probs), y, k, seed)
+    return FitResult(name, fits[0].tagger, Extraction(0, 0.0), sum(r.fit_s for r in fits), rules)
+
+
+def label_agreement(data: Dataset) -> tuple[int, float]:
+    """(pairs, sample-F1) of rows with the same normalised caption: the first row's labels
+    scored as the prediction for the second's, one pair per distinct caption."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, caption in enumerate(data.captions):
+        groups[re.sub(r"[^a-z ]", "", caption.lower()).strip()].append(i)
+    pairs = np.array([g[:2] for g in groups.values() if len(g) >= 2])
+    labels = data.label_rows()
+    truth = [set(labels[i]) for i in pairs[:, 1]]
+    guess = [set(labels[i]) for i in pairs[:, 0]]
+    f1 = [2 * len(t & g) / (len(t) + len(g)) if t or g else 1.0 for t, g in zip(truth, guess)]
+    return len(pairs), float(np.mean(f1))
 
 
 def main() -> None:
@@ -156,6 +195,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing-rows", type=int, default=1000)
+    ap.add_argument("--ensemble", action="store_true",
+                    help="also score the mean of the encoders' out-of-fold probabilities")
     ap.add_argument("--with-test", action="store_true",
                     help="also cache features of comp5329/test.csv (for pseudo-labelling)")
     args = ap.parse_args()
@@ -165,6 +206,8 @@ def main() -> None:
     timed = [time_encoder(n, train.captions[:args.timing_rows])
              for n in (args.encoders if args.time is None else args.time)]
     fits = [fit_encoder(n, train, cache, args.folds, args.seed) for n in args.encoders]
+    rows = fits + ([ensemble(fits, args.folds, args.seed)]
+                   if args.ensemble and len(fits) >= 2 else [])
 
     if fits:
         print(f"\ncomp5329/train.csv, {len(train)} rows, text only, {args.folds} folds (seed "
@@ -172,10 +215,13 @@ def main() -> None:
         print("| encoder | global: per fold (mean ± std) | global: pooled "
               "| gfm: per fold (mean ± std) | gfm: pooled | train extraction | fit, all folds |")
         print("|---|---|---|---|---|---|---|")
-        for r in fits:
+        for r in rows:
             g, f = r.rules["global"], r.rules["gfm"]
             print(f"| {r.name} | {g[0]:.4f} ± {g[1]:.4f} | {g[2]:.4f} | {f[0]:.4f} ± {f[1]:.4f} "
                   f"| {f[2]:.4f} | {r.extraction.cell()} | {r.fit_s:.0f} s |")
+    pairs, agreement = label_agreement(train)
+    print(f"\nlabel agreement: {pairs} pairs of rows with the same caption; one row's labels as "
+          f"the other's prediction score sample-F1 {agreement:.4f}")
     if timed:
         print(f"\n| encoder | dim | params | load | captions/s (first {args.timing_rows} "
               f"comp5329 captions, no cache, {torch.get_num_threads()} threads) |")
