@@ -144,6 +144,10 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
               f"(best epoch {report.best_epoch})")
         if m is not None:
             print(f"validation: {m.headline()}")
+    if report.decision_evidence:
+        print(f"decision: {report.decision}, chosen by --decision auto (sample-F1 on validation "
+              "rows each rule was not tuned on: " + ", ".join(
+                  f"{rule} {f1:.4f}" for rule, f1 in report.decision_evidence.items()) + ")")
     for r in report.pseudo_rounds:
         print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
               f"val samples_f1={r.val_samples_f1:.4f}")
@@ -632,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how scores become labels: {names} "
                         f"(default: {_default('train.thresholds')}). global: one tuned threshold; "
                         "per-class: one per label; balanced: per label, where false positives and "
-                        "false negatives balance; gfm: each item's expected-F1-maximising label set, nothing tuned")
+                        "false negatives balance; gfm: each item's expected-F1-maximising label set, "
+                        "nothing tuned; auto: of global, per-class and gfm, the one that scores best "
+                        "on validation rows it was not tuned on (global unless another clearly wins)")
     p.add_argument("--thresholds", metavar="RULE", help="the older spelling of --decision")
     p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
     p.add_argument("--image-aug", metavar="OPS", names=_augment_ops("image"),

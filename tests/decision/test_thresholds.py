@@ -273,3 +273,64 @@ def test_fuzz_tuning_gives_valid_thresholds(seed: int, mode: str) -> None:
     assert 0.0 <= f1 <= 1.0
     if mode == "per-class":  # coordinate ascent starts from the global optimum
         assert f1 >= samples_f1(y.astype(float), decide(probs, tune("global", probs, y.astype(float)))) - 1e-9
+
+
+# --- auto: the rule chosen on validation rows it was not tuned on
+def _calibrated_case(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from the probabilities themselves (calibrated), each row's probabilities on
+    its own scale: the case the expected-F1 rule is exact for and one threshold is not."""
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([0.15, 0.9], size=(n, 1))
+    probs = (scale * rng.beta(0.5, 0.5, (n, 6))).astype(np.float32)
+    return probs, (rng.random((n, 6)) < probs).astype(float)
+
+
+def test_auto_picks_expected_f1_where_it_wins_and_records_why():
+    from mmtag.decision.thresholds import AUTO_CANDIDATES, tune_decisions
+
+    probs, y = _calibrated_case(4000)
+    t = tune("auto", probs, y)
+    assert t.mode == "gfm" and set(t.chosen_from) == set(AUTO_CANDIDATES)
+    assert t.chosen_from["gfm"] > t.chosen_from["global"]
+    back = Thresholds.from_dict(t.to_dict())
+    assert back.mode == "gfm" and back.chosen_from == pytest.approx(t.chosen_from, abs=1e-6)
+    assert np.array_equal(decide(probs, back), decide(probs, tune("gfm", probs, y)))
+    assert tune_decisions("auto", Scores(probs=probs), y).mode == "gfm"
+
+
+def test_auto_keeps_global_unless_another_rule_clearly_wins():
+    # one threshold separates the classes exactly, and the scores are far from calibrated
+    # (positives at 0.3): the expected-F1 rule would drop most positives
+    rng = np.random.default_rng(1)
+    y = (rng.random((600, 4)) < 0.4).astype(float)
+    probs = (np.where(y > 0, 0.3, 0.05) + 0.01 * rng.random(y.shape)).astype(np.float32)
+    t = tune("auto", probs, y)
+    assert t.mode == "global" and samples_f1(y, decide(probs, t)) == pytest.approx(
+        samples_f1(y, decide(probs, tune_global(probs, y))))
+    # too few rows to hold any out: the plain rule, with no evidence to record
+    tiny = tune("auto", probs[:6], y[:6])
+    assert tiny.mode == "global" and tiny.chosen_from == {}
+
+
+def test_auto_on_a_union_head_searches_the_branch_thresholds_jointly():
+    from mmtag.decision.thresholds import tune_decisions
+
+    probs, y = _calibrated_case(200, seed=3)
+    scores = Scores(probs, {"image": probs * 0.9, "text": probs}, union=True)
+    assert tune_decisions("auto", scores, y).mode == "union/global"
+
+
+def test_a_run_with_the_auto_decision_says_what_it_chose_and_keeps_it(tiny, cache_dir, tmp_path, capsys):
+    import json
+
+    from mmtag import api, cli
+
+    run = tmp_path / "auto"
+    assert cli.main(["train", str(tiny.train_csv), "--modalities", "text", "--decision", "auto",
+                     "--epochs", "3", "--hidden", "32", "--cache-dir", cache_dir, "--out", str(run)]) == 0
+    saved = json.loads((run / "thresholds.json").read_text())
+    assert saved["mode"] in ("global", "per-class", "gfm") and set(saved["chosen_from"]) == {
+        "global", "per-class", "gfm"}
+    out = capsys.readouterr().out
+    assert f"decision: {saved['mode']}, chosen by --decision auto" in out
+    assert api.Tagger.load(run).thresholds.mode == saved["mode"]

@@ -1,6 +1,7 @@
 """Turning scores into label sets: thresholds tuned on validation, and the top-1 fallback."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,6 +13,7 @@ from .expected_f1 import decide_expected_f1
 from .metrics import samples_f1
 
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,19 +41,26 @@ class Thresholds:
     mode: str
     values: np.ndarray  # (C,)
     branches: dict[str, np.ndarray] = field(default_factory=dict)
+    # `auto` only: each candidate rule's sample-F1 on validation rows it was not tuned on, the
+    # evidence `mode` was chosen on (kept in thresholds.json for the record)
+    chosen_from: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"mode": self.mode, "values": [float(v) for v in self.values]}
         if self.branches:
             out["branches"] = {k: [float(x) for x in v] for k, v in self.branches.items()}
+        if self.chosen_from:
+            out["chosen_from"] = {k: round(float(v), 6) for k, v in self.chosen_from.items()}
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, object]) -> "Thresholds":
         branches = raw.get("branches") or {}
+        chosen = raw.get("chosen_from") or {}
         return cls(mode=str(raw["mode"]), values=np.asarray(raw["values"], dtype=np.float32),
                    branches={str(k): np.asarray(v, dtype=np.float32)
-                             for k, v in branches.items()})  # type: ignore[union-attr]
+                             for k, v in branches.items()},  # type: ignore[union-attr]
+                   chosen_from={str(k): float(v) for k, v in chosen.items()})  # type: ignore[union-attr]
 
     @classmethod
     def constant(cls, value: float, num_classes: int) -> "Thresholds":
@@ -228,12 +237,56 @@ def expected_f1_rule(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
     return Thresholds(mode=EXPECTED_F1, values=np.full(probs.shape[1], 0.5, dtype=np.float32))
 
 
+AUTO = "auto"
+AUTO_CANDIDATES = ("global", "per-class", EXPECTED_F1)  # global first: the one kept on doubt
+AUTO_FOLDS = 5
+
+
+def tune_auto(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
+    """The decision rule chosen on validation rows it is not tuned on, then tuned on them all.
+
+    Each candidate of AUTO_CANDIDATES is tuned on four fifths of the rows (seeded folds) and
+    scored on the fifth. `global` is kept unless another rule beats it by more than one standard
+    error of their paired per-fold difference (the one-standard-error rule, Hastie et al., ESL
+    §7.10): no rule wins everywhere (gfm needs calibrated probabilities, which a large training
+    set gives and a small one may not), and a small validation set cannot tell close rules
+    apart. The chosen rule's record names it (`mode`), so prediction and export apply it as if
+    it had been asked for; `chosen_from` keeps each candidate's held-part sample-F1.
+    """
+    n = len(y_true)
+    if n < 2 * AUTO_FOLDS:  # too few rows to hold any out: the plain rule
+        return tune_global(probs, y_true)
+    parts = np.array_split(np.random.default_rng(0).permutation(n), AUTO_FOLDS)
+    held_f1: dict[str, np.ndarray] = {}
+    for rule in AUTO_CANDIDATES:
+        f1 = []
+        for i, held in enumerate(parts):
+            rest = np.concatenate([p for j, p in enumerate(parts) if j != i])
+            tuned = TUNERS[rule](probs[rest], y_true[rest])
+            f1.append(samples_f1(y_true[held], decide(probs[held], tuned)))
+        held_f1[rule] = np.array(f1)
+    base = AUTO_CANDIDATES[0]
+    chosen, best_gain = base, 0.0
+    for rule in AUTO_CANDIDATES[1:]:
+        diff = held_f1[rule] - held_f1[base]
+        gain, stderr = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        if gain > stderr and gain > best_gain:
+            chosen, best_gain = rule, gain
+    means = {rule: float(f.mean()) for rule, f in held_f1.items()}
+    log.info("decision auto: %s (sample-F1 on held parts of %d validation rows: %s)", chosen, n,
+             ", ".join(f"{r} {v:.4f}" for r, v in means.items()))
+    thresholds = TUNERS[chosen](probs, y_true)
+    thresholds.chosen_from = means
+    return thresholds
+
+
 # The decision rules by name (`--decision`, also spelled `--thresholds`).
 TUNERS: dict[str, Callable[[np.ndarray, np.ndarray], Thresholds]] = {
     "global": tune_global,
     "per-class": tune_per_class,
     "balanced": tune_balanced,
     EXPECTED_F1: expected_f1_rule,
+    AUTO: tune_auto,
 }
 
 
@@ -259,6 +312,10 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
     threshold at 0.8 and searches the text one in 0.3-0.6).
     """
     ranges = ranges or {}
+    if mode == AUTO and scores.union:
+        # a union's label sets come from per-branch thresholds, searched jointly by `global`;
+        # the other rules would each read one branch alone
+        mode = "global"
 
     def grid_for(name: str, grid: np.ndarray) -> np.ndarray:
         if name not in ranges:
