@@ -363,7 +363,8 @@ class TrainConfig:
     weight_decay: float = option(0.05, Interval(0, None))
     optimizer: str = option("adamw", OPTIMIZER, "--optimizer")
     loss: str = option("bce", OneOf("loss", _registered("loss")), "--loss")
-    thresholds: str = option("global", OneOf("threshold mode", _registered("threshold mode")), "--thresholds")
+    # auto: global unless per-class or gfm clearly decides better on rows it was not tuned on
+    thresholds: str = option("auto", OneOf("threshold mode", _registered("threshold mode")), "--thresholds")
     oversample: bool = option(False, flag="--oversample")  # repeat rows that carry rare labels
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
