@@ -148,6 +148,8 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
         print(f"decision: {report.decision}, chosen by --decision auto (sample-F1 on validation "
               "rows each rule was not tuned on: " + ", ".join(
                   f"{rule} {f1:.4f}" for rule, f1 in report.decision_evidence.items()) + ")")
+    else:
+        print(f"decision: {report.decision}")
     for r in report.pseudo_rounds:
         print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
               f"val samples_f1={r.val_samples_f1:.4f}")
@@ -638,7 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-class: one per label; balanced: per label, where false positives and "
                         "false negatives balance; gfm: each item's expected-F1-maximising label set, "
                         "nothing tuned; auto: of global, per-class and gfm, the one that scores best "
-                        "on validation rows it was not tuned on (global unless another clearly wins)")
+                        "on validation rows it was not tuned on (global unless another clearly wins on "
+                        "enough rows)")
     p.add_argument("--thresholds", metavar="RULE", help="the older spelling of --decision")
     p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
     p.add_argument("--image-aug", metavar="OPS", names=_augment_ops("image"),

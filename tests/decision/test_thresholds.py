@@ -3,7 +3,7 @@ import pytest
 
 from mmtag.errors import MmtagError
 from mmtag.decision.metrics import samples_f1
-from mmtag.decision.thresholds import GRID, Scores, Thresholds, decide, tune, tune_global
+from mmtag.decision.thresholds import FEW_VALIDATION_ROWS, GRID, Scores, Thresholds, decide, tune, tune_global
 
 
 def test_decide_applies_threshold_per_class():
@@ -300,31 +300,39 @@ def test_auto_picks_expected_f1_where_it_wins_and_records_why():
 
 def test_auto_keeps_global_unless_another_rule_clearly_wins():
     # one threshold separates the classes exactly, and the scores are far from calibrated
-    # (positives at 0.3): the expected-F1 rule would drop most positives
+    # (negatives at 0.45): the expected-F1 rule would add many of them
     rng = np.random.default_rng(1)
-    y = (rng.random((600, 4)) < 0.4).astype(float)
-    probs = (np.where(y > 0, 0.3, 0.05) + 0.01 * rng.random(y.shape)).astype(np.float32)
+    y = (rng.random((1500, 4)) < 0.4).astype(float)
+    y[np.arange(1500), rng.integers(0, 4, 1500)] = 1  # every item has a label, as in the task
+    probs = (np.where(y > 0, 0.6, 0.45) + 0.01 * rng.random(y.shape)).astype(np.float32)
     t = tune("auto", probs, y)
-    assert t.mode == "global" and samples_f1(y, decide(probs, t)) == pytest.approx(
+    assert t.mode == "global" and t.chosen_from["gfm"] < t.chosen_from["global"]
+    assert samples_f1(y, decide(probs, t)) == pytest.approx(
         samples_f1(y, decide(probs, tune_global(probs, y))))
-    # too few rows to hold any out: the plain rule, with no evidence to record
-    tiny = tune("auto", probs[:6], y[:6])
-    assert tiny.mode == "global" and tiny.chosen_from == {}
+    # too few rows to tell close rules apart: the plain rule, with no evidence to record, even
+    # where another rule would win on more rows
+    for few_probs, few_y in ((probs[:6], y[:6]), _calibrated_case(FEW_VALIDATION_ROWS - 1)):
+        few = tune("auto", few_probs, few_y)
+        assert few.mode == "global" and few.chosen_from == {}
 
 
 def test_auto_on_a_union_head_searches_the_branch_thresholds_jointly():
     from mmtag.decision.thresholds import tune_decisions
 
-    probs, y = _calibrated_case(200, seed=3)
+    probs, y = _calibrated_case(FEW_VALIDATION_ROWS, seed=3)
     scores = Scores(probs, {"image": probs * 0.9, "text": probs}, union=True)
     assert tune_decisions("auto", scores, y).mode == "union/global"
 
 
-def test_a_run_with_the_auto_decision_says_what_it_chose_and_keeps_it(tiny, cache_dir, tmp_path, capsys):
+def test_a_run_with_the_auto_decision_says_what_it_chose_and_keeps_it(tiny, cache_dir, tmp_path,
+                                                                     capsys, monkeypatch):
     import json
 
     from mmtag import api, cli
+    from mmtag.decision import thresholds
 
+    # the tiny data's validation rows are few; let auto choose on them all the same
+    monkeypatch.setattr(thresholds, "FEW_VALIDATION_ROWS", 10)
     run = tmp_path / "auto"
     assert cli.main(["train", str(tiny.train_csv), "--modalities", "text", "--decision", "auto",
                      "--epochs", "3", "--hidden", "32", "--cache-dir", cache_dir, "--out", str(run)]) == 0

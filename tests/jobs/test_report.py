@@ -181,7 +181,7 @@ def test_example_cards_show_each_label_with_its_score() -> None:
 
 def test_small_validation_warns_with_counts_and_large_does_not() -> None:
     from mmtag.jobs.report import FEW_POSITIVES, render
-    from mmtag.training.trainer import FEW_VALIDATION_ROWS
+    from mmtag.decision import FEW_VALIDATION_ROWS
 
     small = render(_data(150, 6, few={3: 2}))
     assert 'class="warn"' in small

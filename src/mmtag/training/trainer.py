@@ -18,8 +18,8 @@ from .. import dist
 from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
                     parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
-from ..decision import (Metrics, Scores, Thresholds, ValidationRecord, compute, decide,
-                        samples_f1, tune_decisions)
+from ..decision import (FEW_VALIDATION_ROWS, Metrics, Scores, Thresholds, ValidationRecord,
+                        compute, decide, samples_f1, tune_decisions)
 from ..errors import DataError, MmtagError
 from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
@@ -282,11 +282,6 @@ def strategy_extras(log: dict[str, object]) -> dict[str, object]:
 
 def pseudo_rounds(extra: dict[str, object]) -> list[PseudoRound]:
     return [PseudoRound(**r) for r in extra.get("pseudo_rounds", [])]  # type: ignore[arg-type, attr-defined]
-
-
-# Below this many validation rows, the epoch and threshold chosen on them are noise: on coco-real,
-# a 195-row split overstated held-out sample-F1 by 1-3 points and ranked the heads wrongly.
-FEW_VALIDATION_ROWS = 1000
 
 
 def warn_if_few(n_val: int, *, user_val: bool) -> None:
