@@ -144,12 +144,13 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
               f"(best epoch {report.best_epoch})")
         if m is not None:
             print(f"validation: {m.headline()}")
-    if report.decision_evidence:
-        print(f"decision: {report.decision}, chosen by --decision auto (sample-F1 on validation "
+    decision = report.decision
+    if decision is not None and decision.chosen_from:
+        print(f"decision: {decision.mode}, chosen by --decision auto (sample-F1 on validation "
               "rows each rule was not tuned on: " + ", ".join(
-                  f"{rule} {f1:.4f}" for rule, f1 in report.decision_evidence.items()) + ")")
-    else:
-        print(f"decision: {report.decision}")
+                  f"{rule} {f1:.4f}" for rule, f1 in decision.chosen_from.items()) + ")")
+    elif decision is not None:
+        print(f"decision: {decision.mode}")
     for r in report.pseudo_rounds:
         print(f"pseudo-label round {r.round}: {r.n_pseudo} pseudo-labelled rows, "
               f"val samples_f1={r.val_samples_f1:.4f}")

@@ -264,14 +264,14 @@ def tune_auto(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
         # only in float order, chose global and per-class on 90 rows): the plain rule
         return tune_global(probs, y_true)
     parts = np.array_split(np.random.default_rng(0).permutation(n), AUTO_FOLDS)
-    held_f1: dict[str, np.ndarray] = {}
-    for rule in AUTO_CANDIDATES:
-        f1 = []
-        for i, held in enumerate(parts):
-            rest = np.concatenate([p for j, p in enumerate(parts) if j != i])
-            tuned = TUNERS[rule](probs[rest], y_true[rest])
-            f1.append(samples_f1(y_true[held], decide(probs[held], tuned)))
-        held_f1[rule] = np.array(f1)
+    splits = [(np.concatenate(parts[:i] + parts[i + 1:]), held) for i, held in enumerate(parts)]
+
+    def held_part_f1(rule: str) -> np.ndarray:
+        """The rule tuned on each split's other parts, scored on its held part."""
+        tuned = [(held, TUNERS[rule](probs[rest], y_true[rest])) for rest, held in splits]
+        return np.array([samples_f1(y_true[held], decide(probs[held], t)) for held, t in tuned])
+
+    held_f1 = {rule: held_part_f1(rule) for rule in AUTO_CANDIDATES}
     base = AUTO_CANDIDATES[0]
     chosen, best_gain = base, 0.0
     for rule in AUTO_CANDIDATES[1:]:

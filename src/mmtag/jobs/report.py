@@ -19,8 +19,8 @@ from ..data import ImageDecodeError, decode_thumbnail, read_dataset
 from ..errors import MmtagError
 from ..model import bundle as bundle_io
 from ..model.tagger import Tagger, warn_unknown_labels
-from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Scores, Thresholds, ValidationRecord, compute,
-                        confusion_counts, decide, f1_by_threshold, pr_curve)
+from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Scores, Thresholds, ValidationRecord,
+                        compute, confusion_counts, decide, f1_by_threshold, pr_curve)
 from ..training.loop import BestRule, EpochLog, higher_f1, higher_f1_then_lower_loss
 
 EXAMPLES = 12  # validation items shown with their true and predicted labels

@@ -45,9 +45,9 @@ class FitReport:
     pseudo_rounds: list[PseudoRound] = field(default_factory=list)
     folds: int = 1  # > 1: cross-fitted; the metrics are out of fold, over every training row
     fold_samples_f1: list[float] = field(default_factory=list)  # each fold's, at the chosen decision
-    decision: str = ""  # the decision rule applied (`auto` resolves to the one it chose)
-    # `--decision auto`: each candidate rule's sample-F1 on validation rows it was not tuned on
-    decision_evidence: dict[str, float] = field(default_factory=dict)
+    # the decision applied: its rule (`auto` resolved to the one it chose) and, for auto, what
+    # each candidate scored (`Thresholds.chosen_from`)
+    decision: Thresholds | None = None
 
 
 @dataclass
@@ -154,8 +154,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
                     extra=strategy_extras(state.log))
     report = FitReport(n_train=len(tr.dataset), n_val=len(va.dataset), val_dataset=va.dataset,
                        skipped=skipped, val_metrics=val_metrics, best_epoch=result.best_epoch,
-                       pseudo_rounds=pseudo_rounds(fitted.extra), decision=fitted.thresholds.mode,
-                       decision_evidence=dict(fitted.thresholds.chosen_from))
+                       pseudo_rounds=pseudo_rounds(fitted.extra), decision=fitted.thresholds)
     return fitted, report
 
 
@@ -256,7 +255,7 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
                        skipped=skipped, val_metrics=oof_metrics,
                        best_epoch=int(round(float(np.mean(best_epochs)))),
                        pseudo_rounds=pseudo_rounds(extra), folds=k, fold_samples_f1=per_fold,
-                       decision=thresholds.mode, decision_evidence=dict(thresholds.chosen_from))
+                       decision=thresholds)
     return fitted, report
 
 
