@@ -1,0 +1,228 @@
+"""More from the MiniLM caption vectors? Head settings, seed bagging and token-level probes on
+comp5329 text (issue 16: the 0.88 aim).
+
+    .venv/bin/python bench/text_heads.py [--shared ../shared/data] [--cache DIR]
+        [--parts heads seeds tokens] [--folds 5] [--seed 0] [--epochs 25]
+
+A probe, not a feature of mmtag: comp5329/train.csv, text only, K-fold out of fold (the folds
+`--folds K` uses). Every row is scored by a model that never saw it; each decision rule (global,
+gfm) is tuned on the other folds' out-of-fold scores and applied to the held fold (mean ± std
+over folds), as bench/text_encoders.py does.
+* `heads`: mmtag's text head (`--modalities text --folds K`) at its defaults and with one
+  setting changed at a time (dropout, width, weight decay, learning rate, the asl loss).
+* `seeds`: the default head fitted with seeds 1 and 2 as well (their own folds, so every row is
+  still out of fold in each) and the three runs' probabilities averaged: bagging over seeds.
+* `tokens`: does mean pooling of the last layer throw away what the labels need? A fixed recipe
+  (AdamW, one-cycle lr 1e-3, `--epochs` epochs, no early stopping, nothing chosen on the held
+  fold) trains, on the same folds: an MLP on the last layer's mean (the baseline of this recipe),
+  an MLP on the last three layers' means concatenated, and per-label attention pooling over the
+  last layer's token states (LAAT-style, plus the mean-pooled MLP). The states are computed
+  once by the frozen encoder.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from text_encoders import held_fold_rules  # same folder: the same held-fold scoring
+
+from mmtag import Config, Tagger
+from mmtag.data import Dataset, LabelSpace, read_dataset
+from mmtag.decision import Scores
+from mmtag.encoders import create_encoder
+from mmtag.training.trainer import fold_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+# one setting changed from the defaults per row
+HEAD_VARIANTS: dict[str, dict] = {
+    "default (dropout 0.5, hidden 512, wd 0.05, lr 1e-3, bce)": {},
+    "dropout 0.7": {"model.dropout": 0.7},
+    "dropout 0.3": {"model.dropout": 0.3},
+    "hidden 1024": {"model.hidden": 1024},
+    "weight decay 0.2": {"train.weight_decay": 0.2},
+    "lr 3e-4": {"train.lr": 3e-4},
+    "loss asl": {"train.loss": "asl"},
+}
+MAX_TOKENS = 48
+BATCH = 256
+
+
+def text_head(data: Dataset, cache: str, folds: int, seed: int, extra: dict) -> np.ndarray:
+    """Out-of-fold probabilities of a text-only `--folds` fit with `extra` overrides."""
+    over = {"cache_dir": cache, "model.modalities": ["text"], "train.folds": folds,
+            "train.seed": seed, **extra}
+    tagger = Tagger(Config().override(over))
+    tagger.fit(data, progress=False)
+    assert tagger.validation is not None
+    return tagger.validation.probs
+
+
+def encoder_states(captions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(N, layers+1, D) mean-pooled hidden states of every layer (embeddings first) and each
+    caption's last-layer token states, trimmed to its length, from the frozen MiniLM."""
+    enc = create_encoder("minilm-l6", "text").eval()
+    tokens: list[np.ndarray] = [None] * len(captions)
+    order = np.argsort([len(c) for c in captions], kind="stable")
+    means_arr = None
+    with torch.no_grad():
+        for s in range(0, len(order), 128):
+            idx = order[s:s + 128]
+            batch = enc.tokenizer([captions[i] for i in idx], padding=True, truncation=True,
+                                  max_length=MAX_TOKENS, return_tensors="pt")
+            out = enc.model(**batch, output_hidden_states=True)
+            m = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = torch.stack([(h * m).sum(1) / m.sum(1) for h in out.hidden_states], 1)
+            if means_arr is None:
+                means_arr = np.zeros((len(captions), *pooled.shape[1:]), np.float32)
+            means_arr[idx] = pooled.numpy()
+            lengths = batch["attention_mask"].sum(1)
+            for j, i in enumerate(idx):
+                tokens[i] = out.last_hidden_state[j, :int(lengths[j])].half().numpy()
+    return means_arr, tokens
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, labels: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 512), nn.GELU(),
+                                 nn.Dropout(0.5), nn.Linear(512, labels))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+
+class LabelAttention(nn.Module):
+    """Each label pools the token states with its own attention (Vu et al. 2020, LAAT), on top
+    of the mean-pooled MLP, so it can only add what the mean loses."""
+
+    def __init__(self, dim: int, labels: int, width: int = 256) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, width)
+        self.query = nn.Linear(width, labels, bias=False)
+        self.out = nn.Parameter(torch.zeros(labels, dim))
+        self.bias = nn.Parameter(torch.zeros(labels))
+        self.drop = nn.Dropout(0.3)
+        self.mlp = MLP(dim, labels)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        att = self.query(torch.tanh(self.proj(h))).masked_fill(~mask.unsqueeze(-1), -1e4).softmax(1)
+        pooled = torch.einsum("btc,btd->bcd", att, self.drop(h))
+        mean = (h * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+        return (pooled * self.out).sum(-1) + self.bias + self.mlp(mean)
+
+
+def padded(tokens: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows' token states padded to the longest among them, and the mask."""
+    longest = max(len(tokens[i]) for i in rows)
+    x = torch.zeros(len(rows), longest, tokens[rows[0]].shape[1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for j, i in enumerate(rows):
+        x[j, :len(tokens[i])] = torch.from_numpy(tokens[i].astype(np.float32))
+        mask[j, :len(tokens[i])] = True
+    return x, mask
+
+
+def fixed_recipe(make: Callable[[], nn.Module], inputs: Callable, y: np.ndarray,
+                 folds: list, epochs: int, seed: int) -> np.ndarray:
+    """Out-of-fold probabilities of `make()` trained on each fold's other rows for `epochs`."""
+    probs = np.zeros(y.shape, dtype=np.float32)
+    target = torch.from_numpy(y.astype(np.float32))
+    for tr, va in folds:
+        torch.manual_seed(seed)
+        model = make()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        steps = epochs * -(-len(tr) // BATCH)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
+        gen = np.random.default_rng(seed)
+        loss_fn = nn.BCEWithLogitsLoss()
+        for _ in range(epochs):
+            model.train()
+            perm = gen.permutation(tr)
+            for s in range(0, len(perm), BATCH):
+                rows = perm[s:s + BATCH]
+                opt.zero_grad()
+                loss_fn(model(*inputs(rows)), target[rows]).backward()
+                opt.step()
+                sched.step()
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(va), 1024):
+                rows = va[s:s + 1024]
+                probs[rows] = model(*inputs(rows)).sigmoid().numpy()
+    return probs
+
+
+def token_probes(data: Dataset, y: np.ndarray, folds: list, epochs: int,
+                 seed: int) -> dict[str, np.ndarray]:
+    t0 = time.perf_counter()
+    means, tokens = encoder_states(list(data.captions))
+    print(f"tokens: encoder states {time.perf_counter() - t0:.0f} s", flush=True)
+    labels, dim = y.shape[1], means.shape[-1]
+    last = torch.from_numpy(means[:, -1])
+    last3 = torch.from_numpy(means[:, -3:].reshape(len(y), -1))
+    out = {}
+    for name, make, inputs in (
+            ("recipe: MLP on the last layer's mean", lambda: MLP(dim, labels),
+             lambda rows: (last[rows],)),
+            ("recipe: MLP on the last 3 layers' means", lambda: MLP(3 * dim, labels),
+             lambda rows: (last3[rows],)),
+            ("recipe: per-label attention over tokens + mean MLP",
+             lambda: LabelAttention(dim, labels), lambda rows: padded(tokens, rows))):
+        t0 = time.perf_counter()
+        out[name] = fixed_recipe(make, inputs, y, folds, epochs, seed)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "mmtag"))
+    ap.add_argument("--parts", nargs="+", default=["heads", "seeds", "tokens"],
+                    choices=["heads", "seeds", "tokens"])
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=25, help="the token probes' fixed recipe")
+    args = ap.parse_args()
+    csv = args.shared / "comp5329" / "train.csv"
+    if not csv.is_file():
+        print(f"skipped: {csv} not found")
+        return
+    data, _ = read_dataset(csv, None, labelled=True)
+    y = LabelSpace.of(data).encode(data.label_rows()).astype(np.float32)
+    folds = fold_indices(y, args.folds, args.seed)
+    probs: dict[str, np.ndarray] = {}
+    if "heads" in args.parts or "seeds" in args.parts:
+        variants = HEAD_VARIANTS if "heads" in args.parts else dict(list(HEAD_VARIANTS.items())[:1])
+        for name, extra in variants.items():
+            t0 = time.perf_counter()
+            probs[name] = text_head(data, args.cache, args.folds, args.seed, extra)
+            print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    if "seeds" in args.parts:
+        runs = [next(iter(probs.values()))]
+        for seed in (args.seed + 1, args.seed + 2):
+            runs.append(text_head(data, args.cache, args.folds, seed, {}))
+        probs["default, 3 seeds averaged"] = np.mean(runs, axis=0)
+    if "tokens" in args.parts:
+        probs.update(token_probes(data, y, folds, args.epochs, args.seed))
+
+    print(f"\ncomp5329/train.csv, {len(data)} rows, text only (frozen MiniLM), {args.folds} folds "
+          f"(seed {args.seed}); each rule tuned on the other folds, applied to the held fold\n")
+    print("| text model | global: per fold (mean ± std) | gfm: per fold (mean ± std) |")
+    print("|---|---|---|")
+    for name, p in probs.items():
+        rules = held_fold_rules(Scores(probs=p), y, args.folds, args.seed)
+        g, f = rules["global"], rules["gfm"]
+        print(f"| {name} | {g[0]:.4f} ± {g[1]:.4f} | {f[0]:.4f} ± {f[1]:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
