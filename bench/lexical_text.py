@@ -23,9 +23,9 @@ import numpy as np
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
+from text_encoders import labelled_comp5329  # same folder: the same data
 
 from mmtag import Config, Tagger
-from mmtag.data import LabelSpace, read_dataset
 from mmtag.decision import decide, samples_f1
 from mmtag.decision.thresholds import tune_global
 from mmtag.training.trainer import fold_indices
@@ -49,16 +49,14 @@ def main() -> None:
     ap.add_argument("--cache", default="", help="feature cache (default: the user's)")
     ap.add_argument("--C", type=float, default=8.0, help="inverse L2 strength of the LR probes")
     args = ap.parse_args()
-    csv = args.shared / "comp5329" / "train.csv"
-    if not csv.is_file():
-        print(f"skipped: {csv} not found")
+    comp = labelled_comp5329(args.shared)
+    if comp is None:
         return
-    data, _ = read_dataset(csv, None, labelled=True)
+    data, y = comp
     overrides = {"model.modalities": ["text"], "train.folds": FOLDS, "train.seed": SEED}
     if args.cache:
         overrides["cache_dir"] = args.cache
     tagger = Tagger(Config().override(overrides))
-    y = LabelSpace.of(data).encode(data.label_rows())
     folds = fold_indices(y, FOLDS, SEED)
     captions = list(data.captions)
     probs: dict[str, np.ndarray] = {}

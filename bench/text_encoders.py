@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mmtag import Config, Tagger
-from mmtag.data import Dataset, read_dataset
+from mmtag.data import Dataset, LabelSpace, read_dataset
 from mmtag.decision import Scores, decide, samples_f1, tune_decisions
 from mmtag.encoders import TextEncoder, create_encoder
 from mmtag.features import caption_key, encode_captions
@@ -168,6 +168,17 @@ def ensemble(fits: list[FitResult], k: int, seed: int) -> FitResult:
     name = "mean of " + " and ".join(r.name for r in fits)
     rules = held_fold_rules(Scores(probs=probs), y, k, seed)
     return FitResult(name, fits[0].tagger, Extraction(0, 0.0), sum(r.fit_s for r in fits), rules)
+
+
+def labelled_comp5329(shared: Path) -> tuple[Dataset, np.ndarray] | None:
+    """comp5329/train.csv under `shared` and its label matrix; None (said) when it is absent,
+    so a probe run without ../shared skips instead of failing."""
+    csv = shared / "comp5329" / "train.csv"
+    if not csv.is_file():
+        print(f"skipped: {csv} not found")
+        return None
+    data, _ = read_dataset(csv, None, labelled=True)
+    return data, LabelSpace.of(data).encode(data.label_rows()).astype(np.float32)
 
 
 def label_agreement(data: Dataset) -> tuple[int, float]:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from text_encoders import held_fold_rules  # same folder: the same held-fold scoring
+from text_encoders import held_fold_rules, labelled_comp5329  # same folder: same data, same scoring
 
 from mmtag import Config, Tagger
-from mmtag.data import Dataset, LabelSpace, read_dataset
+from mmtag.data import Dataset
 from mmtag.decision import Scores
 from mmtag.encoders import create_encoder
 from mmtag.training.trainer import fold_indices
@@ -192,12 +192,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=25, help="the token probes' fixed recipe")
     args = ap.parse_args()
-    csv = args.shared / "comp5329" / "train.csv"
-    if not csv.is_file():
-        print(f"skipped: {csv} not found")
+    comp = labelled_comp5329(args.shared)
+    if comp is None:
         return
-    data, _ = read_dataset(csv, None, labelled=True)
-    y = LabelSpace.of(data).encode(data.label_rows()).astype(np.float32)
+    data, y = comp
     folds = fold_indices(y, args.folds, args.seed)
     probs: dict[str, np.ndarray] = {}
     if "heads" in args.parts or "seeds" in args.parts:
