@@ -195,3 +195,22 @@ assert "mmtag.model.export" not in sys.modules, "loading a bundle imported the e
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_export_of_a_cross_fitted_run_scores_its_rows_out_of_fold(tiny: SyntheticPaths, make_config,
+                                                                  tmp_path: Path) -> None:
+    # A --folds run's validation rows are its training rows, and the bagged head trained on most
+    # of each: the export must replay the fold heads, not score them in-sample with the bag.
+    run = tmp_path / "run"
+    cfg = make_config(**{"model.modalities": ["text"], "train.folds": 3, "train.thresholds": "per-class"})
+    api.train(tiny.train_csv, None, run, cfg, progress=False)
+    api.export(run, tmp_path / "fp32")
+    eager, onnx = api.Tagger.load(run), api.Tagger.load(tmp_path / "fp32")
+    assert np.abs(onnx.validation.probs - eager.validation.probs).max() < 1e-3
+    assert onnx.val_metrics.samples_f1 == pytest.approx(eager.val_metrics.samples_f1, abs=0.01)
+    folds = json.loads((tmp_path / "fp32" / "metrics.json").read_text())["folds"]
+    assert folds["samples_f1"] == pytest.approx(eager.fitted.extra["folds"]["samples_f1"], abs=0.01)
+    # the bag's in-sample scores of the same rows are not what was recorded
+    bag = onnx.predict_proba_dataset(api.read_dataset(tiny.train_csv, None, labelled=True)[0],
+                                     progress=False).probs
+    assert np.abs(bag - onnx.validation.probs).max() > 0.05

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mmtag import Tagger, api
+from mmtag.decision import Scores, decide, samples_f1, tune_decisions
 from mmtag.errors import MmtagError
 from mmtag.heads import FoldEnsemble
 from mmtag.training.loop import head_scores
@@ -108,3 +109,24 @@ def test_the_default_model_is_a_stacked_five_fold_late_fusion_and_says_so(tiny, 
     saved = (tmp_path / "run" / "config.yaml").read_text()
     assert "folds: 5" in saved and "stack: true" in saved
     assert isinstance(Tagger.load(tmp_path / "run").head, StackedHead)
+
+
+def test_the_figures_decide_each_fold_by_the_rule_tuned_on_the_others(tiny, make_config):
+    # per-class thresholds tuned on every out-of-fold row and scored on them fit those rows; the
+    # run's figures must decide each fold by thresholds tuned on the other folds only
+    cfg = make_config(**{"model.modalities": ["text"], "train.folds": 3, "train.epochs": 4,
+                         "train.thresholds": "per-class"})
+    train, _ = api.read_dataset(tiny.train_csv, None, labelled=True)
+    tagger = Tagger(cfg)
+    report = tagger.fit(train, progress=False)
+    rec = tagger.validation
+    y = rec.y_true.astype(np.float32)
+    scores = Scores(probs=rec.probs)
+    pred = np.zeros(y.shape, dtype=bool)
+    for tr, va in fold_indices(y, 3, cfg.train.seed):
+        pred[va] = decide(scores.subset(va), tune_decisions("per-class", scores.subset(tr), y[tr]))
+    assert report.val_metrics.samples_f1 == pytest.approx(samples_f1(y, pred))
+    assert report.fold_samples_f1 == pytest.approx(
+        [samples_f1(y[va], pred[va]) for _, va in fold_indices(y, 3, cfg.train.seed)])
+    # the model's own decision is the rule tuned on every row's scores
+    assert tagger.thresholds.to_dict() == tune_decisions("per-class", scores, y).to_dict()

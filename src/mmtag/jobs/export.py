@@ -48,6 +48,8 @@ def export(run: str | Path, out: str | Path, *, format: str = "onnx", int8: bool
             state = tagger.state()
             b.thresholds, b.val_metrics, b.validation = (state.thresholds, state.val_metrics,
                                                          state.validation)
+            if state.extra.get("folds"):  # a cross-fitted run's per-fold figures, re-scored
+                b.extra = {**b.extra, "folds": state.extra["folds"]}
         else:
             b.validation = None
         b.extra = {**b.extra, "export": {

@@ -32,7 +32,8 @@ from ..features.pipeline import Featurizer
 from ..heads import FeatureBatch, Head, create_model_head, head_needs, heads_with_branches
 from ..training.checkpoint import RunLog
 from ..training.loop import head_scores, sigmoid
-from ..training.trainer import FitReport, Fitted, TrainInputs, fit, resolve, tune
+from ..training.trainer import (FitReport, Fitted, TrainInputs, cross_fitted_figures, decision_of, fit,
+                               fold_indices, out_of_fold_scores, resolve, tune)
 from . import bundle as bundle_io
 
 log = logging.getLogger("mmtag")
@@ -190,8 +191,11 @@ class Tagger:
     def recalibrate(self, *, retune: bool = True, progress: bool = False) -> Metrics | None:
         """Re-score the run's validation split with the current encoders (e.g. after an int8
         export): the record and the metrics become those of the current encoders; with `retune`
-        the thresholds are tuned on it again, as training did, otherwise they are kept. None, and
-        nothing changed, when the run kept no validation record or its images are gone."""
+        the thresholds are tuned on it again, as training did, otherwise they are kept. A
+        cross-fitted run's record is its training rows: they are re-scored out of fold (each by
+        the fold head that did not train on it) and its figures decided out of fold, as training
+        did. None, and nothing changed, when the run kept no validation record or its images are
+        gone."""
         state = self.state()
         rec = state.validation
         if rec is None:
@@ -207,13 +211,25 @@ class Tagger:
         data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
                        captions=list(rec.captions), labels=None, images_dir=images_dir,
                        image_ext=self.config.data.image_ext)
-        scores = self.scores(self.features(data, progress=progress).features)
+        feats = self.features(data, progress=progress).features
         y = rec.y_true.astype(np.float32)
-        if retune:
-            state.thresholds, state.val_metrics = tune(self.config, scores, y, state.label_space)
+        ls = state.label_space
+        crossfit = state.extra.get("folds")
+        if crossfit:
+            # The record's rows are the training rows, and the bagged head trained on four
+            # fifths of each: they are scored, stacked and decided out of fold, as in training.
+            folds = fold_indices(y, int(crossfit["k"]), int(crossfit.get("seed", self.config.train.seed)))
+            scores = out_of_fold_scores(self.head, feats, y, folds)
+            if retune:
+                state.thresholds = decision_of(self.config, scores, y)
+            state.val_metrics, per_fold = cross_fitted_figures(self.config, scores, y, folds, ls)
+            state.extra["folds"] = {**crossfit, "samples_f1": per_fold}
         else:
-            ls = state.label_space
-            state.val_metrics = compute(y, decide(scores, state.thresholds), ls.ids, ls.names)
+            scores = self.scores(feats)
+            if retune:
+                state.thresholds, state.val_metrics = tune(self.config, scores, y, ls)
+            else:
+                state.val_metrics = compute(y, decide(scores, state.thresholds), ls.ids, ls.names)
         state.validation = ValidationRecord(
             probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
             captions=rec.captions, image_paths=rec.image_paths)
