@@ -111,7 +111,7 @@ def test_the_default_model_is_a_stacked_five_fold_late_fusion_and_says_so(tiny, 
     assert isinstance(Tagger.load(tmp_path / "run").head, StackedHead)
 
 
-def test_the_figures_decide_each_fold_by_the_rule_tuned_on_the_others(tiny, make_config):
+def test_the_figures_decide_each_fold_by_the_rule_tuned_on_the_others(tiny, make_config, tmp_path):
     # per-class thresholds tuned on every out-of-fold row and scored on them fit those rows; the
     # run's figures must decide each fold by thresholds tuned on the other folds only
     cfg = make_config(**{"model.modalities": ["text"], "train.folds": 3, "train.epochs": 4,
@@ -130,3 +130,9 @@ def test_the_figures_decide_each_fold_by_the_rule_tuned_on_the_others(tiny, make
         [samples_f1(y[va], pred[va]) for _, va in fold_indices(y, 3, cfg.train.seed)])
     # the model's own decision is the rule tuned on every row's scores
     assert tagger.thresholds.to_dict() == tune_decisions("per-class", scores, y).to_dict()
+    # and the report shows the figures the run reports, of the same decisions
+    assert np.array_equal(tagger.validation_decisions(), pred)
+    tagger.save(tmp_path / "run")
+    assert np.array_equal(Tagger.load(tmp_path / "run").validation.decided, pred)  # saved with the run
+    page = api.report(tmp_path / "run").read_text()
+    assert f"sample-F1 <b>{report.val_metrics.samples_f1:.4f}</b>" in page

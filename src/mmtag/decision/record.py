@@ -19,6 +19,9 @@ class ValidationRecord:
     captions: list[str]
     image_paths: list[str]  # "" where the model used no image
     branches: dict[str, np.ndarray] = field(default_factory=dict)  # late fusion: per branch
+    # A cross-fitted run's decisions of these rows, each fold's by the rule tuned on the other
+    # folds (what its figures are of); None where the run's thresholds decide them
+    decided: np.ndarray | None = None
 
     @classmethod
     def of(cls, probs: np.ndarray, branches: dict[str, np.ndarray], y_true: np.ndarray,

@@ -33,7 +33,8 @@ ABSENT = "no validation example"
 # Where the validation figures come from (`ValidationSource.kind`): what the report says of each.
 SOURCES = {
     "out-of-fold": "out of fold over all {rows} training rows ({folds} folds: each row scored by "
-                   "the fold head that did not train on it)",
+                   "the fold head that did not train on it and decided by the rule tuned on the "
+                   "other folds)",
     "split": "a validation split of {rows} rows held out from the training CSV (--val-frac)",
     "val-csv": "your --val CSV {path} ({rows} rows)",
     "csv": "the labelled CSV {path} ({rows} rows), scored by this run",
@@ -434,16 +435,17 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
                                      with_images="image" in tagger.modalities)
         title = f"{Path(run).name} on {Path(csv_path).name}"
         source = ValidationSource("csv", len(record.y_true), path=str(csv_path))
+        mask = decide(Scores(probs=record.probs, branches=record.branches,
+                             union=tagger.head.decision == "union"), tagger.thresholds)
     elif tagger.validation is not None:
         record = tagger.validation
         source = validation_source(tagger, len(record.y_true))
         title = Path(run).name
+        mask = tagger.validation_decisions()  # what the run's figures are of
+        assert mask is not None
     else:
         raise MmtagError(f"{run}: no validation record in this run (an export, or trained before "
                          "mmtag kept one); use --csv to report on a labelled CSV")
-    scores = Scores(probs=record.probs, branches=record.branches,
-                    union=tagger.head.decision == "union")
-    mask = decide(scores, tagger.thresholds)
     data = ReportData(
         title=title, label_ids=list(ls.ids), label_names=list(ls.names), record=record, mask=mask,
         thresholds=tagger.thresholds, metrics=compute(record.y_true, mask, ls.ids, ls.names),

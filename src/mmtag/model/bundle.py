@@ -96,7 +96,8 @@ def _write_files(run: Path, bundle: Bundle) -> tuple[list[Path], dict[str, Any]]
     if bundle.validation is not None:
         v = bundle.validation
         arrays = {"probs": v.probs.astype(np.float32), "y_true": v.y_true.astype(np.uint8),
-                  **{f"branch.{k}": b.astype(np.float32) for k, b in v.branches.items()}}
+                  **{f"branch.{k}": b.astype(np.float32) for k, b in v.branches.items()},
+                  **({"decided": v.decided.astype(np.uint8)} if v.decided is not None else {})}
         atomic_write_with(run / "validation.safetensors", lambda p: save_numpy(arrays, str(p)))
         _write_json(run / "validation.json", {"image_ids": v.image_ids, "captions": v.captions,
                                               "image_paths": v.image_paths})
@@ -506,7 +507,7 @@ def _load_validation(run: Path, num_classes: int) -> ValidationRecord | None:
             raise MmtagError(f"{apath}: lacks '{key}'")
     n = len(arrays["probs"])
     for key, a in arrays.items():
-        if key not in ("probs", "y_true") and not key.startswith("branch."):
+        if key not in ("probs", "y_true", "decided") and not key.startswith("branch."):
             raise MmtagError(f"{apath}: unexpected array '{key}'")
         if a.shape != (n, num_classes):
             raise MmtagError(f"{apath}: '{key}' has shape {a.shape}, expected ({n}, {num_classes}) for "
@@ -518,7 +519,8 @@ def _load_validation(run: Path, num_classes: int) -> ValidationRecord | None:
     return ValidationRecord(
         probs=arrays["probs"], y_true=arrays["y_true"], image_ids=items.image_ids,
         captions=items.captions, image_paths=items.image_paths,
-        branches={k.removeprefix("branch."): v for k, v in arrays.items() if k.startswith("branch.")})
+        branches={k.removeprefix("branch."): v for k, v in arrays.items() if k.startswith("branch.")},
+        decided=arrays["decided"].astype(bool) if "decided" in arrays else None)
 
 
 def _write_json(path: Path, obj: Any) -> None:

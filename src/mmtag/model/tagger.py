@@ -32,8 +32,8 @@ from ..features.pipeline import Featurizer
 from ..heads import FeatureBatch, Head, create_model_head, head_needs, heads_with_branches
 from ..training.checkpoint import RunLog
 from ..training.loop import head_scores, sigmoid
-from ..training.trainer import (FitReport, Fitted, TrainInputs, cross_fitted_figures, decision_of, fit,
-                               fold_indices, out_of_fold_scores, resolve, tune)
+from ..training.trainer import (FitReport, Fitted, TrainInputs, cross_fitted_decisions, decision_of,
+                               figures_of, fit, fold_indices, out_of_fold_scores, resolve, tune)
 from . import bundle as bundle_io
 
 log = logging.getLogger("mmtag")
@@ -214,26 +214,50 @@ class Tagger:
         feats = self.features(data, progress=progress).features
         y = rec.y_true.astype(np.float32)
         ls = state.label_space
-        crossfit = state.extra.get("folds")
-        if crossfit:
+        folds = self._record_folds()
+        if folds:
             # The record's rows are the training rows, and the bagged head trained on four
             # fifths of each: they are scored, stacked and decided out of fold, as in training.
-            folds = fold_indices(y, int(crossfit["k"]), int(crossfit.get("seed", self.config.train.seed)))
             scores = out_of_fold_scores(self.head, feats, y, folds)
             if retune:
                 state.thresholds = decision_of(self.config, scores, y)
-            state.val_metrics, per_fold = cross_fitted_figures(self.config, scores, y, folds, ls)
-            state.extra["folds"] = {**crossfit, "samples_f1": per_fold}
+            decided = cross_fitted_decisions(self.config, scores, y, folds)
+            state.val_metrics, per_fold = figures_of(decided, y, folds, ls)
+            state.extra["folds"] = {**state.extra["folds"], "samples_f1": per_fold}
         else:
-            scores = self.scores(feats)
+            scores, decided = self.scores(feats), None
             if retune:
                 state.thresholds, state.val_metrics = tune(self.config, scores, y, ls)
             else:
                 state.val_metrics = compute(y, decide(scores, state.thresholds), ls.ids, ls.names)
         state.validation = ValidationRecord(
             probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
-            captions=rec.captions, image_paths=rec.image_paths)
+            captions=rec.captions, image_paths=rec.image_paths, decided=decided)
         return state.val_metrics
+
+    def _record_folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A cross-fitted run's folds over its validation record (its training rows); [] else."""
+        state = self.state()
+        crossfit = state.extra.get("folds")
+        if not crossfit or state.validation is None:
+            return []
+        seed = int(crossfit.get("seed", self.config.train.seed))
+        return fold_indices(state.validation.y_true.astype(np.float32), int(crossfit["k"]), seed)
+
+    def validation_decisions(self) -> np.ndarray | None:
+        """The decisions the run's figures are of, on its validation record: the model's
+        thresholds applied, or for a cross-fitted run each fold's rows decided by the rule tuned
+        on the other folds' scores (as `val_metrics` is); None without a record."""
+        rec = self.state().validation
+        if rec is None:
+            return None
+        if rec.decided is not None:
+            return rec.decided
+        scores = Scores(probs=rec.probs, branches=rec.branches, union=self.head.decision == "union")
+        folds = self._record_folds()
+        if folds:
+            return cross_fitted_decisions(self.config, scores, rec.y_true.astype(np.float32), folds)
+        return decide(scores, self.thresholds)
 
     # ------------------------------------------------------------------ prediction
     def scores(self, feats: Features) -> Scores:

@@ -232,7 +232,8 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
         model_head.bias.data = torch.as_tensor(b, dtype=torch.float32)
         scores = stacked_out_of_fold(scores, y, folds)
     thresholds = decision_of(cfg, scores, y)  # the model's: chosen on every row's scores
-    oof_metrics, per_fold = cross_fitted_figures(cfg, scores, y, folds, label_space)
+    decided = cross_fitted_decisions(cfg, scores, y, folds)
+    oof_metrics, per_fold = figures_of(decided, y, folds, label_space)
     best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
     extra = strategy_extras(states[0].log)
     extra["folds"] = {"k": k, "samples_f1": per_fold, "best_epochs": best_epochs,
@@ -242,7 +243,8 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     assert first is not None
     fitted = Fitted(label_space=label_space, head=model_head, dims=states[0].dims,  # type: ignore[arg-type]
                     thresholds=thresholds, val_metrics=oof_metrics, history=first.history_dicts(),
-                    validation=validation_record(scores, y, full.dataset, featurizer), extra=extra)
+                    validation=validation_record(scores, y, full.dataset, featurizer, decided),
+                    extra=extra)
     report = FitReport(n_train=len(full.dataset), n_val=len(full.dataset), val_dataset=full.dataset,
                        skipped=skipped, val_metrics=oof_metrics,
                        best_epoch=int(round(float(np.mean(best_epochs)))),
@@ -294,14 +296,13 @@ def stacked_out_of_fold(scores: Scores, y: np.ndarray,
     return Scores(probs=probs, branches=scores.branches, union=scores.union)
 
 
-def cross_fitted_figures(cfg: Config, scores: Scores, y: np.ndarray,
-                         folds: list[tuple[np.ndarray, np.ndarray]],
-                         label_space: LabelSpace) -> tuple[Metrics, list[float]]:
-    """A cross-fitted run's metrics over all rows, and each fold's sample-F1, with the decision
-    out of fold as well: each fold's rows decided by the rule tuned (and for `auto`, chosen) on
-    the other folds' scores. Scored at the decision tuned on every row, per-class thresholds fit
-    the rows they score (coco-real text with comp5329's captions: 0.9107 that way, 0.9068 this
-    way), enough to rank text above fusion."""
+def cross_fitted_decisions(cfg: Config, scores: Scores, y: np.ndarray,
+                           folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A cross-fitted run's decisions of its own rows, the decision out of fold as well: each
+    fold's rows decided by the rule tuned (and for `auto`, chosen) on the other folds' scores.
+    Scored at the decision tuned on every row, per-class thresholds fit the rows they score
+    (coco-real text with comp5329's captions: 0.9107 that way, 0.9068 this way), enough to rank
+    text above fusion."""
     pred = np.zeros(y.shape, dtype=bool)
     chooser = logging.getLogger(tune_decisions.__module__)  # where `auto` logs
     level = chooser.level
@@ -312,14 +313,22 @@ def cross_fitted_figures(cfg: Config, scores: Scores, y: np.ndarray,
             pred[va_idx] = decide(scores.subset(va_idx), decision_of(cfg, scores.subset(rest), y[rest]))
     finally:
         chooser.setLevel(level)
+    return pred
+
+
+def figures_of(pred: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
+               label_space: LabelSpace) -> tuple[Metrics, list[float]]:
+    """The metrics of cross-fitted decisions over all rows, and each fold's sample-F1."""
     metrics = compute(y, pred, label_space.ids, label_space.names)
     return metrics, [samples_f1(y[va_idx], pred[va_idx]) for _, va_idx in folds]
 
 
-def validation_record(scores: Scores, y: np.ndarray, data: Dataset,
-                      featurizer: Featurizer) -> ValidationRecord:
-    return ValidationRecord.of(scores.probs, scores.branches, y, data,
-                               with_images="image" in featurizer.modalities)
+def validation_record(scores: Scores, y: np.ndarray, data: Dataset, featurizer: Featurizer,
+                      decided: np.ndarray | None = None) -> ValidationRecord:
+    record = ValidationRecord.of(scores.probs, scores.branches, y, data,
+                                 with_images="image" in featurizer.modalities)
+    record.decided = decided
+    return record
 
 
 def strategy_extras(log: dict[str, object]) -> dict[str, object]:
