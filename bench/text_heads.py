@@ -144,28 +144,33 @@ def padded(tokens: list[np.ndarray], rows: np.ndarray) -> tuple[torch.Tensor, to
     return x, mask
 
 
+def train_recipe(model: nn.Module, loss_of: Callable[[np.ndarray], torch.Tensor], tr: np.ndarray,
+                 epochs: int, seed: int) -> None:
+    """The fixed recipe: AdamW, one-cycle lr 1e-3, `epochs` passes over rows `tr` in seeded
+    shuffled batches, nothing chosen on held-out rows; `loss_of(rows)` is the batch's loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * -(-len(tr) // BATCH))
+    gen = np.random.default_rng(seed)
+    for _ in range(epochs):
+        model.train()
+        perm = gen.permutation(tr)
+        for s in range(0, len(perm), BATCH):
+            opt.zero_grad()
+            loss_of(perm[s:s + BATCH]).backward()
+            opt.step()
+            sched.step()
+
+
 def fixed_recipe(make: Callable[[], nn.Module], inputs: Callable, y: np.ndarray,
                  folds: list, epochs: int, seed: int) -> np.ndarray:
     """Out-of-fold probabilities of `make()` trained on each fold's other rows for `epochs`."""
     probs = np.zeros(y.shape, dtype=np.float32)
     target = torch.from_numpy(y.astype(np.float32))
+    loss_fn = nn.BCEWithLogitsLoss()
     for tr, va in folds:
         torch.manual_seed(seed)
         model = make()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        steps = epochs * -(-len(tr) // BATCH)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
-        gen = np.random.default_rng(seed)
-        loss_fn = nn.BCEWithLogitsLoss()
-        for _ in range(epochs):
-            model.train()
-            perm = gen.permutation(tr)
-            for s in range(0, len(perm), BATCH):
-                rows = perm[s:s + BATCH]
-                opt.zero_grad()
-                loss_fn(model(*inputs(rows)), target[rows]).backward()
-                opt.step()
-                sched.step()
+        train_recipe(model, lambda rows: loss_fn(model(*inputs(rows)), target[rows]), tr, epochs, seed)
         model.eval()
         with torch.no_grad():
             for s in range(0, len(va), 1024):
@@ -203,21 +208,15 @@ def label_set_probs(x: np.ndarray, y: np.ndarray, folds: list, epochs: int, seed
     codes = y.astype(np.int64) @ (1 << np.arange(y.shape[1]))
     sets = np.zeros((len(y), top), np.int64)
     probs = np.zeros((len(y), top))
+    xt = torch.from_numpy(x)
     for tr, va in folds:
         classes, target = np.unique(codes[tr], return_inverse=True)
+        yt = torch.zeros(len(y), dtype=torch.int64)
+        yt[tr] = torch.from_numpy(target)  # each training row's set, as a class of this fold
         torch.manual_seed(seed)
         model = MLP(x.shape[1], len(classes))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * -(-len(tr) // BATCH))
-        xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(target)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(epochs):
-            model.train()
-            for rows in torch.randperm(len(tr), generator=gen).split(BATCH):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(xt[rows]), yt[rows]).backward()
-                opt.step()
-                sched.step()
+        train_recipe(model, lambda rows: nn.functional.cross_entropy(model(xt[rows]), yt[rows]),
+                     tr, epochs, seed)
         model.eval()
         with torch.no_grad():
             q = model(torch.from_numpy(x[va])).softmax(-1).numpy()
@@ -279,7 +278,8 @@ def main() -> None:
                     choices=["heads", "seeds", "tokens", "joint"])
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=25, help="the token probes' fixed recipe and the label-set model")
+    ap.add_argument("--epochs", type=int, default=25,
+                    help="the token probes' fixed recipe and the label-set model")
     args = ap.parse_args()
     comp = labelled_comp5329(args.shared)
     if comp is None:

@@ -25,9 +25,10 @@ class ValidationRecord:
 
     @classmethod
     def of(cls, probs: np.ndarray, branches: dict[str, np.ndarray], y_true: np.ndarray,
-           data: Dataset, *, with_images: bool) -> "ValidationRecord":
+           data: Dataset, *, with_images: bool,
+           decided: np.ndarray | None = None) -> "ValidationRecord":
         """The record of `data`'s rows scored `probs` (and `branches`), with their truth."""
         return cls(probs=probs, y_true=y_true, branches=branches, image_ids=list(data.image_ids),
                    captions=list(data.captions),
                    image_paths=[str(data.image_path(i)) if with_images else ""
-                                for i in range(len(data))])
+                                for i in range(len(data))], decided=decided)

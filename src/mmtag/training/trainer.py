@@ -205,7 +205,7 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     """K-fold cross-fitting (`--folds K`): a head per fold, trained on the other folds and
     stopped early on its own; every training row is scored once, by the head that did not see
     it. Those out-of-fold scores choose the model's decision (thresholds) and give the run's
-    figures, whose decision is itself out of fold (`cross_fitted_figures`); the model is the K
+    figures, whose decision is itself out of fold (`cross_fitted_decisions`); the model is the K
     fold heads averaged (bagging), so no row of the data is left out of it."""
     label_space = label_space_of(full.dataset, inputs.extra_text)
     y = label_space.encode(full.dataset.label_rows())
@@ -325,10 +325,8 @@ def figures_of(pred: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np
 
 def validation_record(scores: Scores, y: np.ndarray, data: Dataset, featurizer: Featurizer,
                       decided: np.ndarray | None = None) -> ValidationRecord:
-    record = ValidationRecord.of(scores.probs, scores.branches, y, data,
-                                 with_images="image" in featurizer.modalities)
-    record.decided = decided
-    return record
+    return ValidationRecord.of(scores.probs, scores.branches, y, data,
+                               with_images="image" in featurizer.modalities, decided=decided)
 
 
 def strategy_extras(log: dict[str, object]) -> dict[str, object]:
