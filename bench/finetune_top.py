@@ -214,7 +214,8 @@ def main() -> int:
         try:
             out_of_fold(sub, [
                 Variant("frozen MiniLM", {}, args.cache),
-                Variant(f"top {args.top} layer(s) fine-tuned, {args.epochs} epoch(s), "
+                Variant(f"{f'top {args.top} layer(s)' if args.top else 'whole encoder'} fine-tuned, "
+                        f"{args.epochs} epoch(s), "
                         f"lr {args.ft_lr or FinetuneConfig().lr:g}",
                         {"finetune.modalities": ["text"], "finetune.top_layers": args.top,
                          "finetune.epochs": args.epochs, "finetune.lr": args.ft_lr},
