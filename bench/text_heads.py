@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import curve_fit
 from torch import nn
 
 from text_encoders import held_fold_rules, labelled_comp5329  # same folder: same data, same scoring
@@ -254,7 +255,6 @@ def learning_curve(x: np.ndarray, y: np.ndarray, folds: list, epochs: int, seed:
 
 def saturating_fit(n: np.ndarray, f1: np.ndarray) -> tuple[float, float, float]:
     """(a, b, c) of F1(n) = a − b·n^(−c), least squares; a is the curve's ceiling."""
-    from scipy.optimize import curve_fit
     params, _ = curve_fit(lambda n, a, b, c: a - b * n ** -c, n, f1, p0=(f1[-1] + 0.01, 1.0, 0.5),
                           bounds=([0, 0, 0.01], [1, 1e4, 3]), maxfev=20000)
     return tuple(float(v) for v in params)
