@@ -19,7 +19,7 @@ from ..data import ImageDecodeError, decode_thumbnail, read_dataset
 from ..errors import MmtagError
 from ..model import bundle as bundle_io
 from ..model.tagger import Tagger, warn_unknown_labels
-from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Scores, Thresholds, ValidationRecord,
+from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Thresholds, ValidationRecord,
                         compute, confusion_counts, decide, f1_by_threshold, pr_curve)
 from ..training.loop import BestRule, EpochLog, higher_f1, higher_f1_then_lower_loss
 
@@ -435,8 +435,7 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
                                      with_images="image" in tagger.modalities)
         title = f"{Path(run).name} on {Path(csv_path).name}"
         source = ValidationSource("csv", len(record.y_true), path=str(csv_path))
-        mask = decide(Scores(probs=record.probs, branches=record.branches,
-                             union=tagger.head.decision == "union"), tagger.thresholds)
+        mask = decide(scores, tagger.thresholds)
     elif tagger.validation is not None:
         record = tagger.validation
         source = validation_source(tagger, len(record.y_true))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +230,8 @@ class Tagger:
                 state.thresholds, state.val_metrics = tune(self.config, scores, y, ls)
             else:
                 state.val_metrics = compute(y, decide(scores, state.thresholds), ls.ids, ls.names)
-        state.validation = ValidationRecord(
-            probs=scores.probs, branches=scores.branches, y_true=rec.y_true, image_ids=rec.image_ids,
-            captions=rec.captions, image_paths=rec.image_paths, decided=decided)
+        state.validation = replace(rec, probs=scores.probs, branches=scores.branches,
+                                   decided=decided)
         return state.val_metrics
 
     def _record_folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
