@@ -91,16 +91,17 @@ def test_upper_of_lower_states_is_the_forward(minilm):
 
 
 def _tiny_model(model_type):
-    from transformers import AutoModel, BertConfig, RobertaConfig, XLMRobertaConfig
+    from transformers import AutoModel, BertConfig, MPNetConfig, RobertaConfig, XLMRobertaConfig
 
-    kind = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig}[model_type]
+    kind = {"bert": BertConfig, "roberta": RobertaConfig, "xlm-roberta": XLMRobertaConfig,
+            "mpnet": MPNetConfig}[model_type]
     torch.manual_seed(0)
     cfg = kind(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
                intermediate_size=32, max_position_embeddings=40, pad_token_id=1)
     return AutoModel.from_config(cfg, add_pooling_layer=False).eval()
 
 
-@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta"])
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "mpnet"])
 def test_every_split_of_each_splittable_architecture(model_type):
     from mmtag.encoders import HFTextEncoder
 
@@ -114,8 +115,14 @@ def test_every_split_of_each_splittable_architecture(model_type):
     with torch.no_grad():
         full = enc(ids, mask)
     for top in (1, 2, 3):
-        up = enc.upper_pooled(enc.lower_states(ids, mask, top), mask, top)
+        lower = enc.lower_states(ids, mask, top)
+        up = enc.upper_pooled(lower, mask, top)
         assert torch.allclose(up, full, atol=1e-6), (model_type, top)
+        # LowerStates re-pads each caption to its batch's longest: the short rows alone, cut to
+        # 6 positions, must give the same output (MPNet's position bias follows the length).
+        short = [1, 2, 3]
+        cut = enc.upper_pooled(lower[short, :6], mask[short, :6], top)
+        assert torch.allclose(cut, full[short], atol=1e-6), (model_type, top)
 
 
 def test_trainable_groups_are_the_top_layers_and_lower_states_have_no_grad():

@@ -16,7 +16,7 @@ from .registry import EncoderEntry, register_encoder, register_prefix
 
 
 # Architectures whose layers `HFTextEncoder.lower_states` / `upper_pooled` may run apart.
-SPLITTABLE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+SPLITTABLE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet")
 
 
 class HFTextEncoder(TextEncoder):
@@ -60,28 +60,40 @@ class HFTextEncoder(TextEncoder):
         layers = self._layers(top)
         with torch.no_grad():
             hidden = self.model.embeddings(input_ids=input_ids)
-            mask = self._attention_mask(hidden, attention_mask)
-            for layer in layers[:len(layers) - top]:
-                hidden = layer(hidden, mask)
-        return hidden
+            return self._run(layers[:len(layers) - top], hidden, attention_mask)
 
     def upper_pooled(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
                      top: int) -> torch.Tensor:
         """The last `top` layers on `lower_states`' output, mean-pooled as `forward` pools:
         upper_pooled(lower_states(x, m, top), m, top) is forward(x, m)."""
         layers = self._layers(top)
-        mask = self._attention_mask(hidden, attention_mask)
-        for layer in layers[len(layers) - top:]:
-            hidden = layer(hidden, mask)
+        hidden = self._run(layers[len(layers) - top:], hidden, attention_mask)
         pool = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * pool).sum(1) / pool.sum(1).clamp(min=1.0)
+
+    def _run(self, layers: list[nn.Module] | nn.ModuleList, hidden: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+        """`layers` in turn on `hidden`, given what the model's own encoder gives each layer."""
+        mask = self._attention_mask(hidden, attention_mask)
+        extra = {}
+        if self.model.config.model_type == "mpnet":
+            # MPNetEncoder.forward adds one relative-position bias to every layer's attention,
+            # computed from the sequence length alone; relative distances do not change when
+            # LowerStates re-pads a caption to another length, so the bias stays right.
+            extra["position_bias"] = self.model.encoder.compute_position_bias(hidden)
+        for layer in layers:
+            out = layer(hidden, mask, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out  # MPNetLayer returns a tuple
+        return hidden
 
     def _splittable(self) -> bool:
         # Model types whose forward is exactly embeddings → each `encoder.layer[i](hidden,
         # mask)` in turn with the mask from `create_bidirectional_mask` (read in transformers
-        # 5.x's BertModel/RobertaModel.forward); any other architecture may do more between.
+        # 5.x's BertModel/RobertaModel/MPNetModel.forward; MPNet's layers also take the
+        # encoder's position bias, see `_run`); any other architecture may do more between.
         model_type = getattr(self.model.config, "model_type", "")
-        return (model_type in SPLITTABLE_MODEL_TYPES and not self.model.config.is_decoder
+        return (model_type in SPLITTABLE_MODEL_TYPES
+                and not getattr(self.model.config, "is_decoder", False)
                 and hasattr(self.model, "embeddings")
                 and isinstance(getattr(getattr(self.model, "encoder", None), "layer", None),
                                nn.ModuleList))
