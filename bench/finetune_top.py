@@ -1,8 +1,9 @@
 """Top-layer text fine-tuning (`--ft-top-layers N`) against today's whole-encoder fine-tuning
-and the frozen encoder, on comp5329 captions with MiniLM (issue 16, item 6).
+and the frozen encoder, on comp5329 captions with MiniLM or another text encoder (issue 16,
+item 6).
 
     nice -n 5 .venv/bin/python bench/finetune_top.py [--part speed|accuracy|both]
-        [--shared ../shared/data] [--cache /tmp/beh/cache] [--threads 1]
+        [--encoder minilm-l6] [--shared ../shared/data] [--cache /tmp/beh/cache] [--threads 1]
         speed:    [--speed-rows 2000] [--speed-seconds 60] [--speed-tops 1 2]
         accuracy: [--top 1] [--epochs 1] [--ft-lr LR] [--rows 0] [--folds 5]
 
@@ -80,12 +81,13 @@ class Speed:
         return per_epoch / (self.train_s / self.epochs + self.states_s)
 
 
-def speed(data: Dataset, n_rows: int, seconds: float, tops: list[int]) -> list[Speed]:
+def speed(data: Dataset, n_rows: int, seconds: float, tops: list[int],
+          encoder: str) -> list[Speed]:
     idx = subsample(len(data), n_rows + 64, 1)
     tr, va = data.subset(idx[:n_rows]), data.subset(idx[n_rows:])
     space = LabelSpace.from_labels(tr.labels)  # type: ignore[arg-type]
     y, yv = space.encode(tr.labels), space.encode(va.labels)  # type: ignore[arg-type]
-    enc = create_encoder("minilm-l6")
+    enc = create_encoder(encoder)
     assert isinstance(enc, HFTextEncoder)
     out = []
     for top in [0, *tops]:
@@ -109,9 +111,9 @@ def speed(data: Dataset, n_rows: int, seconds: float, tops: list[int]) -> list[S
     return out
 
 
-def print_speed(rows: list[Speed], n_rows: int) -> None:
+def print_speed(rows: list[Speed], n_rows: int, encoder: str) -> None:
     base = rows[0].per_s
-    print(f"\n| fine-tuning (MiniLM-L6, {n_rows} comp5329 captions, batch 32) | epochs | "
+    print(f"\n| fine-tuning ({encoder}, {n_rows} comp5329 captions, batch 32) | epochs | "
           "training captions/s | × today | lower states (once) | captions/s, 1 epoch amortised "
           "| × today |")
     print("|---|---|---|---|---|---|---|")
@@ -180,7 +182,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", type=Path, default=ROOT / ".." / "shared" / "data")
     ap.add_argument("--cache", default="/tmp/beh/cache",
-                    help="feature cache with the frozen MiniLM's comp5329 features")
+                    help="feature cache with the frozen encoder's comp5329 features")
+    ap.add_argument("--encoder", default="minilm-l6",
+                    help="text encoder fine-tuned and compared frozen (e.g. mpnet-base)")
     ap.add_argument("--part", choices=["speed", "accuracy", "both"], default="both")
     ap.add_argument("--speed-rows", type=int, default=2000)
     ap.add_argument("--speed-seconds", type=float, default=60.0)
@@ -203,21 +207,23 @@ def main() -> int:
     print(f"torch threads {torch.get_num_threads()}, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     if args.part in ("speed", "both"):
-        print_speed(speed(data, args.speed_rows, args.speed_seconds, args.speed_tops),
-                    args.speed_rows)
+        print_speed(speed(data, args.speed_rows, args.speed_seconds, args.speed_tops, args.encoder),
+                    args.speed_rows, args.encoder)
     if args.part in ("accuracy", "both"):
         sub = data.subset(subsample(len(data), args.rows, 0))
-        print(f"\naccuracy: {len(sub)} of {len(data)} rows (seed 0), top_layers {args.top}, "
+        print(f"\naccuracy: {len(sub)} of {len(data)} rows (seed 0), {args.encoder}, "
+              f"top_layers {args.top}, "
               f"{args.epochs} fine-tuning epoch(s), encoder lr {args.ft_lr or 'default'}, "
               "defaults otherwise", flush=True)
         tuned_cache = tempfile.mkdtemp(prefix="mmtag-ft-top-")  # fine-tuned encoders' features
         try:
+            encoder = {"model.text_encoder": args.encoder}
             out_of_fold(sub, [
-                Variant("frozen MiniLM", {}, args.cache),
+                Variant(f"frozen {args.encoder}", encoder, args.cache),
                 Variant(f"{f'top {args.top} layer(s)' if args.top else 'whole encoder'} fine-tuned, "
                         f"{args.epochs} epoch(s), "
                         f"lr {args.ft_lr or FinetuneConfig().lr:g}",
-                        {"finetune.modalities": ["text"], "finetune.top_layers": args.top,
+                        {**encoder, "finetune.modalities": ["text"], "finetune.top_layers": args.top,
                          "finetune.epochs": args.epochs, "finetune.lr": args.ft_lr},
                         tuned_cache),
             ], args.folds)
