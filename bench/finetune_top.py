@@ -217,13 +217,14 @@ def main() -> int:
               "defaults otherwise", flush=True)
         tuned_cache = tempfile.mkdtemp(prefix="mmtag-ft-top-")  # fine-tuned encoders' features
         try:
-            encoder = {"model.text_encoder": args.encoder}
+            encoder_override = {"model.text_encoder": args.encoder}
             out_of_fold(sub, [
-                Variant(f"frozen {args.encoder}", encoder, args.cache),
+                Variant(f"frozen {args.encoder}", encoder_override, args.cache),
                 Variant(f"{f'top {args.top} layer(s)' if args.top else 'whole encoder'} fine-tuned, "
                         f"{args.epochs} epoch(s), "
                         f"lr {args.ft_lr or FinetuneConfig().lr:g}",
-                        {**encoder, "finetune.modalities": ["text"], "finetune.top_layers": args.top,
+                        {**encoder_override, "finetune.modalities": ["text"],
+                         "finetune.top_layers": args.top,
                          "finetune.epochs": args.epochs, "finetune.lr": args.ft_lr},
                         tuned_cache),
             ], args.folds)

@@ -15,8 +15,21 @@ from .base import Encoder, TextEncoder, error_summary, load_weights, read_safete
 from .registry import EncoderEntry, register_encoder, register_prefix
 
 
-# Architectures whose layers `HFTextEncoder.lower_states` / `upper_pooled` may run apart.
-SPLITTABLE_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "mpnet")
+def _no_layer_inputs(model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _mpnet_layer_inputs(model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    # MPNetEncoder.forward adds one relative-position bias to every layer's attention, computed
+    # from the sequence length alone; relative distances do not change when LowerStates re-pads a
+    # caption to another length, so the bias stays right.
+    return {"position_bias": model.encoder.compute_position_bias(hidden)}
+
+
+# Architectures whose layers `HFTextEncoder.lower_states` / `upper_pooled` may run apart, each
+# with what its encoder's forward gives every layer besides the hidden states and the mask.
+SPLITTABLE_MODEL_TYPES = {"bert": _no_layer_inputs, "roberta": _no_layer_inputs,
+                          "xlm-roberta": _no_layer_inputs, "mpnet": _mpnet_layer_inputs}
 
 
 class HFTextEncoder(TextEncoder):
@@ -75,12 +88,7 @@ class HFTextEncoder(TextEncoder):
              attention_mask: torch.Tensor) -> torch.Tensor:
         """`layers` in turn on `hidden`, given what the model's own encoder gives each layer."""
         mask = self._attention_mask(hidden, attention_mask)
-        extra = {}
-        if self.model.config.model_type == "mpnet":
-            # MPNetEncoder.forward adds one relative-position bias to every layer's attention,
-            # computed from the sequence length alone; relative distances do not change when
-            # LowerStates re-pads a caption to another length, so the bias stays right.
-            extra["position_bias"] = self.model.encoder.compute_position_bias(hidden)
+        extra = SPLITTABLE_MODEL_TYPES[self.model.config.model_type](self.model, hidden)
         for layer in layers:
             out = layer(hidden, mask, **extra)
             hidden = out[0] if isinstance(out, tuple) else out  # MPNetLayer returns a tuple
@@ -90,7 +98,8 @@ class HFTextEncoder(TextEncoder):
         # Model types whose forward is exactly embeddings → each `encoder.layer[i](hidden,
         # mask)` in turn with the mask from `create_bidirectional_mask` (read in transformers
         # 5.x's BertModel/RobertaModel/MPNetModel.forward; MPNet's layers also take the
-        # encoder's position bias, see `_run`); any other architecture may do more between.
+        # encoder's position bias, see SPLITTABLE_MODEL_TYPES); any other architecture may do
+        # more between.
         model_type = getattr(self.model.config, "model_type", "")
         return (model_type in SPLITTABLE_MODEL_TYPES
                 and not getattr(self.model.config, "is_decoder", False)
