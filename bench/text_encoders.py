@@ -21,6 +21,11 @@ On comp5329/train.csv, text only, defaults otherwise:
 * `--ensemble` (with two or more `--encoders`): the mean of the encoders' out-of-fold
   probabilities, each row from fold heads that never saw it, decided by the same protocol: is
   a second encoder worth more than its extraction time?
+* where the errors are, for the last model in the table (the ensemble with `--ensemble`): the
+  held-fold gfm decisions per label (misses, false alarms, the pooled sample-F1 gained were that
+  label always right) against whether the caption names the label at all (`NAMING_WORDS`); the
+  pooled sample-F1 with every decision on a named label made right; and, for the most-missed
+  labels, the words most over-represented in their missed items' captions.
 * label agreement: rows whose captions are the same (lower-cased, letters and spaces only) but
   are separate items; the sample-F1 of one such row's labels taken as the other's prediction.
   Labels come from the images, so a caption does not fix them: this says how much a text-only
@@ -34,7 +39,7 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +88,8 @@ class FitResult:
     extraction: Extraction
     fit_s: float
     rules: dict[str, tuple[float, float, float]]  # rule → (fold mean, fold std, pooled)
+    y: np.ndarray  # the labels of the rows, in the order of `predictions`
+    predictions: dict[str, np.ndarray]  # rule → every row's held-fold decisions
 
 
 def load(name: str) -> tuple[TextEncoder, float]:
@@ -127,20 +134,29 @@ def out_of_fold(tagger: Tagger) -> tuple[Scores, np.ndarray]:
     return scores, rec.y_true.astype(np.float32)
 
 
-def held_fold_rules(scores: Scores, y: np.ndarray, k: int,
-                    seed: int) -> dict[str, tuple[float, float, float]]:
-    """Each rule tuned on K-1 folds' out-of-fold scores and applied to the held fold: per-fold
-    sample-F1 mean ± std, and sample-F1 of all rows' held-fold decisions pooled."""
-    out = {}
+def held_fold_predictions(scores: Scores, y: np.ndarray, k: int, seed: int,
+                          rule: str) -> tuple[np.ndarray, list[float]]:
+    """Every row's decision by `rule` tuned on the other K-1 folds' out-of-fold scores, and the
+    held folds' sample-F1s."""
+    pred = np.zeros(y.shape, dtype=bool)
+    f1s = []
+    for tr, va in fold_indices(y, k, seed):
+        decision = tune_decisions(rule, scores.subset(tr), y[tr])
+        pred[va] = decide(scores.subset(va), decision)
+        f1s.append(samples_f1(y[va], pred[va]))
+    return pred, f1s
+
+
+def held_fold_rules(scores: Scores, y: np.ndarray, k: int, seed: int
+                    ) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
+    """Each rule's per-fold sample-F1 mean ± std and sample-F1 of all rows' held-fold decisions
+    pooled; and those decisions."""
+    figures, predictions = {}, {}
     for rule in RULES:
-        pred = np.zeros(y.shape, dtype=bool)
-        f1s = []
-        for tr, va in fold_indices(y, k, seed):
-            decision = tune_decisions(rule, scores.subset(tr), y[tr])
-            pred[va] = decide(scores.subset(va), decision)
-            f1s.append(samples_f1(y[va], pred[va]))
-        out[rule] = (float(np.mean(f1s)), float(np.std(f1s, ddof=1)), samples_f1(y, pred))
-    return out
+        pred, f1s = held_fold_predictions(scores, y, k, seed, rule)
+        figures[rule] = (float(np.mean(f1s)), float(np.std(f1s, ddof=1)), samples_f1(y, pred))
+        predictions[rule] = pred
+    return figures, predictions
 
 
 def fit_encoder(name: str, train: Dataset, cache_dir: str, folds: int, seed: int) -> FitResult:
@@ -153,10 +169,11 @@ def fit_encoder(name: str, train: Dataset, cache_dir: str, folds: int, seed: int
     t0 = time.perf_counter()
     tagger.fit(train, progress=False)
     fit_s = time.perf_counter() - t0
-    rules = held_fold_rules(*out_of_fold(tagger), folds, seed)
+    scores, y = out_of_fold(tagger)
+    rules, predictions = held_fold_rules(scores, y, folds, seed)
     print(f"{name}: fit {fit_s:.0f} s | " + ", ".join(
         f"{r} folds {m:.4f} ± {s:.4f}, pooled {p:.4f}" for r, (m, s, p) in rules.items()), flush=True)
-    return FitResult(name, tagger, extraction, fit_s, rules)
+    return FitResult(name, tagger, extraction, fit_s, rules, y, predictions)
 
 
 def ensemble(fits: list[FitResult], k: int, seed: int) -> FitResult:
@@ -166,8 +183,9 @@ def ensemble(fits: list[FitResult], k: int, seed: int) -> FitResult:
     assert all(np.array_equal(p[1], y) for p in parts), "the same rows in the same order"
     probs = np.mean([p[0].probs for p in parts], axis=0)
     name = "mean of " + " and ".join(r.name for r in fits)
-    rules = held_fold_rules(Scores(probs=probs), y, k, seed)
-    return FitResult(name, fits[0].tagger, Extraction(0, 0.0), sum(r.fit_s for r in fits), rules)
+    rules, predictions = held_fold_rules(Scores(probs=probs), y, k, seed)
+    return FitResult(name, fits[0].tagger, Extraction(0, 0.0), sum(r.fit_s for r in fits), rules,
+                     y, predictions)
 
 
 def labelled_comp5329(shared: Path) -> tuple[Dataset, np.ndarray] | None:
@@ -193,6 +211,76 @@ def label_agreement(data: Dataset) -> tuple[int, float]:
     guess = [set(labels[i]) for i in pairs[:, 0]]
     f1 = [2 * len(t & g) / (len(t) + len(g)) if t or g else 1.0 for t, g in zip(truth, guess)]
     return len(pairs), float(np.mean(f1))
+
+
+# The words by which a caption names each COCO label: its name, plural and the usual caption
+# words for it. Person has no single name in captions ("a man", "two kids"), hence the list.
+NAMING_WORDS: dict[int, str] = {
+    1: r"person|persons|people|man|men|woman|women|boy|boys|girl|girls|child|children|kid|kids"
+       r"|guy|guys|lady|ladies|player|players|skier|skiers|surfer|surfers|skateboarder|rider"
+       r"|riders|someone|crowd|baby|couple|family|he|she|his|her",
+    2: r"bicycles?|bikes?|cyclists?", 3: r"cars?|taxis?|taxi cabs?|suvs?|sedans?",
+    4: r"motorcycles?|motorbikes?|motor cycles?|motor bikes?|scooters?",
+    5: r"airplanes?|planes?|jets?|aircrafts?|airliners?", 6: r"bus|buses", 7: r"trains?",
+    8: r"trucks?", 9: r"boats?|ships?|sailboats?|kayaks?|canoes?|yachts?|ferry",
+    10: r"traffic lights?|traffic signals?|stop ?lights?", 11: r"fire hydrants?|hydrants?",
+    13: r"stop signs?", 14: r"parking meters?|meters?", 15: r"bench|benches",
+    16: r"birds?|seagulls?|gulls?|ducks?|geese|goose|pigeons?|parrots?",
+    17: r"cats?|kittens?|kitty", 18: r"dogs?|puppy|puppies", 19: r"horses?|pony|ponies",
+}
+
+
+def error_sources(data: Dataset, y: np.ndarray, pred: np.ndarray) -> None:
+    """Where a text model's errors are: per label, its misses and false alarms, the pooled
+    sample-F1 gained if that label alone were always right, and how many of its missed items'
+    captions name it at all. A miss on a caption that does not name the object is a guess
+    from context (a street suggests cars), which no reading of the caption can make certain."""
+    space = LabelSpace.of(data)
+    assert len(space) == y.shape[1], "the columns are the label space's, in its order"
+    caps = [c.lower() for c in data.captions]
+    base = samples_f1(y, pred)
+    truth = y.astype(bool)
+    missed, false = truth & ~pred, ~truth & pred
+    covered = [c for c, label in enumerate(space.ids) if label in NAMING_WORDS]
+    named = np.zeros(y.shape, dtype=bool)  # does row i's caption name label c?
+    for c in covered:
+        pattern = re.compile(rf"\b({NAMING_WORDS[space.ids[c]]})\b")
+        named[:, c] = [bool(pattern.search(t)) for t in caps]
+    print(f"\nwhere the errors are (held-fold gfm decisions, pooled sample-F1 {base:.4f}):\n")
+    print("| label | items | missed | false | pooled sample-F1 gained were this label always right "
+          "| missed items whose caption names it | items whose caption names it "
+          "| labelled when named | labelled when not named |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in covered:
+        pos, nc = truth[:, c], named[:, c]
+        fixed = pred.copy()
+        fixed[:, c] = pos
+        print(f"| {space.names[c]} | {pos.sum()} | {missed[:, c].sum()} | {false[:, c].sum()} "
+              f"| +{samples_f1(y, fixed) - base:.4f} | {nc[missed[:, c]].mean():.0%} "
+              f"| {nc[pos].mean():.0%} | {pos[nc].mean():.2f} | {pos[~nc].mean():.3f} |")
+    on = np.zeros(y.shape, dtype=bool)
+    on[:, covered] = True
+    print(f"\nof all {missed[on].sum()} missed labels, {named[missed & on].mean():.1%} are named "
+          f"in their caption; of all {false[on].sum()} false ones, "
+          f"{named[false & on].mean():.1%} are")
+    # What reading the captions better could still gain: every decision on a label its
+    # caption names made right, the model's own decisions on the rest kept.
+    right = np.where(named, truth, pred)
+    print(f"pooled sample-F1 with every decision on a named label right: "
+          f"{samples_f1(y, right):.4f}")
+    # A synonym missing from NAMING_WORDS would count as "not named" and lower that bound: the
+    # words most over-represented in the missed items' captions show whether any are missing.
+    words = [set(re.findall(r"[a-z]+", t)) for t in caps]
+    base_rate = Counter(w for ws in words for w in ws)
+    print("\nwords most over-represented in the captions of missed items (count, × base rate):")
+    for c in np.argsort(-missed.sum(0))[:6]:
+        rows = np.flatnonzero(missed[:, c])
+        counts = Counter(w for i in rows for w in words[i])
+        lift = {w: n / len(rows) / (base_rate[w] / len(words)) for w, n in counts.items()
+                if n >= 15}
+        top = sorted(lift, key=lift.get, reverse=True)[:8]
+        print(f"  {space.names[c]} ({len(rows)} missed): "
+              + ", ".join(f"{w} {counts[w]} ×{lift[w]:.1f}" for w in top))
 
 
 def main() -> None:
@@ -230,6 +318,7 @@ def main() -> None:
             g, f = r.rules["global"], r.rules["gfm"]
             print(f"| {r.name} | {g[0]:.4f} ± {g[1]:.4f} | {g[2]:.4f} | {f[0]:.4f} ± {f[1]:.4f} "
                   f"| {f[2]:.4f} | {r.extraction.cell()} | {r.fit_s:.0f} s |")
+        error_sources(train, rows[-1].y, rows[-1].predictions["gfm"])
     pairs, agreement = label_agreement(train)
     print(f"\nlabel agreement: {pairs} pairs of rows with the same caption; one row's labels as "
           f"the other's prediction score sample-F1 {agreement:.4f}")
