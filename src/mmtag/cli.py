@@ -528,11 +528,12 @@ def _add_cache_option(p: argparse.ArgumentParser) -> None:
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
-    """Options of the many-runs commands: the base config and the one split they all share."""
+    """Options of the many-runs commands: the base config and the folds (or one split) they all
+    share."""
     p.add_argument("--config", type=Path, metavar="YAML",
                    help="config every run starts from (default: the built-in defaults)")
     p.add_argument("--seed", type=int, metavar="N",
-                   help=f"random seed of the shared split (default: {_default('train.seed')})")
+                   help=f"random seed of the shared folds or split (default: {_default('train.seed')})")
     p.add_argument("--val-frac", type=float, metavar="F",
                    help=f"validation fraction of the shared split (default: {_default('data.val_frac')}; "
                         "implies --folds 1)")
@@ -699,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(p, default=None)
     p.set_defaults(func=cmd_train)
 
-    p = command("ablate", "train every fusion variant on one split and tabulate",
+    p = command("ablate", "train every fusion variant on the same folds and tabulate",
                 "mmtag ablate train.csv --images images/",
                 "mmtag ablate train.csv --images images/ --variants text,concat,mean --out runs/ab")
     p.add_argument("train_csv", type=Path, help="labelled CSV (ImageID,Labels,Caption)")
@@ -713,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_options(p)
     p.set_defaults(func=cmd_ablate)
 
-    p = command("sweep", "train every combination of a hyper-parameter grid",
+    p = command("sweep", "train every combination of a hyper-parameter grid on the same folds",
                 'mmtag sweep train.csv --images images/ --grid "lr=1e-4,5e-4 batch-size=32,64"',
                 "mmtag sweep train.csv --grid-file grid.yaml --out runs/sweep-lr   "
                 "(the same --out resumes it)")

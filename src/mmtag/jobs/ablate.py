@@ -1,7 +1,8 @@
-"""`mmtag ablate`: every fusion variant on one seeded split, one table.
+"""`mmtag ablate`: every fusion variant on the same seeded folds (or one split), one table.
 
-The single-modality models and every fusion head are trained on the same split with the same
-seed; encoder features are computed once and shared through the cache, so only heads are trained.
+The single-modality models and every fusion head are trained on the same folds with the same
+seed (out-of-fold figures; `folds=1`: one shared validation split); encoder features are computed
+once and shared through the cache, so only heads are trained.
 """
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""`mmtag sweep`: train every combination of a hyper-parameter grid on one seeded split.
+"""`mmtag sweep`: train every combination of a hyper-parameter grid on the same seeded folds.
 
     grid = parse_grid("lr=1e-4,5e-4 batch=32,64 optimizer=adam,adamw")
     rows = run_sweep("train.csv", "images/", "sweeps/lr", base_config, grid)
     best_row(rows).run   # a normal run bundle: `mmtag predict --run <it>`
 
-Each combination is `base.override(...)` trained into `OUT/runs/<slug>` on the same validation
-split (seed and val_frac of `base`, whatever the axes say), like `mmtag ablate`; encoder features
+Each combination is `base.override(...)` trained into `OUT/runs/<slug>` on the same seeded folds
+and ranked by out-of-fold figures, or with `folds` 1 on the same validation split (seed and
+val_frac of `base`, whatever the axes say), like `mmtag ablate`; encoder features
 come from the shared cache, so a sweep over head settings only trains heads. After every run
 `sweep.csv`, `sweep.md` and `sweep.png` are rewritten atomically, so an interrupted sweep resumes:
 a combination whose run dir is finished (manifest.json), was trained with the same configuration
