@@ -533,7 +533,8 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, metavar="YAML",
                    help="config every run starts from (default: the built-in defaults)")
     p.add_argument("--seed", type=int, metavar="N",
-                   help=f"random seed of the shared folds or split (default: {_default('train.seed')})")
+                   help="random seed of the shared folds or split "
+                        f"(default: {_default('train.seed')})")
     p.add_argument("--val-frac", type=float, metavar="F",
                    help=f"validation fraction of the shared split (default: {_default('data.val_frac')}; "
                         "implies --folds 1)")
