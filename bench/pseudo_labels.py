@@ -18,7 +18,7 @@ import argparse
 import time
 from pathlib import Path
 
-from text_encoders import held_fold_rules  # same folder: the same held-fold scoring
+from text_encoders import held_fold_rules, out_of_fold  # same folder: the same held-fold scoring
 
 from mmtag import Config, Tagger
 from mmtag.data import read_dataset
@@ -36,7 +36,7 @@ def run(train, test, cache: str, folds: int, seed: int, rounds: int, confidence:
     fit_s = time.perf_counter() - t0
     assert tagger.fitted is not None
     per_fold = tagger.fitted.extra["folds"]["pseudo_rounds"]
-    return held_fold_rules(tagger, folds, seed), per_fold, fit_s
+    return held_fold_rules(*out_of_fold(tagger), folds, seed), per_fold, fit_s
 
 
 def main() -> None:
