@@ -1,7 +1,10 @@
-"""Issue-7/14 benchmark: a bounded loopback load test of `mmtag serve`, also under hostile clients.
+"""Issue-7/14/29 benchmark: a bounded loopback load test of `mmtag serve`, also under hostile clients
+and under concurrent large batches.
 
     .venv/bin/python bench/serve_load.py --run RUN [--clients 4] [--seconds 60] [--image a.jpg]
         [--slowloris 0] [--slow-body 0] [--timeouts 0 --batch 64] [--server-arg=--timeout=2 ...]
+    .venv/bin/python bench/serve_load.py --run RUN --batch-clients 1,2,4,8 [--seconds 60]
+        [--batch 64] [--server-arg=--timeout=N ...]
 
 Starts `mmtag serve RUN` on a free loopback port, lets CLIENTS well-behaved threads post /predict
 (one image + caption each, plus one bad request in ten, which must get a 4xx) for SECONDS, then
@@ -16,6 +19,14 @@ Alongside them, optionally:
   --timeouts N   N clients posting /predict/batch of --batch items, sized to run past the
                  server's --timeout (pass it with --server-arg=--timeout=2): each should get 504
                  and must not hold the model while the well-behaved clients wait.
+
+With --batch-clients C1,C2,... (issue 29) it measures goodput instead, on one server: for each
+concurrency C in turn, C clients post --batch-item /predict/batch requests in a loop and one client
+posts single-item /predict requests, for SECONDS; then it prints, per class (batch / single),
+goodput (200 answers per second of the level, which ends once every request sent before SECONDS
+is answered), p50 and p99 latency of the 200 answers, p99 of every answer,
+and the counts of 200 / 503 / 504. A client told 503 waits the answer's Retry-After (bounded by
+the time left) before its next request, as a well-behaved HTTP client does.
 """
 from __future__ import annotations
 
@@ -73,12 +84,14 @@ class Tally:
         self.lock = threading.Lock()
         self.statuses: dict[int | str, int] = {}
         self.latencies: list[float] = []
+        self.order: list[int | str] = []  # the status of each latency, in the same order
 
     def add(self, status: int | str, latency: float | None = None) -> None:
         with self.lock:
             self.statuses[status] = self.statuses.get(status, 0) + 1
             if latency is not None:
                 self.latencies.append(latency)
+                self.order.append(status)
 
 
 def main() -> None:
@@ -92,7 +105,9 @@ def main() -> None:
     ap.add_argument("--slow-body", type=int, default=0, help="connections that trickle a body")
     ap.add_argument("--trickle", type=float, default=1.0, help="seconds between a slow client's bytes")
     ap.add_argument("--timeouts", type=int, default=0, help="clients sending batches that time out")
-    ap.add_argument("--batch", type=int, default=64, help="items per timing-out batch")
+    ap.add_argument("--batch", type=int, default=64, help="items per timing-out (or --batch-clients) batch")
+    ap.add_argument("--batch-clients", default="",
+                    help="goodput sweep: comma-separated counts of concurrent batch clients, e.g. 1,2,4,8")
     ap.add_argument("--server-arg", action="append", default=[],
                     help="extra `mmtag serve` argument, e.g. --server-arg=--timeout=2 (repeatable)")
     args = ap.parse_args()
@@ -120,6 +135,13 @@ def main() -> None:
             raise SystemExit("server did not start")
         time.sleep(0.2)
     startup = time.time() - t0
+    if args.batch_clients:
+        try:
+            _goodput_sweep(args, url, image, [int(c) for c in args.batch_clients.split(",")], startup)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        return
 
     good, bad, slow, timing_out = Tally(), Tally(), Tally(), Tally()
     stop = time.time() + args.seconds
@@ -221,6 +243,68 @@ def main() -> None:
               f"p50 {np.percentile(tl, 50):.0f} ms")
     if args.slowloris or args.slow_body:
         print(f"slow connections: {dict(sorted(slow.statuses.items(), key=str))}")
+
+
+def _ms(seconds: list[float], q: float) -> str:
+    return f"{np.percentile(np.array(seconds) * 1000, q):.0f}" if seconds else "–"
+
+
+def _goodput_sweep(args: argparse.Namespace, url: str, image: bytes, levels: list[int],
+                   startup: float) -> None:
+    """For each level: that many batch clients and one single-item client for --seconds."""
+    batch_files = [("images", (f"{k}.jpg", image, "image/jpeg")) for k in range(args.batch)]
+    batch_data = {"captions": [args.caption] * args.batch}
+    rows = []
+    for level in levels:
+        stop = time.time() + args.seconds
+        tallies = {"batch": Tally(), "single": Tally()}
+
+        def client(kind: str) -> None:
+            with httpx.Client(base_url=url, timeout=300) as c:
+                while time.time() < stop:
+                    t = time.perf_counter()
+                    try:
+                        if kind == "batch":
+                            r = c.post("/predict/batch", files=batch_files, data=batch_data)
+                        else:
+                            r = c.post("/predict", files={"image": ("x.jpg", image, "image/jpeg")},
+                                       data={"caption": args.caption})
+                        status: int | str = r.status_code
+                    except httpx.HTTPError as exc:
+                        r, status = None, exc.__class__.__name__
+                    tallies[kind].add(status, time.perf_counter() - t)
+                    if status == 503 and r is not None:
+                        retry = float(r.headers.get("retry-after", "1"))
+                        time.sleep(max(0.0, min(retry, stop - time.time())))
+
+        threads = [threading.Thread(target=client, args=("batch",)) for _ in range(level)]
+        threads.append(threading.Thread(target=client, args=("single",)))
+        start = time.time()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.time() - start  # every request sent before the stop has been answered
+        for kind, tally in tallies.items():
+            rows.append((level, kind, tally, elapsed))
+
+    print(f"# mmtag serve goodput: {args.run}, {args.batch}-item batches, {args.seconds:g} s per level, "
+          f"loopback{' ' + ' '.join(args.server_arg) if args.server_arg else ''}")
+    print(f"server startup {startup:.1f} s; {os.cpu_count()} CPUs")
+    print("| batch clients | class | requests | 200 | 503 | 504 | other | goodput (200/s) "
+          "| p50 ms (200s) | p99 ms (200s) | p99 ms (all) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for level, kind, tally, elapsed in rows:
+        st = tally.statuses
+        n = sum(st.values())
+        ok = [lat for lat, s in zip(tally.latencies, tally.order) if s == 200]
+        other = n - sum(st.get(s, 0) for s in (200, 503, 504))
+        print(f"| {level} | {kind} | {n} | {st.get(200, 0)} | {st.get(503, 0)} | {st.get(504, 0)} | {other} "
+              f"| {st.get(200, 0) / elapsed:.2f} | {_ms(ok, 50)} | {_ms(ok, 99)} | {_ms(tally.latencies, 99)} |")
+    for level, kind, tally, _ in rows:
+        odd = {s: v for s, v in tally.statuses.items() if s not in (200, 503, 504)}
+        if odd:
+            print(f"{level} batch clients, {kind}: other answers {odd}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from PIL import Image, ImageFile
 
 from mmtag import api
 from mmtag.errors import MmtagError
-from mmtag.serve.app import STEP, Limits, create_app, server_config
+from mmtag.serve.app import SMALL_BURST, STEP, Limits, create_app, server_config
 from mmtag.data.synthetic import SyntheticPaths
 
 LIMITS = Limits(max_upload_mb=0.5, max_side=2000, max_batch=4, timeout_s=30)
@@ -331,17 +331,26 @@ def test_concurrent_requests_are_answered(client: TestClient, item: tuple[bytes,
 
 # ------------------------------------------------------------------ availability
 class SlowModel:
-    """Stands in for Tagger.predict: `per_item` seconds per item, counting the items it ran."""
+    """Stands in for Tagger.predict: `per_item` seconds per item, counting the items it ran and
+    logging each call's (items, first caption). While `gate` is set to an unset Event, a call
+    waits for it (after setting `entered`), holding the model thread at a known step."""
 
     def __init__(self, per_item: float) -> None:
         self.per_item, self.items, self.calls = per_item, 0, 0
+        self.log: list[tuple[int, str | None]] = []
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
 
     def __call__(self, tagger: api.Tagger, images: list[Any] | None = None,
                  captions: list[str] | None = None) -> list[api.Prediction]:
         n = len(images if images is not None else captions or [])
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(timeout=30)
         time.sleep(self.per_item * n)
         self.items += n
         self.calls += 1
+        self.log.append((n, captions[0] if captions else None))
         assert tagger.label_space is not None
         return [api.Prediction(labels=[], names=[], scores={i: 0.0 for i in tagger.label_space.ids})] * n
 
@@ -366,10 +375,10 @@ def patient_app(fused_run: Path) -> FastAPI:
     return create_app(fused_run, Limits(max_upload_mb=2, max_side=2000, max_batch=64, timeout_s=30))
 
 
-def _batch(item: tuple[bytes, str, list[int]], n: int) -> dict[str, Any]:
-    image, caption, _ = item
+def _batch(item: tuple[bytes, str, list[int]], n: int, caption: str | None = None) -> dict[str, Any]:
+    image, default, _ = item
     return {"files": [("images", (f"{k}.jpg", image, "image/jpeg")) for k in range(n)],
-            "data": {"captions": [caption] * n}}
+            "data": {"captions": [caption or default] * n}}
 
 
 # ---- a real uvicorn server on loopback, with mmtag's connection bounds
@@ -433,9 +442,10 @@ def _raw_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 def test_timed_out_requests_stop_and_free_the_model(quick_app: FastAPI, slow_model: SlowModel,
                                                     item: tuple[bytes, str, list[int]]) -> None:
-    """Two 64-item batches (3.2 s of model time each) run past the 1.5 s limit: both get 504 and
-    stop at the next step, so the next client is answered at once (it used to wait behind
-    6.4 s of work nobody would read, and time out too)."""
+    """Two 64-item batches (3.2 s of model time each) run past the 1.5 s limit: the first gets
+    504 and stops at the next step; the second, behind it, gets 504 without running (or 503 at
+    once, if a step of the first had been timed when it came); so the next client is answered
+    at once (it used to wait behind 6.4 s of work nobody would read, and time out too)."""
     with _serving(quick_app, Limits()) as port:
         url = f"http://127.0.0.1:{port}"
         answers: list[httpx.Response] = []
@@ -445,8 +455,9 @@ def test_timed_out_requests_stop_and_free_the_model(quick_app: FastAPI, slow_mod
             t.start()
         for t in batches:
             t.join()
+        assert sorted(r.status_code for r in answers) in ([503, 504], [504, 504]), [r.text for r in answers]
         for r in answers:
-            _is_error(r, 504, "longer than 1.5 s")
+            _is_error(r, r.status_code, "longer than 1.5 s" if r.status_code == 504 else "server busy")
         image, caption, _ = item
         r = httpx.post(f"{url}/predict", files={"image": ("a.jpg", image, "image/jpeg")},
                        data={"caption": caption}, timeout=30)
@@ -455,6 +466,86 @@ def test_timed_out_requests_stop_and_free_the_model(quick_app: FastAPI, slow_mod
     # 1.5 s of model time is < 4 steps of 8 items; one more may be running at the timeout.
     # Nothing else of the 128 items ran.
     assert slow_model.items <= 5 * STEP + 1, slow_model.items
+
+
+def _queued(url: str, requests: int) -> None:
+    """Wait until `requests` requests wait for (or run on) the model, as /health reports."""
+    for _ in range(400):
+        if httpx.get(f"{url}/health", timeout=5).json()["queue"]["requests"] == requests:
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"never {requests} requests queued")
+
+
+def _post_in_thread(url: str, answers: dict[str, httpx.Response], name: str,
+                    **request: Any) -> threading.Thread:
+    def post() -> None:
+        answers[name] = httpx.post(url, timeout=60, **request)
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread
+
+
+def test_batches_are_served_whole_and_a_full_queue_is_refused_at_once(
+        fused_run: Path, slow_model: SlowModel, item: tuple[bytes, str, list[int]]) -> None:
+    """Batches A and B (16 items, 1.6 s of model time each) and C (32 items, 3.2 s) come together
+    under a 6 s limit: each fits alone, A then B fit, A then B then C do not. A and B are answered
+    200, one after the other, never a step of each in turn; C is refused at once with 503 +
+    Retry-After, before anything of it runs, instead of running into its timeout. (The model is
+    held at A's first step meanwhile, so what C finds queued is certain, not a matter of timing;
+    the step-time estimate can only be above the fake model's sleeps.)"""
+    slow_model.per_item = 0.1
+    limits = Limits(max_upload_mb=2, max_side=2000, max_batch=64, timeout_s=6)
+    with _serving(create_app(fused_run, limits), Limits()) as port:
+        url = f"http://127.0.0.1:{port}"
+        batch = f"{url}/predict/batch"
+        warm = httpx.post(batch, timeout=60, **_batch(item, 16, "warm-up"))  # its 2nd step is timed: ~0.8 s
+        assert warm.status_code == 200, warm.text
+        slow_model.gate, slow_model.entered = threading.Event(), threading.Event()
+        answers: dict[str, httpx.Response] = {}
+        threads = [_post_in_thread(batch, answers, "A", **_batch(item, 16, "A"))]
+        assert slow_model.entered.wait(timeout=30)  # A's first step holds the model
+        threads.append(_post_in_thread(batch, answers, "B", **_batch(item, 16, "B")))
+        _queued(url, 2)  # B: 1.6 s ahead + 1.6 s its own fits in 6 s
+        c = httpx.post(batch, timeout=60, **_batch(item, 32, "C"))  # 3.2 s ahead + 3.2 s does not
+        _is_error(c, 503, "server busy", "6 s limit")
+        assert int(c.headers["retry-after"]) >= 1, c.headers
+        assert httpx.get(f"{url}/health", timeout=5).json()["queue"]["requests"] == 2
+        slow_model.gate.set()
+        for t in threads:
+            t.join()
+    assert answers["A"].status_code == 200, answers["A"].text
+    assert answers["B"].status_code == 200, answers["B"].text
+    assert len(answers["B"].json()["predictions"]) == 16
+    # whole requests in order; nothing of C ever ran
+    assert slow_model.log == [(8, "warm-up")] * 2 + [(8, "A")] * 2 + [(8, "B")] * 2, slow_model.log
+
+
+def test_small_requests_go_first_but_never_starve_a_batch(patient_app: FastAPI, slow_model: SlowModel,
+                                                          item: tuple[bytes, str, list[int]]) -> None:
+    """While a batch runs, one-image requests go ahead of its next step; but after SMALL_BURST of
+    them in a row the batch gets a step, however many small ones wait."""
+    slow_model.per_item = 0.02
+    image, _, _ = item
+    with _serving(patient_app, Limits()) as port:
+        url = f"http://127.0.0.1:{port}"
+        slow_model.gate = threading.Event()
+        answers: dict[str, httpx.Response] = {}
+        threads = [_post_in_thread(f"{url}/predict/batch", answers, "batch",
+                                   **_batch(item, 3 * STEP, "batch"))]
+        assert slow_model.entered.wait(timeout=30)  # the batch's first step holds the model
+        for k in range(SMALL_BURST + 2):
+            threads.append(_post_in_thread(f"{url}/predict", answers, f"s{k}", data={"caption": f"s{k}"},
+                                           files={"image": ("a.jpg", image, "image/jpeg")}))
+            _queued(url, k + 2)  # in this order
+        slow_model.gate.set()
+        for t in threads:
+            t.join()
+    assert all(r.status_code == 200 for r in answers.values()), {k: r.text for k, r in answers.items()}
+    singles = [(1, f"s{k}") for k in range(SMALL_BURST + 2)]
+    assert slow_model.log == [(STEP, "batch"), *singles[:SMALL_BURST], (STEP, "batch"),
+                              *singles[SMALL_BURST:], (STEP, "batch")], slow_model.log
 
 
 def test_connections_that_never_finish_their_headers_are_closed(patient_app: FastAPI) -> None:

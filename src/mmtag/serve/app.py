@@ -12,17 +12,19 @@ only an image or only a caption, from that branch alone; every result says what 
 (`modalities_used`) and, when one branch answered, why (`note`), and gives the thresholds that
 decided it. An early-fusion model refuses such an item (422, naming the missing field).
 
-Every error is JSON `{"error": ...}` with a 4xx status, never a 500: bodies over the upload limit
-(413, also when chunked), uploads that do not decode as an image (415), images over the dimension
-cap, missing or empty fields (422), unknown paths (404), wrong methods (405), malformed HTTP
-(400), and requests that run past the time limit (504).
+Every error is JSON `{"error": ...}`, never a 500: bodies over the upload limit (413, also when
+chunked), uploads that do not decode as an image (415), images over the dimension cap, missing or
+empty fields (422), unknown paths (404), wrong methods (405), malformed HTTP (400), requests that
+run past the time limit (504), and requests the queue ahead would not let finish in time (503 with
+`Retry-After`, at once, before any work is done for them).
 
 The model is loaded once; one inference thread runs it, because Hugging Face fast tokenizers are
 not safe to call from several threads at once, and on a 2-core CPU parallel requests would only
-compete for the same cores. Uploads are decoded before they queue for that thread, and a batch
-runs in steps of `STEP` items, small requests first (`_ModelThread`): a request whose client hung
-up or whose time ran out stops at the next step (or never starts), so it cannot hold the model
-while others time out behind it.
+compete for the same cores. Uploads are decoded before they queue for that thread. Requests are
+served whole, first come first served, in steps of `STEP` items, with a lane for small requests
+that goes first at step boundaries (`_ModelThread`); a request whose client hung up or whose time
+ran out stops at the next step (or never starts), so it cannot hold the model while others time
+out behind it.
 
 Connections are bounded too (see `BoundedH11Protocol`): a client has `header_timeout_s` to send a
 request's headers, and past `max_connections` the longest-idle connection is closed.
@@ -30,15 +32,14 @@ request's headers, and past `max_connections` the longest-idle connection is clo
 from __future__ import annotations
 
 import asyncio
-import functools
-import itertools
 import json
 import math
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,11 @@ from ..data import MAX_CAPTION_CHARS, decode_image, open_image_bytes
 from ..errors import MmtagError
 
 STEP = 8  # items per inference step of a batch: how far a cancelled batch can run on
+SMALL_BURST = 4  # small requests that may run in a row while a batch waits for its next step
+SHARE_DECAY = 0.95  # per step: how fast the small lane's measured share of the model is forgotten
+HEADROOM = 1.25  # admission plans for steps this much slower than measured: on 2 shared cores a
+#                  lone 64-item batch's p99 was up to a third above its p50 (bench/serve_load.py)
+DEADLINE = "mmtag.deadline"  # scope key: time.monotonic() at which the guard answers 504
 
 
 @dataclass(frozen=True)
@@ -91,31 +97,207 @@ class _TooLarge(Exception):
     pass
 
 
-class _ModelThread:
-    """The one thread that runs the model. Its jobs wait in a priority queue ordered by how many
-    items their request will have had run after the job, then by arrival: a one-image request
-    goes ahead of a large batch's steps instead of queueing behind all of them (the batch moves
-    whenever no smaller job waits). A job whose request gave up while waiting is dropped unrun."""
+class _ServiceTime:
+    """Seconds a step of n items takes, learnt from the steps the model has run: an exponentially
+    weighted moving average per step size (1..STEP), since a step's fixed cost (a model call, the
+    tokenizer's start) makes a one-item step cost more per item than a full one, and one average
+    per item would misjudge both. A size not yet seen is scaled from the nearest size that was.
+    The first step of each size is not counted: it pays one-off costs (lazy initialisation, the
+    CPU kernels' set-up for a new input shape), and counted, they had a fresh server refuse a
+    lone batch in the benchmark until the average forgot them."""
+
+    ALPHA = 0.2  # weight of the newest step: the load on the cores changes, recent steps say most
 
     def __init__(self) -> None:
-        self._jobs: queue.PriorityQueue[tuple[int, int, Future, Callable[[], Any]]] = queue.PriorityQueue()
-        self._arrival = itertools.count()
+        self._seconds: dict[int, float] = {}
+        self._first: set[int] = set()  # sizes whose first (uncounted) step has run
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def add(self, items: int, seconds: float) -> None:
+        if items not in self._first:
+            self._first.add(items)
+            return
+        old = self._seconds.get(items)
+        self._seconds[items] = seconds if old is None else old + self.ALPHA * (seconds - old)
+
+    def step(self, items: int) -> float:
+        if items in self._seconds:
+            return self._seconds[items]
+        near = min(self._seconds, key=lambda k: abs(k - items))
+        return self._seconds[near] * items / near
+
+    def request(self, items: int) -> float:
+        """Seconds to run `items` more items of one request, a step at a time."""
+        full, rest = divmod(items, STEP)
+        return full * self.step(STEP) + (self.step(rest) if rest else 0.0)
+
+
+class _Overloaded(Exception):
+    """The work queued ahead would not let a request finish within its time."""
+
+    def __init__(self, ahead_s: float, own_s: float, budget_s: float, timeout_s: float) -> None:
+        # A retry gets a fresh timeout: it fits once the work ahead has shrunk to what the
+        # timeout leaves after its own time (if nothing else arrives meanwhile).
+        fits_at = max(0.0, timeout_s / HEADROOM - own_s)
+        self.retry_after = max(1, math.ceil(ahead_s - fits_at))
+        super().__init__(f"server busy: about {ahead_s:.1f} s of work is queued ahead of this request, "
+                         f"which needs about {own_s:.1f} s itself, and it has {max(budget_s, 0):.1f} s "
+                         f"left of the {timeout_s:g} s limit; retry after {self.retry_after} s")
+
+
+@dataclass(eq=False)
+class _Job:
+    items: int
+    run: Callable[[int, int], list[Any]]  # run(start, stop): the answers for items[start:stop]
+    future: Future = field(default_factory=Future)
+    done: int = 0  # items answered so far
+    answers: list[Any] = field(default_factory=list)
+
+
+class _ModelThread:
+    """The one thread that runs the model, and the queue in front of it.
+
+    Requests are served whole and first come first served, a step of STEP items at a time: the
+    steps of two batches are never interleaved. Interleaved (round robin), k batches that arrive
+    together all finish together, after k times one batch's time, so once that passes the timeout
+    every one of them times out and all the work is wasted. Served whole, the first ones finish,
+    and a request that the work queued ahead would make miss its deadline is refused at once
+    (`_Overloaded`, a 503 with Retry-After), which is what keeps the queue bounded.
+
+    Small requests (STEP items or fewer, one step) have a lane of their own that goes first at
+    every step boundary, so a one-image request waits for the step running now, not for the
+    batches queued ahead of it. A lane rather than plain shortest-job-first, because with SJF a
+    steady stream of small requests could hold a batch back for good: here at most SMALL_BURST
+    small requests run in a row while a batch waits, then the batch gets a step, so neither lane
+    can starve the other and a batch's finishing time stays predictable.
+
+    A job whose request gave up (its future cancelled: the client hung up or the deadline passed)
+    is dropped at the next step boundary, run or not.
+    """
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._small: deque[_Job] = deque()
+        self._batches: deque[_Job] = deque()
+        self._burst = 0  # small jobs run in a row while a batch waited
+        self._batch_step = 0  # items of the batch step running now, 0 when none
+        self.times = _ServiceTime()
+        # decayed seconds of the small lane's steps, and of all steps, run while a batch waited
+        self._small_s, self._contended_s = 0.0, 0.0
         threading.Thread(target=self._run, name="mmtag-infer", daemon=True).start()
 
-    def submit(self, items: int, job: Callable[[], Any]) -> Future:
-        future: Future = Future()
-        self._jobs.put((items, next(self._arrival), future, job))
-        return future
+    def check(self, items: int, budget_s: float, timeout_s: float) -> None:
+        """Raise `_Overloaded` if a request of `items` items would be refused now (to refuse it
+        before decoding its uploads)."""
+        with self._cv:
+            self._admit(items, budget_s, timeout_s)
+
+    def submit(self, items: int, run: Callable[[int, int], list[Any]], budget_s: float,
+               timeout_s: float) -> Future:
+        """Queue a request of `items` items with `budget_s` seconds left to answer it: a future of
+        its answers, or `_Overloaded`."""
+        job = _Job(items, run)
+        with self._cv:
+            self._admit(items, budget_s, timeout_s)
+            (self._small if items <= STEP else self._batches).append(job)
+            self._cv.notify()
+        return job.future
+
+    def state(self) -> dict[str, Any]:
+        """What waits now, and how long a new batch would wait for it (None until a step ran)."""
+        with self._cv:
+            self._prune()
+            jobs = [*self._small, *self._batches]
+            return {"requests": len(jobs), "items": sum(j.items - j.done for j in jobs),
+                    "expected_wait_s": round(self._expect(STEP + 1)[0], 3) if self.times.known else None}
+
+    def _admit(self, items: int, budget_s: float, timeout_s: float) -> None:
+        self._prune()
+        # With nothing queued a request always runs: an estimate can only be corrected by
+        # running, so one too high (say, from a moment of contention) must not refuse forever.
+        if not self.times.known or not (self._small or self._batches):
+            return
+        ahead, own = self._expect(items)
+        if HEADROOM * (ahead + own) > budget_s:
+            raise _Overloaded(ahead, own, budget_s, timeout_s)
+
+    def _expect(self, items: int) -> tuple[float, float]:
+        """Expected seconds before a new request of `items` items starts, and then to run it."""
+        t = self.times
+        small, own = sum(t.request(j.items - j.done) for j in self._small), t.request(items)
+        if items > STEP:
+            # A batch waits for every request queued now, and small requests that come meanwhile
+            # go ahead of its steps (and of those of the batches ahead of it): they stretch the
+            # batch lane's time by their measured share of the model while batches waited.
+            share = min(0.9, self._small_s / self._contended_s) if self._contended_s else 0.0
+            batches = sum(t.request(j.items - j.done) for j in self._batches)
+            return small + batches / (1 - share), own / (1 - share)
+        if not self._batches:
+            return small, own
+        # a small one waits for the small ones ahead, the batch step running now, and a batch
+        # step each time SMALL_BURST small ones have run in a row
+        running = t.step(self._batch_step) if self._batch_step else 0.0
+        return small + running + (len(self._small) // SMALL_BURST) * t.step(STEP), own
+
+    def _count_share(self, seconds: float, small: bool) -> None:
+        """Count a step run while a batch waited (or a batch's own) towards the small lane's share."""
+        if not self._contended_s:  # start as if the last 1 / (1 - decay) steps had been batch
+            # steps, so that one early small step does not read as the small lane taking it all
+            self._contended_s = self.times.step(STEP) / (1 - SHARE_DECAY)
+        self._small_s = SHARE_DECAY * self._small_s + (seconds if small else 0.0)
+        self._contended_s = SHARE_DECAY * self._contended_s + seconds
+
+    def _prune(self) -> None:
+        for lane in (self._small, self._batches):
+            if any(j.future.cancelled() for j in lane):
+                kept = [j for j in lane if not j.future.cancelled()]
+                lane.clear()
+                lane.extend(kept)
+
+    def _next(self) -> tuple[_Job, deque[_Job]]:
+        while True:
+            self._prune()
+            if self._small and (not self._batches or self._burst < SMALL_BURST):
+                self._burst += bool(self._batches)
+                return self._small[0], self._small
+            if self._batches:
+                self._burst = 0
+                return self._batches[0], self._batches
+            self._cv.wait()
 
     def _run(self) -> None:
         while True:
-            _, _, future, job = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled (its request timed out or hung up) before it ran
+            with self._cv:
+                job, lane = self._next()
+                start, stop = job.done, min(job.done + STEP, job.items)
+                self._batch_step = (stop - start) if lane is self._batches else 0
+                contended = bool(self._batches)  # this step runs while a batch waits (or is one)
+            error: BaseException | None = None
+            began = time.perf_counter()
             try:
-                future.set_result(job())
+                answers = job.run(start, stop)
             except BaseException as exc:  # handed to the request that waits for it
-                future.set_exception(exc)
+                error, answers = exc, []
+            seconds = time.perf_counter() - began
+            with self._cv:
+                self._batch_step = 0
+                if error is None:
+                    self.times.add(stop - start, seconds)
+                    job.answers += answers
+                    job.done = stop
+                if contended and self.times.known:
+                    self._count_share(seconds, small=lane is self._small)
+                finished = error is not None or job.done == job.items
+                if finished and job in lane:  # (a job cancelled during its step was pruned)
+                    lane.remove(job)
+            if finished and job.future.set_running_or_notify_cancel():
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(job.answers)
 
 
 class _Guard:
@@ -140,6 +322,7 @@ class _Guard:
         if declared is not None and int(declared) > self.limit:
             await _send_json(send, 413, f"request body is {int(declared)} bytes; the limit is {self.limit}")
             return
+        scope[DEADLINE] = time.monotonic() + self.seconds  # what the queue's admission plans for
         seen, started, too_large = 0, False, False
 
         async def counted() -> dict:
@@ -284,10 +467,7 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
                if given else "")
         raise _Bad(422, f"{fields}: this model needs {' and '.join(need[m][1] for m in missing)}{why}")
 
-    def run_step(images: list[Any], captions: list[str | None],
-                 cancelled: threading.Event) -> list[dict[str, Any]]:
-        if cancelled.is_set():  # picked up after its request gave up: leave the model to others
-            return []
+    def run_step(images: list[Any], captions: list[str | None]) -> list[dict[str, Any]]:
         # Items with the same inputs run together: a late-fusion model answers those with only a
         # caption (or only an image) from that branch, the others with the whole model.
         groups: dict[tuple[bool, bool], list[int]] = {}
@@ -309,20 +489,23 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
                 "thresholds": thresholds.get(used, thresholds[tuple(tagger.modalities)]),
                 "modalities_used": list(used), "note": p.note}
 
+    def budget(request: Request) -> float:
+        """Seconds left before the guard answers this request 504."""
+        return request.scope.get(DEADLINE, time.monotonic() + limits.timeout_s) - time.monotonic()
+
+    def busy(exc: _Overloaded) -> _Bad:
+        return _Bad(503, str(exc), {"Retry-After": str(exc.retry_after)})
+
     async def infer(request: Request, images: list[Any], captions: list[str | None]) -> list[dict[str, Any]]:
-        """Run the model on the items, a step at a time, for as long as someone waits for it:
-        a timeout (the guard cancels this coroutine) or a hang-up ends it at the next step."""
-        cancelled = threading.Event()
-
-        async def steps() -> list[dict[str, Any]]:
-            out: list[dict[str, Any]] = []
-            for s in range(0, len(images), STEP):
-                step = functools.partial(run_step, images[s:s + STEP], captions[s:s + STEP], cancelled)
-                # cancelling this await cancels the queued job (wrap_future passes it on)
-                out += await asyncio.wrap_future(model.submit(min(s + STEP, len(images)), step))
-            return out
-
-        work = asyncio.ensure_future(steps())
+        """Queue the items for the model (or refuse them, 503) and wait for their answers for as
+        long as someone waits: a timeout (the guard cancels this coroutine) or a hang-up cancels
+        the job, which the model thread drops at its next step."""
+        try:
+            job = model.submit(len(images), lambda a, b: run_step(images[a:b], captions[a:b]),
+                               budget(request), limits.timeout_s)
+        except _Overloaded as exc:
+            raise busy(exc) from None
+        work = asyncio.wrap_future(job)  # cancelling it cancels the job
         gone = asyncio.ensure_future(_hung_up(request.receive))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -331,13 +514,12 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
             # nginx's "client closed request"; nobody reads it, but the access log shows why
             raise _Bad(499, "the client closed the connection before the answer was ready")
         finally:
-            cancelled.set()
             work.cancel()
             gone.cancel()
 
     @app.exception_handler(_Bad)
     async def client_error(request: Request, exc: _Bad) -> JSONResponse:
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(MmtagError)
     async def refused(request: Request, exc: MmtagError) -> JSONResponse:
@@ -353,9 +535,10 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/health")
     def health() -> dict[str, Any]:
-        """Liveness, and what each prediction needs."""
+        """Liveness, what each prediction needs, and the queue in front of the model."""
         return {"status": "ok", "run": Path(run).name, "modalities": tagger.modalities,
-                "branches": list(tagger.branches), "head": tagger.head_name, "num_labels": len(ls)}
+                "branches": list(tagger.branches), "head": tagger.head_name, "num_labels": len(ls),
+                "queue": model.state()}
 
     @app.get("/labels")
     def labels() -> list[dict[str, Any]]:
@@ -387,6 +570,10 @@ def create_app(run: str | Path, limits: Limits | None = None) -> FastAPI:
         # Both lists given: they pair up item by item, so they must be as long as each other.
         if needs_image and needs_text and images and captions and len(images) != len(captions):
             raise _Bad(422, f"got {len(images)} images but {len(captions)} captions")
+        try:  # refused now rather than after decoding every upload
+            model.check(n, budget(request), limits.timeout_s)
+        except _Overloaded as exc:
+            raise busy(exc) from None
         imgs = [await read_image(f, f"images[{k}]") for k, f in enumerate(images or [None] * n)]
         caps = [check_caption(c, f"captions[{k}]") for k, c in enumerate(captions or [None] * n)]
         for k in range(n):
@@ -424,11 +611,11 @@ def _plain_form_fields(body: dict[str, Any]) -> None:
 
 
 class _Bad(Exception):
-    """A client error with its HTTP status."""
+    """An error answer: its HTTP status, message and headers."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 class BoundedH11Protocol(H11Protocol):
