@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,17 +97,24 @@ def test_retrain_with_overwrite_replaces_the_run_only_when_complete(
         monkeypatch: pytest.MonkeyPatch) -> None:
     before = _snapshot(finished)
     during: list[dict[str, str]] = []
-    draw = train_job.report
+    drawn: list[int] = []
+    add, draw = train_job.add_run_files, train_job.report
 
-    def report_watching_the_old_run(run: Path, *args: object, **kwargs: object) -> Path:
-        during.append(_snapshot(finished))  # training is over, the new bundle is written
+    def add_watching_the_old_run(work: Path, run: Path) -> None:
+        during.append(_snapshot(finished))  # training is over, the new bundle is being written
+        add(work, run)
+
+    def report_of_the_new_run(run: Path, *args: object, **kwargs: object) -> Path:
+        drawn.append(api.Tagger.load(run).config.train.seed)  # the new run is complete, in place
         return draw(run, *args, **kwargs)
 
-    monkeypatch.setattr(train_job, "report", report_watching_the_old_run)
+    monkeypatch.setattr(train_job, "add_run_files", add_watching_the_old_run)
+    monkeypatch.setattr(train_job, "report", report_of_the_new_run)
     rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--seed", "5", "--overwrite",
                      "--cache-dir", cache_dir)
     assert rc == 0, err
     assert during == [before]  # until the new run was complete, the old one was untouched
+    assert drawn == [5]  # and its report was drawn only once it was saved
     tagger = api.Tagger.load(finished)  # verifies every file against the new manifest
     assert tagger.config.train.seed == 5
     manifest = json.loads((finished / "manifest.json").read_text())
@@ -112,6 +122,27 @@ def test_retrain_with_overwrite_replaces_the_run_only_when_complete(
     assert set(manifest["files"]) | {"manifest.json"} == set(_snapshot(finished))
     assert not (finished / "checkpoints").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_report_that_cannot_be_drawn_costs_the_report_not_the_run(
+        tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(run: Path, *args: object, **kwargs: object) -> Path:
+        raise MemoryError("drawing the plots")
+
+    monkeypatch.setattr(train_job, "report", broken)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="mmtag"):
+        rc, err = _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)
+    assert rc == 0, err
+    warned = [r.getMessage() for r in caplog.records if "report" in r.getMessage()]
+    assert len(warned) == 1 and "the run is saved, but its report could not be drawn" in warned[0]
+    assert f"`mmtag report {run}` tries again" in warned[0]
+    api.Tagger.load(run)  # finished and whole
+    assert not (run / "report.html").exists()
+    assert cli.main(["-q", "report", str(run)]) == 0  # and the hint works
+    assert "report.html" in json.loads((run / "manifest.json").read_text())["files"]
+    api.Tagger.load(run)
 
 
 def test_bundle_save_failing_midway_leaves_the_previous_bundle(finished: Path, tmp_path: Path) -> None:
@@ -390,3 +421,109 @@ def test_python_api_refuses_a_finished_run_unless_overwrite(finished: Path, tiny
     _, _, manifest = api.train(tiny.train_csv, None, finished, cfg, progress=False, overwrite=True)
     assert "report.html" in manifest["files"]
     api.Tagger.load(finished)
+
+
+# ------------------------------------------------------------------ one writer per run
+MODEL_FILES = ("config.yaml", "labels.json", "thresholds.json", "head.safetensors",
+               "validation.safetensors")
+
+
+def _model_hashes(run: Path) -> dict[str, str]:
+    return {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in MODEL_FILES}
+
+
+def _hold_lock(run: Path) -> "subprocess.Popen[str]":
+    """Another process holding `run`'s lock, as a train writing it would, until killed."""
+    code = ("import sys, time\nfrom mmtag.model import rundir\n"
+            "with rundir.lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _refused_while_held(run: Path, capsys: pytest.CaptureFixture[str], *args: object) -> None:
+    """`mmtag train ARGS` while another process holds `run`'s lock: one line naming it, and
+    neither the run nor anything beside it changes."""
+    holder = _hold_lock(run)
+    try:
+        before = sorted(p.name for p in run.parent.iterdir())
+        snapshot = _snapshot(run)
+        rc, err = _train(capsys, *args)
+        assert rc == 2 and len(err) == 1, err
+        assert f"another mmtag process (PID {holder.pid}) is writing this run" in err[0]
+        assert "train --resume" not in err[0]  # no advice about a state it did not leave
+        assert _snapshot(run) == snapshot
+        assert sorted(p.name for p in run.parent.iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid_and_touches_nothing(
+        finished: Path, tiny, cache_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _refused_while_held(finished, capsys, tiny.train_csv, "--out", finished, *OPTS, "--overwrite",
+                        "--cache-dir", cache_dir)
+
+
+def test_resume_takes_the_same_lock(tiny, cache_dir: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _ctrl_c_after_epoch(m, 1)
+        assert _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)[0] == 130
+    _refused_while_held(run, capsys, "--resume", run)
+    rc, err = _train(capsys, "--resume", run)  # once the holder is gone
+    assert rc == 0, err
+
+
+def test_a_killed_writer_does_not_block_the_next(finished: Path, tiny, cache_dir: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    holder = _hold_lock(finished)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    rc, err = _train(capsys, tiny.train_csv, "--out", finished, *OPTS, "--overwrite",
+                     "--seed", "3", "--cache-dir", cache_dir)
+    assert rc == 0, err
+    api.Tagger.load(finished)
+    # the dead holder's lock file went with the release of the one that replaced it
+    assert sorted(p.name for p in finished.parent.iterdir()) == ["run"]
+
+
+def test_concurrent_overwrites_leave_exactly_one_complete_training(
+        trained_once: Path, tiny, cache_dir: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Real processes racing for one RUN, several rounds: the run always holds the files of
+    exactly one complete training (those of a clean run with the winner's seed), and every
+    other process either finished before the next began or was refused with one line."""
+    seeds = (11, 12, 13)
+    clean = {}
+    for seed in seeds:  # what each contender's training gives alone
+        rc, err = _train(capsys, tiny.train_csv, "--out", tmp_path / f"clean-{seed}", *OPTS,
+                         "--seed", seed, "--cache-dir", cache_dir)
+        assert rc == 0, err
+        clean[seed] = _model_hashes(tmp_path / f"clean-{seed}")
+    assert len({tuple(h.values()) for h in clean.values()}) == len(seeds)  # tellable apart
+    run = tmp_path / "shared" / "run"
+    shutil.copytree(trained_once, run)
+    refused = 0
+    for _ in range(3):
+        procs = {seed: subprocess.Popen(
+            [sys.executable, "-m", "mmtag", "-q", "train", str(tiny.train_csv), "--out", str(run),
+             *OPTS, "--overwrite", "--seed", str(seed), "--cache-dir", cache_dir],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in seeds}
+        results = {seed: (p.wait(timeout=600), p.stderr.read().strip().splitlines())
+                   for seed, p in procs.items()}
+        for seed, (rc, err) in results.items():
+            if rc == 2:
+                assert len(err) == 1 and "another mmtag process (PID " in err[0], err
+                refused += 1
+            else:
+                assert rc == 0, (seed, err)
+        winners = [seed for seed, (rc, _) in results.items() if rc == 0]
+        assert winners, results
+        api.Tagger.load(run)  # complete: every file matches the manifest
+        assert _model_hashes(run) in [clean[seed] for seed in winners]
+        assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # nothing left beside
+    assert refused > 0  # they did overlap: the lock, not luck, kept the run whole

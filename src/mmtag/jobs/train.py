@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,31 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
         raise MmtagError("--images DIR is required when the image modality is used")
     image_dir = images if "image" in tagger.modalities else None
     writer = dist.context().is_main  # under torchrun, rank 0 alone writes the run directory
-    # Before any expensive work: an --out that cannot work, or holds a run, is refused now.
-    space = dist.checked(lambda: rundir.prepare(out, overwrite=overwrite, resume=resume)
-                         if writer else None)
+    held = ExitStack()
+
+    def start() -> rundir.Workspace | None:
+        # Before any expensive work: another process writing OUT, an --out that cannot work,
+        # or one that holds a run, is refused now, and in that order, so a refused train has
+        # touched nothing. The lock is held until the run is finished or abandoned.
+        if not writer:
+            return None
+        held.enter_context(rundir.lock(out))
+        return rundir.prepare(out, overwrite=overwrite, resume=resume)
+
+    try:
+        space = dist.checked(start)
+    except BaseException:
+        held.close()
+        raise
+    with held:
+        return _train_in(space, tagger, config, train_csv, image_dir, out, progress=progress,
+                         resume=resume, tensorboard=tensorboard)
+
+
+def _train_in(space: rundir.Workspace | None, tagger: Tagger, config: Config,
+              train_csv: str | Path, image_dir: str | Path | None, out: Path, *, progress: bool,
+              resume: bool, tensorboard: bool) -> tuple[Tagger, FitReport, dict[str, Any]]:
+    """Train in the prepared workspace (None on ranks that do not write), save, then report."""
     run_log: RunLog | None = None
     try:
         with train_log(space.work / TRAIN_LOG) if space is not None else nullcontext():
@@ -98,6 +121,11 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
     finally:
         if run_log is not None:
             run_log.close()
+    if space is not None:
+        # The run is complete and in place before its report is drawn: a report that fails (or
+        # a plotting library that crashes the process) costs the report, never the trained model.
+        if _draw_report(out):
+            manifest = bundle_io.read_manifest(out)  # it covers report.html now
     dist.barrier()  # no rank reports success before the bundle exists
     return tagger, fit, manifest
 
@@ -136,13 +164,25 @@ def _read_and_fit(tagger: Tagger, config: Config, train_csv: str | Path, image_d
 
 
 def add_run_files(work: Path, run: Path) -> None:
-    """Into the new bundle `run`, before its manifest: the training logs and the report."""
+    """Into the new bundle `run`, before its manifest: the training logs."""
     for name in ("metrics.csv", TRAIN_LOG):
         if (work / name).is_file():
             shutil.copy2(work / name, run / name)
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", run / "tensorboard")
-    report(run, progress=False)
+
+
+def _draw_report(run: Path) -> bool:
+    """RUN/report.html for the finished run at `run`; a failure is a warning, not a lost run."""
+    try:
+        report(run, progress=False)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure here leaves a complete run behind
+        reason = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.warning("mmtag: the run is saved, but its report could not be drawn (%s%s); "
+                    "`mmtag report %s` tries again", exc.__class__.__name__,
+                    f": {reason}" if reason else "", shlex.quote(str(run)))
+        return False
 
 
 def resume(run: str | Path, *, progress: bool = True,

@@ -6,6 +6,8 @@
     .RUN.XXXXXXXX.staging/RUN   the bundle, report.html and metrics.csv, manifest last; then
                                 renamed into place (`io.staged_dir`)
 
+    .RUN.lock                   held (an OS lock) by the one process writing RUN: `lock`
+
 A finished run (one with manifest.json) changes only by that last rename, so a training run that
 fails or is interrupted leaves it as it was. An interrupted run keeps its config and checkpoints
 where `mmtag train --resume RUN` looks for them: `.RUN.partial/` first, then RUN itself.
@@ -16,7 +18,10 @@ import enum
 import os
 import shlex
 import shutil
-from contextlib import suppress
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +65,114 @@ def inspect(run: str | Path) -> State:
     if "manifest.json" in names:
         return State.FINISHED
     return State.INTERRUPTED if names & RUN_ENTRIES else State.EMPTY
+
+
+class RunLocked(MmtagError):
+    """Another process is writing the run: nothing was touched."""
+
+
+# Lock files this process holds: path → [fd, depth]. `lock` is re-entrant within a process
+# (train holds it while the bundle and the report it writes take it again); OS locks are not.
+_held: dict[str, list[int]] = {}
+_held_guard = threading.Lock()
+
+
+def lock_path(run: str | Path) -> Path:
+    run = Path(os.path.abspath(run))
+    return Path(os.path.realpath(run.parent)) / f".{run.name}.lock"
+
+
+@contextmanager
+def lock(run: str | Path) -> Iterator[None]:
+    """Be the only process writing `run` (train, --resume, a bundle save, a report rewrite).
+
+    An OS lock (flock) on `.RUN.lock` beside the run, so the OS releases it when the holder dies
+    however it dies: a killed train never blocks the next (its lock file stays behind, unlocked).
+    A second writer gets `RunLocked` naming the holder's PID at once, before it has touched
+    anything. The holder removes the file while still holding it; a writer that locked a file
+    removed under it in the meantime tries again on the new one.
+    """
+    why = not_a_directory(run)
+    if why is not None:
+        raise MmtagError(f"{run}: cannot be a run directory: {why}")
+    path = lock_path(run)
+    key = str(path)
+    with _held_guard:
+        if key in _held:
+            _held[key][1] += 1
+        else:
+            _held[key] = [_acquire(path, run), 1]
+    try:
+        yield
+    finally:
+        with _held_guard:
+            _held[key][1] -= 1
+            if _held[key][1] == 0:
+                fd = _held.pop(key)[0]
+                with suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)  # closing the descriptor releases the lock
+
+
+def _acquire(path: Path, run: str | Path) -> int:
+    make_dirs(path.parent)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise MmtagError(f"{path}: cannot create the run's lock file: {exc.strerror}") from None
+        try:
+            _try_lock(fd)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunLocked(f"{run}: another mmtag process (PID {holder}) is writing this run; "
+                            "nothing was changed: wait for it to finish or stop it, or choose "
+                            "another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder finished and removed it between our open and our lock
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """The PID the lock's holder wrote (it may not have yet: it writes just after locking)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return text if text.isdigit() else "unknown"
+
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _try_lock(fd: int) -> None:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            raise BlockingIOError from None
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def partial_dir(run: str | Path) -> Path:
