@@ -261,3 +261,75 @@ def test_a_bundle_saved_before_the_head_options_loads_with_their_defaults(concat
     tagger = api.Tagger.load(runs["old"])
     assert tagger.config.model.proj_dim == 256 and tagger.head.aux_text.in_features == 256
     assert tagger.head.image[1].p == 0.5
+
+
+# ------------------------------------------------------------------ configs that cannot exhaust memory (issue 29)
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _alias_bomb(path: Path) -> Path:
+    """Billion laughs, 9 levels: a 1 kB config that stands for 9**9 strings."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    lines += ["train:", "  lr: *a8"]  # quoted by "must be a number, got ..." if it were read
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _sparse(path: Path, size: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    return path
+
+
+def test_an_alias_bomb_or_a_1gb_config_is_refused_by_the_cli_in_a_second(tmp_path):
+    bomb, big = _alias_bomb(tmp_path / "bomb.yaml"), _sparse(tmp_path / "big.yaml", 1 << 30)
+    csv_path = tmp_path / "x.csv"
+    csv_path.write_text("ImageID,Labels,Caption\n1.jpg,1,a cat\n")
+    expected = {bomb: f"mmtag: error: {bomb}, line 1: YAML anchors and aliases (&name, *name) are "
+                      "not accepted in a config file; write the values out",
+                big: f"mmtag: error: {big}: a config file may hold 1 MiB; this one is "
+                     "1,073,741,824 bytes"}
+    for path, line in expected.items():
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "mmtag", "train", str(csv_path), "--config",
+                               str(path), "--out", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=60)
+        seconds = time.perf_counter() - start
+        assert done.returncode == 2 and done.stderr.splitlines() == [line], done.stderr
+        assert seconds < 5  # the whole process; the refusal itself is timed below
+        assert not (tmp_path / "run").exists()
+    for path in expected:
+        start = time.perf_counter()
+        with pytest.raises(MmtagError):
+            Config.from_yaml(path)
+        assert time.perf_counter() - start < 1.0
+
+
+def test_a_config_value_quoted_in_an_error_is_shortened(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  optimizer: " + "x" * 100_000 + "\n")
+    with pytest.raises(MmtagError) as err:
+        Config.from_yaml(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: train.optimizer: unknown optimizer 'xxx")
+    assert len(message) < 400 and "..." in message
+    path.write_text("model:\n  ? " + "k" * 100_000 + "\n  : 1\n")  # a key too long for `k: 1`
+    with pytest.raises(MmtagError, match=r"unknown option\(s\) \['kkk") as err:
+        Config.from_yaml(path)
+    assert len(str(err.value)) < 400
+
+
+def test_a_value_built_in_python_from_shared_lists_is_quoted_without_expanding_it():
+    laughs: list = ["lol"] * 9
+    for _ in range(8):
+        laughs = [laughs] * 9  # what a YAML alias bomb builds: 9**9 strings, by reference
+    start = time.perf_counter()
+    with pytest.raises(MmtagError) as err:
+        Config.from_dict({"model": {"modalities": laughs}})
+    assert time.perf_counter() - start < 1.0
+    assert str(err.value).startswith("config: model.modalities must be a string, got [[[")
+    assert len(str(err.value)) < 500  # the item and its list, each quoted in at most 200 characters

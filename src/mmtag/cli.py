@@ -24,7 +24,8 @@ from typing import Any
 
 from . import registries
 from .version import __version__
-from .config import AT_LEAST_1, FEATURE_RUNTIMES, FUSION_HEAD, MODALITIES, POSITIVE, Config, Constraint, Interval
+from .config import (AT_LEAST_1, FEATURE_RUNTIMES, FUSION_HEAD, MODALITIES, POSITIVE, Config, Constraint,
+                     Interval, read_yaml_mapping)
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
@@ -244,12 +245,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import api
+    from .io import load_json
 
     manifest = api.export(args.run, args.out, format=args.format, int8=args.int8,
                           retune=args.retune)
     print(f"exported {args.run} -> {args.out} ({args.format}{', int8 text encoder' if args.int8 else ''}), "
           f"model_size_mb {manifest['model_size_mb']}")
-    exported = json.loads((Path(args.out) / "metrics.json").read_text(encoding="utf-8"))["export"]
+    exported = load_json(Path(args.out) / "metrics.json")["export"]
     if exported["thresholds_retuned"]:
         print(f"thresholds re-tuned on the run's validation split (--retune): "
               f"{_thresholds_text(exported['thresholds_before'])} -> "
@@ -288,13 +290,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import api
-    from .data.coco import COCO_NAMES
+    from .data import COCO_NAMES, display_name
 
     r = api.check(args.csv, args.images, progress=_progress(args), **_layout(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
     if r.label_counts:
-        print("rows per label: " + ", ".join(f"{i} {COCO_NAMES.get(i, '')}".rstrip() + f" {n}"
-                                             for i, n in r.label_counts.items()))
+        print("rows per label: " + ", ".join(
+            f"{display_name(str(i))} {COCO_NAMES.get(i, '')}".rstrip() + f" {n}"
+            for i, n in r.label_counts.items()))
     for title, errors in (("bad rows", r.bad_rows), ("missing images", r.missing_images),
                           ("corrupt images", r.corrupt_images)):
         print(f"{title}: {len(errors)}")
@@ -842,10 +845,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_yaml_inputs(args: argparse.Namespace) -> None:
+    """Read the --config and --grid-file a command was given before torch is imported (seconds):
+    a file too large, with YAML aliases (`io.load_yaml`) or not YAML is refused at once."""
+    for attr, what in (("config", "config file"), ("grid_file", "grid file")):
+        path = getattr(args, attr, None)
+        if path:
+            read_yaml_mapping(path, what)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
+    try:
+        _read_yaml_inputs(args)
+    except MmtagError as exc:
+        print(f"mmtag: error: {exc}", file=sys.stderr)
+        return 2
     from . import dist
 
     try:

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import registries
-from .errors import MmtagError
+from .errors import MmtagError, quoted
+from .io import CONFIG_MAX_BYTES, atomic_write_text, load_yaml
 
 if TYPE_CHECKING:  # the reader's type, for annotations only
     from .data.reader import CsvFormat
@@ -83,7 +84,7 @@ class Interval(Constraint):
         return not (self.hi is not None and (value > self.hi or (value == self.hi and not hi_in)))
 
     def problem(self, value: Any) -> str | None:
-        return None if self.contains(value) else f"must be {self.describe()}, got {value!r}"
+        return None if self.contains(value) else f"must be {self.describe()}, got {quoted(value)}"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class OneOf(Constraint):
 
     def problem(self, value: Any) -> str | None:
         names = list(self.names())
-        return None if value in names else f"unknown {self.what} {value!r}; available: {', '.join(names)}"
+        return None if value in names else f"unknown {self.what} {quoted(value)}; available: {', '.join(names)}"
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,10 @@ class SubsetOf(Constraint):
         names = list(self.names()) if callable(self.names) else list(self.names)
         unknown = [v for v in value if v not in names]
         if unknown:
-            return f"unknown {self.what} {unknown[0]!r}; available: {', '.join(names)}"
+            return f"unknown {self.what} {quoted(unknown[0])}; available: {', '.join(names)}"
         if len(set(value)) != len(value) or (not value and not self.may_be_empty):
             least = "" if self.may_be_empty else ", at least one"
-            return f"must list distinct names from {', '.join(names)}{least}; got {value!r}"
+            return f"must list distinct names from {', '.join(names)}{least}; got {quoted(value)}"
         return None
 
 
@@ -149,7 +150,7 @@ class EncoderName(Constraint):
             return None
         known = [n for n, e in encoders.ENCODERS.items() if e.modality == self.modality]
         known += [f"{p}:NAME" for p in encoders.PREFIXES if _family_modality(p) == self.modality]
-        return f"unknown {self.modality} encoder {value!r}; available: {', '.join(known)}"
+        return f"unknown {self.modality} encoder {quoted(value)}; available: {', '.join(known)}"
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ class Pattern(Constraint):
         text = str(value) if self.exact else str(value).strip()
         if re.fullmatch(self.regex, text, flags=re.IGNORECASE):
             return None
-        return f"must be {self.expected}, got {value!r}"
+        return f"must be {self.expected}, got {quoted(value)}"
 
 
 class ImageAugSpec(Constraint):
@@ -194,7 +195,7 @@ class TextAugSpec(Constraint):
             return None
         op, sep, count = (part.strip() for part in text.partition(":"))
         if op not in TEXT_OPS or (sep and not (count.isdigit() and int(count) >= 1)):
-            return (f"unknown caption augmentation {value!r}; available: none, "
+            return (f"unknown caption augmentation {quoted(value)}; available: none, "
                     f"{', '.join(t + ':N' for t in TEXT_OPS)} (N >= 1)")
         return None
 
@@ -213,7 +214,7 @@ class AutoOr(Constraint):
         if problem is None and (self.inner is not None or isinstance(value, bool)):
             return None
         got = problem.split(", got ")[0].removeprefix("must be ") if problem else "true or false"
-        return f"must be auto or {got}, got {value!r}"
+        return f"must be auto or {got}, got {quoted(value)}"
 
 
 class LabelSeparator(Constraint):
@@ -224,7 +225,7 @@ class LabelSeparator(Constraint):
         if isinstance(value, str) and len(value) == 1 and not value.isalnum() \
                 and value not in "\"\r\n":
             return None
-        return f"must be one character such as ' ', ',' or ';' (not a letter, digit or quote), got {value!r}"
+        return f"must be one character such as ' ', ',' or ';' (not a letter, digit or quote), got {quoted(value)}"
 
 
 class ThresholdRange(Constraint):
@@ -234,7 +235,7 @@ class ThresholdRange(Constraint):
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
         if not value or (numbers and len(value) == 2 and 0.0 <= value[0] <= value[1] <= 1.0):
             return None
-        return f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {value!r}"
+        return f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {quoted(value)}"
 
 
 def _registered(what: str) -> Callable[[], list[str]]:
@@ -489,8 +490,6 @@ class Config:
         return cls.from_dict(read_yaml_mapping(path, "config file"), source=str(path))
 
     def save_yaml(self, path: str | Path) -> None:
-        from .io import atomic_write_text
-
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def override(self, dotted: dict[str, Any]) -> "Config":
@@ -506,7 +505,7 @@ class Config:
             for p in parents:
                 node = node.get(p) if isinstance(node, dict) else None
             if not isinstance(node, dict) or leaf not in node or isinstance(node[leaf], dict):
-                raise MmtagError(f"unknown config option '{key}'")
+                raise MmtagError(f"unknown config option {quoted(key)}")
             node[leaf] = value
             applied.add(key)
         where = _Where("config", applied)
@@ -544,13 +543,9 @@ class Config:
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (empty file → {}), or a one-line MmtagError."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MmtagError(f"{path}: {what} not found") from None
-    except yaml.YAMLError as exc:
-        raise MmtagError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
+    """A YAML file whose top level is a mapping (empty file → {}), or a one-line MmtagError.
+    Read by `io.load_yaml`: at most `io.CONFIG_MAX_BYTES`, and no anchors or aliases."""
+    raw = load_yaml(path, what, CONFIG_MAX_BYTES)
     if raw is not None and not isinstance(raw, dict):
         raise MmtagError(f"{path}: expected a mapping at the top level")
     return raw or {}
@@ -601,7 +596,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, where: _Where) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(raw) - set(fields)
     if unknown:
-        raise MmtagError(f"{where.source}: unknown option(s) {sorted(unknown)} in {cls.__name__}")
+        raise MmtagError(f"{where.source}: unknown option(s) {quoted(sorted(unknown, key=str))} in {cls.__name__}")
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in raw.items():
@@ -636,12 +631,12 @@ def _coerce(value: Any, hint: Any) -> tuple[str | None, Any]:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            return f"must be a list, got {value!r}", value
+            return f"must be a list, got {quoted(value)}", value
         items = []
         for v in value:
             problem, v = _coerce(v, item)
             if problem:
-                return f"{problem} (in {list(value)!r})", value
+                return f"{problem} (in {quoted(list(value))})", value
             items.append(v)
         return None, items
     if hint is bool:
@@ -650,18 +645,18 @@ def _coerce(value: Any, hint: Any) -> tuple[str | None, Any]:
             return None, value
         if isinstance(value, (int, str)) and text in _TRUE + _FALSE:
             return None, text in _TRUE
-        return f"must be true or false, got {value!r}", value
+        return f"must be true or false, got {quoted(value)}", value
     if hint is int:
         number = _number(value)
         if number is None or not float(number).is_integer() or not math.isfinite(number):
-            return f"must be an integer, got {value!r}", value
+            return f"must be an integer, got {quoted(value)}", value
         return None, int(number)
     if hint is float:
         number = _number(value)
-        return (None, float(number)) if number is not None else (f"must be a number, got {value!r}", value)
+        return (None, float(number)) if number is not None else (f"must be a number, got {quoted(value)}", value)
     if hint is str:
         if isinstance(value, (dict, list, tuple)):
-            return f"must be a string, got {value!r}", value
+            return f"must be a string, got {quoted(value)}", value
         return None, str(value)
     return None, value
 

@@ -1,8 +1,13 @@
 """Atomic writes: a result file, or a whole directory, is either the old one or the complete new
-one, never half; and a failure to write (a full disk, no permission) is one line naming the path."""
+one, never half; and a failure to write (a full disk, no permission) is one line naming the path.
+
+Bounded reads: every YAML and JSON file mmtag reads comes through `load_yaml` or `load_json`,
+which refuse a file over a size bound before reading it, and YAML anchors and aliases (the
+"billion laughs" config). CSV cells that carry user data go out through `csv_cell`."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -10,8 +15,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from .errors import MmtagError
+import yaml
+
+from .errors import QUOTE_LIMIT, MmtagError
 
 # mkstemp creates files 0600; results should get the permissions a plain open() would give.
 _UMASK = os.umask(0)
@@ -208,3 +216,101 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------ bounded reads
+MIB = 1 << 20
+# config.yaml, presets, sweep grid files: a few KB in practice
+CONFIG_MAX_BYTES = 1 * MIB
+# a run's JSON (manifest, labels, thresholds, metrics, checkpoint and encoder metadata):
+# labels.json with 10,000 labels of 100-character names is about 2 MB
+RUN_FILE_MAX_BYTES = 64 * MIB
+# validation.json: an id, a caption and an image path per validation row (out of fold: every
+# training row), about 150 bytes a row, so 256 MiB holds well over a million rows
+RECORD_MAX_BYTES = 256 * MIB
+
+
+def read_bounded(path: str | Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of `path`, or a one-line MmtagError when it holds more than `max_bytes`: a
+    regular file is measured before a byte is read, anything else (a pipe, /dev/zero) is read
+    only up to the bound. OSError (not found, a directory, ...) is the caller's to word."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        data = fh.read(max_bytes + 1) if size <= max_bytes else b""
+    if size > max_bytes or len(data) > max_bytes:
+        held = f"is {size:,} bytes" if size > max_bytes else "runs past it"
+        raise MmtagError(f"{path}: a {what} may hold {_size(max_bytes)}; this one {held}")
+    return data
+
+
+def _size(n: int) -> str:
+    return f"{n // MIB} MiB" if n % MIB == 0 else f"{n:,} bytes"
+
+
+def load_json(path: str | Path, what: str = "run file", max_bytes: int = RUN_FILE_MAX_BYTES) -> Any:
+    """A JSON file read within `max_bytes` (`read_bounded`). OSError and ValueError (invalid
+    JSON, bytes that are not UTF-8, nesting too deep to parse) are left to the caller, which
+    knows what the file is for."""
+    data = read_bounded(path, what, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+class _AliasFound(yaml.YAMLError):
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader without anchors and aliases. Aliases let a few lines stand for
+    billions of items (nine levels of nine references); no mmtag config needs them, so the first
+    anchor or alias is refused while composing, before any of it is expanded or built."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:  # `&name` on a node, or a `*name` alias
+            raise _AliasFound(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def load_yaml(path: str | Path, what: str, max_bytes: int = CONFIG_MAX_BYTES) -> Any:
+    """A YAML file's data (SafeLoader, no anchors or aliases), read within `max_bytes`; every
+    failure is a one-line MmtagError naming the file."""
+    try:
+        text = read_bounded(path, what, max_bytes).decode("utf-8")
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 - a SafeLoader
+    except FileNotFoundError:
+        raise MmtagError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise MmtagError(f"{path}: cannot read this {what}: {exc.strerror}") from None
+    except _AliasFound as exc:
+        raise MmtagError(f"{path}, line {exc.line}: YAML anchors and aliases (&name, *name) are "
+                         f"not accepted in a {what}; write the values out") from None
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        why = f": {' '.join(problem.split())[:QUOTE_LIMIT]}" if problem else ""
+        raise MmtagError(f"{path}: not valid YAML ({exc.__class__.__name__}{at}{why})") from None
+    except UnicodeDecodeError:
+        raise MmtagError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise MmtagError(f"{path}: not valid YAML (nested too deeply)") from None
+    except ValueError as exc:  # a value YAML's constructors cannot build (an int of 5,000 digits)
+        why = (str(exc).split(";")[0].splitlines() or [type(exc).__name__])[0][:QUOTE_LIMIT]
+        raise MmtagError(f"{path}: not valid YAML ({why})") from None
+
+
+# ------------------------------------------------------------------------------ CSV cells
+# OWASP "CSV Injection": a spreadsheet program reads a cell that starts with one of these as a
+# formula (=HYPERLINK(...), =cmd|...), so a user's label name or image id could run one.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """`text` as a CSV cell that a spreadsheet program shows as text: a leading "'" when it
+    starts like a formula (OWASP's escape; the csv module quotes commas, quotes and line breaks
+    per RFC 4180). Only CSV cells change: labels.json, the API and the server keep the name."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text

@@ -627,3 +627,51 @@ def test_a_row_skipped_for_its_labels_does_not_decide_the_kind(tmp_path: Path) -
     result = read_csv(path, require_labels=True, skip_bad=True)
     assert result.dataset.labels == [[1], [2, 5]] and not result.dataset.vocab.named
     assert [e.row for e in result.skipped] == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Label names that are output columns, or spreadsheet formulas (issue 29)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label, column", [
+    (b"ImageID", "ImageID"), (b"imageid", "ImageID"), (b"LABELS", "Labels"), (b"caption", "Caption"),
+])
+def test_a_label_named_like_an_output_column_is_refused_naming_its_row(tmp_path: Path, label: bytes,
+                                                                        column: str) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,cat,ok", b"b.jpg,dog " + label + b",bad"))
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert_data_error(info.value, path, 2, 3, f"label {label.decode()!r} is named like the column "
+                      f"{column!r} of mmtag's CSVs (case aside); rename the label")
+    assert "\n" not in str(info.value)
+
+
+def test_a_label_named_like_this_files_own_columns_is_refused(tmp_path: Path) -> None:
+    fmt = CsvFormat(image_col="file", labels_col="tags", caption_col="text")
+    path = write(tmp_path, b"file,tags,text\r\n" + crlf(b"a.jpg,cat TAGS,x"))
+    with pytest.raises(DataError, match="label 'TAGS' is named like the column 'tags'"):
+        read_csv(path, require_labels=True, csv_format=fmt)
+    # the competition's names stay reserved under another layout: they are the outputs' columns
+    other = write(tmp_path, b"file,tags,text\r\n" + crlf(b"a.jpg,Labels,x"), "o.csv")
+    with pytest.raises(DataError, match="label 'Labels' is named like the column 'Labels'"):
+        read_csv(other, require_labels=True, csv_format=fmt)
+
+
+def test_formula_like_label_names_are_read_as_they_are(tmp_path: Path) -> None:
+    # They stay the user's names everywhere but in CSV cells (mmtag.io.csv_cell escapes those).
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,=cmd @at,x", b"b.jpg,+plus -dash,y",
+                                         b"c.jpg,=cmd,z"))
+    ds = read_csv(path, require_labels=True).dataset
+    assert ds.vocab.names == ("+plus", "-dash", "=cmd", "@at")
+    assert ds.labels == [[2, 3], [0, 1], [2]]
+    # a token that reads as a number is still an id, refused when negative, never a name
+    neg = write(tmp_path, HEADER + crlf(b"a.jpg,-1,x"), "neg.csv")
+    with pytest.raises(DataError, match="label '-1' is negative"):
+        read_csv(neg, require_labels=True)
+
+
+def test_a_long_label_is_quoted_shortened_in_a_message(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + crlf(b"a.jpg,1,ok", b"b.jpg,-1" + b"0" * 100_000 + b" 5,bad"))
+    with pytest.raises(DataError) as info:
+        read_csv(path, require_labels=True)
+    assert "label '-1000" in str(info.value) and "is negative" in str(info.value)
+    assert len(str(info.value)) < len(str(path)) + 400

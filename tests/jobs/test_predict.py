@@ -226,3 +226,49 @@ def test_image_ext_reads_ids_written_without_their_extension(tiny, fused_run, tm
     plain = api.predict(fused_run, tiny.test_csv, tiny.images, tmp_path / "t.csv", progress=False)
     assert np.allclose(with_ext.probs, plain.probs, atol=1e-6)
     assert [r[0] for r in _rows(tmp_path / "s.csv")[1:]] == [r[0] for r in rows[1:]]  # ids as given
+
+
+# ------------------------------------------------------------------ CSV cells that are safe to open (issue 29)
+# Label names a spreadsheet would run as formulas (OWASP "CSV Injection"): every one of = + - @.
+FORMULAS = {10: "light", 13: "+stop", 15: "-bench", 17: "=cmd", 18: "@dog", 19: "horse"}
+
+
+def test_formula_like_names_are_escaped_in_csv_cells_and_nowhere_else(tiny, make_config,
+                                                                      tmp_path) -> None:
+    run = tmp_path / "run"
+    train = _relabel(tiny.train_csv, tmp_path / "train.csv", FORMULAS.get)
+    api.train(train, None, run, _text_config(make_config), progress=False)
+    names = sorted(FORMULAS.values())
+    assert json.loads((run / "labels.json").read_text())["vocab"] == names  # as the user wrote them
+    rows = _rows(tiny.test_csv)
+    rows[1][0] = "=HYPERLINK(x).jpg"  # an image id is the user's text too (a text model reads no image)
+    test = _write(tmp_path / "test.csv", rows)
+    out, proba = tmp_path / "s.csv", tmp_path / "p.csv"
+    preds = api.predict(run, test, None, out, proba=proba, progress=False)
+    assert _rows(proba)[0] == ["ImageID", "'+stop", "'-bench", "'=cmd", "'@dog", "horse", "light"]
+    written = _rows(out)
+    cells = [" ".join(names[i] for i in row) for row in preds.labels]
+    assert [r[1] for r in written[1:]] == [("'" + c) if c[0] in "=+-@" else c for c in cells]
+    assert any(r[1].startswith("'=cmd") for r in written[1:])  # the captions name cats: =cmd
+    assert written[1][0] == _rows(proba)[1][0] == "'=HYPERLINK(x).jpg"
+    assert [r[0] for r in written[2:]] == [r[0] for r in rows[2:]]  # plain ids unchanged
+    # the Python API keeps the names as they are
+    captions = [r[1] for r in rows[1:]]
+    said = api.Tagger.load(run).predict(captions=captions)
+    assert [p.names for p in said] == [[names[i] for i in row] for row in preds.labels]
+
+
+def test_a_label_that_would_be_a_second_proba_column_is_refused(tmp_path) -> None:
+    from mmtag.jobs.predict import write_probabilities
+
+    probs = np.zeros((1, 2), dtype=np.float32)
+    # a bundle made before the reader refused such names, or a Tagger fitted in Python
+    with pytest.raises(MmtagError) as info:
+        write_probabilities(tmp_path / "p.csv", ["a.jpg"], probs, ["cat", "imageID"])
+    assert str(info.value) == ("label 'imageID' would be a second column 'imageID' in the --proba "
+                               "CSV (beside 'ImageID'); rename the label")
+    with pytest.raises(MmtagError, match="label \"'=x\" would be a second column \"'=x\" .*beside '=x'"):
+        write_probabilities(tmp_path / "p.csv", ["a.jpg"], probs, ["=x", "'=x"])
+    assert not (tmp_path / "p.csv").exists()
+    write_probabilities(tmp_path / "p.csv", ["a.jpg"], probs, ["Cat", "cat"])  # distinct columns
+    assert _rows(tmp_path / "p.csv")[0] == ["ImageID", "Cat", "cat"]

@@ -1,5 +1,6 @@
 import csv
 import shutil
+import time
 
 import pytest
 import torch
@@ -83,6 +84,37 @@ def test_load_grid_file(tmp_path):
             load_grid_file(path)
     with pytest.raises(MmtagError, match="not found"):
         load_grid_file(tmp_path / "missing.yaml")
+
+
+def test_a_grid_file_with_aliases_or_over_1mib_is_refused_at_once(tmp_path):
+    bomb = tmp_path / "bomb.yaml"  # billion laughs: 9 levels of 9 references
+    lines = ["lr: &l0 [1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3]"]
+    lines += [f"x{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\n")
+    big = tmp_path / "big.yaml"
+    with open(big, "wb") as fh:
+        fh.truncate(1 << 30)  # 1 GiB, sparse
+    start = time.perf_counter()
+    with pytest.raises(MmtagError) as err:
+        load_grid_file(bomb)
+    assert str(err.value) == (f"{bomb}, line 1: YAML anchors and aliases (&name, *name) are not "
+                              "accepted in a grid file; write the values out")
+    with pytest.raises(MmtagError) as err:
+        load_grid_file(big)
+    assert str(err.value) == f"{big}: a grid file may hold 1 MiB; this one is 1,073,741,824 bytes"
+    assert time.perf_counter() - start < 1.0
+
+
+def test_grid_values_quoted_in_errors_are_shortened(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("lr: [[" + ", ".join(["1"] * 100_000) + "]]\n")
+    with pytest.raises(MmtagError, match="takes single values, not a list") as err:
+        load_grid_file(path)
+    assert len(str(err.value)) < len(str(path)) + 300
+    path.write_text("? " + "a" * 100_000 + "\n: [1]\n")
+    with pytest.raises(MmtagError, match="unknown grid axis 'aaa") as err:
+        load_grid_file(path)
+    assert len(str(err.value)) < 1000
 
 
 def test_slugs_are_safe_and_unique():

@@ -1,6 +1,8 @@
 """Data: datasets and label spaces, the CSV reader, image decoding and the one image loader, augmentation, synthetic data."""
 # The package's public names, wherever in it they live: other packages import from here.
 from .dataset import (  # noqa: F401
+    DISPLAY_CHARS,
+    display_name,
     LabelSpace,
     LabelVocab,
     Dataset,

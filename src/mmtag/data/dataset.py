@@ -53,6 +53,21 @@ class LabelVocab:
         return self.named == other.named and self.names[:len(other.names)] == other.names
 
 
+# How many characters of a label name people are shown (reports, `mmtag info`, the web page):
+# a name can be any length (a 100 kB one trains), the full name stays in labels.json and outputs.
+DISPLAY_CHARS = 40
+
+
+def display_name(name: str, limit: int = DISPLAY_CHARS) -> str:
+    """A label name as shown to people, on one line: whole when at most `limit` characters, else
+    its first `limit`, an ellipsis and its full length (`tag…(102,400 chars)`). Characters that
+    are not printable (a newline, a tab) show as U+FFFD, so a name never breaks a line."""
+    short = name if len(name) <= limit else name[:limit]
+    if not short.isprintable():
+        short = "".join(c if c.isprintable() else "\ufffd" for c in short)
+    return short if len(name) <= limit else f"{short}…({len(name):,} chars)"
+
+
 @dataclass(frozen=True)
 class LabelSpace:
     """The ordered set of label ids a model predicts, with display names, and the vocabulary

@@ -17,10 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from .dataset import Dataset, LabelVocab
-from ..errors import DataError, MmtagError
+from ..errors import DataError, MmtagError, quoted
 
 # Captions are encoded with a 128-token limit anyway; this bound stops a 100 MB "caption".
 MAX_CAPTION_CHARS = 10_000
+# The columns of the CSVs mmtag reads and writes (a submission is ImageID,Labels; --proba is
+# ImageID and a column per label): a label of one of these names, in any case, would make a
+# --proba file with two ImageID columns, or a Labels column a program cannot tell apart.
+OUTPUT_COLUMNS = ("ImageID", "Labels", "Caption")
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def parse_labels(text: str) -> list[int]:
     for token in text.split():
         if not _LABEL.fullmatch(token):
             kind = "negative" if _LABEL.fullmatch(token.removeprefix("-")) else "not an integer"
-            raise ValueError(f"label {token!r} is {kind} (labels are ASCII digits 0-9)")
+            raise ValueError(f"label {quoted(token)} is {kind} (labels are ASCII digits 0-9)")
         out.add(int(token))
     return sorted(out)
 
@@ -86,10 +90,10 @@ def check_image_id(image_id: str, column: str = "ImageID") -> None:
     if not image_id:
         raise ValueError(f"{column} is empty")
     if image_id != image_id.strip():
-        raise ValueError(f"{column} {image_id!r} has leading or trailing spaces (ids are used exactly)")
+        raise ValueError(f"{column} {quoted(image_id)} has leading or trailing spaces (ids are used exactly)")
     posix, win = PurePosixPath(image_id), PureWindowsPath(image_id)
     if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
-        raise ValueError(f"{column} {image_id!r} points outside the images directory")
+        raise ValueError(f"{column} {quoted(image_id)} points outside the images directory")
     if "\x00" in image_id:
         raise ValueError(f"{column} contains a NUL byte")
 
@@ -208,7 +212,7 @@ def _columns(path: Path, header: list[str], fmt: CsvFormat,
             if sep in header[0]:
                 shown = "tab" if sep == "\t" else repr(sep)
                 raise DataError(path, f"the file must be comma-separated, but its header "
-                                f"{header[0]!r} is separated by {shown}: save it as a CSV "
+                                f"{quoted(header[0])} is separated by {shown}: save it as a CSV "
                                 "with commas between fields", line=1)
     wanted = {"image_col": fmt.image_col, "caption_col": fmt.caption_col,
               "labels_col": fmt.labels_col}
@@ -219,7 +223,7 @@ def _columns(path: Path, header: list[str], fmt: CsvFormat,
         if header.count(name) > 1:
             # Otherwise one of the two silently wins, and a submission could list the wrong ids.
             raise DataError(path, f"column {name!r} appears more than once in the header "
-                            f"{','.join(header)!r}", line=1)
+                            f"{quoted(','.join(header))}", line=1)
     col = {option: header.index(name) for option, name in wanted.items() if name in header}
     missing = [o for o in ("image_col", "labels_col", "caption_col")
                if o not in col and (o != "labels_col" or require_labels)]
@@ -292,24 +296,31 @@ class _LabelCells:
     def __init__(self, fmt: CsvFormat, vocab: LabelVocab | None) -> None:
         self.fmt = fmt
         self.vocab = vocab
+        # OUTPUT_COLUMNS and this file's own column names, case-folded → as spelled
+        self.columns = {c.casefold(): c for c in (*OUTPUT_COLUMNS, fmt.image_col, fmt.labels_col,
+                                                  fmt.caption_col)}
         self.named: bool | None = None if vocab is None else vocab.named
         self.first: tuple[int, str] | None = None  # (row, label) that decided the kind
 
     def tokens(self, cell: str, row: int) -> list[str]:
         """The unique label tokens of one cell, in order; ValueError saying what is wrong."""
         if self.fmt.label_sep == " " and "," in cell:
-            raise ValueError(f"{self.fmt.labels_col} {cell.strip()!r} holds a comma, but labels "
+            raise ValueError(f"{self.fmt.labels_col} {quoted(cell.strip())} holds a comma, but labels "
                              "are separated by spaces; pass --label-sep , for comma-separated "
                              "labels")
         tokens = list(dict.fromkeys(self.fmt.split_labels(cell)))
         for token in tokens:
             if self.fmt.label_sep != " " and len(token.split()) > 1 \
                     and all(_LABEL.fullmatch(t) for t in token.split()):
-                raise ValueError(f"{self.fmt.labels_col} {cell.strip()!r} holds ids separated by "
+                raise ValueError(f"{self.fmt.labels_col} {quoted(cell.strip())} holds ids separated by "
                                  f"spaces, but --label-sep is {self.fmt.label_sep!r}; pass "
                                  "--label-sep ' ' (the default) for space-separated labels")
         named, first = self.named, self.first
         for token in tokens:
+            column = self.columns.get(token.casefold())
+            if column is not None:
+                raise ValueError(f"label {quoted(token)} is named like the column {quoted(column)} of "
+                                 "mmtag's CSVs (case aside); rename the label")
             is_id = bool(_LABEL.fullmatch(token))
             if not is_id and _NUMBER_LIKE.fullmatch(token):
                 parse_labels(token)  # raises why it is not an id: negative, not ASCII digits...
@@ -321,15 +332,15 @@ class _LabelCells:
         return tokens
 
     def _mixed(self, token: str, is_id: bool, first: tuple[int, str] | None) -> str:
-        what = f"label {token!r} is {'an integer' if is_id else 'not an integer'}"
+        what = f"label {quoted(token)} is {'an integer' if is_id else 'not an integer'}"
         if first is None:  # the kind came from the model's vocabulary
             if is_id:
                 assert self.vocab is not None
-                return f"{what}, but the model's labels are names (e.g. {self.vocab.names[0]!r})"
+                return f"{what}, but the model's labels are names (e.g. {quoted(self.vocab.names[0])})"
             return f"{what}, but the model's labels are integer ids"
         row, label = first
         kind = "a name" if is_id else "an integer id"
-        return (f"{what}, but row {row}'s label {label!r} is {kind}: a labels column holds "
+        return (f"{what}, but row {row}'s label {quoted(label)} is {kind}: a labels column holds "
                 "integer ids or names, not both")
 
     def ids(self, rows: list[list[str]]) -> tuple[list[list[int]], LabelVocab]:

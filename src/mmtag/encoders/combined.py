@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MmtagError
-from ..io import atomic_write_text
+from ..errors import MmtagError, quoted
+from ..io import atomic_write_text, load_json
 from .base import Encoder, ImageEncoder, error_summary
 from .registry import EncoderEntry, encoder_entry, register_prefix
 
@@ -170,12 +170,12 @@ def _load_parts(name: str, directory: Path, parts: dict[str, str]) -> dict[str, 
     """The parts saved under `directory`, after checking its encoder.json names the same ones."""
     meta_path = directory / META_FILE
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = load_json(meta_path, "encoder metadata file")
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise MmtagError(f"{meta_path}: cannot read the encoder metadata ({error_summary(exc)})") from None
     saved = meta.get("parts") if isinstance(meta, dict) else None
     if saved != parts:
-        raise MmtagError(f"{meta_path}: lists parts {saved!r}, but encoder '{name}' is made of {parts!r}")
+        raise MmtagError(f"{meta_path}: lists parts {quoted(saved)}, but encoder '{name}' is made of {parts!r}")
     return {sub: _image_encoder(encoder_entry(what, "image").load(directory / sub), name)
             for sub, what in parts.items()}
 

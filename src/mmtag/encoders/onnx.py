@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import MmtagError
-from ..io import atomic_path, atomic_write_text
+from ..errors import MmtagError, quoted
+from ..io import atomic_path, atomic_write_text, load_json
 from .base import Encoder, ImageEncoder, TextEncoder, error_summary, sha256_file
 from .registry import EncoderEntry, encoder_entry, register_prefix
 
@@ -152,7 +152,7 @@ def load_onnx_encoder(name: str, directory: Path) -> Encoder:
     """Rebuild an `onnx:<name>` encoder from a bundle directory."""
     meta_path = directory / "encoder.json"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = load_json(meta_path, "encoder metadata file")
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise MmtagError(f"{meta_path}: cannot read ONNX encoder metadata ({error_summary(exc)})") from None
     if not isinstance(meta, dict):
@@ -164,8 +164,8 @@ def load_onnx_encoder(name: str, directory: Path) -> Encoder:
            or meta[k] < 1]
     if modality not in ("image", "text") or bad:
         raise MmtagError(f"{meta_path}: ONNX encoder metadata needs modality image|text and positive "
-                         f"integer {' and '.join(needed)} (got modality {modality!r}"
-                         + "".join(f", {k} {meta.get(k)!r}" for k in needed) + ")")
+                         f"integer {' and '.join(needed)} (got modality {quoted(modality)}"
+                         + "".join(f", {k} {quoted(meta.get(k))}" for k in needed) + ")")
     cls = OnnxImageEncoder if modality == "image" else OnnxTextEncoder
     graph = directory / ONNX_MODEL_FILE
     if not graph.is_file():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import MmtagError
+from ..io import load_json
 from .base import Encoder, ImageEncoder, TextEncoder
 from .onnx import ONNX_MODEL_FILE, OnnxEncoder, OnnxImageEncoder, OnnxTextEncoder
 
@@ -171,9 +172,13 @@ def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-    meta = json.loads((final / "done.json").read_text(encoding="utf-8"))
-    if meta.get("source_sha256") != enc.weights_sha256:  # a foreign or damaged directory
-        raise MmtagError(f"{final}: traced from other weights than '{enc.name}'; delete it")
+    try:
+        meta = load_json(final / "done.json", "traced encoder's metadata file")
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("source_sha256") != enc.weights_sha256:
+        # a foreign or damaged directory
+        raise MmtagError(f"{final}: damaged, or traced from other weights than '{enc.name}'; delete it")
     cls = OnnxImageEncoder if enc.modality == "image" else OnnxTextEncoder
     twin = cls(enc.name, final / ONNX_MODEL_FILE, meta)
     twin.twin_of(enc)

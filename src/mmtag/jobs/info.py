@@ -2,16 +2,20 @@
 which encoders this machine has."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..config import Config
+from ..data import display_name
 from ..encoders import EncoderInfo, list_encoders
 from ..encoders import registry as encoder_registry
+from ..io import load_json
 from ..model import bundle as bundle_io
+
+# Labels `info_rows` lists (COCO's 80 fit); a run with more says how many it leaves to `--json`.
+LISTED_LABELS = 100
 
 
 def available_encoders() -> list[EncoderInfo]:
@@ -33,13 +37,13 @@ def info(run: str | Path) -> dict[str, Any]:
     # follows reads well-formed files.
     manifest = bundle_io.load(run, build_encoders=False).manifest
     run = Path(run)
-    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    metrics = load_json(run / "metrics.json")
     return {
         "run": str(run),
         "head": manifest["head"],
         "encoders": manifest["encoders"],
-        "labels": json.loads((run / "labels.json").read_text(encoding="utf-8")),
-        "thresholds": json.loads((run / "thresholds.json").read_text(encoding="utf-8")),
+        "labels": load_json(run / "labels.json"),
+        "thresholds": load_json(run / "thresholds.json"),
         "validation": metrics.get("validation"),
         "folds": metrics.get("folds"),  # cross-fitted runs: the validation figures are out of fold
         "config": Config.from_yaml(run / "config.yaml").to_dict(),
@@ -60,8 +64,11 @@ def info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{modality} encoder",
                      f"{enc['name']} (weights sha256 {enc['weights_sha256'][:16]}…{where})"))
     labels = data["labels"]
-    rows.append((f"labels ({len(labels['ids'])})",
-                 ", ".join(f"{i} {n}" for i, n in zip(labels["ids"], labels["names"]))))
+    count = len(labels["ids"])
+    listed = [f"{i} {display_name(n)}" for i, n in
+              zip(labels["ids"][:LISTED_LABELS], labels["names"][:LISTED_LABELS])]
+    more = f", … and {count - LISTED_LABELS:,} more (--json lists all)" if count > LISTED_LABELS else ""
+    rows.append((f"labels ({count:,})", ", ".join(listed) + more))
     thr = data["thresholds"]
     for branch, values in (thr.get("branches") or {"": thr["values"]}).items():
         rows.append(("thresholds", f"{thr['mode']}{' ' + branch if branch else ''} {_spread(values)}"))

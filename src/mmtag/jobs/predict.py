@@ -17,8 +17,8 @@ import numpy as np
 from .. import dist
 from ..data import CsvFormat, Dataset, read_dataset
 from ..decision import Metrics, check_top_k
-from ..errors import MmtagError
-from ..io import atomic_write_text, check_writable_file
+from ..errors import MmtagError, quoted
+from ..io import atomic_write_text, check_writable_file, csv_cell
 from ..model.tagger import DatasetPredictions, Tagger
 
 
@@ -57,6 +57,8 @@ def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, ou
     fmt = tagger.config.data.csv_format(image_col=image_col, caption_col=caption_col,
                                         labels_col=labels_col, label_sep=label_sep,
                                         image_ext=image_ext)
+    if proba is not None:
+        proba_header(tagger.label_space.tokens)  # refused before any row is scored
     dataset = read_for(tagger, csv_path, images, fmt, labelled=False)
     preds = tagger.predict_proba_dataset(dataset, progress=progress, top_k=top_k)
     if dist.context().is_main:
@@ -81,14 +83,15 @@ def read_for(tagger: Tagger, csv_path: str | Path, images: str | Path | None, fm
 
 def write_submission(path: str | Path, image_ids: list[str], labels: Sequence[Sequence[int | str]],
                      *, sep: str = " ") -> None:
-    """`ImageID,Labels` CSV (each row's labels joined by `sep`), written via temp file + rename."""
+    """`ImageID,Labels` CSV (each row's labels joined by `sep`), written via temp file + rename.
+    A cell that would start like a spreadsheet formula (`=cmd`) gets a leading "'" (`csv_cell`)."""
     if len(image_ids) != len(labels):
         raise MmtagError("internal error: predictions do not cover every row")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["ImageID", "Labels"])
     for image_id, row in zip(image_ids, labels):
-        writer.writerow([image_id, sep.join(str(x) for x in row)])
+        writer.writerow([csv_cell(image_id), csv_cell(sep.join(str(x) for x in row))])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -98,9 +101,28 @@ def write_probabilities(path: str | Path, image_ids: list[str], probs: np.ndarra
     in input order, one column per label spelled as the user spells it; written atomically."""
     if probs.shape != (len(image_ids), len(labels)):
         raise MmtagError("internal error: probabilities do not cover every row and label")
+    header = proba_header(labels)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["ImageID", *labels])
+    writer.writerow(header)
     for image_id, row in zip(image_ids, probs):
-        writer.writerow([image_id, *(f"{float(p):.6g}" for p in row)])
+        writer.writerow([csv_cell(image_id), *(f"{float(p):.6g}" for p in row)])
     atomic_write_text(path, buf.getvalue())
+
+
+def proba_header(labels: Sequence[str]) -> list[str]:
+    """The `--proba` header: ImageID, then each label as a CSV cell (`csv_cell`). A label that
+    would be a second column of one name is a one-line MmtagError: one named ImageID in any case
+    (the reader refuses such labels; a bundle made before it did, or a Tagger fitted in Python,
+    may hold one), or two labels written alike ('=x' and "'=x")."""
+    header: list[str] = ["ImageID"]
+    seen: dict[str, str] = {}  # cell → the label written as it
+    for label in labels:
+        cell = csv_cell(label)
+        clash = "ImageID" if cell.casefold() == "imageid" else seen.get(cell)
+        if clash is not None:
+            raise MmtagError(f"label {quoted(label)} would be a second column {quoted(cell)} in "
+                             f"the --proba CSV (beside {quoted(clash)}); rename the label")
+        seen[cell] = label
+        header.append(cell)
+    return header

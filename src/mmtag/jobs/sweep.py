@@ -36,8 +36,8 @@ from ..training.trainer import TrainInputs, resolve
 from ..config import AUTO, Config, read_yaml_mapping
 from ..data import Dataset, train_val_split
 from ..encoders import Encoder
-from ..errors import MmtagError
-from ..io import atomic_write_text, atomic_write_with
+from ..errors import MmtagError, quoted
+from ..io import atomic_write_text, atomic_write_with, csv_cell
 
 log = logging.getLogger("mmtag")
 
@@ -106,7 +106,7 @@ def resolve_axis(axis: str) -> str:
             break
         node = node[part]
     if node is None or isinstance(node, dict):
-        raise MmtagError(f"unknown grid axis '{axis}'; use a flag name of mmtag train "
+        raise MmtagError(f"unknown grid axis {quoted(axis)}; use a flag name of mmtag train "
                          f"({', '.join(sorted(flags))}), one of {', '.join(GRID_ALIASES)}, "
                          "or a dotted config key such as train.weight_decay")
     return key
@@ -135,7 +135,7 @@ def _check_axes(grid: dict[str, list[Any]], source: str) -> None:
             raise MmtagError(f"{source}: axis '{axis}' has an empty value")
         dup = sorted({t for t in texts if texts.count(t) > 1})
         if dup:
-            raise MmtagError(f"{source}: axis '{axis}' repeats {', '.join(dup)}")
+            raise MmtagError(f"{source}: axis '{axis}' repeats {', '.join(quoted(d) for d in dup)}")
 
 
 def parse_grid(spec: str) -> dict[str, list[str]]:
@@ -148,18 +148,18 @@ def parse_grid(spec: str) -> dict[str, list[str]]:
     try:
         tokens = shlex.split(spec)
     except ValueError as exc:
-        raise MmtagError(f"grid: cannot parse {spec!r} ({exc})") from None
+        raise MmtagError(f"grid: cannot parse {quoted(spec)} ({exc})") from None
     grid: dict[str, list[str]] = {}
     for token in tokens:
         axis, eq, values = token.partition("=")
         axis = axis.strip()
         if not eq or not axis:
-            raise MmtagError(f"grid: expected AXIS=V1,V2,... but got {token!r}")
+            raise MmtagError(f"grid: expected AXIS=V1,V2,... but got {quoted(token)}")
         if axis in grid:
             raise MmtagError(f"grid: axis '{axis}' given twice")
         items = [v.strip() for v in values.split(",")]
         if not values.strip() or any(not v for v in items):
-            raise MmtagError(f"grid: axis '{axis}' has an empty value in {token!r}")
+            raise MmtagError(f"grid: axis '{axis}' has an empty value in {quoted(token)}")
         grid[axis] = items
     _check_axes(grid, "grid")
     return grid
@@ -178,6 +178,7 @@ def load_grid_file(path: str | Path) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for axis, values in raw.items():
         axis = str(axis)
+        key = resolve_axis(axis)  # an unknown axis is refused before its values are looked at
         if values is None:
             values = []
         elif not isinstance(values, list):
@@ -185,8 +186,8 @@ def load_grid_file(path: str | Path) -> dict[str, list[Any]]:
         for v in values:
             if isinstance(v, dict):
                 raise MmtagError(f"{path}: axis '{axis}' has a mapping as a value")
-            if isinstance(v, list) and not _is_list_option(resolve_axis(axis)):
-                raise MmtagError(f"{path}: axis '{axis}' takes single values, not a list {v}")
+            if isinstance(v, list) and not _is_list_option(key):
+                raise MmtagError(f"{path}: axis '{axis}' takes single values, not a list {quoted(v)}")
         grid[axis] = values
     _check_axes(grid, str(path))
     return grid
@@ -441,7 +442,8 @@ def _write_tables(out: Path, grid: dict[str, list[Any]], rows: list[SweepRow]) -
         rec: dict[str, Any] = dict(r.config)
         rec.update({k: round(getattr(r, k), 4) for k in METRIC_COLUMNS})
         rec["run"] = r.run
-        writer.writerow(rec)
+        # axis values and the run's path are the user's text: no cell may read as a formula
+        writer.writerow({k: csv_cell(v) if isinstance(v, str) else v for k, v in rec.items()})
     atomic_write_text(out / "sweep.csv", buf.getvalue())
 
     best = best_row(rows)

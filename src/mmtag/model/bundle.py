@@ -35,7 +35,8 @@ from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, s
 from ..errors import MmtagError
 from ..decision import Metrics, Thresholds, ValidationRecord
 from ..heads import HEADS, create_model_head, head_needs
-from ..io import atomic_write_text, atomic_write_with, staged_dir
+from ..io import (RECORD_MAX_BYTES, RUN_FILE_MAX_BYTES, atomic_write_text, atomic_write_with,
+                  load_json, staged_dir)
 from . import rundir
 
 FORMAT = "mmtag-bundle/1"
@@ -64,15 +65,17 @@ def save(run_dir: str | Path, bundle: Bundle, *,
     """Write the bundle beside `run_dir` and move it into place once complete (`io.staged_dir`):
     a run already there stays intact until then and is then replaced; a file, or a directory
     holding anything that is not an mmtag run, is refused. `add_files(dir)` may add files to the
-    new bundle before it is published (training adds metrics.csv and the report, which loads the
-    bundle to draw it). The manifest, written last, covers every file."""
-    rundir.inspect(run_dir)
-    with staged_dir(run_dir) as run:
-        weight_files, encoders = _write_files(run, bundle)
-        manifest = _write_manifest(run, bundle, weight_files, encoders)
-        if add_files is not None:
-            add_files(run)
+    new bundle before it is published (training adds metrics.csv and train.log; its report is
+    drawn once the run is in place). The manifest, written last, covers every file. The run's
+    lock (`rundir.lock`) is held throughout."""
+    with rundir.lock(run_dir):
+        rundir.inspect(run_dir)
+        with staged_dir(run_dir) as run:
+            weight_files, encoders = _write_files(run, bundle)
             manifest = _write_manifest(run, bundle, weight_files, encoders)
+            if add_files is not None:
+                add_files(run)
+                manifest = _write_manifest(run, bundle, weight_files, encoders)
     bundle.manifest = manifest
     return manifest
 
@@ -129,21 +132,24 @@ def _file_hashes(run: Path) -> dict[str, str]:
 
 
 def write_file(run_dir: str | Path, path: str | Path, text: str) -> None:
-    """Write the text file `path`. When it is one of the files the manifest of the bundle at
-    `run_dir` covers (e.g. `mmtag report RUN` rewriting RUN/report.html), the bundle is rebuilt
-    beside with the new file and a new manifest, and takes the old one's place (`io.staged_dir`;
-    its other files are hard links, not copies), so it keeps loading."""
+    """Write the text file `path`. When it lies inside the bundle at `run_dir` (e.g. `mmtag
+    report RUN` writing RUN/report.html), the bundle is rebuilt beside with the new file and a
+    manifest that covers it, and takes the old one's place (`io.staged_dir`;
+    its other files are hard links, not copies), so it keeps loading. It holds the run's lock
+    meanwhile (`rundir.lock`): a train replacing the run cannot be undone by this swap."""
     run, path = Path(run_dir), Path(path)
     try:
         rel = path.resolve().relative_to(run.resolve()).as_posix()
-        manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
-        covered = rel in manifest.get("files", {})
+        manifest = load_json(run / "manifest.json")
+        covered = isinstance(manifest.get("files"), dict)
     except (ValueError, OSError, json.JSONDecodeError, AttributeError):
         covered = False  # not inside the run, or no readable manifest: nothing to keep in step
     if not covered:
         atomic_write_text(path, text)
         return
-    with staged_dir(run) as stage:
+    with rundir.lock(run), staged_dir(run) as stage:
+        # read again under the lock: a train may have replaced the run since the check above
+        manifest = load_json(run / "manifest.json")
         shutil.copytree(run, stage, copy_function=_link_or_copy, dirs_exist_ok=True)
         atomic_write_text(stage / rel, text)  # a new file: the linked original stays as it is
         manifest["files"] = _file_hashes(stage)
@@ -166,7 +172,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise MmtagError(f"{run}: not a finished mmtag run (no manifest.json); was training interrupted?")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = load_json(path)
     except json.JSONDecodeError as exc:
         raise MmtagError(f"{path}: corrupt manifest ({exc.msg})") from None
     except (OSError, ValueError) as exc:  # ValueError: bytes that are not UTF-8
@@ -307,9 +313,9 @@ def _validate(schema: type[SchemaT], raw: Any, path: Path) -> SchemaT:
         raise MmtagError(f"{path}: {where or 'top level'}: {first['msg']}{more}") from None
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, max_bytes: int = RUN_FILE_MAX_BYTES) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json(path, max_bytes=max_bytes)
     except FileNotFoundError:
         raise MmtagError(f"{path}: missing from the bundle") from None
     except json.JSONDecodeError as exc:
@@ -512,7 +518,7 @@ def _load_validation(run: Path, num_classes: int) -> ValidationRecord | None:
         if a.shape != (n, num_classes):
             raise MmtagError(f"{apath}: '{key}' has shape {a.shape}, expected ({n}, {num_classes}) for "
                              f"{num_classes} labels")
-    items = _validate(_ValidationItems, _read_json(ipath), ipath)
+    items = _validate(_ValidationItems, _read_json(ipath, RECORD_MAX_BYTES), ipath)
     for key in ("image_ids", "captions", "image_paths"):
         if len(getattr(items, key)) != n:
             raise MmtagError(f"{ipath}: {len(getattr(items, key))} {key} for {n} scored items in {apath.name}")

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from ..config import Config, read_yaml_mapping
 from ..encoders import encoder_entry
 from ..errors import MmtagError
@@ -33,7 +31,7 @@ def preset_dir() -> Path:
 def list_presets() -> list[PresetInfo]:
     out = []
     for path in sorted(preset_dir().glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = read_yaml_mapping(path, "preset file")
         out.append(PresetInfo(path.stem, str(raw.get("description", "")), path))
     return out
 

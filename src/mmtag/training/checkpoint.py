@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import MmtagError
-from ..io import atomic_write_text, atomic_write_with
+from ..io import atomic_write_text, atomic_write_with, load_json
 
 log = logging.getLogger("mmtag")
 
@@ -151,8 +151,8 @@ class RunLog:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
+            return load_json(path, "checkpoint metadata file")
+        except (OSError, ValueError):  # ValueError: invalid JSON, bytes that are not UTF-8
             raise MmtagError(f"{path}: corrupt checkpoint metadata") from None
 
     # ------------------------------------------------------------------ logs
