@@ -25,6 +25,17 @@ def test_label_space_from_labels_sorted_with_coco_names() -> None:
     assert COCO_NAMES[1] == "person"
 
 
+def test_display_name_cuts_long_names_and_keeps_them_on_one_line() -> None:
+    from mmtag.data import DISPLAY_CHARS, display_name
+
+    assert display_name("horse") == "horse"
+    assert display_name("x" * DISPLAY_CHARS) == "x" * DISPLAY_CHARS  # at the limit: whole
+    long = "ab" * 50_000
+    assert display_name(long) == long[:DISPLAY_CHARS] + "…(100,000 chars)"
+    assert display_name(long, 5) == "ababa…(100,000 chars)"
+    assert display_name("a\nb\tc") == "a\ufffdb\ufffdc"  # a newline never splits a line
+
+
 def test_label_space_unknown_and_custom_names() -> None:
     assert LabelSpace.from_labels([[12, 1]]).names == ("person", "12")
     custom = LabelSpace.from_labels([[2, 1]], names={1: "one", 2: "two"})

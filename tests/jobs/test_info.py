@@ -21,3 +21,16 @@ def test_validation_row_of_a_cross_fitted_run_is_out_of_fold():
 def test_validation_row_of_a_split_gives_its_rows():
     for folds in (None, {}):
         assert dict(info_rows(_data(folds)))["validation"].endswith("(300 rows)")
+
+
+def test_labels_row_cuts_long_names_and_lists_at_most_a_hundred_labels():
+    from mmtag.jobs.info import LISTED_LABELS
+
+    data = _data(None)
+    long = "x" * 100_000
+    data["labels"] = {"ids": list(range(250)), "names": [long] + [f"tag{i}" for i in range(1, 250)]}
+    rows = dict(info_rows(data))
+    text = rows["labels (250)"]
+    assert text.startswith("0 " + "x" * 40 + "…(100,000 chars), 1 tag1, ")
+    assert f"{LISTED_LABELS - 1} tag{LISTED_LABELS - 1}, … and 150 more (--json lists all)" in text
+    assert len(text) < 2_000

@@ -73,9 +73,10 @@ def test_run_without_validation_record_needs_a_csv(fused_run: Path, tmp_path: Pa
 
 # ---------------------------------------------------------------- rendering, on synthetic inputs
 def _data(rows: int, classes: int = 18, *, absent: tuple[int, ...] = (), few: dict[int, int] | None = None,
-          folds: int = 1, seed: int = 0):
-    """A ReportData built without a model: `rows` items, `classes` labels, columns `absent` with
-    no positive, columns `few` with that many, noisy scores that rank positives higher."""
+          folds: int = 1, seed: int = 0, names: dict[int, str] | None = None):
+    """A ReportData built without a model: `rows` items, `classes` labels (`class{j}`, or as
+    `names` says), columns `absent` with no positive, columns `few` with that many, noisy scores
+    that rank positives higher."""
     import numpy as np
 
     from mmtag.decision import Thresholds, ValidationRecord, compute
@@ -92,7 +93,7 @@ def _data(rows: int, classes: int = 18, *, absent: tuple[int, ...] = (), few: di
     thresholds = Thresholds.constant(0.5, classes)
     mask = probs >= 0.5
     ids = list(range(classes))
-    names = [f"class{j}" for j in ids]
+    names = [(names or {}).get(j, f"class{j}") for j in ids]
     record = ValidationRecord(probs=probs, y_true=y, image_ids=[f"{i}.jpg" for i in range(rows)],
                               captions=[f"caption {i}" for i in range(rows)], image_paths=[""] * rows)
     history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 0.5 + abs(e - 4) / 20,
@@ -192,3 +193,129 @@ def test_small_validation_warns_with_counts_and_large_does_not() -> None:
     # many rows, but one class with few examples: still warned, about that class only
     rare = render(_data(FEW_VALIDATION_ROWS, 6, few={0: FEW_POSITIVES - 1}))
     assert 'class="warn"' in rare and "validation row(s)" not in rare and "class0 (4)" in rare
+
+
+# ---------------------------------------------------------------- many labels, long label names
+def _long_name(chars: int) -> str:
+    """A label name of `chars` characters that never repeats itself (so any 50 of them found in
+    a page were copied from it)."""
+    import hashlib
+
+    hexes = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(chars // 64 + 1))
+    return ("long" + hexes)[:chars]
+
+
+LONG = _long_name(100_000)
+MATH = r"$\frac$"  # matplotlib would read it as (broken) mathtext and stop drawing
+
+
+def test_long_names_are_cut_in_the_plots_and_drawn() -> None:
+    import matplotlib.pyplot as plt
+
+    from mmtag.jobs.report import label_frequency_figure, per_class_figure, pr_figure
+
+    d = _data(120, 6, names={0: LONG, 1: MATH})
+    for fig in (per_class_figure(d), pr_figure(d), label_frequency_figure(d)):
+        fig.canvas.draw()  # mathtext is parsed here: a `$` read as math would raise
+        texts = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels() + [ax.title]]
+        assert texts and max(map(len, texts)) < 100
+        assert any("…" in t and "(100,000 chars)" in t for t in texts)
+    plt.close("all")
+
+
+def test_many_labels_plot_the_most_frequent_and_table_them_all() -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from mmtag.jobs.report import (NAMED, PLOTTED, PR_PLOTTED, caveats, label_frequency_figure,
+                                   per_class_figure, plotted, pr_figure)
+
+    classes = 300
+    d = _data(60, classes, absent=tuple(range(100, 160)))
+    support = d.record.y_true.sum(0)
+    shown = plotted(d)
+    assert len(shown) == PLOTTED and len(set(shown)) == PLOTTED
+    assert support[shown].min() >= np.delete(support, shown).max()  # the most frequent ones
+    assert list(support[shown]) == sorted(support[shown], reverse=True)
+    (ax,) = per_class_figure(d).axes
+    assert [t.get_text().split(" (n=")[0] for t in ax.get_xticklabels()] == [f"class{j}" for j in shown]
+    assert f"top {PLOTTED} of {classes} labels by frequency" in ax.get_title(loc="left")
+    (ax,) = label_frequency_figure(d).axes
+    assert len(ax.get_xticklabels()) == PLOTTED
+    pr = pr_figure(d)
+    assert len(pr.axes) == PR_PLOTTED
+    assert pr.legends[0].get_title().get_text().startswith(f"top {PR_PLOTTED} of {classes}")
+    plt.close("all")
+    (absent,) = [c for c in caveats(d) if "no validation example" in c]
+    assert absent.startswith("60 class(es) with no validation example")
+    assert absent.count("class") == NAMED + 1 and absent.endswith(f"and {60 - NAMED} more.")
+
+
+def test_average_precision_is_scikit_learns_for_every_column_at_once() -> None:
+    import numpy as np
+    from sklearn.metrics import average_precision_score
+
+    from mmtag.jobs.report import average_precision
+
+    rng = np.random.default_rng(3)
+    y = rng.random((80, 40)) < 0.3
+    probs = np.round(rng.random((80, 40)), 1).astype(np.float32)  # many tied scores
+    probs[:, 0] = 0.5  # every score tied
+    y[:, 1] = False  # no positive: no AP
+    ap = average_precision(y, probs)
+    assert np.isnan(ap[1])
+    for j in set(range(40)) - {1}:
+        assert ap[j] == pytest.approx(average_precision_score(y[:, j], probs[:, j]), abs=1e-12), j
+
+
+@pytest.fixture(scope="module")
+def many_labels_run(make_config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A text-only run on 3,000 named labels, among them a 100 kB name and MATH, each on a third
+    of the rows (so among the plotted ones)."""
+    import csv
+
+    root = tmp_path_factory.mktemp("many-labels")
+    with open(root / "train.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageID", "Labels", "Caption"])
+        for i in range(120):
+            names = [f"t{j:04d}" for j in range(i * 25, i * 25 + 25)]
+            names += [LONG] if i % 3 == 0 else []
+            names += [MATH] if i % 3 == 1 else []
+            w.writerow([f"{i}.jpg", " ".join(names), f"a photo of row {i % 7}"])
+    cfg = make_config(**{"model.modalities": ["text"], "train.epochs": 2, "train.patience": 2,
+                         "model.hidden": 32, "train.thresholds": "global", "data.val_frac": 0.25})
+    api.train(root / "train.csv", None, root / "run", cfg, progress=False)
+    return root / "run"
+
+
+def test_a_100kB_label_name_trains_and_is_shown_cut(many_labels_run: Path) -> None:
+    import html as html_lib
+    import json
+
+    from mmtag.data import display_name
+
+    names = json.loads((many_labels_run / "labels.json").read_text(encoding="utf-8"))["names"]
+    assert LONG in names and MATH in names  # the full name is the model's
+    page = (many_labels_run / "report.html").read_text(encoding="utf-8")
+    assert LONG[40:90] not in page  # no copy of it, in a cell, a tooltip or a plot's alt text
+    assert html_lib.escape(display_name(LONG)) in page and html_lib.escape(MATH) in page
+
+
+def test_a_run_with_thousands_of_labels_reports_every_label_once_in_the_table(
+        many_labels_run: Path) -> None:
+    import json
+
+    from mmtag.jobs.report import PLOTTED, PR_PLOTTED
+
+    labels = len(json.loads((many_labels_run / "labels.json").read_text())["ids"])
+    assert labels > 2_000  # the training split's labels
+    page = (many_labels_run / "report.html").read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'id="{section}"' in page, section
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5  # text only: no thumbnails
+    table = page.split('id="per-class-confusion-counts"')[1].split("<h2")[0]
+    assert table.count("<tr") == labels + 1  # the header and one row per label
+    assert f"the top {PLOTTED} of {labels:,} labels by frequency" in page
+    assert f"the top {PR_PLOTTED} of {labels:,} labels by frequency" in page
+    assert len(page) < 3_000_000  # ~400 bytes a label, five plots and twelve cards

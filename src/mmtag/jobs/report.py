@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import ImageDecodeError, decode_thumbnail, read_dataset
+from ..data import DISPLAY_CHARS, ImageDecodeError, decode_thumbnail, display_name, read_dataset
 from ..errors import MmtagError
 from ..model import bundle as bundle_io
 from ..model.tagger import Tagger, warn_unknown_labels
@@ -24,6 +24,18 @@ from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Thresholds, Validati
 from ..training.loop import BestRule, EpochLog, higher_f1, higher_f1_then_lower_loss
 
 EXAMPLES = 12  # validation items shown with their true and predicted labels
+# The report's size must not grow with the label space beyond one table row per label: each
+# per-class plot shows at most PLOTTED labels (the most frequent; PR_PLOTTED precision-recall
+# panels, at about a quarter of a CPU second each), an example card at most CHIPS labels of each
+# kind, a warning names at most NAMED labels; the per-class table has them all.
+PLOTTED = 40
+PR_PLOTTED = 24
+CHIPS = 16
+NAMED = 20
+# A name longer than DISPLAY_CHARS is shown cut; its whole spelling goes in a tooltip only up to
+# this length, so a 100 kB name is not copied into every cell that names it.
+TOOLTIP_CHARS = 300
+TICK_CHARS = 24  # a name's characters on a plot's axis or panel title
 # Below this many validation examples a class's precision, recall and threshold move by whole
 # tenths when one example changes: the report names such classes in its warning banner.
 FEW_POSITIVES = 5
@@ -98,6 +110,43 @@ def _present(d: ReportData) -> np.ndarray:
     return d.record.y_true.astype(bool).any(0)
 
 
+def plotted(d: ReportData, k: int = PLOTTED) -> np.ndarray:
+    """The label columns a per-class plot shows: all of them, in label order, when there are at
+    most k; else the k most frequent in the validation rows, most frequent first (ties: more
+    often predicted, then label order)."""
+    c = len(d.label_names)
+    if c <= k:
+        return np.arange(c)
+    support, predicted = d.record.y_true.astype(bool).sum(0), d.mask.astype(bool).sum(0)
+    return np.lexsort((np.arange(c), -predicted, -support))[:k]
+
+
+def _plotted_note(d: ReportData, k: int = PLOTTED) -> str:
+    """What a plot of `plotted(d, k)` leaves out: '' when it shows every label."""
+    c = len(d.label_names)
+    return "" if c <= k else f"top {k} of {c:,} labels by frequency; all in the per-class table"
+
+
+def _tick(name: str) -> str:
+    """A label name as matplotlib gets it: cut shorter than elsewhere (PLOTTED of them share an
+    axis) and with `$` escaped, so that no name is read as mathtext (an unbalanced `\\frac`
+    would stop the drawing)."""
+    return display_name(name, TICK_CHARS).replace("$", r"\$")
+
+
+def _name_html(name: str) -> str:
+    """A label name in the page: cut, escaped, the whole name in a tooltip when not too long."""
+    shown = html.escape(display_name(name))
+    if DISPLAY_CHARS < len(name) <= TOOLTIP_CHARS:
+        return f'<span title="{html.escape(name)}">{shown}</span>'
+    return shown
+
+
+def _named(shown: list[str], total: int) -> str:
+    """A list of `total` labels of which `shown` (already cut, at most NAMED) are written out."""
+    return ", ".join(shown) + (f", and {total - len(shown):,} more" if total > len(shown) else "")
+
+
 # ------------------------------------------------------------------------ training curves
 def best_epoch(history: list[dict[str, float]], better: BestRule) -> int:
     """The epoch whose weights training kept: its own rule `better` replayed on the history it
@@ -158,11 +207,13 @@ def _training_curves(d: ReportData) -> str:
 
 # ------------------------------------------------------------------------ per class
 def per_class_figure(d: ReportData) -> Any:
-    """Precision, recall and F1 bars per class, the legend above the axes (never over a bar);
-    a class with no validation example gets a grey band saying so instead of zero bars."""
+    """Precision, recall and F1 bars per class (the `plotted` ones), the legend above the axes
+    (never over a bar); a class with no validation example gets a grey band saying so instead of
+    zero bars."""
     plt = _plt()
-    pc = d.metrics.per_class
-    present = _present(d)
+    shown = plotted(d)
+    pc = [d.metrics.per_class[j] for j in shown]
+    present = _present(d)[shown]
     x = np.arange(len(pc))
     fig, ax = plt.subplots(figsize=(11, 4))
     for k, (attr, color) in enumerate((("precision", "tab:blue"), ("recall", "tab:orange"),
@@ -172,36 +223,74 @@ def per_class_figure(d: ReportData) -> Any:
     for i in np.flatnonzero(~present):
         ax.axvspan(i - 0.45, i + 0.45, color="#e4e4e4", lw=0)
         ax.text(i, 0.5, ABSENT, rotation=90, ha="center", va="center", fontsize=7, color="#666")
-    ax.set_xticks(x, [f"{c.name}\n(n={c.support})" for c in pc], rotation=60, ha="right", fontsize=8)
+    # One line per tick: PLOTTED two-line ticks, turned, would overlap their neighbours.
+    ax.set_xticks(x, [f"{_tick(c.name)} (n={c.support})" for c in pc], rotation=60, ha="right",
+                  fontsize=8)
     for tick, ok in zip(ax.get_xticklabels(), present):
         if not ok:
             tick.set_color("#888")
     ax.set_xlim(-0.6, len(pc) - 0.4)
     ax.set_ylim(0, 1.05)
-    ax.set_title("per-class precision / recall / F1 (support in brackets)", loc="left")
+    note = _plotted_note(d)
+    ax.set_title("per-class precision / recall / F1 (support in brackets)"
+                 + (f"\n{note}" if note else ""), loc="left")
     # Above the axes, right-aligned, beside the left-aligned title: no bar can be under it.
     ax.legend(ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.01), borderaxespad=0, fontsize=9,
               frameon=False)
     return fig
 
 
+def _note_html(d: ReportData, k: int = PLOTTED) -> str:
+    note = _plotted_note(d, k)
+    return f"<p>This plot: the {note}.</p>" if note else ""
+
+
 def _per_class_bars(d: ReportData) -> str:
-    return _figure_html(per_class_figure(d), "per-class precision, recall and F1")
+    return _note_html(d) + _figure_html(per_class_figure(d), "per-class precision, recall and F1")
+
+
+def average_precision(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(C,) each column's average precision, as scikit-learn's `average_precision_score` gives
+    it (NaN for a column without a positive), computed for all columns at once: scikit-learn
+    takes about 5 ms a column, a minute for 10,000 labels.
+
+    AP = sum over distinct scores s, highest first, of (recall gained at s) x (precision of the
+    items scoring >= s): each positive adds 1/P times the precision at the last item tied with it.
+    """
+    n, c = y_true.shape
+    ap = np.full(c, np.nan)
+    step = max(1, 4_000_000 // max(n, 1))  # columns per block: memory stays bounded
+    for lo in range(0, c, step):
+        order = np.argsort(-probs[:, lo:lo + step], axis=0, kind="stable")
+        s = np.take_along_axis(probs[:, lo:lo + step], order, axis=0)
+        y = np.take_along_axis(y_true[:, lo:lo + step].astype(bool), order, axis=0)
+        precision = np.cumsum(y, axis=0) / np.arange(1, n + 1)[:, None]
+        # The last row of each run of tied scores: where the precision of the tie is read.
+        last = np.ones_like(s, dtype=bool)
+        last[:-1] = s[:-1] != s[1:]
+        end = np.where(last, np.arange(n)[:, None], n)
+        end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+        positives = y.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            block = (y * np.take_along_axis(precision, end, axis=0)).sum(0) / positives
+        ap[lo:lo + step] = np.where(positives > 0, block, np.nan)
+    return ap
 
 
 def _per_class_table(d: ReportData) -> str:
+    """One row per label, every label: plain HTML, nothing drawn."""
     counts = confusion_counts(d.record.y_true, d.mask)
     present = _present(d)
+    ap = average_precision(d.record.y_true, d.record.probs)
     rows = []
     for j, (i, n, c, m) in enumerate(zip(d.label_ids, d.label_names, counts, d.metrics.per_class)):
         if present[j]:
-            ap = pr_curve(d.record.y_true[:, j], d.record.probs[:, j])[2]
-            scores = [f"{v:.3f}" for v in (m.precision, m.recall, m.f1, ap)]
+            scores = [f"{v:.3f}" for v in (m.precision, m.recall, m.f1, ap[j])]
             note = f"only {m.support} validation example(s)" if m.support < FEW_POSITIVES else ""
             cls = ' class="few"' if note else ""
         else:
             scores, note, cls = ["—"] * 4, ABSENT, ' class="absent"'
-        rows.append(f"<tr{cls}><td>{i}</td><td>{html.escape(n)}</td><td>{m.support}</td>"
+        rows.append(f"<tr{cls}><td>{i}</td><td>{_name_html(n)}</td><td>{m.support}</td>"
                     + "".join(f"<td>{v}</td>" for v in c) + "".join(f"<td>{s}</td>" for s in scores)
                     + f"<td>{note}</td></tr>")
     return ("<table><tr><th>id</th><th>label</th><th>support</th><th>TP</th><th>FP</th><th>FN</th>"
@@ -211,26 +300,29 @@ def _per_class_table(d: ReportData) -> str:
 
 # ------------------------------------------------------------------------ precision-recall
 def pr_figure(d: ReportData) -> Any:
-    """Precision-recall small multiples: one panel per class (same axes everywhere), each with
-    the class's chance level and the model's own operating point; a class with no validation
-    example gets a grey panel saying so."""
+    """Precision-recall small multiples: one panel per class (the PR_PLOTTED `plotted` ones,
+    same axes everywhere), each with the class's chance level and the model's own operating
+    point; a class with no validation example gets a grey panel saying so."""
     from matplotlib.lines import Line2D
 
     plt = _plt()
-    n = len(d.label_names)
+    shown = plotted(d, PR_PLOTTED)
+    n = len(shown)
     cols = max(1, min(PR_COLUMNS, n))
     rows = math.ceil(n / cols) if n else 1
     # Constrained layout keeps the figure legend "outside", above every panel.
     fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 1.95 * rows + 0.5), sharex=True,
                              sharey=True, squeeze=False, layout="constrained")
     y, p = d.record.y_true.astype(bool), d.record.probs
-    for j, ax in enumerate(axes.flat):
-        if j >= n:
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
             # An empty slot of the last row: the panel above it shows the recall ticks instead.
-            axes.flat[j - cols].xaxis.set_tick_params(labelbottom=True)
+            axes.flat[k - cols].xaxis.set_tick_params(labelbottom=True)
             ax.remove()
             continue
-        name, c = d.label_names[j], d.metrics.per_class[j]
+        j = int(shown[k])
+        # A cut name's length on a line of its own: the panel is narrower than the cut name.
+        name, c = _tick(d.label_names[j]).replace("…(", "…\n("), d.metrics.per_class[j]
         ax.set(xlim=(0, 1.02), ylim=(0, 1.05))  # a perfect curve stays off the frame
         ax.tick_params(labelsize=7)
         if not y[:, j].any():
@@ -250,12 +342,15 @@ def pr_figure(d: ReportData) -> Any:
                Line2D([], [], color="#999", ls=":", label="chance (the class's share of rows)"),
                Line2D([], [], color="tab:red", marker="o", ls="", ms=4,
                       label="the model's decision (its threshold)")]
-    fig.legend(handles=handles, loc="outside upper center", ncol=3, fontsize=8, frameon=False)
+    # The note of a cut plot as the legend's title: a suptitle would sit on the legend.
+    fig.legend(handles=handles, loc="outside upper center", ncol=3, fontsize=8, frameon=False,
+               title=_plotted_note(d, PR_PLOTTED) or None, title_fontsize=9)
     return fig
 
 
 def _pr_curves(d: ReportData) -> str:
-    return _figure_html(pr_figure(d), "precision-recall curves, one panel per class")
+    return (_note_html(d, PR_PLOTTED)
+            + _figure_html(pr_figure(d), "precision-recall curves, one panel per class"))
 
 
 def _threshold_curve(d: ReportData) -> str:
@@ -280,18 +375,26 @@ def _threshold_curve(d: ReportData) -> str:
     return _figure_html(fig, "threshold versus F1")
 
 
-def _label_frequency(d: ReportData) -> str:
+def label_frequency_figure(d: ReportData) -> Any:
+    """Validation items carrying each label (the `plotted` ones), in truth and as predicted."""
     plt = _plt()
-    x = np.arange(len(d.label_ids))
+    shown = plotted(d)
+    x = np.arange(len(shown))
     fig, ax = plt.subplots(figsize=(11, 3.5))
-    ax.bar(x - 0.2, d.record.y_true.sum(0), 0.4, label="true")
-    ax.bar(x + 0.2, d.mask.sum(0), 0.4, label="predicted")
-    ax.set_xticks(x, d.label_names, rotation=60, ha="right", fontsize=8)
+    ax.bar(x - 0.2, d.record.y_true.astype(bool).sum(0)[shown], 0.4, label="true")
+    ax.bar(x + 0.2, d.mask.astype(bool).sum(0)[shown], 0.4, label="predicted")
+    ax.set_xticks(x, [_tick(d.label_names[j]) for j in shown], rotation=60, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.set_title("label frequency (items carrying the label, log scale)", loc="left")
+    note = _plotted_note(d)
+    ax.set_title("label frequency (items carrying the label, log scale)"
+                 + (f"\n{note}" if note else ""), loc="left")
     ax.legend(ncol=2, loc="lower right", bbox_to_anchor=(1.0, 1.01), borderaxespad=0, fontsize=9,
               frameon=False)  # above the axes, as on the per-class bars
-    return _figure_html(fig, "label frequency")
+    return fig
+
+
+def _label_frequency(d: ReportData) -> str:
+    return _note_html(d) + _figure_html(label_frequency_figure(d), "label frequency")
 
 
 # ------------------------------------------------------------------------ examples
@@ -308,33 +411,40 @@ def _thumbnail(path: str) -> str:
 
 
 def _chip(kind: str, name: str, prob: float) -> str:
-    return (f'<span class="chip {kind}">{html.escape(name)} '
+    return (f'<span class="chip {kind}">{_name_html(name)} '
             f'<span class="p">{prob:.2f}</span></span>')
+
+
+def _chips(d: ReportData, i: int, columns: np.ndarray, kind: Any) -> str:
+    """Chips of item i's labels `columns` (highest score first), at most CHIPS and a count of
+    the rest; `kind(j)` is the chip's class."""
+    probs = d.record.probs[i]
+    # Highest score first: the chip order says how sure the model was.
+    columns = columns[np.argsort(-probs[columns], kind="stable")]
+    more = len(columns) - CHIPS
+    return ("".join(_chip(kind(j), d.label_names[j], float(probs[j])) for j in columns[:CHIPS])
+            + (f'<span class="more">+{more:,} more</span>' if more > 0 else ""))
 
 
 def _examples(d: ReportData) -> str:
     r = d.record
-    n = len(r.image_ids)
+    truth_all, pred_all = r.y_true.astype(bool), d.mask.astype(bool)
     # Mistakes first (they teach more), then correct ones, in a fixed order.
-    is_wrong = [not np.array_equal(r.y_true[i].astype(bool), d.mask[i]) for i in range(n)]
-    wrong = [i for i in range(n) if is_wrong[i]]
-    right = [i for i in range(n) if not is_wrong[i]]
+    is_wrong = (truth_all != pred_all).any(1)
+    wrong = np.flatnonzero(is_wrong).tolist()
+    right = np.flatnonzero(~is_wrong).tolist()
     pick = wrong[:EXAMPLES // 2]
     pick += right[:EXAMPLES - len(pick)]
     pick += wrong[len(wrong[:EXAMPLES // 2]):][:EXAMPLES - len(pick)]
     cards = []
     for i in pick:
-        truth, pred = r.y_true[i].astype(bool), d.mask[i].astype(bool)
-        # Highest score first: the chip order says how sure the model was.
-        order = sorted(range(len(d.label_names)), key=lambda j: -float(r.probs[i, j]))
-        chips = "".join(_chip("ok" if truth[j] else "fp", d.label_names[j], float(r.probs[i, j]))
-                        for j in order if pred[j])
-        missed = "".join(_chip("fn", d.label_names[j], float(r.probs[i, j]))
-                         for j in order if truth[j] and not pred[j])
+        truth, pred = truth_all[i], pred_all[i]
+        chips = _chips(d, i, np.flatnonzero(pred), lambda j: "ok" if truth[j] else "fp")
+        missed = _chips(d, i, np.flatnonzero(truth & ~pred), lambda j: "fn")
         cards.append(f'<div class="card">{_thumbnail(r.image_paths[i])}<div class="id">{html.escape(r.image_ids[i])}</div>'
                      f'<div class="cap">{html.escape(r.captions[i])}</div><div>{chips}{missed}</div></div>')
     return ('<p>Each label with the model\'s score for it. Green: predicted and true. Red: '
-            'predicted, not true. Grey: true, missed.</p>'
+            f'predicted, not true. Grey: true, missed. At most {CHIPS} of each.</p>'
             f'<div class="grid">{"".join(cards)}</div>')
 
 
@@ -348,13 +458,14 @@ def caveats(d: ReportData) -> list[str]:
                    "best epoch and the thresholds are noisy, and the figures optimistic.")
     support = d.record.y_true.astype(bool).sum(0)
     absent = [n for n, s in zip(d.label_names, support) if s == 0]
-    few = [f"{n} ({s})" for n, s in zip(d.label_names, support) if 0 < s < FEW_POSITIVES]
+    few = [(n, s) for n, s in zip(d.label_names, support) if 0 < s < FEW_POSITIVES]
     if absent:
-        out.append(f"{len(absent)} class(es) with no validation example (not scored): "
-                   f"{', '.join(absent)}.")
+        out.append(f"{len(absent):,} class(es) with no validation example (not scored): "
+                   f"{_named([display_name(n) for n in absent[:NAMED]], len(absent))}.")
     if few:
-        out.append(f"{len(few)} class(es) with fewer than {FEW_POSITIVES} validation examples "
-                   f"(their figures rest on a handful of rows): {', '.join(few)}.")
+        out.append(f"{len(few):,} class(es) with fewer than {FEW_POSITIVES} validation examples "
+                   "(their figures rest on a handful of rows): "
+                   f"{_named([f'{display_name(n)} ({s})' for n, s in few[:NAMED]], len(few))}.")
     return out
 
 
@@ -382,6 +493,7 @@ tr.absent td { color: #999; background: #f2f2f2; } tr.few td:last-child { color:
 .chip { display: inline-block; padding: 1px 8px; margin: 2px; border-radius: 10px; color: #fff; font-size: 12px; }
 .chip .p { font-weight: 600; font-variant-numeric: tabular-nums; opacity: .9; }
 .ok { background: #2e8b57; } .fp { background: #c0392b; } .fn { background: #999; }
+.more { color: #667; font-size: 12px; margin-left: 4px; }
 pre { background: #f4f5f8; padding: 12px; overflow: auto; }
 """
 
