@@ -255,13 +255,20 @@ def test_ctrl_c_while_replacing_a_finished_run_keeps_it_and_resumes(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_overwrite_starts_an_interrupted_run_again(tiny, cache_dir: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def _interrupted_run(tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> Path:
+    """tmp_path/run: a train stopped by Ctrl-C after its first epoch."""
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         _ctrl_c_after_epoch(m, 1)
         assert _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)[0] == 130
+    return run
+
+
+def test_overwrite_starts_an_interrupted_run_again(tiny, cache_dir: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _interrupted_run(tiny, cache_dir, tmp_path, capsys, monkeypatch)
     rc, err = _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--overwrite", "--cache-dir", cache_dir)
     assert rc == 0, err
     api.Tagger.load(run)
@@ -469,10 +476,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_touches_nothing(
 def test_resume_takes_the_same_lock(tiny, cache_dir: str, tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _ctrl_c_after_epoch(m, 1)
-        assert _train(capsys, tiny.train_csv, "--out", run, *OPTS, "--cache-dir", cache_dir)[0] == 130
+    run = _interrupted_run(tiny, cache_dir, tmp_path, capsys, monkeypatch)
     _refused_while_held(run, capsys, "--resume", run)
     rc, err = _train(capsys, "--resume", run)  # once the holder is gone
     assert rc == 0, err
