@@ -40,3 +40,37 @@ def test_table_and_round_trip():
     text = m.table()
     assert "person" in text and "horse" in text and "samples F1" in text
     assert Metrics.from_dict(m.to_dict()) == m
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_metrics_are_scikit_learns_on_the_dense_matrices_to_the_last_bit(seed):
+    # compute() hands scikit-learn sparse matrices (issue 29: a dense 2,000 × 10,000 matrix
+    # cost it minutes); the figures must be those of the dense call
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    n, c = [(40, 2), (300, 18), (7, 30), (120, 1)][seed % 4]
+    y = (rng.random((n, c)) < rng.uniform(0.05, 0.5)).astype(int)
+    p = (rng.random((n, c)) < rng.uniform(0.05, 0.5)).astype(int)
+    p[:, -1] = 0 if seed % 2 else p[:, -1]  # a class never predicted
+    m = compute(y, p, tuple(range(c)), tuple(f"l{i}" for i in range(c)))
+    yd, pd = (np.hstack([a, np.zeros_like(a)]) for a in (y, p)) if c == 1 else (y, p)
+    pr, rc, f, s = precision_recall_fscore_support(yd, pd, average=None, zero_division=0,
+                                                   labels=list(range(yd.shape[1])))
+    assert [(k.precision, k.recall, k.f1, k.support) for k in m.per_class] == \
+        list(zip(pr[:c].tolist(), rc[:c].tolist(), f[:c].tolist(), s[:c].tolist()))
+    assert m.samples_f1 == f1_score(yd, pd, average="samples", zero_division=0)
+    assert m.micro_f1 == f1_score(yd, pd, average="micro", zero_division=0)
+    occurring = np.flatnonzero(yd.any(0) | pd.any(0)).tolist()
+    assert m.macro_f1 == f1_score(yd, pd, average="macro", zero_division=0, labels=occurring)
+
+
+def test_ten_thousand_labels_are_scored_quickly():
+    import time
+
+    rng = np.random.default_rng(0)
+    y = rng.random((2000, 10_000)) < 7e-4
+    t0 = time.perf_counter()
+    m = compute(y, y, tuple(range(10_000)), tuple(map(str, range(10_000))))
+    assert m.samples_f1 == 1.0 and len(m.per_class) == 10_000
+    assert time.perf_counter() - t0 < 60  # the dense call took minutes

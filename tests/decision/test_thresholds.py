@@ -342,3 +342,203 @@ def test_a_run_with_the_auto_decision_says_what_it_chose_and_keeps_it(tiny, cach
     out = capsys.readouterr().out
     assert f"decision: {saved['mode']}, chosen by --decision auto" in out
     assert api.Tagger.load(run).thresholds.mode == saved["mode"]
+
+
+# --- Issue 29: every rule linear in rows × labels, with the textbook rules' very choices.
+# The textbook forms below (one decision matrix per candidate, each class in turn) are the
+# references the vectorised rules must reproduce exactly.
+def _best_near_half(grid: np.ndarray, scores: np.ndarray, *, maximise: bool = True) -> float:
+    best = scores.max() if maximise else scores.min()
+    candidates = grid[np.isclose(scores, best, rtol=0, atol=1e-12)]
+    return float(candidates[np.argmin(np.abs(candidates - 0.5))])
+
+
+def _textbook_per_class(probs: np.ndarray, y: np.ndarray, max_sweeps: int = 10) -> np.ndarray:
+    grid = GRID.astype(np.float32)
+    values = tune_global(probs, y, grid).values.copy()
+    truth = y.astype(bool)
+    hits = truth[np.arange(len(y)), probs.argmax(axis=1)]
+    current = samples_f1(y, decide(probs, values))
+    for _ in range(max_sweeps):
+        improved = False
+        for c in range(probs.shape[1]):
+            pred = probs >= values.astype(probs.dtype)
+            others = np.arange(probs.shape[1]) != c
+            tp_other = (truth[:, others] & pred[:, others]).sum(axis=1)
+            n_other = pred[:, others].sum(axis=1)
+            col = probs[:, c][None, :] >= grid.astype(probs.dtype)[:, None]
+            n_pred = n_other[None, :] + col
+            tp = tp_other[None, :] + (col & truth[None, :, c])
+            empty = n_pred == 0
+            curve = (2.0 * np.where(empty, hits[None, :], tp)
+                     / (truth.sum(axis=1)[None, :] + np.where(empty, 1, n_pred))).mean(axis=1)
+            if curve.max() > current + 1e-12:
+                values[c] = _best_near_half(grid, curve)
+                current = float(curve.max())
+                improved = True
+        if not improved:
+            break
+    return values
+
+
+def _textbook_balanced(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    truth, grid = y.astype(bool), GRID.astype(np.float32)
+    values = np.empty(probs.shape[1], dtype=np.float32)
+    for c in range(probs.shape[1]):
+        pred = probs[:, c][None, :] >= grid.astype(probs.dtype)[:, None]
+        fp = (pred & ~truth[None, :, c]).sum(axis=1)
+        fn = (~pred & truth[None, :, c]).sum(axis=1)
+        values[c] = _best_near_half(grid, np.abs(fp - fn).astype(float), maximise=False)
+    return values
+
+
+def _textbook_union_pair(scores: Scores, y: np.ndarray, grid_a: np.ndarray,
+                         grid_b: np.ndarray) -> tuple[float, float]:
+    a, b = scores.branches["image"], scores.branches["text"]
+    best, best_pair = -1.0, (0.5, 0.5)
+    for ta in grid_a:
+        for tb in grid_b:
+            f1 = samples_f1(y, _fallback((a >= ta) | (b >= tb), scores.probs))
+            closer = abs(ta - 0.5) + abs(tb - 0.5) < abs(best_pair[0] - 0.5) + abs(best_pair[1] - 0.5)
+            if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and closer):
+                best, best_pair = f1, (float(ta), float(tb))
+    return best_pair
+
+
+def _fallback(pred: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    empty = ~pred.any(axis=1)
+    pred[np.flatnonzero(empty), probs[empty].argmax(axis=1)] = True
+    return pred
+
+
+def _scale_case(seed: int, n: int, c: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a trained-looking model: true labels mostly high, the rest mostly low; every
+    third case rounded to two decimals, so scores sit on grid values and curves tie."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, c)) < rng.uniform(0.05, 0.4)).astype(float)
+    logits = rng.normal(-1.5, 1.5, (n, c)) + y * rng.normal(2.5, 1.5, (n, c))
+    probs = (1 / (1 + np.exp(-logits))).astype(dtype)
+    return (np.round(probs, 2).astype(dtype) if seed % 3 == 0 else probs), y
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_global_curve_is_the_sample_f1_of_each_threshold_to_the_last_bit(seed):
+    from mmtag.decision import f1_by_threshold
+
+    probs, y = _scale_case(seed, n=[5, 60, 300][seed % 3], c=[2, 7, 18, 40][seed % 4],
+                           dtype=[np.float32, np.float64][seed % 2])
+    probs[:3] *= 0.02  # rows that fall back on their top-1 label
+    assert np.array_equal(f1_by_threshold(probs, y),
+                          np.array([samples_f1(y, decide(probs, t)) for t in GRID]))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_per_class_and_balanced_choose_what_the_textbook_loops_choose(seed):
+    probs, y = _scale_case(seed, n=[8, 50, 200, 600][seed % 4], c=[2, 5, 18, 30][(seed // 4) % 4],
+                           dtype=[np.float32, np.float64][seed % 2])
+    assert np.array_equal(tune("per-class", probs, y).values, _textbook_per_class(probs, y))
+    assert np.array_equal(tune("per-class", probs, y).values,
+                          tune("per-class", probs, y).values)  # and deterministic
+    assert np.array_equal(tune("balanced", probs, y).values, _textbook_balanced(probs, y))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_union_pair_search_chooses_what_the_textbook_loop_chooses(seed):
+    from mmtag.decision.thresholds import tune_decisions
+
+    probs, y = _scale_case(seed, n=[30, 200][seed % 2], c=[3, 18, 25][seed % 3],
+                           dtype=[np.float32, np.float64][seed % 2])
+    rng = np.random.default_rng(seed)
+    image = np.clip(probs + rng.normal(0, 0.2, probs.shape), 0, 1).astype(probs.dtype)
+    scores = Scores(probs=(probs + image) / 2, branches={"image": image, "text": probs}, union=True)
+    coarse = np.round(np.arange(0.1, 0.951, 0.05), 2)
+    for ranges, grid_a, grid_b in ((None, coarse, coarse),
+                                   ({"image": (0.8, 0.8), "text": (0.3, 0.6)}, np.array([0.8]),
+                                    coarse[(coarse >= 0.3 - 1e-9) & (coarse <= 0.6 + 1e-9)])):
+        got = tune_decisions("global", scores, y, ranges)
+        want = _textbook_union_pair(scores, y, grid_a, grid_b)
+        assert (float(got.branches["image"][0]), float(got.branches["text"][0])) == pytest.approx(want)
+
+
+def _rare_labels(n: int, c: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Thousands of labels, most of them rare: each row 1-5 labels of Zipf-like frequency,
+    scored high when true more often than not, the rest low (a rare label's lower)."""
+    rng = np.random.default_rng(seed)
+    weight = 1.0 / np.arange(1, c + 1)
+    y = np.zeros((n, c))
+    for i in range(n):
+        y[i, rng.choice(c, size=int(rng.integers(1, 6)), replace=False, p=weight / weight.sum())] = 1
+    logits = rng.normal(-5.0 - np.log1p(np.arange(c)) / 2, 1.5, (n, c)) + y * rng.normal(6, 2, (n, c))
+    return (1 / (1 + np.exp(-logits))).astype(np.float32), y
+
+
+def test_thousands_of_labels_are_tuned_per_class_to_a_coordinatewise_optimum():
+    probs, y = _rare_labels(300, 3000)
+    per_class = tune("per-class", probs, y)
+    best = samples_f1(y, decide(probs, per_class))
+    assert best >= samples_f1(y, decide(probs, tune_global(probs, y)))
+    # no single class's threshold moves on the grid to score better (checked for the classes
+    # the tuning could move: those with a score between the grid's ends)
+    movable = np.flatnonzero(((probs >= GRID[0]) & (probs < GRID[-1])).any(axis=0))
+    for c in np.random.default_rng(0).choice(movable, 4, replace=False):
+        values = np.repeat(per_class.values[None, :], len(GRID), axis=0)
+        values[:, c] = GRID.astype(np.float32)
+        assert max(samples_f1(y, decide(probs, v)) for v in values) <= best + 1e-12
+    assert tune("balanced", probs, y).values.shape == (3000,)
+
+
+def test_auto_skips_what_it_cannot_afford_and_says_so(monkeypatch, caplog):
+    import logging
+
+    from mmtag.decision import reporting, thresholds
+
+    probs, y = _rare_labels(FEW_VALIDATION_ROWS, 400)
+    work = {rule: thresholds.auto_work(rule, probs) for rule in ("per-class", "gfm")}
+    monkeypatch.setattr(thresholds, "AUTO_BUDGET", min(work.values()) / 2)
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        with reporting("auto over 400 labels", show=True):
+            t = tune("auto", probs, y)
+            tune("auto", probs, y)  # said once per step, not once per call
+    assert t.mode == "global" and set(t.chosen_from) == {"global"}
+    assert set(t.skipped) == {"per-class", "gfm"}
+    assert f"{work['gfm']:.2g}" in t.skipped["gfm"] and "400 labels" in t.skipped["gfm"]
+    said = [r.getMessage() for r in caplog.records if r.name == "mmtag.progress"]
+    skips = [m for m in said if "auto skips" in m]
+    assert len(skips) == 2 and all(m.startswith("deciding: auto over 400 labels: auto skips ")
+                                   for m in skips)
+    assert said[-1].startswith("deciding: auto over 400 labels: done, elapsed ")
+    back = Thresholds.from_dict(t.to_dict())
+    assert back.skipped == t.skipped and t.to_dict()["skipped"] == t.skipped
+    # between the two estimates: the cheaper one is tried
+    monkeypatch.setattr(thresholds, "AUTO_BUDGET", (min(work.values()) + max(work.values())) / 2)
+    assert set(tune("auto", probs, y).skipped) == {max(work, key=work.get)}
+
+
+def test_the_default_labels_stay_far_inside_auto_s_budget():
+    from mmtag.decision import thresholds
+
+    # the project's real data: 18 labels, up to 30,000 rows, a model no better than chance
+    rng = np.random.default_rng(0)
+    probs = rng.random((30_000, 18)).astype(np.float32)
+    for rule in ("per-class", "gfm"):
+        assert thresholds.auto_work(rule, probs) < thresholds.AUTO_BUDGET / 2
+
+
+def test_slow_decision_steps_say_how_they_progress(monkeypatch, caplog):
+    import logging
+
+    from mmtag.decision import report_part, reporting, thresholds
+
+    probs, y = _rare_labels(FEW_VALIDATION_ROWS, 50)
+    with caplog.at_level(logging.INFO, logger="mmtag.progress"):
+        tune("auto", probs, y)  # outside `reporting`: silent
+        with reporting("auto over 50 labels", show=True):
+            tune("auto", probs, y)  # quicker than PROGRESS_SECONDS: nothing to say
+        monkeypatch.setattr(thresholds, "PROGRESS_SECONDS", 0.0)
+        with reporting("auto over 50 labels", show=True):
+            report_part("fold 2/5's rule")
+            tune("auto", probs, y)
+    said = [r.getMessage() for r in caplog.records if r.name == "mmtag.progress"]
+    assert said[0].startswith("deciding: auto over 50 labels (fold 2/5's rule): auto: global 1/5 held parts")
+    assert any("per-class: sweep 1" in m for m in said) and any("auto: gfm 5/5" in m for m in said)
+    assert said[-1].startswith("deciding: auto over 50 labels: done, elapsed ")

@@ -136,3 +136,31 @@ def test_the_figures_decide_each_fold_by_the_rule_tuned_on_the_others(tiny, make
     assert np.array_equal(Tagger.load(tmp_path / "run").validation.decided, pred)  # saved with the run
     page = api.report(tmp_path / "run").read_text()
     assert f"sample-F1 <b>{report.val_metrics.samples_f1:.4f}</b>" in page
+
+
+def test_the_folds_try_the_auto_candidates_the_model_s_rule_tried(monkeypatch):
+    # a budget four fifths of the rows fit and all of them do not: the model's rule skips gfm,
+    # and so must each fold's rule, or the figures would be of another procedure
+    from mmtag.config import Config
+    from mmtag.decision import thresholds
+    from mmtag.training.trainer import cross_fitted_decisions, decision_of
+
+    rng = np.random.default_rng(0)
+    n, c = 1500, 30
+    y = (rng.random((n, c)) < 0.1).astype(np.float32)
+    probs = np.clip(y * 0.6 + rng.random((n, c)) * 0.5, 0, 1).astype(np.float32)
+    scores = Scores(probs=probs)
+    cfg = Config().override({"train.thresholds": "auto"})
+    whole = thresholds.auto_work("gfm", probs)
+    monkeypatch.setattr(thresholds, "AUTO_BUDGET", 0.9 * whole)
+    assert thresholds.auto_work("gfm", probs[: n * 4 // 5]) < thresholds.AUTO_BUDGET
+    tried = []
+    real = thresholds.TUNERS["gfm"]
+    monkeypatch.setitem(thresholds.TUNERS, "gfm", lambda p, t: tried.append(len(p)) or real(p, t))
+    model = decision_of(cfg, scores, y)
+    assert "gfm" in model.skipped and not tried
+    folds = fold_indices(y, 5, 0)
+    cross_fitted_decisions(cfg, scores, y, folds, model)
+    assert not tried  # the folds replayed the model's candidates
+    cross_fitted_decisions(cfg, scores, y, folds)  # without the model's rule: each fold estimates
+    assert tried

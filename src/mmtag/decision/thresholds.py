@@ -1,7 +1,17 @@
-"""Turning scores into label sets: thresholds tuned on validation, and the top-1 fallback."""
+"""Turning scores into label sets: thresholds tuned on validation, and the top-1 fallback.
+
+Every rule costs time and memory linear in rows × labels (issue 29: thousands of labels). A
+curve over the threshold grid is read off each score's grid bin (how many thresholds it
+reaches) and cumulative counts, never off one decision matrix per candidate threshold; the
+work is done in blocks of rows, so memory stays bounded whatever the number of labels.
+"""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -9,11 +19,16 @@ import numpy as np
 
 from ..config import AT_LEAST_1
 from ..errors import MmtagError
-from .expected_f1 import decide_expected_f1
+from ..progress import duration, line
+from .expected_f1 import decide_expected_f1, expected_f1_work
 from .metrics import samples_f1
 
 GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 log = logging.getLogger(__name__)
+
+# Scores (rows × labels) binned at once: bounds the binned computations' memory (about 20 bytes
+# per score) whatever the number of labels.
+BLOCK = 1 << 21
 
 
 @dataclass
@@ -44,6 +59,8 @@ class Thresholds:
     # `auto` only: each candidate rule's sample-F1 on validation rows it was not tuned on, the
     # evidence `mode` was chosen on (kept in thresholds.json for the record)
     chosen_from: dict[str, float] = field(default_factory=dict)
+    # `auto` only: the candidates it could not afford on these scores, and why (AUTO_BUDGET)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"mode": self.mode, "values": [float(v) for v in self.values]}
@@ -51,16 +68,20 @@ class Thresholds:
             out["branches"] = {k: [float(x) for x in v] for k, v in self.branches.items()}
         if self.chosen_from:
             out["chosen_from"] = {k: round(float(v), 6) for k, v in self.chosen_from.items()}
+        if self.skipped:
+            out["skipped"] = dict(self.skipped)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, object]) -> "Thresholds":
         branches = raw.get("branches") or {}
         chosen = raw.get("chosen_from") or {}
+        skipped = raw.get("skipped") or {}
         return cls(mode=str(raw["mode"]), values=np.asarray(raw["values"], dtype=np.float32),
                    branches={str(k): np.asarray(v, dtype=np.float32)
                              for k, v in branches.items()},  # type: ignore[union-attr]
-                   chosen_from={str(k): float(v) for k, v in chosen.items()})  # type: ignore[union-attr]
+                   chosen_from={str(k): float(v) for k, v in chosen.items()},  # type: ignore[union-attr]
+                   skipped={str(k): str(v) for k, v in skipped.items()})  # type: ignore[union-attr]
 
     @classmethod
     def constant(cls, value: float, num_classes: int) -> "Thresholds":
@@ -83,7 +104,7 @@ def decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | flo
 def _decide(probs: np.ndarray | Scores, thresholds: Thresholds | np.ndarray | float) -> np.ndarray:
     if isinstance(thresholds, Thresholds) and thresholds.mode == EXPECTED_F1:
         # no threshold: each item's expected-F1-maximising label set (`expected_f1`)
-        return decide_expected_f1(probs.probs if isinstance(probs, Scores) else probs)
+        return decide_expected_f1(probs.probs if isinstance(probs, Scores) else probs, _tick)
     if isinstance(probs, Scores):
         if probs.union and isinstance(thresholds, Thresholds) and thresholds.branches:
             pred = np.zeros(probs.probs.shape, dtype=bool)
@@ -138,8 +159,55 @@ def tune_global(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) 
 
 def f1_by_threshold(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> np.ndarray:
     """(G,) validation sample-F1 with one global threshold at each grid value (top-1 fallback
-    included): the curve `tune_global` maximises, for plotting."""
-    return np.array([samples_f1(y_true, decide(probs, t)) for t in grid])
+    included): the curve `tune_global` maximises, for plotting.
+
+    Each value equals samples_f1(y, decide(probs, t)) to the last bit: the same per-row F1s
+    averaged the same way, from each row's label and hit counts per threshold."""
+    grid = np.asarray(grid)
+    order = np.argsort(grid, kind="stable")
+    cut = grid[order].astype(probs.dtype)  # as `decide` compares
+    truth = y_true.astype(bool)
+    n_pred, tp = _counts_by_threshold(probs, truth, cut)
+    empty = n_pred == 0  # the top-1 fallback's rows: one label, right or wrong
+    tp = np.where(empty, _top1_hits(probs, y_true)[:, None], tp)
+    n_pred = np.where(empty, 1, n_pred)
+    f1 = np.ascontiguousarray((2.0 * tp / (truth.sum(axis=1)[:, None] + n_pred)).T)  # (G, N)
+    curve = np.array([row.mean() if len(row) else 0.0 for row in f1])  # as samples_f1 averages
+    out = np.empty_like(curve)
+    out[order] = curve
+    return out
+
+
+def _row_blocks(n: int, c: int) -> Iterator[slice]:
+    """Slices of rows holding about BLOCK scores each."""
+    step = max(1, BLOCK // max(1, c))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _bins(p: np.ndarray, cut: np.ndarray) -> np.ndarray:
+    """How many of the ascending thresholds `cut` each score reaches (p >= t): a score is
+    predicted at threshold index j exactly when its bin is above j."""
+    return np.searchsorted(cut, p, side="right")
+
+
+def _counts_by_threshold(probs: np.ndarray, truth: np.ndarray,
+                         cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, G) labels predicted and true labels predicted in each row at each threshold of the
+    ascending `cut` (before the fallback): a histogram of each row's bins, summed from the top."""
+    n, g = len(probs), len(cut)
+    n_pred = np.empty((n, g), dtype=np.int64)
+    tp = np.empty((n, g), dtype=np.int64)
+    for rows in _row_blocks(n, probs.shape[1]):
+        p = probs[rows]
+        r, c = np.nonzero(p >= cut[0])  # the rest reach no threshold
+        key = r * (g + 1) + _bins(p[r, c], cut)
+        size = len(p) * (g + 1)
+        counts = np.bincount(key, minlength=size).reshape(len(p), g + 1)
+        hits = np.bincount(key[truth[rows][r, c]], minlength=size).reshape(len(p), g + 1)
+        n_pred[rows] = np.cumsum(counts[:, :0:-1], axis=1)[:, ::-1]  # bins j+1..G
+        tp[rows] = np.cumsum(hits[:, :0:-1], axis=1)[:, ::-1]
+    return n_pred, tp
 
 
 def _best_near_half(grid: np.ndarray, scores: np.ndarray, *, maximise: bool = True) -> float:
@@ -150,33 +218,18 @@ def _best_near_half(grid: np.ndarray, scores: np.ndarray, *, maximise: bool = Tr
     return float(candidates[np.argmin(np.abs(candidates - 0.5))])
 
 
+def _best_near_half_rows(grid: np.ndarray, scores: np.ndarray, *,
+                         maximise: bool = True) -> np.ndarray:
+    """`_best_near_half` for each row of `scores` (R, G) at once: the chosen grid indices (R,)."""
+    best = scores.max(axis=1, keepdims=True) if maximise else scores.min(axis=1, keepdims=True)
+    near = np.abs(scores - best) <= 1e-12
+    return np.where(near, np.abs(grid - 0.5)[None, :], np.inf).argmin(axis=1)
+
+
 def _top1_hits(probs: np.ndarray, y_true: np.ndarray) -> np.ndarray:
     """(N,) whether each row's top-1 label is correct: what the fallback scores on empty rows."""
     top1 = probs.argmax(axis=1)
     return y_true[np.arange(len(y_true)), top1].astype(bool)
-
-
-def _class_f1_curve(probs: np.ndarray, y_true: np.ndarray, pred: np.ndarray, c: int,
-                    grid: np.ndarray, top1_hits: np.ndarray) -> np.ndarray:
-    """(G,) sample-F1 when column c is thresholded at each grid value and the other columns keep
-    their decisions in `pred` (before fallback); equals samples_f1(y, decide(...)) per value.
-
-    Done for all grid values at once from per-row counts, since rebuilding the full decision
-    matrix per candidate is what makes naive coordinate ascent slow.
-    """
-    truth = y_true.astype(bool)
-    others = np.ones(truth.shape[1], dtype=bool)
-    others[c] = False
-    tp_other = (truth[:, others] & pred[:, others]).sum(axis=1)
-    n_other = pred[:, others].sum(axis=1)
-    n_true = truth.sum(axis=1)
-    col = probs[:, c][None, :] >= grid.astype(probs.dtype)[:, None]  # (G, N), as decide compares
-    n_pred = n_other[None, :] + col
-    tp = tp_other[None, :] + (col & truth[None, :, c])
-    empty = n_pred == 0
-    n_pred = np.where(empty, 1, n_pred)
-    tp = np.where(empty, top1_hits[None, :], tp)
-    return (2.0 * tp / (n_true[None, :] + n_pred)).mean(axis=1)
 
 
 def tune_per_class(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID,
@@ -188,24 +241,125 @@ def tune_per_class(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRI
     global threshold and only accepting strict improvements guarantees a validation score no
     worse than global; sweeps stop once a full pass changes nothing. More thresholds fit the
     validation set more closely, so this wants a reasonably large validation split.
+
+    Linear in rows × labels per sweep (`_CoordinateAscent`), however many labels.
     """
     # Candidates as they will be stored (float32), so the stored thresholds reproduce the score.
-    grid = grid.astype(np.float32)
-    values = tune_global(probs, y_true, grid).values.copy()
-    hits = _top1_hits(probs, y_true)
-    current = samples_f1(y_true, decide(probs, values))
-    for _ in range(max_sweeps):
-        improved = False
-        for c in range(probs.shape[1]):
-            pred = probs >= values.astype(probs.dtype)
-            curve = _class_f1_curve(probs, y_true, pred, c, grid, hits)
-            if curve.max() > current + 1e-12:
-                values[c] = _best_near_half(grid, curve)
-                current = float(curve.max())
-                improved = True
-        if not improved:
-            break
-    return Thresholds(mode="per-class", values=values.astype(np.float32))
+    grid = np.sort(np.asarray(grid).astype(np.float32))
+    start = tune_global(probs, y_true, grid).values
+    values = _CoordinateAscent(probs, y_true, grid, start).run(max_sweeps)
+    return Thresholds(mode="per-class", values=values)
+
+
+class _CoordinateAscent:
+    """Coordinate ascent over per-class thresholds, done on the scores that matter.
+
+    Moving class c's threshold along the grid only changes the decisions of its *active* scores
+    (those between the grid's ends), and each such row's F1 takes one of two values, with c on
+    or off, given the row's other labels. So c's whole curve is two sums per grid bin of its
+    active rows (`_gains`): a class costs its active scores, not rows × grid. Classes whose
+    active rows do not overlap cannot change each other's curves, so consecutive such classes
+    form a *block*, evaluated at once with the result the one-class-at-a-time order gives; a
+    block none of whose rows changed since it was last evaluated cannot improve and is passed
+    over. The choices are those of the textbook loop (each class in turn: its best grid value
+    if it beats the current sample-F1 by more than 1e-12, ties to the value nearest 0.5).
+    """
+
+    def __init__(self, probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray,
+                 start: np.ndarray) -> None:
+        n, c = probs.shape
+        self.n, self.grid = n, grid
+        cut = grid.astype(probs.dtype)  # as `decide` compares
+        truth = y_true.astype(bool)
+        self.j = np.searchsorted(grid, start.astype(np.float32))  # each class's threshold index
+        self.n_true = truth.sum(axis=1)
+        self.hits = _top1_hits(probs, y_true)
+        self.tp = np.zeros(n, dtype=np.int64)  # each row's counts at the current thresholds
+        self.n_pred = np.zeros(n, dtype=np.int64)
+        rows_, cls_, bins_, true_ = [], [], [], []
+        for rows in _row_blocks(n, c):
+            p, t = probs[rows], truth[rows]
+            on = p >= cut[self.j][None, :]
+            self.tp[rows] = (on & t).sum(axis=1)
+            self.n_pred[rows] = on.sum(axis=1)
+            r, k = np.nonzero((p >= cut[0]) & (p < cut[-1]))
+            rows_.append((r + rows.start).astype(np.int32))
+            cls_.append(k.astype(np.int32))
+            bins_.append(_bins(p[r, k], cut).astype(np.int16))
+            true_.append(t[r, k])
+        by_class = np.argsort(np.concatenate(cls_), kind="stable")  # rows ascending within a class
+        self.cls = np.concatenate(cls_)[by_class]
+        self.row = np.concatenate(rows_)[by_class]
+        self.bin = np.concatenate(bins_)[by_class]
+        self.true = np.concatenate(true_)[by_class]
+        self.blocks = self._blocks(np.searchsorted(self.cls, np.arange(c + 1)))
+
+    def _blocks(self, ptr: np.ndarray) -> list[tuple[int, int]]:
+        """Entry ranges of consecutive classes with pairwise disjoint active rows."""
+        owner = np.full(self.n, -1)
+        starts: list[int] = []
+        for k in np.flatnonzero(np.diff(ptr) > 0):
+            rows = self.row[ptr[k]:ptr[k + 1]]
+            if not starts or (owner[rows] == len(starts) - 1).any():
+                starts.append(int(ptr[k]))
+            owner[rows] = len(starts) - 1
+        return list(zip(starts, starts[1:] + [len(self.row)]))
+
+    def run(self, max_sweeps: int) -> np.ndarray:
+        changed_at = np.zeros(self.n, dtype=np.int64)  # the step that last changed each row
+        seen = np.full(len(self.blocks), -1)  # the step each block was last evaluated at
+        step = 0
+        for sweep in range(max_sweeps):
+            moved = 0
+            for b, (s, e) in enumerate(self.blocks):
+                if seen[b] >= 0 and changed_at[self.row[s:e]].max() <= seen[b]:
+                    continue  # nothing it reads changed: it cannot improve
+                step += 1
+                seen[b] = step
+                moved += self._improve(s, e, changed_at, step)
+            _tick(f"per-class: sweep {sweep + 1}, {moved} threshold(s) moved")
+            if not moved:
+                break
+        return self.grid[self.j].astype(np.float32)
+
+    def _improve(self, s: int, e: int, changed_at: np.ndarray, step: int) -> int:
+        """Each class of the block moved to its best grid value where that gains; how many moved."""
+        cls, rows, bins, true = self.cls[s:e], self.row[s:e], self.bin[s:e], self.true[s:e]
+        classes, local = np.unique(cls, return_inverse=True)
+        on = bins > self.j[cls]
+        gains = self._gains(rows, bins, true, on, local, len(classes))
+        better = gains.max(axis=1) > 1e-12
+        if not better.any():
+            return 0
+        chosen = _best_near_half_rows(self.grid, gains[better])
+        new_j = self.j[classes].copy()
+        new_j[better] = chosen
+        now = bins > new_j[local]
+        delta = now.astype(np.int64) - on
+        self.tp[rows] += delta * true
+        self.n_pred[rows] += delta
+        changed_at[rows[delta != 0]] = step
+        self.j[classes] = new_j
+        return int(better.sum())
+
+    def _gains(self, rows: np.ndarray, bins: np.ndarray, true: np.ndarray, on: np.ndarray,
+               local: np.ndarray, n_classes: int) -> np.ndarray:
+        """(classes, G) change of sample-F1 when each class alone moves to each grid value."""
+        g = len(self.grid)
+        tp_other = self.tp[rows] - (on & true)
+        n_other = self.n_pred[rows] - on
+        n_true = self.n_true[rows]
+        f_on = 2.0 * (tp_other + true) / (n_true + n_other + 1)
+        empty = n_other == 0  # off, the row falls back on its top-1 label
+        f_off = 2.0 * np.where(empty, self.hits[rows], tp_other) / (n_true + np.where(empty, 1, n_other))
+        f_now = np.where(on, f_on, f_off)
+        key = local * (g + 1) + bins
+        size = n_classes * (g + 1)
+        d_on = np.bincount(key, f_on - f_now, minlength=size).reshape(n_classes, g + 1)
+        d_off = np.bincount(key, f_off - f_now, minlength=size).reshape(n_classes, g + 1)
+        # at grid index j the rows of bins above j are on, the others off
+        gained = np.cumsum(d_on[:, :0:-1], axis=1)[:, ::-1] + np.cumsum(d_off, axis=1)[:, :g]
+        return gained / self.n
 
 
 def tune_balanced(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID) -> Thresholds:
@@ -214,18 +368,28 @@ def tune_balanced(probs: np.ndarray, y_true: np.ndarray, grid: np.ndarray = GRID
     Equal error counts make the predicted label count match the true one per class, which
     keeps label frequencies calibrated without optimising the score on the validation set
     directly. Each class is chosen on its own (fallback ignored: it couples classes and only
-    touches rows with nothing above threshold); `decide` still applies the fallback.
+    touches rows with nothing above threshold); `decide` still applies the fallback. The
+    counts at every grid value come from one histogram of each class's bins.
     """
     truth = y_true.astype(bool)
-    grid = grid.astype(np.float32)  # as stored, so decide() reproduces the counts
-    cut = grid.astype(probs.dtype)[:, None]
-    values = np.empty(probs.shape[1], dtype=np.float32)
-    for c in range(probs.shape[1]):
-        pred = probs[:, c][None, :] >= cut  # (G, N)
-        fp = (pred & ~truth[None, :, c]).sum(axis=1)
-        fn = (~pred & truth[None, :, c]).sum(axis=1)
-        values[c] = _best_near_half(grid, np.abs(fp - fn).astype(float), maximise=False)
-    return Thresholds(mode="balanced", values=values)
+    grid = np.sort(np.asarray(grid).astype(np.float32))  # as stored, so decide() reproduces the counts
+    cut = grid.astype(probs.dtype)
+    n, c = probs.shape
+    g = len(grid)
+    counts = np.zeros((c, g + 1), dtype=np.int64)
+    positives = np.zeros((c, g + 1), dtype=np.int64)
+    for rows in _row_blocks(n, c):
+        p = probs[rows]
+        r, k = np.nonzero(p >= cut[0])
+        key = k * (g + 1) + _bins(p[r, k], cut)
+        counts += np.bincount(key, minlength=c * (g + 1)).reshape(c, g + 1)
+        positives += np.bincount(key[truth[rows][r, k]], minlength=c * (g + 1)).reshape(c, g + 1)
+    counts[:, 0] = n - counts[:, 1:].sum(axis=1)  # below every threshold
+    positives[:, 0] = truth.sum(axis=0) - positives[:, 1:].sum(axis=1)
+    fp = np.cumsum((counts - positives)[:, :0:-1], axis=1)[:, ::-1]  # negatives in bins above j
+    fn = np.cumsum(positives, axis=1)[:, :g]  # positives in bins up to j
+    values = grid[_best_near_half_rows(grid, np.abs(fp - fn).astype(float), maximise=False)]
+    return Thresholds(mode="balanced", values=values.astype(np.float32))
 
 
 EXPECTED_F1 = "gfm"  # the decision rule that tunes nothing (see `expected_f1`)
@@ -245,8 +409,38 @@ AUTO = "auto"
 AUTO_CANDIDATES = ("global", "per-class", EXPECTED_F1)  # global first: the one kept on doubt
 AUTO_FOLDS = 5
 
+# The most work `auto` spends on one candidate rule (its held parts and its final fit), in the
+# units of `auto_work` (score-steps, about a nanosecond of one core each, so about half a minute):
+# a candidate estimated above it is not tried, which a line says and the record keeps
+# (`Thresholds.skipped`); `global` is linear and always tried. Every rule is linear in rows ×
+# labels, so this only bounds the constant: the 18-label data sets stay far below it at 30,000
+# rows, and 10,000 labels × 2,000 rows tries every candidate (docs/results.md).
+AUTO_BUDGET = 3e10
 
-def tune_auto(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
+
+def auto_work(rule: str, probs: np.ndarray) -> float:
+    """What `auto` would spend on `rule` for these scores, estimated from them before any of it
+    is done, in score-steps.
+
+    per-class: its fits (one per held part and the final one) visit each active score (between
+    the grid's ends) for several sweeps, and each class with one at a fixed cost. gfm: tunes
+    nothing; its decisions of the held parts and of every row (`expected_f1_work`) twice."""
+    n, c = probs.shape
+    if rule == "per-class":
+        cut = GRID.astype(np.float32).astype(probs.dtype)
+        active, classes = 0, np.zeros(c, dtype=bool)
+        for rows in _row_blocks(n, c):
+            inside = (probs[rows] >= cut[0]) & (probs[rows] < cut[-1])
+            active += int(np.count_nonzero(inside))
+            classes |= inside.any(axis=0)
+        return (AUTO_FOLDS + 1) * (100.0 * active + 5e4 * int(classes.sum()))
+    if rule == EXPECTED_F1:
+        return 2 * expected_f1_work(probs)
+    return 20.0 * n * c
+
+
+def tune_auto(probs: np.ndarray, y_true: np.ndarray,
+              skip: dict[str, str] | None = None) -> Thresholds:
     """The decision rule chosen on validation rows it is not tuned on, then tuned on them all.
 
     Each candidate of AUTO_CANDIDATES is tuned on four fifths of the rows (seeded folds) and
@@ -256,7 +450,11 @@ def tune_auto(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
     set gives and a small one may not), and a small validation set cannot tell close rules
     apart; below FEW_VALIDATION_ROWS rows it is not asked to, and `global` is used. The chosen
     rule's record names it (`mode`), so prediction and export apply it as if
-    it had been asked for; `chosen_from` keeps each candidate's held-part sample-F1.
+    it had been asked for; `chosen_from` keeps each candidate's held-part sample-F1. A candidate
+    whose estimated work (`auto_work`) exceeds AUTO_BUDGET is not tried: `skipped` says so.
+    `skip` (rule: why), when given, is the set not tried instead of that estimate: a cross-fitted
+    run's folds replay the model's choice among the candidates the model's rule tried, though
+    four fifths of the rows would fit a budget all of them did not.
     """
     n = len(y_true)
     if n < FEW_VALIDATION_ROWS:
@@ -268,23 +466,107 @@ def tune_auto(probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
 
     def held_part_f1(rule: str) -> np.ndarray:
         """The rule tuned on each split's other parts, scored on its held part."""
-        tuned = [(held, TUNERS[rule](probs[rest], y_true[rest])) for rest, held in splits]
-        return np.array([samples_f1(y_true[held], decide(probs[held], t)) for held, t in tuned])
+        scores = []
+        for i, (rest, held) in enumerate(splits, 1):
+            tuned = TUNERS[rule](probs[rest], y_true[rest])
+            scores.append(samples_f1(y_true[held], decide(probs[held], tuned)))
+            _tick(f"auto: {rule} {i}/{len(splits)} held parts")
+        return np.array(scores)
 
-    held_f1 = {rule: held_part_f1(rule) for rule in AUTO_CANDIDATES}
+    skipped = dict(skip) if skip is not None else {}
+    for rule in AUTO_CANDIDATES[1:] if skip is None else ():
+        work = auto_work(rule, probs)
+        if work > AUTO_BUDGET:
+            skipped[rule] = (f"estimated work {work:.2g} > budget {AUTO_BUDGET:.2g} "
+                             f"({probs.shape[1]} labels, {n} rows)")
+    for rule, why in skipped.items():
+        _say_once(f"skip {rule}", f"auto skips {rule}: {why}")
+    held_f1 = {rule: held_part_f1(rule) for rule in AUTO_CANDIDATES if rule not in skipped}
     base = AUTO_CANDIDATES[0]
     chosen, best_gain = base, 0.0
-    for rule in AUTO_CANDIDATES[1:]:
+    for rule in held_f1:
+        if rule == base:
+            continue
         diff = held_f1[rule] - held_f1[base]
         gain, stderr = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
         if gain > stderr and gain > best_gain:
             chosen, best_gain = rule, gain
     means = {rule: float(f.mean()) for rule, f in held_f1.items()}
-    log.info("decision auto: %s (sample-F1 on held parts of %d validation rows: %s)", chosen, n,
-             ", ".join(f"{r} {v:.4f}" for r, v in means.items()))
+    log.info("decision auto: %s (sample-F1 on held parts of %d validation rows: %s%s)", chosen, n,
+             ", ".join(f"{r} {v:.4f}" for r, v in means.items()),
+             "".join(f"; {r} skipped" for r in skipped))
     thresholds = TUNERS[chosen](probs, y_true)
     thresholds.chosen_from = means
+    thresholds.skipped = skipped
     return thresholds
+
+
+# ------------------------------------------------------------------------------- progress
+# A decision step's lines come at most this often, so one that takes less says nothing.
+PROGRESS_SECONDS = 5.0
+
+
+@dataclass
+class DecisionProgress:
+    """What `reporting` reports under: a label, and `part`, the part of the step under way
+    (the caller sets it, e.g. "fold 2/5's rule")."""
+
+    label: str
+    show: bool = True
+    part: str = ""
+    start: float = field(default_factory=time.perf_counter)
+    last: float = field(default_factory=time.perf_counter)
+    said: set[str] = field(default_factory=set)
+
+    def say(self, message: str) -> None:
+        self.last = time.perf_counter()
+        self.said.add(message)
+        where = f" ({self.part})" if self.part else ""
+        line(f"deciding: {self.label}{where}: {message}, elapsed "
+             f"{duration(self.last - self.start)}", show=self.show)
+
+
+_PROGRESS: ContextVar[DecisionProgress | None] = ContextVar("decision_progress", default=None)
+
+
+@contextmanager
+def reporting(label: str, *, show: bool = True) -> Iterator[DecisionProgress]:
+    """While open, the decision rules run inside say how they progress, as `mmtag.progress`
+    lines "deciding: LABEL (PART): ...": at most one per PROGRESS_SECONDS (none for a quicker
+    step) and a closing one with the elapsed time when any was said; a candidate `auto` cannot
+    afford, at once (once per candidate). Outside, they run silent (as the training loop's
+    per-epoch threshold does)."""
+    progress = DecisionProgress(label, show)
+    token = _PROGRESS.set(progress)
+    try:
+        yield progress
+    finally:
+        _PROGRESS.reset(token)
+        if progress.said:
+            progress.part = ""
+            progress.say("done")
+
+
+def report_part(part: str) -> None:
+    """Names the part of the step under way in `reporting`'s lines (outside it: nothing)."""
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.part = part
+
+
+def _tick(message: str) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None and time.perf_counter() - progress.last >= PROGRESS_SECONDS:
+        progress.say(message)
+
+
+def _say_once(key: str, message: str) -> None:
+    progress = _PROGRESS.get()
+    if progress is None:
+        log.info("%s", message)
+    elif key not in progress.said:
+        progress.say(message)
+        progress.said.add(key)
 
 
 # The decision rules by name (`--decision`, also spelled `--thresholds`).
@@ -297,18 +579,21 @@ TUNERS: dict[str, Callable[[np.ndarray, np.ndarray], Thresholds]] = {
 }
 
 
-def tune(mode: str, probs: np.ndarray, y_true: np.ndarray) -> Thresholds:
-    """The decision rule `mode` fitted on validation scores (global, per-class, balanced, gfm)."""
+def tune(mode: str, probs: np.ndarray, y_true: np.ndarray,
+         skip: dict[str, str] | None = None) -> Thresholds:
+    """The decision rule `mode` fitted on validation scores (global, per-class, balanced, gfm);
+    `skip`: the candidates `auto` does not try (see `tune_auto`)."""
     try:
         tuner = TUNERS[mode]
     except KeyError:
         raise MmtagError(f"unknown threshold mode '{mode}'; "
                          f"available: {', '.join(TUNERS)}") from None
-    return tuner(probs, y_true)
+    return tune_auto(probs, y_true, skip) if mode == AUTO else tuner(probs, y_true)
 
 
 def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
-                   ranges: dict[str, tuple[float, float]] | None = None) -> Thresholds:
+                   ranges: dict[str, tuple[float, float]] | None = None,
+                   skip: dict[str, str] | None = None) -> Thresholds:
     """Thresholds for a head's scores: `tune(mode)` on the final probabilities, or for union
     heads one threshold vector per branch.
 
@@ -316,7 +601,7 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
     grid) for the sample-F1 of the united label sets, since tuning each branch alone for its own
     F1 ignores what the other branch already covers; other modes tune each branch on its own.
     `ranges` confines a branch's threshold to [lo, hi] (reference design A fixes the image
-    threshold at 0.8 and searches the text one in 0.3-0.6).
+    threshold at 0.8 and searches the text one in 0.3-0.6). `skip`: see `tune_auto`.
     """
     ranges = ranges or {}
     if mode == AUTO and scores.union:
@@ -332,19 +617,19 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
         return inside if len(inside) else np.array([lo], dtype=grid.dtype)
 
     if not scores.union or mode == EXPECTED_F1:  # the expected-F1 rule reads the fused probs
-        return tune(mode, scores.probs, y_true)
+        return tune(mode, scores.probs, y_true, skip)
     names = sorted(scores.branches)
     if mode == "global" and len(names) == 2:
         coarse = np.round(np.arange(0.1, 0.951, 0.05), 2)
-        a, b = scores.branches[names[0]], scores.branches[names[1]]
+        grid_a, grid_b = grid_for(names[0], coarse), grid_for(names[1], coarse)
+        f1 = union_f1(scores.branches[names[0]], scores.branches[names[1]], grid_a, grid_b,
+                      y_true, scores.probs)
         best, best_pair = -1.0, (0.5, 0.5)
-        for ta in grid_for(names[0], coarse):
-            pa = a >= ta
-            for tb in grid_for(names[1], coarse):
-                f1 = samples_f1(y_true, _top1_fallback(pa | (b >= tb), scores.probs))
+        for i, ta in enumerate(grid_a):
+            for j, tb in enumerate(grid_b):
                 closer = abs(ta - 0.5) + abs(tb - 0.5) < abs(best_pair[0] - 0.5) + abs(best_pair[1] - 0.5)
-                if f1 > best + 1e-12 or (abs(f1 - best) <= 1e-12 and closer):
-                    best, best_pair = f1, (float(ta), float(tb))
+                if f1[i, j] > best + 1e-12 or (abs(f1[i, j] - best) <= 1e-12 and closer):
+                    best, best_pair = float(f1[i, j]), (float(ta), float(tb))
         c = scores.probs.shape[1]
         branches = {names[0]: np.full(c, best_pair[0], np.float32),
                     names[1]: np.full(c, best_pair[1], np.float32)}
@@ -352,3 +637,37 @@ def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,
         branches = {n: np.clip(tune(mode, scores.branches[n], y_true).values, *ranges.get(n, (0.0, 1.0)))
                     for n in names}
     return Thresholds(mode=f"union/{mode}", values=branches[names[0]], branches=branches)
+
+
+def union_f1(a: np.ndarray, b: np.ndarray, grid_a: np.ndarray, grid_b: np.ndarray,
+             y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(A, B) sample-F1 of the union decision `(a >= ta) | (b >= tb)` with the top-1 fallback
+    on `probs`, for every pair of the ascending grids: each equal to samples_f1 of that decision.
+
+    A score is left out at (i, j) exactly when neither branch reaches its threshold (bins ≤ i
+    and ≤ j), so each row's counts at every pair are a 2-D cumulative histogram of its bins."""
+    n, c = a.shape
+    ga, gb = len(grid_a), len(grid_b)
+    truth = y_true.astype(bool)
+    n_true = truth.sum(axis=1)
+    size = (ga + 1) * (gb + 1)
+    below = np.empty((ga, gb, n), dtype=np.int32)  # per pair, each row's scores left out
+    true_below = np.empty((ga, gb, n), dtype=np.int32)
+    for rows in _row_blocks(n, c):
+        r, k = np.nonzero((a[rows] >= grid_a[0]) | (b[rows] >= grid_b[0]))
+        key = r * size + _bins(a[rows][r, k], grid_a) * (gb + 1) + _bins(b[rows][r, k], grid_b)
+        m = rows.stop - rows.start
+        for out, keys, total in ((below, key, c), (true_below, key[truth[rows][r, k]], n_true[rows])):
+            hist = np.bincount(keys, minlength=m * size).reshape(m, ga + 1, gb + 1)
+            hist[:, 0, 0] = total - hist.sum(axis=(1, 2))  # reaching neither first threshold
+            out[:, :, rows] = np.moveaxis(hist.cumsum(axis=1).cumsum(axis=2)[:, :ga, :gb], 0, -1)
+    hits = _top1_hits(probs, y_true)
+    f1 = np.zeros((ga, gb))
+    for i in range(ga):
+        for j in range(gb):
+            n_pred = c - below[i, j].astype(np.int64)
+            tp = n_true - true_below[i, j]
+            empty = n_pred == 0
+            f1_rows = 2.0 * np.where(empty, hits, tp) / (n_true + np.where(empty, 1, n_pred))
+            f1[i, j] = f1_rows.mean() if n else 0.0  # as samples_f1 averages
+    return f1

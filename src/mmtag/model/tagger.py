@@ -221,7 +221,7 @@ class Tagger:
             scores = out_of_fold_scores(self.head, feats, y, folds)
             if retune:
                 state.thresholds = decision_of(self.config, scores, y)
-            decided = cross_fitted_decisions(self.config, scores, y, folds)
+            decided = cross_fitted_decisions(self.config, scores, y, folds, state.thresholds)
             state.val_metrics, per_fold = figures_of(decided, y, folds, ls)
             state.extra["folds"] = {**state.extra["folds"], "samples_f1": per_fold}
         else:
@@ -255,7 +255,8 @@ class Tagger:
         scores = Scores(probs=rec.probs, branches=rec.branches, union=self.head.decision == "union")
         folds = self._record_folds()
         if folds:
-            return cross_fitted_decisions(self.config, scores, rec.y_true.astype(np.float32), folds)
+            return cross_fitted_decisions(self.config, scores, rec.y_true.astype(np.float32), folds,
+                                          self.thresholds)
         return decide(scores, self.thresholds)
 
     # ------------------------------------------------------------------ prediction

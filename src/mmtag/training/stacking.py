@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -19,10 +20,13 @@ def fit_stacker(branches: list[np.ndarray], y: np.ndarray) -> tuple[np.ndarray, 
     n_classes, n_branches = y.shape[1], len(branches)
     weight = np.full((n_classes, n_branches), 1.0 / n_branches)
     bias = np.zeros(n_classes)
-    for c in range(n_classes):
-        if 0 < y[:, c].sum() < len(y):
-            lr = LogisticRegression(C=1.0, max_iter=1000).fit(z[:, c, :], y[:, c].astype(int))
-            weight[c], bias[c] = lr.coef_[0], lr.intercept_[0]
+    # One small fit per label (thousands, with thousands of labels): a BLAS thread pool only
+    # adds waiting to each, many times the fit on a busy CPU (same weights, issue 29).
+    with threadpool_limits(1, user_api="blas"):
+        for c in range(n_classes):
+            if 0 < y[:, c].sum() < len(y):
+                lr = LogisticRegression(C=1.0, max_iter=1000).fit(z[:, c, :], y[:, c].astype(int))
+                weight[c], bias[c] = lr.coef_[0], lr.intercept_[0]
     return weight, bias
 
 

@@ -19,12 +19,13 @@ from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
                     parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
 from ..decision import (FEW_VALIDATION_ROWS, Metrics, Scores, Thresholds, ValidationRecord,
-                        compute, decide, samples_f1, tune_decisions)
+                        compute, decide, report_part, reporting, samples_f1, tune_decisions)
 from ..errors import DataError, MmtagError
 from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
 from ..heads import FoldEnsemble, Head, StackedHead, can_stack, head_class
 from .checkpoint import RunLog
+from .folds import stratified_folds
 from .loop import head_scores
 from .stacking import fit_stacker, stacked_probs
 from .strategies import PseudoRound, Strategy, TrainInputs, TrainState, plan
@@ -68,11 +69,17 @@ class Fitted:
         return self.extra.get("finetune") or {}  # type: ignore[return-value]
 
 
-def decision_of(config: Config, scores: Scores, y_val: np.ndarray) -> Thresholds:
-    """The configured decision rule tuned on validation scores."""
+def decision_of(config: Config, scores: Scores, y_val: np.ndarray,
+                skip: dict[str, str] | None = None) -> Thresholds:
+    """The configured decision rule tuned on validation scores (`skip`: see `tune_auto`)."""
     ranges = {name: (float(r[0]), float(r[1])) for name, r in
               (("image", config.train.union_image_range), ("text", config.train.union_text_range)) if r}
-    return tune_decisions(config.train.thresholds, scores, y_val, ranges)
+    return tune_decisions(config.train.thresholds, scores, y_val, ranges, skip)
+
+
+def deciding_label(config: Config, y: np.ndarray) -> str:
+    """What the decision step's progress lines say it does."""
+    return f"{config.train.thresholds} over {y.shape[1]} labels and {len(y)} rows"
 
 
 def tune(config: Config, scores: Scores, y_val: np.ndarray,
@@ -151,7 +158,8 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
     result = state.result
     assert result is not None and state.y_val is not None
     scores = head_scores(result.head, va.features)
-    thresholds, val_metrics = tune(cfg, scores, state.y_val, label_space)
+    with reporting(deciding_label(cfg, state.y_val), show=progress):
+        thresholds, val_metrics = tune(cfg, scores, state.y_val, label_space)
     fitted = Fitted(label_space=label_space, head=result.head, dims=state.dims,
                     thresholds=thresholds, val_metrics=val_metrics,
                     history=result.history_dicts(),
@@ -231,8 +239,10 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
         model_head.weight.data = torch.as_tensor(w, dtype=torch.float32)
         model_head.bias.data = torch.as_tensor(b, dtype=torch.float32)
         scores = stacked_out_of_fold(scores, y, folds)
-    thresholds = decision_of(cfg, scores, y)  # the model's: chosen on every row's scores
-    decided = cross_fitted_decisions(cfg, scores, y, folds)
+    with reporting(deciding_label(cfg, y), show=progress):
+        report_part("the model's rule")
+        thresholds = decision_of(cfg, scores, y)  # the model's: chosen on every row's scores
+        decided = cross_fitted_decisions(cfg, scores, y, folds, thresholds)
     oof_metrics, per_fold = figures_of(decided, y, folds, label_space)
     best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
     extra = strategy_extras(states[0].log)
@@ -256,10 +266,7 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
 def fold_indices(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """K seeded folds, stratified on every label at once (iterative stratification), so each
     fold's validation rows hold each label in about the same proportion."""
-    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-
-    splitter = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros((len(y), 1)), y)]
+    return [(np.sort(a), np.sort(b)) for a, b in stratified_folds(y, k, seed)]
 
 
 def out_of_fold_scores(head: nn.Module, features: Features, y: np.ndarray,
@@ -297,20 +304,24 @@ def stacked_out_of_fold(scores: Scores, y: np.ndarray,
 
 
 def cross_fitted_decisions(cfg: Config, scores: Scores, y: np.ndarray,
-                           folds: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+                           folds: list[tuple[np.ndarray, np.ndarray]],
+                           model: Thresholds | None = None) -> np.ndarray:
     """A cross-fitted run's decisions of its own rows, the decision out of fold as well: each
     fold's rows decided by the rule tuned (and for `auto`, chosen) on the other folds' scores.
     Scored at the decision tuned on every row, per-class thresholds fit the rows they score
     (coco-real text with comp5329's captions: 0.9107 that way, 0.9068 this way), enough to rank
-    text above fusion."""
+    text above fusion. With the `model`'s rule, `auto` leaves out the candidates it left out,
+    so the figures are of the procedure the model went through."""
     pred = np.zeros(y.shape, dtype=bool)
+    skip = model.skipped if model is not None else None
     chooser = logging.getLogger(tune_decisions.__module__)  # where `auto` logs
     level = chooser.level
     chooser.setLevel(logging.WARNING)  # `auto` says which rule it chose: of the model's, once
     try:
-        for _, va_idx in folds:
+        for i, (_, va_idx) in enumerate(folds, 1):
+            report_part(f"fold {i}/{len(folds)}'s rule")
             rest = np.setdiff1d(np.arange(len(y)), va_idx)
-            pred[va_idx] = decide(scores.subset(va_idx), decision_of(cfg, scores.subset(rest), y[rest]))
+            pred[va_idx] = decide(scores.subset(va_idx), decision_of(cfg, scores.subset(rest), y[rest], skip))
     finally:
         chooser.setLevel(level)
     return pred
