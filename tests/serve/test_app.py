@@ -723,3 +723,29 @@ def test_schema_fuzz_never_5xx(client: TestClient, item: tuple[bytes, str, list[
         assert len(statuses[name]) >= 10, statuses
     if mode == "positive+image":  # some generated requests were answered by the model
         assert 200 in statuses["POST /predict"] and 200 in statuses["POST /predict/batch"], statuses
+
+
+# ---- uvicorn internals: BoundedH11Protocol subclasses a non-public class
+def test_the_installed_uvicorn_is_in_the_pinned_range_and_has_what_the_bounds_use() -> None:
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    from mmtag.serve.app import check_uvicorn
+
+    pinned = next(Requirement(r) for r in requires("mmtag") or [] if Requirement(r).name == "uvicorn")
+    assert pinned.specifier.contains(version("uvicorn")), (version("uvicorn"), str(pinned))
+    assert pinned.specifier and all(s.operator in (">=", "<") for s in pinned.specifier)  # a range
+    check_uvicorn()
+
+
+def test_a_uvicorn_without_a_hook_the_bounds_use_is_refused_by_name(monkeypatch) -> None:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from mmtag.serve.app import check_uvicorn, server_config, Limits
+
+    monkeypatch.delattr(H11Protocol, "on_response_complete")
+    with pytest.raises(MmtagError, match=r"does not support uvicorn .*lacks on_response_complete\(\)"):
+        check_uvicorn()
+    with pytest.raises(MmtagError, match="on_response_complete"):
+        server_config(object(), Limits())

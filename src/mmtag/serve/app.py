@@ -696,6 +696,36 @@ class BoundedH11Protocol(H11Protocol):
             self.close_idle()
 
 
+# What BoundedH11Protocol overrides and reads of uvicorn's H11Protocol: internals, not an API, so
+# pyproject.toml pins the uvicorn releases this was tested on and `check_uvicorn` looks for each
+# before a server starts, rather than a changed uvicorn serving without its bounds.
+UVICORN_HOOKS = ("connection_made", "data_received", "on_response_complete", "connection_lost",
+                 "send_400_response")
+UVICORN_STATE = ("app", "loop", "conn", "connections", "transport", "cycle")
+
+
+def check_uvicorn() -> None:
+    """A one-line error naming what is missing when the installed uvicorn's H11Protocol lacks a
+    method or per-connection attribute BoundedH11Protocol relies on."""
+    import asyncio
+
+    from uvicorn.server import ServerState
+
+    missing = [f"{name}()" for name in UVICORN_HOOKS if not callable(getattr(H11Protocol, name, None))]
+    loop = asyncio.new_event_loop()
+    try:
+        made = H11Protocol(uvicorn.Config(_busy), ServerState(), {}, _loop=loop)
+        missing += [name for name in UVICORN_STATE if not hasattr(made, name)]
+    except TypeError as e:  # its constructor changed
+        missing.append(f"__init__ ({e})")
+    finally:
+        loop.close()
+    if missing:
+        raise MmtagError(f"mmtag serve does not support uvicorn {uvicorn.__version__}: its "
+                         f"H11Protocol lacks {', '.join(missing)} (install the range "
+                         "pyproject.toml pins)")
+
+
 async def _busy(scope: dict, receive: Any, send: Any) -> None:
     await _send_json(send, 503, "too many open connections, all busy; retry shortly",
                      ((b"connection", b"close"), (b"retry-after", b"1")))
@@ -704,6 +734,7 @@ async def _busy(scope: dict, receive: Any, send: Any) -> None:
 def server_config(app: Any, limits: Limits, host: str = "127.0.0.1", port: int = 8000,
                   log_level: str = "info") -> uvicorn.Config:
     """uvicorn's settings for `app`, with the connection bounds of `limits`."""
+    check_uvicorn()
     protocol = type("MmtagHTTPProtocol", (BoundedH11Protocol,),
                     {"header_timeout": limits.header_timeout_s, "max_connections": limits.max_connections})
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=protocol)
