@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
         "data.unlabeled": args.unlabeled, "data.extra_text": args.extra_text,
         "data.val_csv": str(args.val) if args.val else None,
+        "data.label_names": args.label_names,
         "augment.image": args.image_aug, "augment.text": args.text_aug, "augment.views": args.aug_views,
         "pseudo.rounds": args.pseudo_rounds,
         "pseudo.confidence": args.pseudo_confidence,
@@ -290,13 +291,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from . import api
-    from .data import COCO_NAMES, display_name
+    from .data import display_name
 
     r = api.check(args.csv, args.images, progress=_progress(args), **_layout(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
     if r.label_counts:
         print("rows per label: " + ", ".join(
-            f"{display_name(str(i))} {COCO_NAMES.get(i, '')}".rstrip() + f" {n}"
+            f"{display_name(str(i))} {n}"
             for i, n in r.label_counts.items()))
     for title, errors in (("bad rows", r.bad_rows), ("missing images", r.missing_images),
                           ("corrupt images", r.corrupt_images)):
@@ -699,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text fine-tuning: train only the top N transformer layers, the lower "
                         "ones computed once per caption "
                         f"(default: {_default('finetune.top_layers')}, the whole encoder)")
+    p.add_argument("--label-names", metavar="coco|FILE",
+                   help="names to show integer labels by: coco (the COCO category names) or a CSV "
+                        "file of id,name rows (default: none, each label shown as itself)")
     _add_layout_options(p)
     _add_cache_option(p)
     _add_device_options(p, default=None)

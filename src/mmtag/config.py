@@ -291,6 +291,10 @@ class DataConfig:
     # appended to each ImageID to name its image file, for ids written without it ("139" + ".jpg")
     image_ext: str = option("", Pattern(r"(\.[a-z0-9_-]+)*", "empty or a file extension such as .jpg",
                                         exact=True), "--image-ext")
+    # the names integer labels are shown by (report, info, server): none, each label as itself;
+    # `coco`, the COCO category names (the competition's presets); or a CSV file of id,name rows
+    # (`mmtag.data.label_names_of`). Named labels are always shown as written.
+    label_names: str = option("", flag="--label-names")
 
     def csv_format(self, **overrides: str | None) -> "CsvFormat":
         """How these CSVs are read, with `overrides` (the image_col=, ... keyword arguments of

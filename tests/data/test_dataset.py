@@ -17,12 +17,38 @@ from mmtag.errors import MmtagError
 # 1. LabelSpace
 # ----------------------------------------------------------------------------------------------
 
-def test_label_space_from_labels_sorted_with_coco_names() -> None:
+def test_label_space_from_labels_sorted_shown_as_themselves_unless_names_are_asked_for() -> None:
+    from mmtag.data import label_names_of
+
     space = LabelSpace.from_labels([[19, 3], [1], [3, 1]])
     assert space.ids == (1, 3, 19)
-    assert space.names == ("person", "car", "horse")
+    assert space.names == ("1", "3", "19")  # a user's label 3 is not COCO's "car"
     assert len(space) == 3
+    coco = LabelSpace.from_labels([[19, 3], [1], [3, 1]], names=label_names_of("coco"))
+    assert coco.names == ("person", "car", "horse")
     assert COCO_NAMES[1] == "person"
+
+
+def test_label_names_come_from_an_id_name_file_with_errors_naming_file_and_line(tmp_path) -> None:
+    from mmtag.data import label_names_of
+    from mmtag.errors import DataError
+
+    assert label_names_of("") == {}
+    assert label_names_of("COCO")[3] == "car"
+    names = tmp_path / "names.csv"
+    names.write_text('id,name\n1,cat\n\n3,"tabby, striped"\n', encoding="utf-8")
+    assert label_names_of(str(names)) == {1: "cat", 3: "tabby, striped"}
+    for body, problem in (("1,cat\nx,dog\n", r"names\.csv \(line 2\): label id 'x' is not an integer"),
+                          ("1,cat\n1,dog\n", r"\(line 2\): label 1 is named twice"),
+                          ("1,\n", r"\(line 1\): label 1 has no name")):
+        names.write_text(body, encoding="utf-8")
+        with pytest.raises(DataError, match=problem):
+            label_names_of(str(names))
+    with pytest.raises(DataError, match="missing.csv: cannot read the label names file"):
+        label_names_of(str(tmp_path / "missing.csv"))
+    names.write_bytes(b"1,\xff\n")
+    with pytest.raises(DataError, match="not UTF-8"):
+        label_names_of(str(names))
 
 
 def test_display_name_cuts_long_names_and_keeps_them_on_one_line() -> None:
@@ -37,7 +63,9 @@ def test_display_name_cuts_long_names_and_keeps_them_on_one_line() -> None:
 
 
 def test_label_space_unknown_and_custom_names() -> None:
-    assert LabelSpace.from_labels([[12, 1]]).names == ("person", "12")
+    from mmtag.data import label_names_of
+
+    assert LabelSpace.from_labels([[12, 1]], names=label_names_of("coco")).names == ("person", "12")
     custom = LabelSpace.from_labels([[2, 1]], names={1: "one", 2: "two"})
     assert custom.ids == (1, 2)
     assert custom.names == ("one", "two")
@@ -62,7 +90,7 @@ def test_label_space_encode_ignores_unknown_ids() -> None:
 
 
 def test_label_space_dict_round_trip() -> None:
-    space = LabelSpace.from_labels([[5, 1], [18]])
+    space = LabelSpace.from_labels([[5, 1], [18]], names={1: "person", 5: "airplane", 18: "dog"})
     raw = space.to_dict()
     assert raw == {"ids": [1, 5, 18], "names": ["person", "airplane", "dog"]}
     assert LabelSpace.from_dict(raw) == space

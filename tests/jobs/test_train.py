@@ -14,6 +14,7 @@ import yaml
 
 from mmtag import api, cli
 from mmtag.config import Config
+from mmtag.data import COCO_NAMES
 
 
 def test_val_csv_chooses_on_the_users_rows_and_says_how_few(
@@ -105,3 +106,33 @@ def test_python_api_off_a_terminal_logs_lines_not_bars(
         api.train(tiny.train_csv, None, tmp_path / "run", cfg)
     assert _epochs([r.getMessage() for r in caplog.records]) == ["1", "2"]
     assert "\r" not in piped.getvalue()
+
+
+# ------------------------------------------------------------------ how integer labels are shown
+def test_integer_labels_are_shown_as_themselves_unless_names_are_asked_for(
+        tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def train(out: Path, *extra: str) -> dict:
+        rc = cli.main(["train", str(tiny.train_csv), *TEXT_OPTS, "--cache-dir", cache_dir,
+                       "--out", str(out), *extra])
+        assert rc == 0, capsys.readouterr().err
+        return json.loads((out / "labels.json").read_text())
+
+    plain = train(tmp_path / "plain")
+    assert plain["names"] == [str(i) for i in plain["ids"]]  # a user's 3 is not COCO's "car"
+    names = tmp_path / "names.csv"
+    names.write_text("id,name\n" + "".join(f"{i},tag {i}\n" for i in plain["ids"][1:]))
+    named = train(tmp_path / "named", "--label-names", str(names))
+    assert named["ids"] == plain["ids"]
+    assert named["names"] == [str(plain["ids"][0])] + [f"tag {i}" for i in plain["ids"][1:]]
+    assert f"tag {plain['ids'][1]}" in (tmp_path / "named" / "report.html").read_text()
+    saved = yaml.safe_load((tmp_path / "named" / "config.yaml").read_text())["data"]["label_names"]
+    assert saved == str(names.resolve())  # resumable from anywhere
+    coco = train(tmp_path / "coco", "--label-names", "coco")
+    assert coco["names"] == [COCO_NAMES[i] for i in plain["ids"]]
+    # a bad names file is one line, before any work
+    names.write_text("1,cat\nx,dog\n")
+    rc = cli.main(["train", str(tiny.train_csv), *TEXT_OPTS, "--cache-dir", cache_dir,
+                   "--out", str(tmp_path / "bad"), "--label-names", str(names)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "names.csv (line 2): label id 'x' is not an integer" in err[0]
+    assert not (tmp_path / "bad").exists()

@@ -3,6 +3,8 @@
 from .dataset import (  # noqa: F401
     DISPLAY_CHARS,
     display_name,
+    COCO,
+    label_names_of,
     LabelSpace,
     LabelVocab,
     Dataset,

@@ -6,6 +6,8 @@ train/validation split.
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -15,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .coco import COCO_NAMES
-from ..errors import DataError, MmtagError
+from ..errors import DataError, MmtagError, quoted
+from ..io import RUN_FILE_MAX_BYTES, read_bounded
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,44 @@ def display_name(name: str, limit: int = DISPLAY_CHARS) -> str:
     return short if len(name) <= limit else f"{short}…({len(name):,} chars)"
 
 
+COCO = "coco"  # data.label_names: the COCO category names (the competition's labels)
+
+
+def label_names_of(spec: str) -> dict[int, str]:
+    """The display names `data.label_names` (`--label-names`) asks for integer labels: none ({}:
+    each label shown as itself), `coco` (COCO's category names), or a CSV file of `id,name`
+    rows (a first row whose id is not an integer is a header; a name may hold commas)."""
+    if not spec:
+        return {}
+    if spec.strip().lower() == COCO:
+        return dict(COCO_NAMES)
+    try:
+        raw = read_bounded(spec, "label names file", RUN_FILE_MAX_BYTES)
+        text = raw.decode("utf-8-sig")
+    except OSError as e:
+        raise DataError(spec, f"cannot read the label names file ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise DataError(spec, "the label names file is not UTF-8 text") from None
+    names: dict[int, str] = {}
+    for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            label = int(row[0])
+        except ValueError:
+            if n == 1:
+                continue  # a header
+            raise DataError(spec, f"label id {quoted(row[0])} is not an integer (rows are id,name)",
+                            line=n) from None
+        name = ",".join(row[1:]).strip()
+        if not name:
+            raise DataError(spec, f"label {label} has no name (rows are id,name)", line=n)
+        if label in names:
+            raise DataError(spec, f"label {label} is named twice", line=n)
+        names[label] = name
+    return names
+
+
 @dataclass(frozen=True)
 class LabelSpace:
     """The ordered set of label ids a model predicts, with display names, and the vocabulary
@@ -81,20 +122,22 @@ class LabelSpace:
     def from_labels(cls, labels: list[list[int]], names: dict[int, str] | None = None,
                     vocab: LabelVocab = LabelVocab()) -> "LabelSpace":
         """Infer the label space from training labels (sorted ids). Display names: the user's
-        names for named labels, else `names` (default: the COCO names) or the id."""
+        names for named labels, else `names` (`label_names_of`) or the id itself: a label 3 is
+        "3", not COCO's "car", unless names are asked for."""
         ids = tuple(sorted({label for row in labels for label in row}))
         if vocab.named:
             return cls(ids=ids, names=tuple(vocab.token(i) for i in ids), vocab=vocab)
-        lookup = names if names is not None else COCO_NAMES
+        lookup = names or {}
         return cls(ids=ids, names=tuple(lookup.get(i, str(i)) for i in ids))
 
     @classmethod
-    def of(cls, *datasets: "Dataset | None") -> "LabelSpace":
+    def of(cls, *datasets: "Dataset | None", names: dict[int, str] | None = None) -> "LabelSpace":
         """The labels of these datasets' rows (training rows, extra captions), spelled by their
         vocabulary. Files with named labels must have been read in one chain (each with the
-        vocabulary of the one before; see `LabelVocab`), so their ids agree."""
+        vocabulary of the one before; see `LabelVocab`), so their ids agree. `names`: the
+        display names of integer labels (`label_names_of`)."""
         data = [d for d in datasets if d is not None]
-        return cls.from_labels([row for d in data for row in (d.labels or [])],
+        return cls.from_labels([row for d in data for row in (d.labels or [])], names=names,
                                vocab=shared_vocab(*data))
 
     @property

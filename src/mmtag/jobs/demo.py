@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config
+from ..data import COCO
 from ..data.synthetic import SyntheticPaths, make_dataset
 from ..decision.metrics import Metrics
 from ..progress import Mode, line, mode
@@ -48,6 +49,7 @@ def run_demo(out: str | Path, *, progress: bool = True, seed: int = 0) -> DemoRe
     base = Config()
     base.cache_dir = str(out / "cache")
     base.train.seed = seed
+    base.data.label_names = COCO  # the synthetic labels are COCO categories (stop sign, bench, ...)
     variants = {"image": ["image"], "text": ["text"], "fused": ["image", "text"]}
     metrics: dict[str, Metrics] = {}
     runs: dict[str, Path] = {}

@@ -11,7 +11,7 @@ from typing import Any
 from .. import dist
 from ..version import __version__
 from ..config import Config
-from ..data import read_dataset
+from ..data import COCO, label_names_of, read_dataset
 from ..errors import MmtagError
 from ..model import bundle as bundle_io
 from ..model import rundir
@@ -49,6 +49,9 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
     config.data.images = str(Path(images).resolve()) if images else ""
     if config.data.val_csv:  # saved resolved, so `--resume` and `--config RUN/config.yaml` find it
         config.data.val_csv = str(Path(config.data.val_csv).resolve())
+    if config.data.label_names and config.data.label_names.strip().lower() != COCO:
+        config.data.label_names = str(Path(config.data.label_names).resolve())  # as val_csv
+    label_names_of(config.data.label_names)  # a bad names file is refused before any work
     tagger = Tagger(config)
     if "image" in tagger.modalities and images is None:
         raise MmtagError("--images DIR is required when the image modality is used")

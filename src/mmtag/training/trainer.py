@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import dist
 from ..config import Config
-from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_words,
-                    parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
+from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_names_of,
+                    label_words, parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
 from ..decision import (FEW_VALIDATION_ROWS, Metrics, Scores, Thresholds, ValidationRecord,
                         compute, decide, report_part, reporting, samples_f1, tune_decisions)
 from ..errors import DataError, MmtagError
@@ -126,7 +126,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
             skipped += undecodable
             check_trainable(train, val, extra_text, dropped=len(skipped))
         tr_data, va_data = split(cfg, train, val)
-        state = TrainState(cfg, featurizer, inputs, LabelSpace.of(tr_data),
+        state = TrainState(cfg, featurizer, inputs, label_space_of(cfg, tr_data, None),
                            tr_data, va_data, run_log=run_log, progress=progress)
         for strategy in encoder_stage:
             strategy().run(state)
@@ -152,7 +152,7 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
             skipped += va.skipped
         log = {}
     warn_if_few(len(va.dataset), user_val=val is not None)
-    label_space = label_space_of(tr.dataset, extra_text)
+    label_space = label_space_of(cfg, tr.dataset, extra_text)
     state = run_head_strategies(cfg, featurizer, inputs, strategies, label_space, tr, va, log,
                                 run_log=run_log, progress=progress)
     result = state.result
@@ -182,9 +182,10 @@ def resolve(config: Config, inputs: TrainInputs) -> Config:
     return dataclasses.replace(cfg, train=train)
 
 
-def label_space_of(train: Dataset, extra_text: Dataset | None) -> LabelSpace:
-    """The labels a model predicts: those of its training rows and of its extra captions."""
-    return LabelSpace.of(train, extra_text)  # spelled as the CSVs spell them: ids or names
+def label_space_of(cfg: Config, train: Dataset, extra_text: Dataset | None) -> LabelSpace:
+    """The labels a model predicts: those of its training rows and of its extra captions,
+    spelled as the CSVs spell them (ids or names), shown by the names `data.label_names` asks for."""
+    return LabelSpace.of(train, extra_text, names=label_names_of(cfg.data.label_names))
 
 
 def run_head_strategies(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
@@ -215,7 +216,7 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     it. Those out-of-fold scores choose the model's decision (thresholds) and give the run's
     figures, whose decision is itself out of fold (`cross_fitted_decisions`); the model is the K
     fold heads averaged (bagging), so no row of the data is left out of it."""
-    label_space = label_space_of(full.dataset, inputs.extra_text)
+    label_space = label_space_of(cfg, full.dataset, inputs.extra_text)
     y = label_space.encode(full.dataset.label_rows())
     k = cfg.train.folds
     heads: list[Head] = []
