@@ -115,11 +115,6 @@ def _decision(args: argparse.Namespace) -> str | None:
     return args.decision or args.thresholds
 
 
-def _std(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-
-
 def _interrupted(run: Path) -> KeyboardInterrupt:
     """Ctrl-C in training: the interrupt, carrying the command that continues the run (when
     there is one to continue); `main` prints it."""
@@ -129,6 +124,8 @@ def _interrupted(run: Path) -> KeyboardInterrupt:
 
 
 def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
+    from .decision import mean_and_std
+
     if not manifest:  # a rank other than 0 under torchrun: it wrote nothing to describe
         return 0
     _report_skipped(report.skipped)
@@ -140,7 +137,8 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
               f"each row validated once, out of fold (mean best epoch {report.best_epoch})")
         if m is not None:
             print(f"out-of-fold: {m.headline()}")
-        print(f"per fold: samples_f1 {sum(f1) / len(f1):.4f} ± {_std(f1):.4f} over {len(f1)} folds")
+        mean, std = mean_and_std(f1)
+        print(f"per fold: samples_f1 {mean:.4f} ± {std:.4f} over {len(f1)} folds")
     else:
         print(f"trained {manifest['head']['name']} on {report.n_train} rows, validated on {report.n_val} "
               f"(best epoch {report.best_epoch})")
@@ -392,14 +390,9 @@ def _default(dotted: str) -> str:
     return str(value) if value != "" else "none"
 
 
-def _registered(what: str) -> Callable[[], list[str]]:
-    """The names in a registry of mmtag.registries (`fusion head`, `loss`, ...)."""
-    return lambda: registries.names(what)
-
-
 def _encoder_names(modality: str) -> Callable[[], list[str]]:
     def names() -> list[str]:
-        from .jobs.info import encoder_names
+        from .encoders import encoder_names
 
         return encoder_names(modality)
     return names
@@ -608,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modalities", metavar="LIST",
                    help=f"comma-separated, from {', '.join(MODALITIES)} "
                         f"(default: {_default('model.modalities')})")
-    p.add_argument("--fusion", metavar="HEAD", names=_registered("fusion head"),
+    p.add_argument("--fusion", metavar="HEAD", names=registries.lister("fusion head"),
                    help="fusion head when both modalities are used: {names} "
                         f"(default: {_default('model.fusion')})")
     p.add_argument("--val-frac", type=float, metavar="F",
@@ -637,11 +630,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what computes the frozen encoders' features: onnx (ONNX Runtime, traced "
                         "once into the cache; ~4x faster for images on a CPU), torch, or auto (onnx "
                         f"on a CPU when it repays the tracing) (default: {_default('feature_runtime')})")
-    p.add_argument("--optimizer", metavar="NAME", names=_registered("optimizer"),
+    p.add_argument("--optimizer", metavar="NAME", names=registries.lister("optimizer"),
                    help=f"{{names}} (default: {_default('train.optimizer')})")
-    p.add_argument("--loss", metavar="NAME", names=_registered("loss"),
+    p.add_argument("--loss", metavar="NAME", names=registries.lister("loss"),
                    help=f"{{names}} (default: {_default('train.loss')})")
-    p.add_argument("--decision", metavar="RULE", names=_registered("threshold mode"),
+    p.add_argument("--decision", metavar="RULE", names=registries.lister("threshold mode"),
                    help="how scores become labels: {names} "
                         f"(default: {_default('train.thresholds')}). global: one tuned threshold; "
                         "per-class: one per label; balanced: per label, where false positives and "
@@ -694,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fine-tuning task-head learning rate (default: {_default('finetune.head_lr')})")
     p.add_argument("--ft-batch-size", type=int, metavar="N",
                    help=f"fine-tuning batch size (default: {_default('finetune.batch_size')})")
-    p.add_argument("--ft-optimizer", metavar="NAME", names=_registered("optimizer"),
+    p.add_argument("--ft-optimizer", metavar="NAME", names=registries.lister("optimizer"),
                    help=f"fine-tuning optimizer: {{names}} (default: {_default('finetune.optimizer')})")
     p.add_argument("--ft-top-layers", type=int, metavar="N",
                    help="text fine-tuning: train only the top N transformer layers, the lower "
@@ -715,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, metavar="DIR", required=True, help="images folder")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="directory of the runs and tables (default: runs/ablate-DATE-TIME)")
-    p.add_argument("--variants", type=_variants, metavar="HEADS", names=_registered("fusion head"),
+    p.add_argument("--variants", type=_variants, metavar="HEADS", names=registries.lister("fusion head"),
                    help="comma-separated, from {names} (default: all)")
     p.add_argument("--extra-text", metavar="CSV",
                    help="labelled captions without images, for text and late fusion")

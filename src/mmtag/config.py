@@ -119,17 +119,6 @@ class SubsetOf(Constraint):
         return None
 
 
-def _family_modality(prefix: str) -> str | None:
-    """The modality of an open-ended encoder family (hf:, timm:), or None for one that only
-    wraps another encoder (onnx:, written by `mmtag export`)."""
-    from .encoders import registry as encoders
-
-    try:
-        return encoders.PREFIXES[prefix]("NAME").modality
-    except MmtagError:
-        return None
-
-
 @dataclass(frozen=True)
 class EncoderName(Constraint):
     """A registered encoder of `modality`, or PREFIX:NAME of a registered family (hf:, timm:).
@@ -140,17 +129,12 @@ class EncoderName(Constraint):
     def problem(self, value: Any) -> str | None:
         from .encoders import registry as encoders
 
-        prefix, _, rest = value.partition(":")
         try:
-            entry = (encoders.PREFIXES[prefix](rest) if rest and prefix in encoders.PREFIXES
-                     else encoders.ENCODERS.get(value))
-        except MmtagError:
-            entry = None
-        if entry is not None and entry.modality == self.modality:
+            encoders.encoder_entry(value, self.modality)
             return None
-        known = [n for n, e in encoders.ENCODERS.items() if e.modality == self.modality]
-        known += [f"{p}:NAME" for p in encoders.PREFIXES if _family_modality(p) == self.modality]
-        return f"unknown {self.modality} encoder {quoted(value)}; available: {', '.join(known)}"
+        except MmtagError:  # unknown, or a family (hf:, flip:) that cannot build it
+            return (f"unknown {self.modality} encoder {quoted(value)}; "
+                    f"available: {', '.join(encoders.encoder_names(self.modality))}")
 
 
 @dataclass(frozen=True)
@@ -238,11 +222,6 @@ class ThresholdRange(Constraint):
         return f"must be empty or [lo, hi] with 0 <= lo <= hi <= 1, got {quoted(value)}"
 
 
-def _registered(what: str) -> Callable[[], list[str]]:
-    """The names in a registry (see mmtag.registries), read when a value is checked."""
-    return lambda: registries.names(what)
-
-
 def _heads() -> list[str]:
     return sorted(registries.names("fusion head"))
 
@@ -252,7 +231,7 @@ POSITIVE = Interval(0, None, closed="neither")  # learning rates, ...
 AT_LEAST_0 = Interval(0, None, integer=True)
 AT_LEAST_1 = Interval(1, None, integer=True)
 FRACTION = Interval(0, 1, closed="left")  # [0, 1)
-OPTIMIZER = OneOf("optimizer", _registered("optimizer"))
+OPTIMIZER = OneOf("optimizer", registries.lister("optimizer"))
 FUSION_HEAD = OneOf("fusion head", _heads)  # also `mmtag ablate --variants`
 
 
@@ -367,9 +346,9 @@ class TrainConfig:
     lr: float = option(1e-3, POSITIVE, "--lr")
     weight_decay: float = option(0.05, Interval(0, None))
     optimizer: str = option("adamw", OPTIMIZER, "--optimizer")
-    loss: str = option("bce", OneOf("loss", _registered("loss")), "--loss")
+    loss: str = option("bce", OneOf("loss", registries.lister("loss")), "--loss")
     # auto: global unless per-class or gfm clearly decides better on rows it was not tuned on
-    thresholds: str = option("auto", OneOf("threshold mode", _registered("threshold mode")), "--thresholds")
+    thresholds: str = option("auto", OneOf("threshold mode", registries.lister("threshold mode")), "--thresholds")
     oversample: bool = option(False, flag="--oversample")  # repeat rows that carry rare labels
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
@@ -384,7 +363,7 @@ class TrainConfig:
     stack: bool | str = option(AUTO, AutoOr(), "--stack")
     # training strategies asked for by name, besides those the inputs switch on (--finetune,
     # --extra-text, --unlabeled); see mmtag.training.strategies
-    strategies: list[str] = option(check=SubsetOf("training strategy", _registered("training strategy"), may_be_empty=True),
+    strategies: list[str] = option(check=SubsetOf("training strategy", registries.lister("training strategy"), may_be_empty=True),
                                    factory=list)
 
 

@@ -144,11 +144,6 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8", newline="")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Let `writer(tmp_path)` produce the file (e.g. safetensors' save_file), then publish it."""
     with atomic_path(path) as tmp:

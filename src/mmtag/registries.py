@@ -9,7 +9,7 @@ test registers is accepted at once, with no list to edit.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 # what → (module, attribute): the registry dicts themselves, in their own modules
@@ -31,3 +31,9 @@ def registry(what: str) -> Mapping[str, Any]:
 def names(what: str) -> list[str]:
     """The registered names of `what`, in registration order."""
     return list(registry(what))
+
+
+def lister(what: str) -> Callable[[], list[str]]:
+    """`names(what)` as a function, read when called (a value checked, a help printed), so a
+    name registered later is listed and the registry's module is imported only then."""
+    return lambda: names(what)

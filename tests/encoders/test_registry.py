@@ -30,10 +30,10 @@ def test_a_bare_registry_import_sees_the_builtin_families():
     registry module alone still runs the package first, so nothing is missing from it."""
     script = """
 import sys
-from mmtag.encoders.registry import ENCODERS, FAMILIES, PREFIXES, encoder_entry
+from mmtag.encoders.registry import ENCODERS, FAMILIES, encoder_entry
 assert list(ENCODERS) == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2",
                           "minilm-l6", "mpnet-base"], list(ENCODERS)
-assert list(FAMILIES) == list(PREFIXES) == ["hf", "timm", "flip", "concat", "onnx"], list(FAMILIES)
+assert list(FAMILIES) == ["hf", "timm", "flip", "concat", "onnx"], list(FAMILIES)
 assert encoder_entry("onnx:minilm-l6").modality == "text"
 assert "onnxruntime" not in sys.modules and "timm" not in sys.modules
 """
@@ -79,12 +79,12 @@ def test_a_family_registered_from_outside_resolves_and_validates(monkeypatch, li
     from mmtag.encoders import EncoderEntry, encoder_entry, register_prefix
 
     monkeypatch.setattr(encoders, "FAMILIES", dict(encoders.FAMILIES))
-    monkeypatch.setattr(encoders, "PREFIXES", dict(encoders.PREFIXES))
     register_prefix("toy", lambda what: EncoderEntry(f"toy:{what}", "image", lambda _: lite0,
                                                      lambda _: lite0, lambda: True, "a toy"),
                     modality="image")
     assert encoder_entry("toy:x", "image").name == "toy:x"
-    assert encoders.family_modality("toy") == "image" and encoders.family_modality("onnx") is None
+    assert "toy:NAME" in encoders.encoder_names("image") and "toy:NAME" not in encoders.encoder_names("text")
+    assert not any(n.startswith("onnx:") for n in encoders.encoder_names())  # a wrapping family
     with pytest.raises(MmtagError, match="timm:NAME, flip:IMAGE_ENCODER, concat:A\\+B, toy:NAME"):
         encoder_entry("nothing", "image")
     assert Config().override({"model.image_encoder": "toy:x"}).model.image_encoder == "toy:x"

@@ -65,6 +65,14 @@ def samples_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(f1.mean()) if len(t) else 0.0
 
 
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """Per-fold figures as every table and line quotes them, "mean ± std": their mean and
+    sample standard deviation (ddof=1; 0 for a single figure)."""
+    if not values:
+        raise ValueError("no figures to summarise")
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def compute(y_true: np.ndarray, y_pred: np.ndarray, label_ids: tuple[int, ...],
             names: tuple[str, ...]) -> Metrics:
     """All metrics for 0/1 matrices (N, C) whose columns follow `label_ids`.

@@ -42,8 +42,6 @@ class EncoderFamily:
 
 ENCODERS: dict[str, EncoderEntry] = {}
 FAMILIES: dict[str, EncoderFamily] = {}
-# prefix → FAMILIES[prefix].resolve: the lookup table config validation reads.
-PREFIXES: dict[str, Callable[[str], EncoderEntry]] = {}
 
 
 def register_encoder(entry: EncoderEntry) -> EncoderEntry:
@@ -58,25 +56,26 @@ def register_prefix(prefix: str, resolve: Callable[[str], EncoderEntry], *,
     if not prefix or ":" in prefix:
         raise ValueError(f"an encoder family prefix is a non-empty name without ':', got {prefix!r}")
     family = FAMILIES[prefix] = EncoderFamily(prefix, resolve, modality, placeholder)
-    PREFIXES[prefix] = resolve
     return family
 
 
-def family_modality(prefix: str) -> str | None:
-    """The modality of a registered family's encoders; None for a wrapping family (onnx:)."""
-    return FAMILIES[prefix].modality
+def encoder_names(modality: str | None = None) -> list[str]:
+    """The names an encoder option of `modality` (None: any) accepts: registered encoders, then
+    open-ended families as PREFIX:WHAT (`timm:NAME`; not a wrapping family such as onnx:, whose
+    names `mmtag export` writes). Builds nothing."""
+    names = [n for n, e in ENCODERS.items() if modality is None or e.modality == modality]
+    return names + [f"{f.prefix}:{f.placeholder}" for f in FAMILIES.values()
+                    if f.modality is not None and (modality is None or f.modality == modality)]
 
 
 def encoder_entry(name: str, modality: str | None = None) -> EncoderEntry:
+    """The registered entry `name` (or PREFIX:WHAT of a family), of `modality` when given; else
+    a one-line error listing the names that are."""
     prefix, _, rest = name.partition(":")
-    if rest and prefix in PREFIXES:
-        entry: EncoderEntry | None = PREFIXES[prefix](rest)
-    else:
-        entry = ENCODERS.get(name)
+    entry = FAMILIES[prefix].resolve(rest) if rest and prefix in FAMILIES else ENCODERS.get(name)
     if entry is None or (modality is not None and entry.modality != modality):
-        known = sorted(n for n, e in ENCODERS.items() if modality is None or e.modality == modality)
-        known += [f"{f.prefix}:{f.placeholder}" for f in FAMILIES.values() if f.modality is not None
-                  and (modality is None or f.modality == modality)]
+        known = encoder_names(modality)
+        known = sorted(n for n in known if n in ENCODERS) + [n for n in known if n not in ENCODERS]
         raise MmtagError(f"unknown {modality + ' ' if modality else ''}encoder '{name}'; "
                          f"available: {', '.join(known)}")
     return entry

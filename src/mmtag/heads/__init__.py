@@ -9,7 +9,6 @@ from .registry import (  # noqa: F401
     register_head,
     head_class,
     create_head,
-    head_params_problem,
     takes_unpaired,
     head_needs,
     heads_with_branches,

@@ -53,12 +53,6 @@ def create_head(name: str, dims: dict[str, int], num_classes: int,
     return cls(dims, num_classes, **kwargs)
 
 
-def head_params_problem(name: str, model: ModelConfig) -> tuple[str, str] | None:
-    """(option, problem) when `model`'s hyper-parameters cannot build head `name` (see
-    `Head.params_problem`); None when they can."""
-    return head_class(name).params_problem(model)
-
-
 def takes_unpaired(name: str) -> bool:
     """Whether the registered head `name` learns from unpaired captions (see `Head`)."""
     cls = HEADS.get(name)

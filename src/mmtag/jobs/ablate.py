@@ -12,9 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..data import read_dataset
+from ..decision import mean_and_std
 from ..model.tagger import Tagger
 from ..config import Config
 from ..heads import HEADS, takes_unpaired
@@ -80,7 +79,7 @@ def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, bas
         folds = report.fold_samples_f1
         rows.append(AblationRow(variant, m.samples_f1, m.micro_f1, m.macro_f1, train_s, predict_s,
                                 float(manifest["model_size_mb"]), report.folds,
-                                float(np.std(folds, ddof=1)) if len(folds) > 1 else 0.0,
+                                mean_and_std(folds)[1] if folds else 0.0,
                                 bool(tagger.config.train.stack)))
         write_tables(out, rows, extra_text=extra_text)  # after every variant: an interrupted
         # ablation keeps the rows it finished

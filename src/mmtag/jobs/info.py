@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..config import Config
 from ..data import display_name
+from ..decision import mean_and_std
 from ..encoders import EncoderInfo, list_encoders
-from ..encoders import registry as encoder_registry
 from ..io import load_json
 from ..model import bundle as bundle_io
 
@@ -21,14 +19,6 @@ LISTED_LABELS = 100
 def available_encoders() -> list[EncoderInfo]:
     """Encoders usable here and now (`mmtag encoders`)."""
     return list_encoders()
-
-
-def encoder_names(modality: str) -> list[str]:
-    """The names an encoder option of `modality` accepts, from the encoder registry: registered
-    encoders, then open-ended families as PREFIX:WHAT (`timm:NAME`). Builds nothing."""
-    names = [n for n, e in encoder_registry.ENCODERS.items() if e.modality == modality]
-    return names + [f"{f.prefix}:{f.placeholder}" for f in encoder_registry.FAMILIES.values()
-                    if f.modality == modality]
 
 
 def info(run: str | Path) -> dict[str, Any]:
@@ -77,7 +67,7 @@ def info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         folds = data.get("folds") or {}
         per_fold = folds.get("samples_f1") or []
         where = (f"out of fold, {val['n']} rows, {len(per_fold)} folds: per fold "
-                 f"{np.mean(per_fold):.4f} ± {np.std(per_fold, ddof=1):.4f}"
+                 "{:.4f} ± {:.4f}".format(*mean_and_std(per_fold))
                  if len(per_fold) > 1 else f"{val['n']} rows")
         rows.append(("validation", f"samples F1 {val['samples_f1']:.4f}, micro F1 "
                                    f"{val['micro_f1']:.4f}, macro F1 {val['macro_f1']:.4f} "

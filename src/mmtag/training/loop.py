@@ -228,10 +228,6 @@ class LoopResult:
     best_epoch: int = 0
 
 
-# The loop's own random streams in a checkpoint's `rng`; a trainee's own use other keys.
-_LOOP_STREAMS = ("torch", "cuda", "generator")
-
-
 def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epochs: int,
                seed: int, better: BestRule, patience: int | None = None,
                run_log: RunLog | None = None, stage: str = "head",
