@@ -195,7 +195,6 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> SyntheticPaths:
 
 
 def test_a_flip_tagger_trains_saves_reloads_and_exports(small, make_config, tmp_path):
-    pytest.importorskip("onnxruntime")
     cfg = make_config(**{"model.image_encoder": f"flip:{LITE0}", "model.modalities": ["image"],
                          "train.folds": 1, "train.epochs": 5})
     train, _ = api.read_dataset(small.train_csv, small.images, labelled=True)
@@ -217,7 +216,6 @@ def test_a_flip_tagger_trains_saves_reloads_and_exports(small, make_config, tmp_
 
 
 def test_a_concat_encoder_exports_with_its_resize(tmp_path):
-    pytest.importorskip("onnxruntime")
     from mmtag.encoders import export_image_encoder
 
     enc = create_encoder(f"concat:{LITE0}+{LITE1}", "image")  # 224 and 240: one part is resized

@@ -51,7 +51,6 @@ def _runtime_featurizer(tmp_path, runtime: str) -> Featurizer:
 
 
 def test_auto_traces_a_twin_only_where_the_work_repays_it(tmp_path):
-    pytest.importorskip("onnxruntime")
     from mmtag.encoders import OnnxImageEncoder
     from mmtag.features.pipeline import TWIN_MIN_ITEMS
 
@@ -87,7 +86,6 @@ def test_a_failed_twin_falls_back_to_pytorch_under_auto_only(tmp_path, monkeypat
 def test_twin_features_share_the_cache_with_eager_ones(tiny, tmp_path):
     """Features computed by the twin land under the encoder's own id: an eager run afterwards
     reads them instead of computing, and they agree with eager features to fp16 rounding."""
-    pytest.importorskip("onnxruntime")
     from mmtag.data import read_dataset
 
     data, _ = read_dataset(tiny.train_csv, tiny.images, labelled=True)

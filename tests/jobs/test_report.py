@@ -48,7 +48,6 @@ def test_report_regenerates_and_reports_on_a_csv(fused_run: Path, tiny: Syntheti
 
 
 def test_report_of_an_export_is_of_the_export(fused_run: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
     api.export(fused_run, tmp_path / "onnx", int8=True)
     html = api.report(tmp_path / "onnx").read_text()
     _check(html)

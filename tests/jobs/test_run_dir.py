@@ -303,20 +303,25 @@ def test_out_that_cannot_work_is_refused_before_any_work(
     assert _snapshot(tmp_path) == before and _leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root may write anywhere, so no directory is unwritable")
-def test_unwritable_out_is_refused_before_any_work(tiny, cache_dir: str, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unwritable_out_is_refused_before_any_work(tiny, cache_dir: str, tmp_path: Path) -> None:
+    # A real `mmtag train` process. Root may write anywhere (CAP_DAC_OVERRIDE), so as root it
+    # runs without that capability (setpriv, util-linux): the folder is unwritable to it too.
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
+    cached = sorted(Path(cache_dir).rglob("*"))
+    as_user = (["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+               if os.geteuid() == 0 else [])
     try:
-        _no_work(monkeypatch)
-        rc, err = _train(capsys, tiny.train_csv, "--out", locked / "run", *OPTS, "--cache-dir", cache_dir)
-        assert rc == 2 and len(err) == 1 and str(locked) in err[0], err
+        done = subprocess.run([*as_user, sys.executable, "-m", "mmtag", "train", str(tiny.train_csv),
+                               "--out", str(locked / "run"), *OPTS, "--cache-dir", cache_dir],
+                              capture_output=True, text=True, timeout=300)
     finally:
         locked.chmod(0o700)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and str(locked) in err[0], done.stderr
+    assert list(locked.iterdir()) == []
+    assert sorted(Path(cache_dir).rglob("*")) == cached  # no feature was computed
 
 
 # ------------------------------------------------------------------ a full disk
