@@ -309,9 +309,9 @@ def cross_fitted_decisions(cfg: Config, scores: Scores, y: np.ndarray,
                            model: Thresholds | None = None) -> np.ndarray:
     """A cross-fitted run's decisions of its own rows, the decision out of fold as well: each
     fold's rows decided by the rule tuned (and for `auto`, chosen) on the other folds' scores.
-    Scored at the decision tuned on every row, per-class thresholds fit the rows they score
-    (coco-real text with comp5329's captions: 0.9107 that way, 0.9068 this way), enough to rank
-    text above fusion. With the `model`'s rule, `auto` leaves out the candidates it left out,
+    Scored at the decision tuned on every row, per-class thresholds fit the rows they score,
+    enough to rank the heads wrongly (docs/results.md, "Split figures against out-of-fold
+    figures"). With the `model`'s rule, `auto` leaves out the candidates it left out,
     so the figures are of the procedure the model went through."""
     pred = np.zeros(y.shape, dtype=bool)
     skip = model.skipped if model is not None else None
