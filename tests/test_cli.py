@@ -24,7 +24,8 @@ def _cache(tmp_path_factory):
 def test_train_evaluate_predict_info(tiny, tmp_path):
     run = tmp_path / "run"
     r = mmtag("train", tiny.train_csv, "--images", tiny.images, "--out", run, "--fusion", "mean",
-              "--epochs", "10", "--hidden", "64", "--workers", "0", "--val-frac", "0.2", "--seed", "3")
+              "--epochs", "10", "--hidden", "64", "--workers", "0", "--val-frac", "0.2", "--seed", "3",
+              "--label-names", "coco")  # the synthetic labels are COCO categories
     assert r.returncode == 0, r.stderr
     assert "validation: samples_f1=" in r.stdout and "model_size_mb" in r.stdout
 

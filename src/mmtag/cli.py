@@ -48,10 +48,10 @@ def _report_skipped(skipped: list[DataError]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import api, dist
-    from .presets import load_preset
-
     if args.resume:
+        from . import api, dist
+
+        dist.setup(args.device or "auto", bool(args.amp))
         if args.train_csv or args.config or args.preset or args.out or args.overwrite:
             raise MmtagError("--resume RUN continues with the run's own config.yaml into RUN; "
                              "give no other inputs")
@@ -64,6 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _print_trained(args.resume, report, manifest)
     if args.preset and args.config:
         raise MmtagError("give --preset or --config, not both (copy the preset's YAML to edit it)")
+    if args.preset:
+        from .presets import load_preset
     config = (load_preset(args.preset) if args.preset
               else Config.from_yaml(args.config) if args.config else Config())
     config = config.override({
@@ -94,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data.images": str(args.images) if args.images else None,
         **{f"data.{name}": value for name, value in _layout(args).items()},
     })
+    from . import api, dist  # torch: after the config is checked, so a bad option answers at once
+
     ctx = dist.setup(config.device, config.amp)
     # One directory for all ranks: rank 0's clock names it.
     out = args.out or dist.broadcast(Path("runs") / time.strftime("mmtag-%Y%m%d-%H%M%S"))
@@ -288,10 +292,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from . import api
     from .data import display_name
+    from .jobs.check import check  # not via api: checking a CSV loads no torch
 
-    r = api.check(args.csv, args.images, progress=_progress(args), **_layout(args))
+    r = check(args.csv, args.images, progress=_progress(args), **_layout(args))
     print(f"{r.path}: {r.rows} rows ({'labelled' if r.labelled else 'unlabelled'})")
     if r.label_counts:
         print("rows per label: " + ", ".join(
@@ -391,11 +395,7 @@ def _default(dotted: str) -> str:
 
 
 def _encoder_names(modality: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        from .encoders import encoder_names
-
-        return encoder_names(modality)
-    return names
+    return lambda: registries.encoder_names(modality)
 
 
 def _preset_names() -> list[str]:
@@ -860,17 +860,19 @@ def main(argv: list[str] | None = None) -> int:
     except MmtagError as exc:
         print(f"mmtag: error: {exc}", file=sys.stderr)
         return 2
-    from . import dist
-
     try:
-        if args.command in DISTRIBUTED:
-            # train sets up again once its config (which may name a device) is resolved
+        if args.command in DISTRIBUTED and args.command != "train":
+            from . import dist  # torch
+
             dist.setup(args.device or "auto", bool(args.amp))
-        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise MmtagError(f"'mmtag {args.command}' does not run under torchrun; "
                              f"only {', '.join(DISTRIBUTED)} do")
-        # Under torchrun only rank 0 speaks; the others' results are the same.
-        quiet = contextlib.nullcontext() if dist.context().is_main else contextlib.redirect_stdout(io.StringIO())
+        # train sets up once its config (which may name a device) is checked, so a bad option
+        # is answered before torch loads. Under torchrun only rank 0 speaks (torchrun's RANK;
+        # the others' results are the same).
+        main_rank = int(os.environ.get("RANK", "0")) == 0
+        quiet = contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(io.StringIO())
         with quiet:
             code = int(args.func(args))
             sys.stdout.flush()  # a reader gone early (`| head -1`) shows here, where it is handled
@@ -883,8 +885,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except MmtagError as exc:
-        rank = dist.context()
-        where = f" (rank {rank.rank})" if rank.distributed else ""
+        rank = int(os.environ.get("RANK", "0"))
+        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"mmtag: error{where}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -898,4 +900,6 @@ def main(argv: list[str] | None = None) -> int:
         print("mmtag: interrupted" + (f"; {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     finally:
-        dist.teardown()
+        dist = sys.modules.get(f"{__package__}.dist")  # loaded (with torch) only if it was used
+        if dist is not None:
+            dist.teardown()

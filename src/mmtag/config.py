@@ -127,14 +127,19 @@ class EncoderName(Constraint):
     modality: str
 
     def problem(self, value: Any) -> str | None:
-        from .encoders import registry as encoders
+        prefix, _, rest = value.partition(":")
+        if rest and prefix in registries.ENCODER_FAMILIES:  # hf:PATH: the family's to resolve
+            from .encoders import registry as encoders
 
-        try:
-            encoders.encoder_entry(value, self.modality)
+            try:
+                encoders.encoder_entry(value, self.modality)
+                return None
+            except MmtagError:  # unknown, or a family (hf:, flip:) that cannot build it
+                pass
+        elif registries.encoder_modality(value) == self.modality:  # known without torch
             return None
-        except MmtagError:  # unknown, or a family (hf:, flip:) that cannot build it
-            return (f"unknown {self.modality} encoder {quoted(value)}; "
-                    f"available: {', '.join(encoders.encoder_names(self.modality))}")
+        return (f"unknown {self.modality} encoder {quoted(value)}; "
+                f"available: {', '.join(registries.encoder_names(self.modality))}")
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ def test_a_family_registered_from_outside_resolves_and_validates(monkeypatch, li
     from mmtag.config import Config
     from mmtag.encoders import EncoderEntry, encoder_entry, register_prefix
 
-    monkeypatch.setattr(encoders, "FAMILIES", dict(encoders.FAMILIES))
+    monkeypatch.setitem(encoders.FAMILIES, "toy", None)  # the entry below, removed afterwards
     register_prefix("toy", lambda what: EncoderEntry(f"toy:{what}", "image", lambda _: lite0,
                                                      lambda _: lite0, lambda: True, "a toy"),
                     modality="image")

@@ -33,12 +33,6 @@ from .images import (  # noqa: F401
     normalize_images,
     load_image,
     open_image_bytes,
-    ImageItem,
-    ImageBatch,
-    ImageItems,
-    collate_images,
-    image_batches,
-    image_loader,
 )
 from .coco import COCO_NAMES  # noqa: F401
 from .augment import (  # noqa: F401
@@ -65,3 +59,15 @@ from .synthetic import (  # noqa: F401
     SyntheticPaths,
     make_dataset,
 )
+
+# The one image loader (`loader`) imports torch: its names are loaded on first use (PEP 562), so
+# reading a CSV, checking its images and listing augmentations (`mmtag check`, `--help`) do not.
+LOADER = ("ImageItem", "ImageBatch", "ImageItems", "collate_images", "image_batches", "image_loader")
+
+
+def __getattr__(name: str) -> object:
+    if name in LOADER:
+        from . import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

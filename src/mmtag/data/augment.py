@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .coco import COCO_NAMES
 from ..errors import MmtagError
@@ -106,6 +105,8 @@ class ImageAugment:
         the caller's RNG state is the same afterwards. With `seed=None` the global RNG is used
         (and advanced), like any torch random op.
         """
+        import torch  # here, not at the top: `mmtag.data` loads without torch
+
         if not isinstance(x, torch.Tensor):
             raise MmtagError(f"ImageAugment expects a torch.Tensor, got {type(x).__name__}")
         single = x.ndim == 3

@@ -2,29 +2,29 @@
 
 Images are decoded here (`decode_image`), only in `IMAGE_FORMATS`, and every bad image raises
 `ImageDecodeError`; a Dataset's image files are checked up front by `check_images_exist` (which
-tells ImageIDs without their file extension apart from missing files) and `check_images_decode`. The one image loader every stage uses (`ImageItems` + `collate_images`,
-through `image_loader`) means feature extraction and encoder fine-tuning decode, augment, batch
-and report a bad image the same way.
+tells ImageIDs without their file extension apart from missing files) and `check_images_decode`. The one image loader every
+stage uses is `mmtag.data.loader`.
 """
 from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from .augment import ImageAugment
+if TYPE_CHECKING:  # the loader's tensors; decoding and checking images need no torch
+    import torch
+
 from .dataset import Dataset
 from ..errors import DataError
 
-ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+ArrayT = TypeVar("ArrayT", np.ndarray, "torch.Tensor")
 
 # Pillow refuses images above this many pixels (decompression bombs); 8k × 8k is plenty for photos.
 Image.MAX_IMAGE_PIXELS = 64_000_000
@@ -234,7 +234,9 @@ def normalize_images(x: ArrayT) -> ArrayT:
     input every image encoder takes; float input is returned as it is (already normalised)."""
     # The same two float32 operations on both paths, so both give bit-identical features; in
     # place, since fresh batch-sized buffers cost page faults (measured 3x slower).
-    if isinstance(x, torch.Tensor):
+    if not isinstance(x, np.ndarray):  # a torch tensor: torch is loaded by whoever made it
+        import torch
+
         return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
     if x.dtype != np.uint8:
         return x
@@ -291,93 +293,3 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.clip(255.0 * arr / full, 0, 255)
         return Image.fromarray(arr.astype(np.uint8)).convert("RGB")
     return img.convert("RGB")
-
-
-# ---------------------------------------------------------------------- the one image loader
-ImageItem = tuple[int, int | None]  # (position, augmentation seed; None = the plain view)
-
-
-@dataclass
-class ImageBatch:
-    """What a DataLoader worker hands over: the decoded images stacked into one tensor (sent
-    through shared memory, where a list of arrays would be pickled through a pipe), the positions
-    they belong to, and (position, reason) for each image that failed to decode."""
-
-    items: list[int]
-    images: torch.Tensor | None  # None when every image of the batch failed
-    errors: list[tuple[int, str]]
-
-
-class ImageItems(torch.utils.data.Dataset):
-    """The image Dataset of every stage that decodes images (feature extraction, fine-tuning):
-    decode, then augment when the item carries a seed; batch with `collate_images`.
-
-    Items are (position, seed). A plain view stays uint8 (a quarter of float32's bytes to hand
-    to the main process, which normalises whole batches with `normalize_images`); an augmented
-    view is normalised here, since augmentation works on normalised floats. The seed travels with
-    the item, so a view does not depend on which worker decodes it or in which order. A file that
-    cannot be decoded yields its reason instead of raising, so the caller decides whether the
-    row is skipped or stops the run; `error` turns it into the DataError either way.
-    """
-
-    def __init__(self, paths: Sequence[Path], size: int, augment: ImageAugment | None = None, *,
-                 source: Dataset | None = None, rows: Sequence[int] | None = None) -> None:
-        """`source`: the Dataset the paths come from, so errors name its file and row; `rows`:
-        the source row of each position (default: position = row)."""
-        self.paths = list(paths)
-        self.size = size
-        self.augment = augment
-        self.source = source
-        self.rows = list(rows) if rows is not None else None
-
-    @classmethod
-    def from_dataset(cls, dataset: Dataset, size: int,
-                     augment: ImageAugment | None = None) -> "ImageItems":
-        """Every row's image, in row order."""
-        return cls([dataset.image_path(i) for i in range(len(dataset))], size, augment,
-                   source=dataset)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: ImageItem) -> tuple[int, torch.Tensor | None, str]:
-        i, seed = item
-        try:
-            x = torch.from_numpy(decode_image(self.paths[i], self.size))
-        except ImageDecodeError as exc:  # whatever the decoder raised, unreadable files included
-            return i, None, str(exc)
-        if seed is not None and self.augment is not None:
-            x = self.augment(normalize_images(x), seed=seed)
-        return i, x.contiguous(), ""
-
-    def error(self, position: int, reason: str) -> DataError:
-        """The DataError for an image that failed to decode: the CSV, row and line when the
-        images come from a Dataset, else the image file itself."""
-        path = self.paths[position]
-        if self.source is None:
-            return DataError(path, reason)
-        row = self.rows[position] if self.rows is not None else position
-        return DataError(self.source.path, f"image {str(path)!r}: {reason}",
-                         **self.source.where(row))
-
-
-def collate_images(batch: list[tuple[int, torch.Tensor | None, str]]) -> ImageBatch:
-    """Stack the decoded images of a batch (all plain or all augmented); failures are listed."""
-    good = [(i, x) for i, x, _ in batch if x is not None]
-    return ImageBatch(items=[i for i, _ in good],
-                      images=torch.stack([x for _, x in good]) if good else None,
-                      errors=[(i, msg) for i, x, msg in batch if x is None])
-
-
-def image_batches(seeds: Sequence[int | None], batch_size: int) -> list[list[ImageItem]]:
-    """Positions 0..len(seeds)-1 in order, in batches of `batch_size`, each with its seed."""
-    return [[(j, seeds[j]) for j in range(start, min(start + batch_size, len(seeds)))]
-            for start in range(0, len(seeds), batch_size)]
-
-
-def image_loader(items: ImageItems, batches: Sequence[list[ImageItem]],
-                 workers: int) -> Iterable[ImageBatch]:
-    """`batches` of `items`, decoded by `workers` DataLoader processes (0: in this process),
-    yielded in order as `ImageBatch`es."""
-    return torch.utils.data.DataLoader(items, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=collate_images, persistent_workers=False)

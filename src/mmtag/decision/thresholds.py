@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
+from .. import registries
 from ..config import AT_LEAST_1
 from ..errors import MmtagError
 from ..progress import duration, line
@@ -570,13 +570,8 @@ def _say_once(key: str, message: str) -> None:
 
 
 # The decision rules by name (`--decision`, also spelled `--thresholds`).
-TUNERS: dict[str, Callable[[np.ndarray, np.ndarray], Thresholds]] = {
-    "global": tune_global,
-    "per-class": tune_per_class,
-    "balanced": tune_balanced,
-    EXPECTED_F1: expected_f1_rule,
-    AUTO: tune_auto,
-}
+# name → rule(probs, y_true) -> Thresholds: declared in mmtag.registries
+TUNERS = registries.TUNERS
 
 
 def tune(mode: str, probs: np.ndarray, y_true: np.ndarray,

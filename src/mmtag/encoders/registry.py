@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import registries
 from ..errors import MmtagError
 from .base import Encoder
 
@@ -40,13 +41,14 @@ class EncoderFamily:
     placeholder: str = "NAME"  # how error messages spell <what>: hf:PATH_OR_NAME
 
 
-ENCODERS: dict[str, EncoderEntry] = {}
-FAMILIES: dict[str, EncoderFamily] = {}
+# The built-ins are declared in mmtag.registries (names and modalities known without torch);
+# each module below registers its entries when imported, as a plugin's would.
+ENCODERS = registries.ENCODERS
+FAMILIES = registries.ENCODER_FAMILIES
 
 
 def register_encoder(entry: EncoderEntry) -> EncoderEntry:
-    ENCODERS[entry.name] = entry
-    return entry
+    return ENCODERS.register(entry.name, modality=entry.modality)(entry)
 
 
 def register_prefix(prefix: str, resolve: Callable[[str], EncoderEntry], *,
@@ -55,17 +57,11 @@ def register_prefix(prefix: str, resolve: Callable[[str], EncoderEntry], *,
     MmtagError when `what` names nothing it can build)."""
     if not prefix or ":" in prefix:
         raise ValueError(f"an encoder family prefix is a non-empty name without ':', got {prefix!r}")
-    family = FAMILIES[prefix] = EncoderFamily(prefix, resolve, modality, placeholder)
-    return family
+    family = EncoderFamily(prefix, resolve, modality, placeholder)
+    return FAMILIES.register(prefix, modality=modality, placeholder=placeholder)(family)
 
 
-def encoder_names(modality: str | None = None) -> list[str]:
-    """The names an encoder option of `modality` (None: any) accepts: registered encoders, then
-    open-ended families as PREFIX:WHAT (`timm:NAME`; not a wrapping family such as onnx:, whose
-    names `mmtag export` writes). Builds nothing."""
-    names = [n for n, e in ENCODERS.items() if modality is None or e.modality == modality]
-    return names + [f"{f.prefix}:{f.placeholder}" for f in FAMILIES.values()
-                    if f.modality is not None and (modality is None or f.modality == modality)]
+encoder_names = registries.encoder_names
 
 
 def encoder_entry(name: str, modality: str | None = None) -> EncoderEntry:

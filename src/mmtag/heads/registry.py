@@ -1,7 +1,8 @@
 """The registry of heads by name (`--fusion`), and building a registered head from the config.
 
-Each head module registers its heads when imported; `mmtag.heads` imports them all, so the
-registry is complete whenever the package is.
+The built-in heads are declared in `mmtag.registries.HEADS` (names known without importing
+torch); each head module also registers its heads when imported (`register_head`, the way a
+plugin adds one), and tests/heads check the two agree.
 """
 from __future__ import annotations
 
@@ -9,19 +10,16 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+from .. import registries
 from ..config import ModelConfig
 from ..errors import MmtagError
 from .base import Head
 
-
-HEADS: dict[str, type[Head]] = {}
+HEADS = registries.HEADS
 
 
 def register_head(name: str) -> Callable[[type[Head]], type[Head]]:
-    def wrap(cls: type[Head]) -> type[Head]:
-        HEADS[name] = cls
-        return cls
-    return wrap
+    return HEADS.register(name)
 
 
 def head_class(name: str) -> type[Head]:

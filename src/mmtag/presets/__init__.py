@@ -11,7 +11,6 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import Config, read_yaml_mapping
-from ..encoders import encoder_entry
 from ..errors import MmtagError
 
 log = logging.getLogger("mmtag")
@@ -38,6 +37,8 @@ def list_presets() -> list[PresetInfo]:
 
 def _available(name: str, modality: str) -> bool:
     try:
+        from ..encoders import encoder_entry  # torch: only when a preset is loaded
+
         return encoder_entry(name, modality).weights_present()
     except MmtagError:
         return False

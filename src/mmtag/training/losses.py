@@ -5,13 +5,13 @@ elements, so the printed train/val losses stay on the same scale whichever loss 
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import registries
 from ..errors import MmtagError
 
 # A class with 3 positives in 2000 rows would otherwise get pos_weight ~660: its few positives
@@ -100,12 +100,20 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
-LOSSES: dict[str, Callable[[np.ndarray], nn.Module]] = {
-    "bce": lambda y_train: nn.BCEWithLogitsLoss(),
-    "weighted-bce": weighted_bce,
-    "asl": lambda y_train: AsymmetricLoss(),
-    "focal": lambda y_train: FocalLoss(),
-}
+def bce(y_train: np.ndarray) -> nn.Module:
+    return nn.BCEWithLogitsLoss()
+
+
+def asl(y_train: np.ndarray) -> nn.Module:
+    return AsymmetricLoss()
+
+
+def focal(y_train: np.ndarray) -> nn.Module:
+    return FocalLoss()
+
+
+# name → factory(y_train): declared in mmtag.registries
+LOSSES = registries.LOSSES
 
 
 def create_loss(name: str, y_train: np.ndarray) -> nn.Module:

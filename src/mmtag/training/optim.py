@@ -5,12 +5,11 @@ from collections.abc import Callable
 
 import torch
 
+from .. import registries
 from ..errors import MmtagError
 
-# The optimisers a config may name: `adam` adds the L2 penalty to the gradient, `adamw`
-# decouples the weight decay. config.py reads the names here.
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adam": torch.optim.Adam,
-                                                      "adamw": torch.optim.AdamW}
+# The optimisers a config may name, declared in mmtag.registries.
+OPTIMIZERS = registries.OPTIMIZERS
 
 
 def make_optimizer(name: str, params: list[dict] | object, lr: float,

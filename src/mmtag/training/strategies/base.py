@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ... import registries
 from ...config import Config
 from ...data import Dataset, LabelSpace
 from ...errors import MmtagError
@@ -106,7 +107,7 @@ class Strategy:
         raise NotImplementedError
 
 
-STRATEGIES: dict[str, type[Strategy]] = {}
+STRATEGIES = registries.STRATEGIES  # the built-ins declared there, registered below as imported
 
 
 def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
