@@ -27,7 +27,7 @@ def test_info_reports_everything(fused_run):
     info = api.info(fused_run)
     assert info["model_size_mb"] <= 100
     assert info["labels"]["ids"] == [10, 13, 15, 17, 18, 19]
-    assert info["labels"]["names"][0] == "traffic light"
+    assert info["labels"]["names"][0] == "10"  # integer labels shown as themselves (no --label-names)
     assert info["validation"]["samples_f1"] > 0
     # the default decision (auto) on fewer than FEW_VALIDATION_ROWS rows: the plain rule
     assert info["thresholds"]["mode"] == "global" and "chosen_from" not in info["thresholds"]
