@@ -860,19 +860,20 @@ def main(argv: list[str] | None = None) -> int:
     except MmtagError as exc:
         print(f"mmtag: error: {exc}", file=sys.stderr)
         return 2
+    # torchrun's rank and world size, as dist.setup reads them (read here without loading torch)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if args.command in DISTRIBUTED and args.command != "train":
             from . import dist  # torch
 
             dist.setup(args.device or "auto", bool(args.amp))
-        elif args.command not in DISTRIBUTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elif args.command not in DISTRIBUTED and world > 1:
             raise MmtagError(f"'mmtag {args.command}' does not run under torchrun; "
                              f"only {', '.join(DISTRIBUTED)} do")
         # train sets up once its config (which may name a device) is checked, so a bad option
-        # is answered before torch loads. Under torchrun only rank 0 speaks (torchrun's RANK;
-        # the others' results are the same).
-        main_rank = int(os.environ.get("RANK", "0")) == 0
-        quiet = contextlib.nullcontext() if main_rank else contextlib.redirect_stdout(io.StringIO())
+        # is answered before torch loads. Under torchrun only rank 0 speaks (the others' results
+        # are the same).
+        quiet = contextlib.nullcontext() if rank == 0 else contextlib.redirect_stdout(io.StringIO())
         with quiet:
             code = int(args.func(args))
             sys.stdout.flush()  # a reader gone early (`| head -1`) shows here, where it is handled
@@ -885,8 +886,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except MmtagError as exc:
-        rank = int(os.environ.get("RANK", "0"))
-        where = f" (rank {rank})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        where = f" (rank {rank})" if world > 1 else ""
         print(f"mmtag: error{where}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

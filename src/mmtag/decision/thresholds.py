@@ -583,7 +583,7 @@ def tune(mode: str, probs: np.ndarray, y_true: np.ndarray,
     except KeyError:
         raise MmtagError(f"unknown threshold mode '{mode}'; "
                          f"available: {', '.join(TUNERS)}") from None
-    return tune_auto(probs, y_true, skip) if mode == AUTO else tuner(probs, y_true)
+    return tuner(probs, y_true, skip) if mode == AUTO else tuner(probs, y_true)
 
 
 def tune_decisions(mode: str, scores: Scores, y_true: np.ndarray,

@@ -319,9 +319,8 @@ def cross_fitted_decisions(cfg: Config, scores: Scores, y: np.ndarray,
     level = chooser.level
     chooser.setLevel(logging.WARNING)  # `auto` says which rule it chose: of the model's, once
     try:
-        for i, (_, va_idx) in enumerate(folds, 1):
+        for i, (rest, va_idx) in enumerate(folds, 1):
             report_part(f"fold {i}/{len(folds)}'s rule")
-            rest = np.setdiff1d(np.arange(len(y)), va_idx)
             pred[va_idx] = decide(scores.subset(va_idx), decision_of(cfg, scores.subset(rest), y[rest], skip))
     finally:
         chooser.setLevel(level)
