@@ -502,3 +502,60 @@ def test_evaluate_json_to_a_file_or_to_stdout(capsys, fused_run, tiny, cache_dir
     for tail in (["--json"], ["--json", "-"]):
         assert cli.main([*common, *tail]) == 0
         assert json.loads(capsys.readouterr().out) == written  # the JSON alone, no table
+
+
+# ------------------------------------------------------- one source per option (config fields)
+def test_every_declared_flag_is_a_train_option_that_maps_back_to_its_key():
+    from mmtag.config import flags
+
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    by_flag = {name: action for action in train._actions for name in action.option_strings}
+    for key, flag in flags().items():
+        assert by_flag[flag.name].dest == flag.dest, key
+        assert "{default}" not in flag.help and "default:" in flag.help, key
+        given = ([] if flag.kind in ("switch", "toggle")
+                 else [flag.choices[-1] if flag.choices else "3"])
+        args = parser.parse_args(["train", "t.csv", flag.name, *given])
+        values = cli._config_values(args)
+        assert values[key] is not None and values[key] == flag.value(getattr(args, flag.dest)), key
+        assert [k for k, v in values.items() if v is not None] == [key]
+
+
+def test_adding_a_train_option_is_one_config_field(monkeypatch, capsys, tmp_path):
+    import dataclasses
+
+    from mmtag import config
+
+    @dataclasses.dataclass
+    class Toy:
+        width: int = config.option(3, config.AT_LEAST_1, "--toy-width", metavar="N",
+                                   help="how wide the toy is")
+
+    @dataclasses.dataclass
+    class WithToy(config.Config):
+        toy: Toy = dataclasses.field(default_factory=Toy)
+
+    # the tree is the only thing replaced: the flag, its help, its default and its mapping back
+    # come from the field
+    monkeypatch.setattr(config, "Config", WithToy)
+    monkeypatch.setattr(cli, "Config", WithToy)
+    trained = {}
+
+    def fake_train(csv, images, out, cfg, **kwargs):
+        trained["config"] = cfg
+        return None, None, {}
+
+    monkeypatch.setattr(api, "train", fake_train)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--toy-width N" in capsys.readouterr().out.replace("\n", " ")
+    help_text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["train"]
+                         .format_help().split())
+    assert "--toy-width N how wide the toy is (default: 3)" in help_text
+    code, err = _main(capsys, "train", tmp_path / "t.csv", "--modalities", "text", "--toy-width", "7",
+                      "--out", tmp_path / "run")
+    assert code == 0, err
+    assert trained["config"].toy.width == 7 and trained["config"].to_dict()["toy"] == {"width": 7}
+    code, err = _main(capsys, "train", tmp_path / "t.csv", "--toy-width", "0")
+    assert code == 2 and err == ["mmtag: error: --toy-width (toy.width) must be an integer >= 1, got 0"]

@@ -24,8 +24,7 @@ from typing import Any
 
 from . import registries
 from .version import __version__
-from .config import (AT_LEAST_1, FEATURE_RUNTIMES, FUSION_HEAD, MODALITIES, POSITIVE, Config, Constraint,
-                     Interval, read_yaml_mapping)
+from .config import AT_LEAST_1, FUSION_HEAD, POSITIVE, Config, Constraint, Interval, flags, read_yaml_mapping
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
@@ -69,32 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = (load_preset(args.preset) if args.preset
               else Config.from_yaml(args.config) if args.config else Config())
     config = config.override({
-        "data.val_frac": args.val_frac, "data.skip_bad": True if args.skip_bad else None,
-        "data.workers": args.workers, "model.modalities": args.modalities,
-        "model.fusion": args.fusion, "model.image_encoder": args.image_encoder,
-        "model.text_encoder": args.text_encoder, "model.hidden": args.hidden,
-        "model.random_init": True if args.random_init else None,
-        "train.seed": args.seed, "train.epochs": args.epochs, "train.lr": args.lr,
-        "train.folds": _folds_of(args), "train.stack": args.stack,
-        "train.batch_size": args.batch_size, "train.patience": args.patience,
-        "train.optimizer": args.optimizer, "train.loss": args.loss,
-        "train.thresholds": _decision(args), "train.oversample": True if args.oversample else None,
-        "data.unlabeled": args.unlabeled, "data.extra_text": args.extra_text,
-        "data.val_csv": str(args.val) if args.val else None,
-        "data.label_names": args.label_names,
-        "augment.image": args.image_aug, "augment.text": args.text_aug, "augment.views": args.aug_views,
-        "pseudo.rounds": args.pseudo_rounds,
-        "pseudo.confidence": args.pseudo_confidence,
-        "finetune.modalities": (["image", "text"] if args.finetune == "both" else args.finetune),
-        "finetune.unfreeze_blocks": args.unfreeze_blocks, "finetune.epochs": args.ft_epochs,
-        "finetune.lr": args.ft_lr, "finetune.head_lr": args.ft_head_lr,
-        "finetune.batch_size": args.ft_batch_size, "finetune.optimizer": args.ft_optimizer,
-        "finetune.top_layers": args.ft_top_layers,
-        "cache_dir": args.cache_dir, "device": args.device, "amp": args.amp,
-        "feature_runtime": args.feature_runtime,
+        **_config_values(args),
+        "train.folds": _folds_of(args), "train.thresholds": _decision(args),
         "data.train_csv": str(args.train_csv) if args.train_csv else None,
         "data.images": str(args.images) if args.images else None,
-        **{f"data.{name}": value for name, value in _layout(args).items()},
     })
     from . import api, dist  # torch: after the config is checked, so a bad option answers at once
 
@@ -167,8 +144,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from .jobs.ablate import run_ablation
 
     config = Config.from_yaml(args.config) if args.config else Config()
-    config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
+    config = config.override({**_config_values(args, SPLIT), "train.folds": _folds_of(args)})
     variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     out = args.out or _dated_dir("ablate")
     print(f"ablation directory: {out}")
@@ -186,8 +162,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise MmtagError("give exactly one of --grid \"lr=1e-4,5e-4 batch-size=32,64\" or --grid-file FILE")
     grid = parse_grid(args.grid) if args.grid else load_grid_file(args.grid_file)
     config = Config.from_yaml(args.config) if args.config else Config()
-    config = config.override({"train.seed": args.seed, "data.val_frac": args.val_frac,
-                              "train.folds": _folds_of(args), "cache_dir": args.cache_dir})
+    config = config.override({**_config_values(args, SPLIT), "train.folds": _folds_of(args)})
     out = args.out or _dated_dir("sweep")
     print(f"sweep directory: {out} (give it as --out to resume the sweep if it stops)")
     rows = run_sweep(args.train_csv, args.images, out, config, grid, progress=_progress(args))
@@ -375,41 +350,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ parser
-# Every option's help says its default, read from the config's own defaults (config.py is
-# torch-free). An option that takes a registered name lists the names, read from the registry
-# itself (the single source) through `names=`: the registries import torch, so they are read
-# only when that help is printed (`_Parser.format_help`), never to parse a command line.
-_DEFAULTS = Config()
-
-
-def _default(dotted: str) -> str:
-    """The config's default of option `dotted` (`train.lr`) as help text shows it."""
-    value: Any = _DEFAULTS
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, list):
-        return ",".join(map(str, value)) or "none"
-    return str(value) if value != "" else "none"
-
-
-def _encoder_names(modality: str) -> Callable[[], list[str]]:
-    return lambda: registries.encoder_names(modality)
-
-
+# A config option's flag, help and default come from its field (`config.flags`). An option that
+# takes a registered name lists the names, read from the registry itself (the single source)
+# through `names=` only when that help is printed (`_Parser.format_help`), never to parse a
+# command line.
 def _preset_names() -> list[str]:
     from .presets import list_presets
 
     return [p.name for p in list_presets()]
-
-
-def _augment_ops(kind: str) -> Callable[[], list[str]]:
-    def names() -> list[str]:
-        from .data import augment
-
-        return list(augment.IMAGE_OPS) if kind == "image" else [f"{op}:N" for op in augment.TEXT_OPS]
-    return names
 
 
 class _Parser(argparse.ArgumentParser):
@@ -482,16 +430,6 @@ def _folds_of(args: argparse.Namespace) -> int | str | None:
     return args.folds
 
 
-def _folds(text: str) -> int | str:
-    """--folds: `auto` or a whole number (its range is the config's to check and to say)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be auto or an integer, got {text!r}") from None
-
-
 def _dated_dir(kind: str) -> Path:
     """The default output directory of ablate and sweep, like train's: runs/KIND-DATE-TIME."""
     return Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
@@ -507,45 +445,56 @@ def _layout(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in LAYOUT if getattr(args, name) is not None}
 
 
-def _add_layout_options(p: argparse.ArgumentParser) -> None:
-    """For CSVs not written as ImageID,Labels,Caption with space-separated labels."""
-    p.add_argument("--image-col", metavar="NAME", help="column of the image ids (default: ImageID)")
-    p.add_argument("--caption-col", metavar="NAME", help="column of the captions (default: Caption)")
-    p.add_argument("--labels-col", metavar="NAME", help="column of the labels (default: Labels)")
-    p.add_argument("--label-sep", metavar="SEP",
-                   help="what separates the labels in that column (default: a space)")
-    p.add_argument("--image-ext", metavar="EXT",
-                   help="file extension of the images when the ids carry none, e.g. .jpg "
-                        "(default: none, the ids are file names)")
+# Every config option's flag (`config.flags`) is made from its field: `train` takes them all;
+# the other commands take the ones they share with it, named by key.
+LAYOUT_KEYS = tuple(f"data.{name}" for name in LAYOUT)
+DEVICE = ("device", "amp")
+SPLIT = ("train.seed", "data.val_frac", "train.folds", "cache_dir")  # ablate, sweep
 
 
-def _add_cache_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", metavar="DIR",
-                   help="feature cache (default: $MMTAG_CACHE or ~/.cache/mmtag)")
+def _add_config_flags(p: "_Parser", keys: typing.Iterable[str] | None = None, **helps: str) -> None:
+    """The flags of config options `keys` (None: every one), as their fields declare them;
+    `helps` rewords one for a command where it means more (dest=text: sweep's --folds)."""
+    declared = flags()
+    for key in declared if keys is None else keys:
+        f = declared[key]
+        kwargs: dict[str, Any] = {"help": helps.get(f.dest, f.help), "default": None}
+        if f.kind == "switch":
+            kwargs["action"] = "store_true"
+        elif f.kind == "toggle":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(metavar=f.metavar, choices=f.choices,
+                          type=_auto_or_int if f.kind == "auto-int" else f.kind)
+        p.add_argument(f.name, names=f.names, **kwargs)
 
 
-def _add_split_options(p: argparse.ArgumentParser) -> None:
+def _config_values(args: argparse.Namespace, keys: typing.Iterable[str] | None = None) -> dict[str, Any]:
+    """The config overrides of the flags `keys` (None: every one) on this command line; a flag
+    not given is None, which `Config.override` skips."""
+    declared = flags()
+    return {key: f.value(getattr(args, f.dest)) for key, f in declared.items()
+            if keys is None or key in keys}
+
+
+def _auto_or_int(text: str) -> int | str:
+    """An `auto`-or-integer flag (--folds): its range is the config's to check and to say."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer, got {text!r}") from None
+
+
+def _add_split_options(p: "_Parser") -> None:
     """Options of the many-runs commands: the base config and the folds (or one split) they all
     share."""
     p.add_argument("--config", type=Path, metavar="YAML",
                    help="config every run starts from (default: the built-in defaults)")
-    p.add_argument("--seed", type=int, metavar="N",
-                   help="random seed of the shared folds or split "
-                        f"(default: {_default('train.seed')})")
-    p.add_argument("--val-frac", type=float, metavar="F",
-                   help=f"validation fraction of the shared split (default: {_default('data.val_frac')}; "
-                        "implies --folds 1)")
-    p.add_argument("--folds", type=_folds, metavar="K",
-                   help="cross-fit every run with K folds and rank by out-of-fold figures; 1: the "
-                        "shared split (default: auto, 5 folds, 1 with --finetune)")
-    _add_cache_option(p)
-
-
-def _add_device_options(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--device", default=default,
-                   help=f"auto, cpu, cuda or cuda:N (default: {_default('device')}, CUDA if available)")
-    p.add_argument("--amp", action="store_true", default=None,
-                   help="mixed precision (fp16 autocast) on CUDA; no effect on CPU (default: off)")
+    _add_config_flags(p, SPLIT, folds="cross-fit every run with K folds and rank by out-of-fold "
+                                      "figures; 1: the shared split (default: auto, 5 folds, 1 "
+                                      "with --finetune)")
 
 
 def _json_option(p: argparse.ArgumentParser, what: str) -> None:
@@ -598,107 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML config (e.g. RUN/config.yaml); flags override it")
     p.add_argument("--preset", names=_preset_names, metavar="NAME",
                    help="start from a named preset: {names} (default: none)")
-    p.add_argument("--modalities", metavar="LIST",
-                   help=f"comma-separated, from {', '.join(MODALITIES)} "
-                        f"(default: {_default('model.modalities')})")
-    p.add_argument("--fusion", metavar="HEAD", names=registries.lister("fusion head"),
-                   help="fusion head when both modalities are used: {names} "
-                        f"(default: {_default('model.fusion')})")
-    p.add_argument("--val-frac", type=float, metavar="F",
-                   help=f"validation fraction (default: {_default('data.val_frac')}; implies --folds 1)")
-    p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default: {_default('train.seed')})")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad rows instead of failing")
-    p.add_argument("--image-encoder", metavar="NAME", names=_encoder_names("image"),
-                   help="image encoder: {names} "
-                        f"(default: {_default('model.image_encoder')}; timm: needs mmtag[timm])")
-    p.add_argument("--text-encoder", metavar="NAME", names=_encoder_names("text"),
-                   help="text encoder: {names}, hf: being any local Hugging Face model "
-                        f"(default: {_default('model.text_encoder')})")
-    p.add_argument("--random-init", action="store_true",
-                   help="allow encoders without pretrained weights (random initialisation)")
-    p.add_argument("--epochs", type=int, metavar="N", help=f"most epochs of head training (default: {_default('train.epochs')})")
-    p.add_argument("--patience", type=int, metavar="N",
-                   help="epochs without a better validation samples F1 before stopping "
-                        f"(default: {_default('train.patience')})")
-    p.add_argument("--lr", type=float, metavar="F", help=f"learning rate (default: {_default('train.lr')})")
-    p.add_argument("--batch-size", type=int, metavar="N", help=f"batch size (default: {_default('train.batch_size')})")
-    p.add_argument("--hidden", type=int, metavar="N",
-                   help=f"hidden width of the head's classifier (default: {_default('model.hidden')})")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help=f"image decoding workers (default: {_default('data.workers')})")
-    p.add_argument("--feature-runtime", choices=FEATURE_RUNTIMES,
-                   help="what computes the frozen encoders' features: onnx (ONNX Runtime, traced "
-                        "once into the cache; ~4x faster for images on a CPU), torch, or auto (onnx "
-                        f"on a CPU when it repays the tracing) (default: {_default('feature_runtime')})")
-    p.add_argument("--optimizer", metavar="NAME", names=registries.lister("optimizer"),
-                   help=f"{{names}} (default: {_default('train.optimizer')})")
-    p.add_argument("--loss", metavar="NAME", names=registries.lister("loss"),
-                   help=f"{{names}} (default: {_default('train.loss')})")
-    p.add_argument("--decision", metavar="RULE", names=registries.lister("threshold mode"),
-                   help="how scores become labels: {names} "
-                        f"(default: {_default('train.thresholds')}). global: one tuned threshold; "
-                        "per-class: one per label; balanced: per label, where false positives and "
-                        "false negatives balance; gfm: each item's expected-F1-maximising label set, "
-                        "nothing tuned; auto: of global, per-class and gfm, the one that scores best "
-                        "on validation rows it was not tuned on (global unless another clearly wins on "
-                        "enough rows)")
     p.add_argument("--thresholds", metavar="RULE", help="the older spelling of --decision")
-    p.add_argument("--oversample", action="store_true", help="repeat rows that carry rare labels")
-    p.add_argument("--image-aug", metavar="OPS", names=_augment_ops("image"),
-                   help="image augmentation, comma-separated from {names}, or none "
-                        f"(default: {_default('augment.image')}: crop,flip when the image encoder "
-                        "is fine-tuned or --aug-views is set)")
-    p.add_argument("--text-aug", metavar="OP", names=_augment_ops("text"),
-                   help="caption augmentation: {names} (WordNet synonyms of N words; "
-                        f"default: {_default('augment.text')})")
-    p.add_argument("--aug-views", type=int, metavar="K",
-                   help="frozen encoders: cache K augmented views per training item, draw one "
-                        f"per epoch (default: {_default('augment.views')})")
-    p.add_argument("--unlabeled", metavar="CSV", help="unlabelled CSV for pseudo-label self-training")
-    p.add_argument("--extra-text", metavar="CSV",
-                   help="labelled captions without images (ImageID,Labels,Caption); "
-                        "the text branch learns from them too")
-    p.add_argument("--folds", type=_folds, metavar="K",
-                   help="cross-fitting: K > 1 trains a head per fold, chooses the epoch and the "
-                        "decision on out-of-fold scores of every row, and averages the K heads; "
-                        f"1: a --val-frac split (default: {_default('train.folds')}: 5, or 1 with "
-                        "--val, --val-frac, --finetune or under 100 rows)")
-    p.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
-                   help="late fusion (mean, gated) with --folds: per-label weights of the image and "
-                        "text branches, fitted on their out-of-fold scores (default: "
-                        f"{_default('train.stack')}, on whenever it can be)")
-    p.add_argument("--val", type=Path, metavar="CSV",
-                   help="your own labelled validation CSV (images in --images): the epoch and "
-                        "thresholds are chosen on it, not on a --val-frac split of TRAIN_CSV")
-    p.add_argument("--pseudo-rounds", type=int, metavar="N",
-                   help=f"pseudo-label rounds (default: {_default('pseudo.rounds')})")
-    p.add_argument("--pseudo-confidence", type=float, metavar="F",
-                   help=f"score needed to trust a pseudo-label (default: {_default('pseudo.confidence')})")
-    p.add_argument("--finetune", choices=["text", "image", "both"],
-                   help="two-stage: fine-tune these encoders on the task first (default: none)")
-    p.add_argument("--unfreeze-blocks", type=int, metavar="K",
-                   help="image fine-tuning: last K blocks trained "
-                        f"(default: {_default('finetune.unfreeze_blocks')})")
-    p.add_argument("--ft-epochs", type=int, metavar="N",
-                   help=f"fine-tuning epochs (default: {_default('finetune.epochs')})")
-    p.add_argument("--ft-lr", type=float, metavar="F",
-                   help=f"fine-tuning encoder learning rate (default: {_default('finetune.lr')})")
-    p.add_argument("--ft-head-lr", type=float, metavar="F",
-                   help=f"fine-tuning task-head learning rate (default: {_default('finetune.head_lr')})")
-    p.add_argument("--ft-batch-size", type=int, metavar="N",
-                   help=f"fine-tuning batch size (default: {_default('finetune.batch_size')})")
-    p.add_argument("--ft-optimizer", metavar="NAME", names=registries.lister("optimizer"),
-                   help=f"fine-tuning optimizer: {{names}} (default: {_default('finetune.optimizer')})")
-    p.add_argument("--ft-top-layers", type=int, metavar="N",
-                   help="text fine-tuning: train only the top N transformer layers, the lower "
-                        "ones computed once per caption "
-                        f"(default: {_default('finetune.top_layers')}, the whole encoder)")
-    p.add_argument("--label-names", metavar="coco|FILE",
-                   help="names to show integer labels by: coco (the COCO category names) or a CSV "
-                        "file of id,name rows (default: none, each label shown as itself)")
-    _add_layout_options(p)
-    _add_cache_option(p)
-    _add_device_options(p, default=None)
+    _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = command("ablate", "train every fusion variant on the same folds and tabulate",
@@ -743,9 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images folder (not needed for a text-only run)")
     _json_option(p, "also the metrics")
     p.add_argument("--report", type=Path, metavar="HTML", help="also write an HTML report of this CSV")
-    _add_layout_options(p)
-    _add_cache_option(p)
-    _add_device_options(p, default="auto")
+    _add_config_flags(p, (*LAYOUT_KEYS, "cache_dir", *DEVICE))
     p.set_defaults(func=cmd_evaluate)
 
     p = command("predict", "write a submission CSV (ImageID,Labels)",
@@ -763,9 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write every label's probability for each row (default: not written)")
     p.add_argument("--top-k", type=int, metavar="K",
                    help="at most K labels per row, the most probable (default: no cap)")
-    _add_layout_options(p)
-    _add_cache_option(p)
-    _add_device_options(p, default="auto")
+    _add_config_flags(p, (*LAYOUT_KEYS, "cache_dir", *DEVICE))
     p.set_defaults(func=cmd_predict)
 
     p = command("export", "copy a run with its encoders exported for ONNX Runtime",
@@ -811,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path,
                    help="report on this labelled CSV (default: the run's validation split)")
     p.add_argument("--images", type=Path, metavar="DIR", help="images folder of --csv")
-    _add_layout_options(p)
+    _add_config_flags(p, LAYOUT_KEYS)
     p.set_defaults(func=cmd_report)
 
     p = command("check", "validate a dataset without training (exit 1 on problems)",
@@ -820,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("csv", type=Path, help="the CSV to check (labelled or not)")
     p.add_argument("--images", type=Path, metavar="DIR",
                    help="also check every image exists and decodes (default: not checked)")
-    _add_layout_options(p)
+    _add_config_flags(p, LAYOUT_KEYS)
     p.set_defaults(func=cmd_check)
 
     p = command("info", "what a run holds",

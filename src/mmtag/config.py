@@ -44,6 +44,11 @@ class Constraint:
     def problem(self, value: Any) -> str | None:
         raise NotImplementedError
 
+    def listing(self) -> Callable[[], Iterable[str]] | None:
+        """The names a flag's help lists (`{names}`), read when the help is printed; None when
+        the values are no list of names."""
+        return None
+
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
@@ -99,6 +104,9 @@ class OneOf(Constraint):
         names = list(self.names())
         return None if value in names else f"unknown {self.what} {quoted(value)}; available: {', '.join(names)}"
 
+    def listing(self) -> Callable[[], Iterable[str]]:
+        return self.names
+
 
 @dataclass(frozen=True)
 class SubsetOf(Constraint):
@@ -117,6 +125,10 @@ class SubsetOf(Constraint):
             least = "" if self.may_be_empty else ", at least one"
             return f"must list distinct names from {', '.join(names)}{least}; got {quoted(value)}"
         return None
+
+    def listing(self) -> Callable[[], Iterable[str]]:
+        names = self.names
+        return names if callable(names) else lambda: names
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,9 @@ class EncoderName(Constraint):
             return None
         return (f"unknown {self.modality} encoder {quoted(value)}; "
                 f"available: {', '.join(registries.encoder_names(self.modality))}")
+
+    def listing(self) -> Callable[[], Iterable[str]]:
+        return lambda: registries.encoder_names(self.modality)
 
 
 @dataclass(frozen=True)
@@ -171,6 +186,13 @@ class ImageAugSpec(Constraint):
             return str(exc)
         return None
 
+    def listing(self) -> Callable[[], Iterable[str]]:
+        def names() -> Iterable[str]:
+            from .data.augment import IMAGE_OPS
+
+            return IMAGE_OPS
+        return names
+
 
 class TextAugSpec(Constraint):
     """`none`/empty or OP[:N] with OP in `augment.TEXT_OPS` and N >= 1. Syntax only: WordNet is
@@ -187,6 +209,13 @@ class TextAugSpec(Constraint):
             return (f"unknown caption augmentation {quoted(value)}; available: none, "
                     f"{', '.join(t + ':N' for t in TEXT_OPS)} (N >= 1)")
         return None
+
+    def listing(self) -> Callable[[], Iterable[str]]:
+        def names() -> Iterable[str]:
+            from .data.augment import TEXT_OPS
+
+            return [f"{op}:N" for op in TEXT_OPS]
+        return names
 
 
 @dataclass(frozen=True)
@@ -241,9 +270,16 @@ FUSION_HEAD = OneOf("fusion head", _heads)  # also `mmtag ablate --variants`
 
 
 def option(default: Any = dataclasses.MISSING, check: Constraint | None = None,
-           flag: str | None = None, *, factory: Callable[[], Any] | None = None) -> Any:
-    """A config field with its constraint and its `mmtag train` flag (named in messages)."""
-    meta = {"check": check, "flag": flag}
+           flag: str | None = None, *, factory: Callable[[], Any] | None = None,
+           help: str | None = None, metavar: str | None = None,
+           choices: tuple[str, ...] | None = None, parse: Callable[[str], Any] | None = None) -> Any:
+    """A config field with its constraint and, for an option of `mmtag train`, its flag (named
+    in messages). The flag is made from this declaration alone (`flags`): `help` ("{default}"
+    and "{names}" are filled in; a help without a default gets "(default: ...)" added), the
+    `metavar`, `choices` and `parse` (the flag's text -> the value, where they are spelled
+    differently, as `--finetune both`)."""
+    meta = {"check": check, "flag": flag, "help": help, "metavar": metavar, "choices": choices,
+            "parse": parse}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -256,29 +292,45 @@ class DataConfig:
 
     train_csv: str = ""  # labelled CSV (the TRAIN_CSV argument); saved so a run can be re-run
     images: str = ""  # images directory (--images)
-    val_frac: float = option(0.1, Interval(0, 1, closed="neither"), "--val-frac")
-    skip_bad: bool = option(False, flag="--skip-bad")
+    val_frac: float = option(0.1, Interval(0, 1, closed="neither"), "--val-frac", metavar="F",
+                             help="validation fraction (default: {default}; implies --folds 1)")
+    skip_bad: bool = option(False, flag="--skip-bad", help="skip bad rows instead of failing")
     # DataLoader workers that decode JPEGs while the encoder computes
-    workers: int = option(2, AT_LEAST_0, "--workers")
-    extra_text: str = ""  # labelled captions without images: the text branch learns from them too
-    unlabeled: str = ""  # unlabelled CSV for pseudo-label self-training
+    workers: int = option(2, AT_LEAST_0, "--workers", metavar="N", help="image decoding workers")
+    extra_text: str = option("", flag="--extra-text", metavar="CSV",
+                             help="labelled captions without images (ImageID,Labels,Caption); "
+                                  "the text branch learns from them too")
+    unlabeled: str = option("", flag="--unlabeled", metavar="CSV",
+                            help="unlabelled CSV for pseudo-label self-training")
     # the user's own labelled validation CSV (--val): every choice (epoch, thresholds) is made on
     # it instead of a val_frac split of the training rows
-    val_csv: str = ""
+    val_csv: str = option("", flag="--val", metavar="CSV",
+                          help="your own labelled validation CSV (images in --images): the epoch "
+                               "and thresholds are chosen on it, not on a --val-frac split of "
+                               "TRAIN_CSV")
     # How the CSVs are laid out (`mmtag.data.CsvFormat`); saved with the run, so evaluate and
     # predict read the same layout unless told otherwise.
-    image_col: str = option("ImageID", COLUMN, "--image-col")
-    caption_col: str = option("Caption", COLUMN, "--caption-col")
-    labels_col: str = option("Labels", COLUMN, "--labels-col")
+    image_col: str = option("ImageID", COLUMN, "--image-col", metavar="NAME",
+                            help="column of the image ids")
+    caption_col: str = option("Caption", COLUMN, "--caption-col", metavar="NAME",
+                              help="column of the captions")
+    labels_col: str = option("Labels", COLUMN, "--labels-col", metavar="NAME",
+                             help="column of the labels")
     # " " (the competition format) splits on any whitespace; labels are integer ids or names
-    label_sep: str = option(" ", LabelSeparator(), "--label-sep")
+    label_sep: str = option(" ", LabelSeparator(), "--label-sep", metavar="SEP",
+                            help="what separates the labels in that column (default: a space)")
     # appended to each ImageID to name its image file, for ids written without it ("139" + ".jpg")
     image_ext: str = option("", Pattern(r"(\.[a-z0-9_-]+)*", "empty or a file extension such as .jpg",
-                                        exact=True), "--image-ext")
+                                        exact=True), "--image-ext", metavar="EXT",
+                            help="file extension of the images when the ids carry none, e.g. .jpg "
+                                 "(default: none, the ids are file names)")
     # the names integer labels are shown by (report, info, server): none, each label as itself;
     # `coco`, the COCO category names (the competition's presets); or a CSV file of id,name rows
     # (`mmtag.data.label_names_of`). Named labels are always shown as written.
-    label_names: str = option("", flag="--label-names")
+    label_names: str = option("", flag="--label-names", metavar="coco|FILE",
+                              help="names to show integer labels by: coco (the COCO category names) "
+                                   "or a CSV file of id,name rows (default: none, each label shown "
+                                   "as itself)")
 
     def csv_format(self, **overrides: str | None) -> "CsvFormat":
         """How these CSVs are read, with `overrides` (the image_col=, ... keyword arguments of
@@ -306,15 +358,23 @@ class ModelConfig:
     config.yaml and a bundle rebuilds its head from them."""
 
     modalities: list[str] = option(check=SubsetOf("modality", MODALITIES), flag="--modalities",
-                                   factory=lambda: ["image", "text"])
-    image_encoder: str = option("efficientnet-lite0", EncoderName("image"), "--image-encoder")
-    text_encoder: str = option("minilm-l6", EncoderName("text"), "--text-encoder")
+                                   factory=lambda: ["image", "text"], metavar="LIST",
+                                   help="comma-separated, from {names}")
+    image_encoder: str = option("efficientnet-lite0", EncoderName("image"), "--image-encoder",
+                                metavar="NAME", help="image encoder: {names} (default: {default}; "
+                                                     "timm: needs mmtag[timm])")
+    text_encoder: str = option("minilm-l6", EncoderName("text"), "--text-encoder", metavar="NAME",
+                               help="text encoder: {names}, hf: being any local Hugging Face model")
     # mean (late fusion): out of fold on coco-real it learns from captions without images
     # (--extra-text) and, stacked, beat every other head (docs/results.md); concat needs
     # both modalities in every row
-    fusion: str = option("mean", FUSION_HEAD, "--fusion")
-    random_init: bool = False  # allow encoders without pretrained weights (never silently)
-    hidden: int = option(512, AT_LEAST_1, "--hidden")  # hidden width of every head's classifier MLPs
+    fusion: str = option("mean", FUSION_HEAD, "--fusion", metavar="HEAD",
+                         help="fusion head when both modalities are used: {names}")
+    # allow encoders without pretrained weights (never silently)
+    random_init: bool = option(False, flag="--random-init",
+                               help="allow encoders without pretrained weights (random initialisation)")
+    hidden: int = option(512, AT_LEAST_1, "--hidden", metavar="N",  # every head's classifier MLPs
+                         help="hidden width of the head's classifier")
     dropout: float = option(0.5, FRACTION)
     # early fusion (concat, xattn): the common width each modality is projected to, so the 1280-d
     # image vector cannot drown the 384-d caption vector; also xattn's attention width
@@ -343,29 +403,46 @@ class TrainConfig:
     """Optimisation of the head on cached features."""
 
     # numpy's legacy seeding (np.random.seed) takes 32-bit unsigned seeds
-    seed: int = option(0, Interval(0, 2**32 - 1, integer=True), "--seed")
-    epochs: int = option(100, AT_LEAST_1, "--epochs")
-    # epochs without a better validation sample-F1 before stopping
-    patience: int = option(15, AT_LEAST_0, "--patience")
-    batch_size: int = option(256, AT_LEAST_1, "--batch-size")
-    lr: float = option(1e-3, POSITIVE, "--lr")
+    seed: int = option(0, Interval(0, 2**32 - 1, integer=True), "--seed", metavar="N",
+                       help="random seed")
+    epochs: int = option(100, AT_LEAST_1, "--epochs", metavar="N", help="most epochs of head training")
+    patience: int = option(15, AT_LEAST_0, "--patience", metavar="N",
+                           help="epochs without a better validation samples F1 before stopping")
+    batch_size: int = option(256, AT_LEAST_1, "--batch-size", metavar="N", help="batch size")
+    lr: float = option(1e-3, POSITIVE, "--lr", metavar="F", help="learning rate")
     weight_decay: float = option(0.05, Interval(0, None))
-    optimizer: str = option("adamw", OPTIMIZER, "--optimizer")
-    loss: str = option("bce", OneOf("loss", registries.lister("loss")), "--loss")
-    # auto: global unless per-class or gfm clearly decides better on rows it was not tuned on
-    thresholds: str = option("auto", OneOf("threshold mode", registries.lister("threshold mode")), "--thresholds")
-    oversample: bool = option(False, flag="--oversample")  # repeat rows that carry rare labels
+    optimizer: str = option("adamw", OPTIMIZER, "--optimizer", metavar="NAME", help="{names}")
+    loss: str = option("bce", OneOf("loss", registries.lister("loss")), "--loss", metavar="NAME",
+                       help="{names}")
+    # auto: global unless per-class or gfm clearly decides better on rows it was not tuned on.
+    # The key keeps its first name; its flag is --decision (--thresholds: cli's older spelling)
+    thresholds: str = option(
+        "auto", OneOf("threshold mode", registries.lister("threshold mode")), "--decision",
+        metavar="RULE",
+        help="how scores become labels: {names} (default: {default}). global: one tuned threshold; "
+             "per-class: one per label; balanced: per label, where false positives and false "
+             "negatives balance; gfm: each item's expected-F1-maximising label set, nothing tuned; "
+             "auto: of global, per-class and gfm, the one that scores best on validation rows it "
+             "was not tuned on (global unless another clearly wins on enough rows)")
+    oversample: bool = option(False, flag="--oversample", help="repeat rows that carry rare labels")
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)
     union_text_range: list[float] = option(check=ThresholdRange(), factory=list)
     # cross-fitting: K > 1 trains a head per fold and chooses the decision on out-of-fold scores
     # of every training row (instead of a val_frac split); the model averages the K heads.
     # auto: 5 folds, or 1 (a split) with --val, --finetune or very few rows (see `resolved`)
-    folds: int | str = option(AUTO, AutoOr(Interval(1, 50, integer=True)), "--folds")
+    folds: int | str = option(AUTO, AutoOr(Interval(1, 50, integer=True)), "--folds", metavar="K",
+                              help="cross-fitting: K > 1 trains a head per fold, chooses the epoch "
+                                   "and the decision on out-of-fold scores of every row, and "
+                                   "averages the K heads; 1: a --val-frac split (default: {default}: "
+                                   "5, or 1 with --val, --val-frac, --finetune or under 100 rows)")
     # late fusion with --folds: per-label weights of the image and text branches, fitted on their
     # out-of-fold scores (logistic regression), instead of the head's own combination.
     # auto: on wherever it can be (folds >= 2 and a late-fusion head)
-    stack: bool | str = option(AUTO, AutoOr(), "--stack")
+    stack: bool | str = option(AUTO, AutoOr(), "--stack",
+                               help="late fusion (mean, gated) with --folds: per-label weights of "
+                                    "the image and text branches, fitted on their out-of-fold "
+                                    "scores (default: {default}, on whenever it can be)")
     # training strategies asked for by name, besides those the inputs switch on (--finetune,
     # --extra-text, --unlabeled); see mmtag.training.strategies
     strategies: list[str] = option(check=SubsetOf("training strategy", registries.lister("training strategy"), may_be_empty=True),
@@ -387,27 +464,43 @@ class TrainConfig:
         return dataclasses.replace(self, folds=folds, stack=stack)
 
 
+def _finetune_modalities(text: str) -> list[str]:
+    """`--finetune text|image|both` as the list of modalities it names."""
+    return list(MODALITIES) if text == "both" else [text]
+
+
 @dataclass
 class FinetuneConfig:
     """Stage one of two-stage training: fine-tune encoders on the task before fitting the head."""
 
     # [], ["text"], ["image"] or both
     modalities: list[str] = option(check=SubsetOf("modality", MODALITIES, may_be_empty=True),
-                                   flag="--finetune", factory=list)
-    epochs: int = option(4, AT_LEAST_1, "--ft-epochs")
-    lr: float = option(5e-5, POSITIVE, "--ft-lr")  # encoder learning rate; the task head gets head_lr
-    head_lr: float = option(1e-3, POSITIVE, "--ft-head-lr")
-    batch_size: int = option(32, AT_LEAST_1, "--ft-batch-size")
+                                   flag="--finetune", factory=list,
+                                   choices=("text", "image", "both"), parse=_finetune_modalities,
+                                   help="two-stage: fine-tune these encoders on the task first")
+    epochs: int = option(4, AT_LEAST_1, "--ft-epochs", metavar="N", help="fine-tuning epochs")
+    # the encoder's learning rate; the task head gets head_lr
+    lr: float = option(5e-5, POSITIVE, "--ft-lr", metavar="F",
+                       help="fine-tuning encoder learning rate")
+    head_lr: float = option(1e-3, POSITIVE, "--ft-head-lr", metavar="F",
+                            help="fine-tuning task-head learning rate")
+    batch_size: int = option(32, AT_LEAST_1, "--ft-batch-size", metavar="N",
+                             help="fine-tuning batch size")
     warmup_frac: float = option(0.06, FRACTION)  # linear warm-up, then linear decay to zero
     weight_decay: float = option(0.01, Interval(0, None))
-    optimizer: str = option("adamw", OPTIMIZER, "--ft-optimizer")
+    optimizer: str = option("adamw", OPTIMIZER, "--ft-optimizer", metavar="NAME",
+                            help="fine-tuning optimizer: {names}")
     # image encoder: how many of the last MBConv blocks are trained (its block count is the
     # upper bound, checked when the encoder is built)
-    unfreeze_blocks: int = option(2, AT_LEAST_0, "--unfreeze-blocks")
+    unfreeze_blocks: int = option(2, AT_LEAST_0, "--unfreeze-blocks", metavar="K",
+                                  help="image fine-tuning: last K blocks trained")
     # text encoder: 0 = today's full fine-tuning; N = the lower layers frozen and computed once
     # per caption, only the top N transformer layers trained (several times faster on a CPU; its
     # layer count is the upper bound, checked when fine-tuning starts)
-    top_layers: int = option(0, AT_LEAST_0, "--ft-top-layers")
+    top_layers: int = option(0, AT_LEAST_0, "--ft-top-layers", metavar="N",
+                             help="text fine-tuning: train only the top N transformer layers, the "
+                                  "lower ones computed once per caption (default: {default}, the "
+                                  "whole encoder)")
 
 
 @dataclass
@@ -415,10 +508,17 @@ class AugmentConfig:
     """Training-time augmentation (validation and test always see the plain input)."""
 
     # "crop,flip", "none"; auto = crop,flip whenever augmented views are used
-    image: str = option("auto", ImageAugSpec(), "--image-aug")
-    text: str = option("", TextAugSpec(), "--text-aug")  # e.g. "synonyms:2" (WordNet synonyms)
+    image: str = option("auto", ImageAugSpec(), "--image-aug", metavar="OPS",
+                        help="image augmentation, comma-separated from {names}, or none (default: "
+                             "{default}: crop,flip when the image encoder is fine-tuned or "
+                             "--aug-views is set)")
+    text: str = option("", TextAugSpec(), "--text-aug", metavar="OP",  # "synonyms:2"
+                       help="caption augmentation: {names} (WordNet synonyms of N words; "
+                            "default: {default})")
     # frozen encoders: K augmented views per training item cached, one drawn per epoch
-    views: int = option(0, AT_LEAST_0, "--aug-views")
+    views: int = option(0, AT_LEAST_0, "--aug-views", metavar="K",
+                        help="frozen encoders: cache K augmented views per training item, draw "
+                             "one per epoch")
 
     def image_spec(self, finetuning_image: bool) -> str:
         if self.image != "auto":
@@ -430,10 +530,11 @@ class AugmentConfig:
 class PseudoConfig:
     """Pseudo-label self-training on an unlabelled CSV (`--unlabeled`)."""
 
-    rounds: int = option(0, AT_LEAST_0, "--pseudo-rounds")
+    rounds: int = option(0, AT_LEAST_0, "--pseudo-rounds", metavar="N", help="pseudo-label rounds")
     # a label is kept when its score is >= this, or <= 1 - this for all; at 0.5 or below both
     # would hold at once, at 1 no sigmoid score qualifies (see selftrain.select_pseudo_labels)
-    confidence: float = option(0.9, Interval(0.5, 1, closed="neither"), "--pseudo-confidence")
+    confidence: float = option(0.9, Interval(0.5, 1, closed="neither"), "--pseudo-confidence",
+                               metavar="F", help="score needed to trust a pseudo-label")
 
 
 @dataclass
@@ -448,18 +549,26 @@ class Config:
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     # Empty: $MMTAG_CACHE or ~/.cache/mmtag, looked up when used, so a bundle carried to another
     # machine or user does not point at the trainer's cache.
-    cache_dir: str = ""
+    cache_dir: str = option("", flag="--cache-dir", metavar="DIR",
+                            help="feature cache (default: $MMTAG_CACHE or ~/.cache/mmtag)")
     # auto | cpu | cuda | cuda:N (under torchrun, "cuda" = this rank's GPU); whether that device
     # exists here is asked when it is set up (dist.resolve_device)
     device: str = option("auto", Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"),
-                         "--device")
-    amp: bool = option(False, flag="--amp")  # mixed precision (fp16 autocast + grad scaling) on CUDA
+                         "--device", help="auto, cpu, cuda or cuda:N (default: {default}, CUDA if "
+                                          "available)")
+    # mixed precision (fp16 autocast + grad scaling) on CUDA
+    amp: bool = option(False, flag="--amp",
+                       help="mixed precision (fp16 autocast) on CUDA; no effect on CPU")
     # What computes the features of frozen encoders: onnx = their ONNX Runtime twins (traced once
     # into the cache; 3.85x eager PyTorch for EfficientNet-Lite0 on 2 cores, per
     # bench/feature_runtime.py), torch = eager PyTorch, auto = onnx on a CPU where onnxruntime is
     # installed and the work repays the tracing
     feature_runtime: str = option("auto", OneOf("feature runtime", lambda: FEATURE_RUNTIMES),
-                                  "--feature-runtime")
+                                  "--feature-runtime", choices=FEATURE_RUNTIMES,
+                                  help="what computes the frozen encoders' features: onnx (ONNX "
+                                       "Runtime, traced once into the cache; ~4x faster for images "
+                                       "on a CPU), torch, or auto (onnx on a CPU when it repays "
+                                       "the tracing)")
     preset: str = ""  # the preset this config started from, if any
     substitutions: list[str] = field(default_factory=list)  # "wanted -> used" backbone swaps
 
@@ -497,7 +606,7 @@ class Config:
             node[leaf] = value
             applied.add(key)
         where = _Where("config", applied)
-        return _build(Config, raw, "", where)._validate(where)
+        return _build(type(self), raw, "", where)._validate(where)
 
     def validate(self, source: str = "config") -> "Config":
         """Check every option against its declared constraint (and the few rules that tie two
@@ -528,6 +637,78 @@ class Config:
                 f = _field(AugmentConfig, "views")
                 raise MmtagError(where.say("augment.views", f, "needs --image-aug or --text-aug "
                                            "for a modality the model uses"))
+
+
+# ------------------------------------------------------------------------------ flags
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag of one config option, made from its field's declaration: the
+    commands build their parsers from these and map the values back by `key`, so adding an
+    option to `mmtag train` is adding a field."""
+
+    key: str  # "train.lr"
+    name: str  # "--lr"
+    help: str  # the default filled in; "{names}" is left for the parser to fill when printed
+    kind: Any  # int, float, str; "switch" (given: on), "toggle" (--x / --no-x), "auto-int"
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    names: Callable[[], Iterable[str]] | None = None  # what "{names}" lists
+    parse: Callable[[Any], Any] | None = None
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores it under (`--batch-size` -> batch_size)."""
+        return self.name.lstrip("-").replace("-", "_")
+
+    def value(self, given: Any) -> Any:
+        """The option's value for what the flag was given (None: not given, nothing to apply)."""
+        return None if given is None else self.parse(given) if self.parse else given
+
+
+def flags(root: type | None = None) -> dict[str, Flag]:
+    """Every option of the config tree `root` (default: `Config`) that declares a flag, by
+    dotted key, in declaration order."""
+    found: dict[str, Flag] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif f.metadata.get("flag"):
+                found[f"{prefix}{f.name}"] = _flag(f"{prefix}{f.name}", f, value, hints[f.name])
+
+    walk((root or Config)(), "")
+    return found
+
+
+def _flag(key: str, f: dataclasses.Field, default: Any, hint: Any) -> Flag:
+    meta = f.metadata
+    if hint is bool:
+        kind: Any = "toggle" if default else "switch"
+    elif set(typing.get_args(hint)) == {bool, str}:
+        kind = "toggle"  # auto, on or off
+    elif set(typing.get_args(hint)) == {int, str}:
+        kind = "auto-int"
+    else:
+        kind = hint if hint in (int, float) else str
+    help = meta.get("help") or ""
+    if "{default}" not in help and "default:" not in help:
+        help = f"{help} (default: {{default}})".lstrip()
+    check = meta.get("check")
+    return Flag(key=key, name=meta["flag"], help=help.replace("{default}", _shown(default)),
+                kind=kind, metavar=meta.get("metavar"), choices=meta.get("choices"),
+                names=check.listing() if check is not None else None, parse=meta.get("parse"))
+
+
+def _shown(value: Any) -> str:
+    """A default as help text shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    return str(value) if value != "" else "none"
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -15,7 +15,6 @@ and has its row in `sweep.csv` is kept, not retrained.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -33,7 +32,7 @@ from .ablate import uses_extra_text
 from ..data import read_dataset
 from ..model.tagger import Tagger
 from ..training.trainer import TrainInputs, resolve
-from ..config import AUTO, Config, read_yaml_mapping
+from ..config import AUTO, Config, flags, read_yaml_mapping
 from ..data import Dataset, train_val_split
 from ..encoders import Encoder
 from ..errors import MmtagError, quoted
@@ -76,20 +75,9 @@ class SweepRow:
 def flag_keys() -> dict[str, str]:
     """`mmtag train`'s flag names (without the dashes) → their dotted config keys, read from the
     `flag` each config field declares (`batch-size` → train.batch_size), so a grid axis can be
-    written as the flag is. `decision` is the newer spelling of the `--thresholds` flag."""
-    keys: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            elif f.metadata.get("flag"):
-                keys[f.metadata["flag"].lstrip("-")] = f"{prefix}{f.name}"
-
-    walk(Config(), "")
-    if "thresholds" in keys:
-        keys.setdefault("decision", keys["thresholds"])
+    written as the flag is. `thresholds` is the older spelling of the `--decision` flag."""
+    keys = {flag.name.lstrip("-"): key for key, flag in flags().items()}
+    keys.setdefault("thresholds", "train.thresholds")
     return keys
 
 
