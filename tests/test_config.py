@@ -166,7 +166,7 @@ def test_head_hyper_parameters_are_checked_for_the_head_that_reads_them():
     # xattn splits proj_dim among its attention heads; concat has no attention, so any count is fine
     assert Config().override({"model.attention_heads": 3}).model.attention_heads == 3
     with pytest.raises(MmtagError, match=r"^config: model\.attention_heads must divide model\.proj_dim \(30\) "
-                                         r"for head 'xattn', got 4$"):
+                                         r"for head 'xattn\+mean', got 4$"):
         Config().override({"model.fusion": "xattn+mean", "model.proj_dim": 30})
     cfg = Config().override({"model.fusion": "xattn", "model.proj_dim": 96, "model.attention_heads": 6})
     assert (cfg.model.proj_dim, cfg.model.attention_heads) == (96, 6)

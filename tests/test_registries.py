@@ -36,9 +36,12 @@ def test_every_built_in_resolves_to_what_its_module_registers() -> None:
             assert reg[name].modality == reg.meta[name]["modality"], name
     assert [registries.ENCODER_FAMILIES[p].placeholder for p in registries.ENCODER_FAMILIES] == \
         [registries.ENCODER_FAMILIES.meta[p]["placeholder"] for p in registries.ENCODER_FAMILIES]
-    # heads and strategies also name themselves in their modules (a decorator, as a plugin
-    # would): the same names, in the same order, as declared
+    # strategies also name themselves in their modules (a decorator, as a plugin would): the
+    # same names, in the same order, as declared
     assert list(registries.HEADS) == list(mmtag.heads.HEADS)
+    # the model options a head reads, as declared for config checks, are its class's
+    for name in registries.HEADS:
+        assert registries.HEADS.meta[name]["params"] == registries.HEADS[name].params, name
     assert [strategies.STRATEGIES[n].name for n in strategies.STRATEGIES] == list(registries.STRATEGIES)
 
 

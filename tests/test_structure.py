@@ -4,6 +4,12 @@ Two rules of issue 15: no import cycle among mmtag's modules, and no module uses
 module's private name. An import inside a function counts like one at the top: a lazy import
 hides a cycle from the interpreter, not from the design (the two modules still cannot be
 understood, tested or moved apart).
+
+So does an import by string. A registry's built-ins are declared in `registries.py` as
+"mmtag.heads.single:ImageHead" and imported when an entry is first looked up; the module that
+looks one up (`HEADS[name]`, `.get`, `.items()`, `.values()`) imports every module its registry
+names. Reading the names (`in`, iterating, `lister`, `meta`) imports nothing, which is what lets
+`--help` and a config check run without torch.
 """
 from __future__ import annotations
 
@@ -102,11 +108,81 @@ def parsed() -> dict[str, tuple[ast.Module, list[Import]]]:
     return out
 
 
+# --------------------------------------------------------------------- imports by string
+REGISTRIES = f"{PACKAGE}.registries"
+RESOLVING = {"get", "items", "values", "pop", "setdefault"}  # methods that load entries
+
+
+def lazy_tables(tree: ast.Module, known: set[str]) -> dict[str, tuple[str, set[str]]]:
+    """`TABLE = Registry("what", {name: "mmtag.x.y:attr", ...})` of registries.py: table name ->
+    (what, the mmtag modules its entries name)."""
+    tables = {}
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name) and node.value.func.id == "Registry"):
+            what = node.value.args[0].value
+            targets = {c.value.partition(":")[0] for c in ast.walk(node.value)
+                       if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+            for t in node.targets:
+                tables[t.id] = (what, {m for m in targets if m in known})
+    return tables
+
+
+def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+    return {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+
+def _resolves(node: ast.AST, parent: ast.AST | None) -> bool:
+    """Whether the registry expression `node` is used to load entries (not only its names)."""
+    if isinstance(parent, ast.Subscript) and parent.value is node:
+        return isinstance(parent.ctx, ast.Load)
+    return isinstance(parent, ast.Attribute) and parent.attr in RESOLVING
+
+
+def string_imports(trees: dict[str, tuple[ast.Module, list[Import]]]) -> dict[str, set[str]]:
+    """module -> the modules it imports by looking up lazy registry entries. A registry is
+    reached as `registries.TABLE`, `registries.registry("what")`, or a name bound to either at
+    a module's top (`HEADS = registries.HEADS`) and imported from there."""
+    tables = lazy_tables(trees[REGISTRIES][0], set(trees))
+    by_what = {what: mods for what, mods in tables.values()}
+    aliases: dict[str, dict[str, set[str]]] = {}  # module -> local name -> the table's modules
+    for name, (tree, _) in trees.items():
+        for node in tree.body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute)
+                    and isinstance(node.value.value, ast.Name) and node.value.value.id == "registries"
+                    and node.value.attr in tables):
+                for t in node.targets:
+                    aliases.setdefault(name, {})[t.id] = tables[node.value.attr][1]
+    out: dict[str, set[str]] = {}
+    for name, (tree, imports) in trees.items():
+        local = dict(aliases.get(name, {}))
+        for imp in imports:  # `from .registry import HEADS`
+            local.update({n: aliases[imp.imported][n] for n in imp.names
+                          if n in aliases.get(imp.imported, {})})
+        parents = _parents(tree)
+        found: set[str] = set()
+        for node in ast.walk(tree):
+            mods = None
+            if isinstance(node, ast.Name) and node.id in local:
+                mods = local[node.id]
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                  and node.value.id == "registries" and node.attr in tables):
+                mods = tables[node.attr][1]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "registry" and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                mods = by_what.get(node.args[0].value, set())
+            if mods and _resolves(node, parents.get(node)):
+                found |= mods
+        out[name] = found - {name}
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
-    graph: dict[str, set[str]] = {}
-    for name, (_, imports) in parsed().items():
-        graph[name] = {imp.imported for imp in imports if imp.imported != name}
-    return graph
+    trees = parsed()
+    by_string = string_imports(trees)
+    return {name: {imp.imported for imp in imports if imp.imported != name} | by_string[name]
+            for name, (_, imports) in trees.items()}
 
 
 def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -144,6 +220,18 @@ def test_the_checks_see_what_they_look_for() -> None:
     graph = import_graph()
     assert {"mmtag", "mmtag.api", "mmtag.encoders", "mmtag.model.export"} <= set(graph)
     assert "mmtag.encoders" in graph["mmtag.model.export"] and "mmtag.errors" in graph["mmtag.encoders.registry"]
+    # by string: looking an entry up imports the modules its registry names; reading names does not
+    registries = ('HEADS = Registry("fusion head", {"a": "mmtag.heads.single:A", "b": "torch:B"})\n')
+    lookups = ("from . import registries\nALIAS = registries.HEADS\n"
+               "def f(n):\n    return ALIAS[n], registries.registry('fusion head').get(n)\n")
+    names_only = ("from . import registries\n"
+                  "def g(n):\n    return n in registries.HEADS, list(registries.registry('fusion head'))\n")
+    trees = {name: (ast.parse(src), imports_of(name, ast.parse(src), {"mmtag.registries"}))
+             for name, src in (("mmtag.registries", registries), ("mmtag.heads.single", ""),
+                               ("mmtag.lookups", lookups), ("mmtag.names_only", names_only))}
+    found = string_imports(trees)
+    assert found["mmtag.lookups"] == {"mmtag.heads.single"} and found["mmtag.names_only"] == set()
+    assert "mmtag.heads.single" in graph["mmtag.heads.registry"]
 
 
 def test_no_import_cycles() -> None:

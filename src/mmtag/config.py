@@ -623,16 +623,20 @@ class Config:
         return self
 
     def _check_combinations(self, where: "_Where") -> None:
-        head = registries.registry("fusion head")[self.model.head_name()]
-        head_problem = head.params_problem(self.model)
-        if head_problem:
-            name, problem = head_problem
-            raise MmtagError(where.say(f"model.{name}", _field(ModelConfig, name), problem))
+        # What the chosen head reads is known from the registry without importing the head
+        # (which imports this module): its `params`, declared or, for a plugin, its class's.
+        model, name = self.model, self.model.head_name()
+        if ("attention_heads" in (registries.HEADS.about(name, "params") or ())
+                and model.proj_dim % model.attention_heads):  # each reads an equal slice
+            raise MmtagError(where.say(
+                "model.attention_heads", _field(ModelConfig, "attention_heads"),
+                f"must divide model.proj_dim ({model.proj_dim}) for head '{name}', "
+                f"got {model.attention_heads}"))
         aug = self.augment
         if aug.views > 0:
-            kinds = head.needs  # image_tokens count as image
-            image = any(k.startswith("image") for k in kinds) and aug.image_spec(False).strip().lower() not in ("", "none")
-            text = any(k.startswith("text") for k in kinds) and aug.text.strip().lower() not in ("", "none")
+            kinds = model.modalities  # the head reads the modalities the model is given
+            image = "image" in kinds and aug.image_spec(False).strip().lower() not in ("", "none")
+            text = "text" in kinds and aug.text.strip().lower() not in ("", "none")
             if not (image or text):
                 f = _field(AugmentConfig, "views")
                 raise MmtagError(where.say("augment.views", f, "needs --image-aug or --text-aug "

@@ -105,7 +105,13 @@ HEADS = Registry("fusion head", {
     "xattn": "mmtag.heads.cross_attention:CrossAttentionHead",
     "concat+mean": "mmtag.heads.averaged:ConcatMeanHead",
     "xattn+mean": "mmtag.heads.averaged:CrossAttentionMeanHead",
-})
+}, meta={  # the model options each head reads (`Head.params`), so a config is checked without torch
+    name: {"params": ("hidden", "dropout") + extra} for name, extra in {
+        "image": (), "text": (), "mean": (), "union": (), "gated": ("gate_hidden",),
+        "concat": ("proj_dim", "image_input_dropout"),
+        "concat+mean": ("proj_dim", "image_input_dropout"),
+        "xattn": ("proj_dim", "image_input_dropout", "attention_heads"),
+        "xattn+mean": ("proj_dim", "image_input_dropout", "attention_heads")}.items()})
 LOSSES = Registry("loss", {
     "bce": "mmtag.training.losses:bce",
     "weighted-bce": "mmtag.training.losses:weighted_bce",
@@ -129,24 +135,25 @@ TUNERS = Registry("threshold mode", {  # the decision rules (`--decision`)
     "auto": "mmtag.decision.thresholds:tune_auto",
 })
 
-# Encoders and their open-ended families ("hf:PATH"): each module registers its entries when
-# imported (`encoders.register_encoder`, `register_prefix`); their modality (and a family's
-# placeholder) is known here without importing them.
+# Encoders and their open-ended families ("hf:PATH"): each is an `EncoderEntry` or
+# `EncoderFamily` of its module (a plugin adds one with `encoders.register_encoder` or
+# `register_prefix`); their modality (and a family's placeholder) is known here without
+# importing them.
 ENCODERS = Registry("encoder", {
-    "efficientnet-lite0": "mmtag.encoders.efficientnet",
-    "efficientnet-lite1": "mmtag.encoders.efficientnet",
-    "efficientnet-lite2": "mmtag.encoders.efficientnet",
-    "minilm-l6": "mmtag.encoders.hf_text",
-    "mpnet-base": "mmtag.encoders.mpnet",
+    "efficientnet-lite0": "mmtag.encoders.efficientnet:LITE0",
+    "efficientnet-lite1": "mmtag.encoders.efficientnet:LITE1",
+    "efficientnet-lite2": "mmtag.encoders.efficientnet:LITE2",
+    "minilm-l6": "mmtag.encoders.hf_text:MINILM",
+    "mpnet-base": "mmtag.encoders.mpnet:MPNET",
 }, meta={"efficientnet-lite0": {"modality": "image"}, "efficientnet-lite1": {"modality": "image"},
          "efficientnet-lite2": {"modality": "image"}, "minilm-l6": {"modality": "text"},
          "mpnet-base": {"modality": "text"}})
 ENCODER_FAMILIES = Registry("encoder family", {
-    "hf": "mmtag.encoders.hf_text",
-    "timm": "mmtag.encoders.timm",
-    "flip": "mmtag.encoders.combined",
-    "concat": "mmtag.encoders.combined",
-    "onnx": "mmtag.encoders.onnx",  # wraps an encoder of either modality (`mmtag export` writes it)
+    "hf": "mmtag.encoders.hf_text:HF",
+    "timm": "mmtag.encoders.timm:TIMM",
+    "flip": "mmtag.encoders.combined:FLIP",
+    "concat": "mmtag.encoders.combined:CONCAT",
+    "onnx": "mmtag.encoders.onnx:ONNX",  # wraps an encoder of either modality (`mmtag export` writes it)
 }, meta={"hf": {"modality": "text", "placeholder": "PATH_OR_NAME"},
          "timm": {"modality": "image", "placeholder": "NAME"},
          "flip": {"modality": "image", "placeholder": "IMAGE_ENCODER"},

@@ -1,10 +1,10 @@
 """Encoders: frozen pretrained towers per modality, behind one registry."""
-# The package's public names, wherever in it they live: other packages import from here.
-# Importing the family modules is what registers the built-in encoders: each registers itself
-# into `registry` when imported. Their order is the registry's order (what `mmtag encoders`
-# lists and what error messages offer), so it stays the order of the old single module.
+# The package's public names, wherever in it they live: other packages import from here. The
+# built-in encoders are declared in mmtag.registries and imported when first looked up.
 from .base import (  # noqa: F401
     Encoder,
+    EncoderEntry,
+    EncoderFamily,
     ImageEncoder,
     TextEncoder,
     sha256_file,
@@ -13,8 +13,6 @@ from .base import (  # noqa: F401
     load_weights,
 )
 from .registry import (  # noqa: F401
-    EncoderEntry,
-    EncoderFamily,
     ENCODERS,
     FAMILIES,
     register_encoder,

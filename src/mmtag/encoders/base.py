@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -100,6 +102,34 @@ class TextEncoder(Encoder):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids → pooled (B, D) caption vectors."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """A registered encoder: how to build it from pretrained weights and from a bundle dir."""
+
+    name: str
+    modality: str
+    create: Callable[[bool], Encoder]  # create(random_init) → encoder with pretrained weights
+    load: Callable[[Path], Encoder]
+    weights_present: Callable[[], bool]
+    description: str
+
+
+# how a family looks up another encoder by name (`registry.encoder_entry`): given to its
+# `resolve`, so a family that wraps encoders (flip:, concat:, onnx:) needs no import of the
+# registry that looks it up
+Lookup = Callable[..., EncoderEntry]
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """An open-ended family of encoders named "<prefix>:<what>", resolved on demand."""
+
+    prefix: str
+    resolve: Callable[[str, Lookup], EncoderEntry]  # resolve(what, lookup) → "<prefix>:<what>"
+    modality: str | None  # None: the family wraps encoders of either modality (onnx:)
+    placeholder: str = "NAME"  # how error messages spell <what>: hf:PATH_OR_NAME
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,8 +31,7 @@ from torch import nn
 
 from ..errors import MmtagError, quoted
 from ..io import atomic_write_text, load_json
-from .base import Encoder, ImageEncoder, error_summary
-from .registry import EncoderEntry, encoder_entry, register_prefix
+from .base import Encoder, EncoderEntry, EncoderFamily, ImageEncoder, Lookup, error_summary
 
 META_FILE = "encoder.json"
 
@@ -153,9 +152,9 @@ class ConcatEncoder(CompositeImageEncoder):
         return torch.cat(pooled, dim=1), torch.cat(tokens, dim=2)
 
 
-def _part_entry(what: str, name: str) -> EncoderEntry:
+def _part_entry(what: str, name: str, lookup: Lookup) -> EncoderEntry:
     try:
-        return encoder_entry(what, "image")
+        return lookup(what, "image")
     except MmtagError as exc:
         raise MmtagError(f"encoder '{name}': {exc}") from None
 
@@ -166,7 +165,8 @@ def _image_encoder(enc: Encoder, name: str) -> ImageEncoder:
     return enc
 
 
-def _load_parts(name: str, directory: Path, parts: dict[str, str]) -> dict[str, ImageEncoder]:
+def _load_parts(name: str, directory: Path, parts: dict[str, str],
+                lookup: Lookup) -> dict[str, ImageEncoder]:
     """The parts saved under `directory`, after checking its encoder.json names the same ones."""
     meta_path = directory / META_FILE
     try:
@@ -176,37 +176,37 @@ def _load_parts(name: str, directory: Path, parts: dict[str, str]) -> dict[str, 
     saved = meta.get("parts") if isinstance(meta, dict) else None
     if saved != parts:
         raise MmtagError(f"{meta_path}: lists parts {quoted(saved)}, but encoder '{name}' is made of {parts!r}")
-    return {sub: _image_encoder(encoder_entry(what, "image").load(directory / sub), name)
+    return {sub: _image_encoder(lookup(what, "image").load(directory / sub), name)
             for sub, what in parts.items()}
 
 
-def _flip_entry(what: str) -> EncoderEntry:
+def _flip_entry(what: str, lookup: Lookup) -> EncoderEntry:
     name = f"flip:{what}"
-    inner = _part_entry(what, name)
+    inner = _part_entry(what, name, lookup)
 
     def create(random_init: bool) -> Encoder:
         return FlipEncoder(name, _image_encoder(inner.create(random_init), name))
 
     def load(directory: Path) -> Encoder:
-        return FlipEncoder(name, _load_parts(name, directory, {"inner": what})["inner"])
+        return FlipEncoder(name, _load_parts(name, directory, {"inner": what}, lookup)["inner"])
 
     return EncoderEntry(name, "image", create, load, inner.weights_present,
                         f"{what}, averaged with its features of the mirrored image")
 
 
-def _concat_entry(what: str) -> EncoderEntry:
+def _concat_entry(what: str, lookup: Lookup) -> EncoderEntry:
     name = f"concat:{what}"
     names = what.split("+")
     if len(names) < 2 or not all(names):
         raise MmtagError(f"encoder '{name}': 'concat:' needs two or more image encoders joined by '+', "
                          "e.g. concat:efficientnet-lite0+efficientnet-lite2")
-    entries = [_part_entry(n, name) for n in names]
+    entries = [_part_entry(n, name, lookup) for n in names]
 
     def create(random_init: bool) -> Encoder:
         return ConcatEncoder(name, [_image_encoder(e.create(random_init), name) for e in entries])
 
     def load(directory: Path) -> Encoder:
-        parts = _load_parts(name, directory, {f"part{i}": n for i, n in enumerate(names)})
+        parts = _load_parts(name, directory, {f"part{i}": n for i, n in enumerate(names)}, lookup)
         return ConcatEncoder(name, list(parts.values()))
 
     def present() -> bool:
@@ -216,5 +216,6 @@ def _concat_entry(what: str) -> EncoderEntry:
                         f"{' and '.join(names)} side by side, features concatenated")
 
 
-register_prefix("flip", _flip_entry, modality="image", placeholder="IMAGE_ENCODER")
-register_prefix("concat", _concat_entry, modality="image", placeholder="A+B")
+# the registry's families (mmtag.registries.ENCODER_FAMILIES)
+FLIP = EncoderFamily("flip", _flip_entry, "image", "IMAGE_ENCODER")
+CONCAT = EncoderFamily("concat", _concat_entry, "image", "A+B")

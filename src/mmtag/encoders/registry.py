@@ -4,9 +4,9 @@
 `load_encoder(name, dir)` rebuilds it from a bundle. Adding a backbone is one `register_encoder`;
 an open-ended family named `prefix:what` (hf:, timm:, onnx:) is one `register_prefix`.
 
-The built-in families live in their own modules (efficientnet, hf_text, timm, onnx), which import
-this one and register themselves; the package's `__init__` imports them, and Python runs that
-before any of its modules, so even a bare `import mmtag.encoders.registry` sees them registered.
+The built-ins are declared in `mmtag.registries` as "module:ENTRY" (an `EncoderEntry` or an
+`EncoderFamily` of their module) and imported when first looked up; their modules do not import
+this one (a family that wraps other encoders gets `encoder_entry` as its `lookup`).
 """
 from __future__ import annotations
 
@@ -16,33 +16,9 @@ from pathlib import Path
 
 from .. import registries
 from ..errors import MmtagError
-from .base import Encoder
+from .base import Encoder, EncoderEntry, EncoderFamily
 
-
-@dataclass(frozen=True)
-class EncoderEntry:
-    """A registered encoder: how to build it from pretrained weights and from a bundle dir."""
-
-    name: str
-    modality: str
-    create: Callable[[bool], Encoder]  # create(random_init) → encoder with pretrained weights
-    load: Callable[[Path], Encoder]
-    weights_present: Callable[[], bool]
-    description: str
-
-
-@dataclass(frozen=True)
-class EncoderFamily:
-    """An open-ended family of encoders named "<prefix>:<what>", resolved on demand."""
-
-    prefix: str
-    resolve: Callable[[str], EncoderEntry]  # resolve(what) → the entry for "<prefix>:<what>"
-    modality: str | None  # None: the family wraps encoders of either modality (onnx:)
-    placeholder: str = "NAME"  # how error messages spell <what>: hf:PATH_OR_NAME
-
-
-# The built-ins are declared in mmtag.registries (names and modalities known without torch);
-# each module below registers its entries when imported, as a plugin's would.
+# The built-ins are declared in mmtag.registries (names and modalities known without torch).
 ENCODERS = registries.ENCODERS
 FAMILIES = registries.ENCODER_FAMILIES
 
@@ -57,7 +33,7 @@ def register_prefix(prefix: str, resolve: Callable[[str], EncoderEntry], *,
     MmtagError when `what` names nothing it can build)."""
     if not prefix or ":" in prefix:
         raise ValueError(f"an encoder family prefix is a non-empty name without ':', got {prefix!r}")
-    family = EncoderFamily(prefix, resolve, modality, placeholder)
+    family = EncoderFamily(prefix, lambda what, lookup: resolve(what), modality, placeholder)
     return FAMILIES.register(prefix, modality=modality, placeholder=placeholder)(family)
 
 
@@ -68,7 +44,8 @@ def encoder_entry(name: str, modality: str | None = None) -> EncoderEntry:
     """The registered entry `name` (or PREFIX:WHAT of a family), of `modality` when given; else
     a one-line error listing the names that are."""
     prefix, _, rest = name.partition(":")
-    entry = FAMILIES[prefix].resolve(rest) if rest and prefix in FAMILIES else ENCODERS.get(name)
+    entry = (FAMILIES[prefix].resolve(rest, encoder_entry) if rest and prefix in FAMILIES
+             else ENCODERS.get(name))
     if entry is None or (modality is not None and entry.modality != modality):
         known = encoder_names(modality)
         known = sorted(n for n in known if n in ENCODERS) + [n for n in known if n not in ENCODERS]

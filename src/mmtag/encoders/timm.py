@@ -15,8 +15,7 @@ from torch import nn
 
 from ..errors import MmtagError
 from ..io import atomic_write_text, atomic_write_with
-from .base import Encoder, ImageEncoder, load_weights, read_safetensors
-from .registry import EncoderEntry, register_prefix
+from .base import Encoder, EncoderEntry, EncoderFamily, ImageEncoder, load_weights, read_safetensors
 
 
 class TimmImageEncoder(ImageEncoder):
@@ -90,4 +89,4 @@ def _timm_entry(model_name: str) -> EncoderEntry:
     return EncoderEntry(name, "image", create, load, present, f"timm model {model_name}")
 
 
-register_prefix("timm", _timm_entry, modality="image")
+TIMM = EncoderFamily("timm", lambda what, lookup: _timm_entry(what), "image")

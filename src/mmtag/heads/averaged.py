@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..config import ModelConfig
 from .base import FeatureBatch, Head, HeadOutput
 from .cross_attention import CrossAttentionHead
 from .early import ConcatHead
 from .late import LateFusionHead
-from .registry import register_head
 
 
 class MeanWithBranchesHead(LateFusionHead):
@@ -27,10 +25,6 @@ class MeanWithBranchesHead(LateFusionHead):
         super().__init__(dims, num_classes, hidden=params["hidden"], dropout=params["dropout"])
         self.fused = self.fused_cls(dims, num_classes, **params)
 
-    @classmethod
-    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
-        return cls.fused_cls.params_problem(model)
-
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         b = self.branch_logits(batch)
         f = self.fused(batch)
@@ -39,7 +33,6 @@ class MeanWithBranchesHead(LateFusionHead):
         return HeadOutput((f.logits + b["image"] + b["text"]) / 3, branches)
 
 
-@register_head("concat+mean")
 class ConcatMeanHead(MeanWithBranchesHead):
     """`concat` averaged with an image MLP and a text MLP (reference "FM2")."""
 
@@ -49,7 +42,6 @@ class ConcatMeanHead(MeanWithBranchesHead):
     fused_name = "concat"
 
 
-@register_head("xattn+mean")
 class CrossAttentionMeanHead(MeanWithBranchesHead):
     """`xattn` averaged with an image MLP and a text MLP (reference "FM3")."""
 

@@ -14,7 +14,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import MmtagError
 from ..features import modality_of
 
@@ -113,12 +112,6 @@ class Head(Branches, nn.Module):
         missing = [k for k in self.needs if k not in dims]
         if missing:
             raise MmtagError(f"head '{type(self).__name__}' needs features {missing}")
-
-    @classmethod
-    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
-        """(option, problem) when `model`'s values of `params` cannot build this head together
-        (each value's own range is checked by the config); None when they can."""
-        return None
 
     def forward(self, batch: FeatureBatch) -> HeadOutput:
         raise NotImplementedError

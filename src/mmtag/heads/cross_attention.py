@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from ..errors import MmtagError
 from .base import FeatureBatch, Head, HeadOutput
 from .early import EARLY_FUSION_PARAMS, add_projected_pair
-from .registry import register_head
 
 
 class CrossAttention(nn.Module):
@@ -51,7 +49,6 @@ class CrossAttention(nn.Module):
         return self.out(attended.flatten(1))
 
 
-@register_head("xattn")
 class CrossAttentionHead(Head):
     """Early fusion by cross-attention: the pooled caption asks *where* in the image to look. The
     caption vector (one query) attends over the image's spatial tokens (keys and values), both
@@ -75,14 +72,6 @@ class CrossAttentionHead(Head):
         self.attn_norm = nn.LayerNorm(proj_dim)
         add_projected_pair(self, dims, num_classes, hidden, dropout, proj_dim, image_input_dropout,
                            3 * proj_dim)
-
-    @classmethod
-    def params_problem(cls, model: ModelConfig) -> tuple[str, str] | None:
-        # each attention head reads an equal slice of the projected width
-        if model.proj_dim % model.attention_heads:
-            return "attention_heads", (f"must divide model.proj_dim ({model.proj_dim}) for head "
-                                       f"'xattn', got {model.attention_heads}")
-        return None
 
     def attention_weights(self, batch: FeatureBatch) -> torch.Tensor:
         """(B, heads, T): how much each attention head of each caption looks at each token."""

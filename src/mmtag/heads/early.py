@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .base import FeatureBatch, Head, HeadOutput, projection
-from .registry import register_head
 
 
 # The early-fusion hyper-parameters (model.proj_dim, model.image_input_dropout): why their
@@ -29,7 +28,6 @@ def add_projected_pair(head: nn.Module, dims: dict[str, int], num_classes: int, 
     head.aux_text = nn.Linear(proj_dim, num_classes)
 
 
-@register_head("concat")
 class ConcatHead(Head):
     """Early fusion: each modality projected to the same width (so the 1280-d image vector cannot
     drown the 384-d caption vector), concatenated, then an MLP. Each projection also feeds a linear

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from .base import FeatureBatch, Head, HeadOutput, mlp
-from .registry import register_head
 
 
 class LateFusionHead(Head):
@@ -36,7 +35,6 @@ class LateFusionHead(Head):
         return net(batch[branch])
 
 
-@register_head("mean")
 class MeanHead(LateFusionHead):
     """Late fusion: an image MLP and a text MLP, final logits are the mean of the two."""
 
@@ -45,7 +43,6 @@ class MeanHead(LateFusionHead):
         return HeadOutput((b["image"] + b["text"]) / 2, b)
 
 
-@register_head("union")
 class UnionHead(LateFusionHead):
     """Late fusion by label-set union: each modality keeps its own classifier and, at decision
     time, its own tuned thresholds; a label is predicted if either modality predicts it. Useful
@@ -60,7 +57,6 @@ class UnionHead(LateFusionHead):
         return HeadOutput(torch.maximum(b["image"], b["text"]), b)
 
 
-@register_head("gated")
 class GatedHead(LateFusionHead):
     """Late fusion with learned per-sample modality weights: a small gate network reads both
     (LayerNorm'd) pooled vectors and outputs softmax weights (w_image, w_text), so a blurry photo

@@ -1,8 +1,8 @@
 """The registry of heads by name (`--fusion`), and building a registered head from the config.
 
-The built-in heads are declared in `mmtag.registries.HEADS` (names known without importing
-torch); each head module also registers its heads when imported (`register_head`, the way a
-plugin adds one), and tests/heads check the two agree.
+The built-in heads are declared in `mmtag.registries.HEADS` as "module:Class" (names known
+without importing torch), and imported when first looked up; their modules do not import this
+one. A plugin adds a head with `register_head`.
 """
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .base import FeatureBatch, Head, HeadOutput, mlp
-from .registry import register_head
 
 
 class SingleModalityHead(Head):
@@ -21,7 +20,6 @@ class SingleModalityHead(Head):
         return HeadOutput(self.net(batch[self.modality]))
 
 
-@register_head("image")
 class ImageHead(SingleModalityHead):
     """Image-only: MLP on the pooled image vector."""
 
@@ -29,7 +27,6 @@ class ImageHead(SingleModalityHead):
     needs = ("image",)
 
 
-@register_head("text")
 class TextHead(SingleModalityHead):
     """Text-only: MLP on the pooled caption vector."""
 
