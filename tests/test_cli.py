@@ -2,8 +2,10 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -559,3 +561,37 @@ def test_adding_a_train_option_is_one_config_field(monkeypatch, capsys, tmp_path
     assert trained["config"].toy.width == 7 and trained["config"].to_dict()["toy"] == {"width": 7}
     code, err = _main(capsys, "train", tmp_path / "t.csv", "--toy-width", "0")
     assert code == 2 and err == ["mmtag: error: --toy-width (toy.width) must be an integer >= 1, got 0"]
+
+
+# ------------------------------------------------------------ what the README promises, pinned
+def test_train_without_out_writes_runs_mmtag_date_time(monkeypatch, capsys, tmp_path):
+    trained = {}
+    monkeypatch.setattr(api, "train", lambda csv, images, out, cfg, **kw: (
+        trained.setdefault("out", out), None, None, {})[1:])
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(capsys, "train", "t.csv", "--modalities", "text")
+    assert code == 0, err
+    out = trained["out"]
+    assert out.parent == Path("runs") and re.fullmatch(r"mmtag-\d{8}-\d{6}", out.name), out
+
+
+def test_preset_prints_its_substitutions(monkeypatch, capsys, caplog):
+    trained = {}
+    monkeypatch.setattr(api, "train", lambda csv, images, out, cfg, **kw: (
+        trained.setdefault("config", cfg), None, None, {})[1:])
+    # neither timm nor the BERT-tiny checkpoint is installed by `make setup`: both substitute
+    with caplog.at_level("WARNING", logger="mmtag"):
+        code, err = _main(capsys, "train", "--preset", "effnet-berttiny-fm3", "t.csv", "--out", "r")
+    assert code == 0, err
+    said = caplog.text + "\n".join(err)
+    assert "timm:efficientnet_b4 is not available here; using efficientnet-lite2 instead" in said
+    assert "timm:efficientnet_b4 -> efficientnet-lite2" in trained["config"].substitutions
+
+
+def test_evaluate_report_writes_the_html_report(capsys, fused_run, tiny, tmp_path):
+    report = tmp_path / "holdout.html"
+    code, err = _main(capsys, "evaluate", fused_run, tiny.holdout_csv, "--images", tiny.images,
+                      "--report", report)
+    assert code == 0, err
+    html = report.read_text(encoding="utf-8")
+    assert html.startswith("<!doctype html>") and f"on {tiny.holdout_csv.name}</title>" in html

@@ -66,6 +66,13 @@ def _is_error(r: httpx.Response, status: int, *mentions: str) -> None:
         assert word in body["error"], (word, body)
 
 
+def test_openapi_docs_answer(client: TestClient) -> None:
+    # the README points users at /docs for the API
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
 def test_health_and_labels(client: TestClient) -> None:
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["modalities"] == ["image", "text"] and h["branches"] == []

@@ -177,9 +177,10 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 300) -
 
 
 def test_sigkill_mid_training_then_resume_gives_same_metrics(tiny, tmp_path: Path, cache_dir: str) -> None:
-    # batch size 4 makes each epoch take long enough to be killed inside one
-    opts = ["--images", tiny.images, "--modalities", "text", "--epochs", "60", "--patience", "60",
-            "--batch-size", "4", "--hidden", "64", "--workers", "0"]
+    # batch size 4 makes each epoch take long enough to be killed inside one; two folds are
+    # enough stages to resume across (a fold's checkpoints, then the next fold's)
+    opts = ["--images", tiny.images, "--modalities", "text", "--epochs", "12", "--patience", "12",
+            "--batch-size", "4", "--hidden", "64", "--workers", "0", "--folds", "2"]
     ref, run = tmp_path / "ref", tmp_path / "run"
     r = subprocess.run(_mmtag("train", tiny.train_csv, "--out", ref, *opts, cache=cache_dir),
                        capture_output=True, text=True, timeout=600)
@@ -189,7 +190,7 @@ def test_sigkill_mid_training_then_resume_gives_same_metrics(tiny, tmp_path: Pat
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _kill_when(proc, lambda: _checkpoint_epoch(run) >= 3, "epoch 3's checkpoint")
     assert not (run / "manifest.json").exists()
-    assert 3 <= _checkpoint_epoch(run) < 60
+    assert 3 <= _checkpoint_epoch(run) < 12
 
     r = subprocess.run([sys.executable, "-m", "mmtag", "-q", "train", "--resume", run],
                        capture_output=True, text=True, timeout=600,
@@ -210,6 +211,7 @@ def test_train_config_yaml_reproduces_the_run(tiny, tmp_path: Path, cache_dir: s
     first, second = tmp_path / "first", tmp_path / "second"
     r = subprocess.run(_mmtag("train", tiny.train_csv, "--images", tiny.images, "--out", first,
                               "--epochs", "8", "--hidden", "64", "--workers", "0", "--fusion", "mean",
+                              "--folds", "2",
                               cache=cache_dir), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     r = subprocess.run(_mmtag("train", "--config", first / "config.yaml", "--out", second,
@@ -226,7 +228,7 @@ def test_sigkill_at_random_points_then_rerun_or_resume(tiny, tmp_path: Path) -> 
     is written) and after a random epoch's checkpoint. Each kill is shown to interrupt the run;
     rerun or resume must then end identical to the uninterrupted run."""
     opts = ["--images", tiny.images, "--epochs", "30", "--patience", "3", "--batch-size", "4",
-            "--hidden", "64", "--workers", "0"]
+            "--hidden", "64", "--workers", "0", "--folds", "2"]
     ref = tmp_path / "ref"
     r = subprocess.run(_mmtag("train", tiny.train_csv, "--out", ref, *opts, cache=str(tmp_path / "c-ref")),
                        capture_output=True, text=True, timeout=600)
@@ -255,3 +257,18 @@ def test_sigkill_at_random_points_then_rerun_or_resume(tiny, tmp_path: Path) -> 
         got = json.loads((run / "metrics.json").read_text())
         assert got["validation"] == want["validation"], trial
         assert got["history"] == want["history"], trial
+
+
+def test_tensorboard_logs_every_stage_into_the_run(tiny, tmp_path: Path, make_config) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mmtag import api
+
+    run = tmp_path / "run"
+    api.train(tiny.train_csv, None, run, make_config(**{"model.modalities": ["text"], "train.epochs": 3}),
+              progress=False, tensorboard=True)
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    logged = {row["stage"] for row in csv.DictReader(open(run / "metrics.csv"))}
+    tags = events.Tags()["scalars"]
+    assert logged and {tag.split("/")[0] for tag in tags} == logged
+    assert all(len(events.Scalars(tag)) == 3 for tag in tags)  # one point per epoch
