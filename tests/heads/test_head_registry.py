@@ -60,17 +60,18 @@ def test_every_head_trains(name):
 # fusion.py as it was when the hyper-parameters were module constants (hidden 512, dropout 0.5,
 # PROJ_DIM 256, IMAGE_INPUT_DROPOUT 0.5, GATE_HIDDEN 64, 4 attention heads): a hash of the
 # state_dict's names and shapes, every Dropout's p in module order, and the sum of all initial
-# values, so parameter layout, creation order (random-number consumption) and init all match.
+# values, so parameter layout, creation order (random-number consumption) and init all match; and
+# a hash of every initial value, recorded (torch 2.13.0) while the sums still matched.
 BEFORE_OPTIONS = {
-    "concat": ("54524264b7b55b85", (0.5, 0.0, 0.5, 0.5), 7.436027),
-    "concat+mean": ("b33c5e3eaed0c65a", (0.5, 0.5, 0.5, 0.0, 0.5, 0.5), 49.892718),
-    "gated": ("945e48e3ed3fc701", (0.5, 0.5, 0.5), 46.122939),
-    "image": ("0d51cb7368c9b2c9", (0.5,), 2.692219),
-    "mean": ("e7a22f9fdd5c2e2c", (0.5, 0.5), 30.45388),
-    "text": ("b134c1b4e4e55249", (0.5,), -6.851137),
-    "union": ("e7a22f9fdd5c2e2c", (0.5, 0.5), 30.45388),
-    "xattn": ("8cd50ed1654ba096", (0.5, 0.5, 0.0, 0.5, 0.5), 285.747773),
-    "xattn+mean": ("fc75deb04fb22622", (0.5, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5), 345.690095),
+    "concat": ("54524264b7b55b85", (0.5, 0.0, 0.5, 0.5), 7.436027, "5ccff25672748922"),
+    "concat+mean": ("b33c5e3eaed0c65a", (0.5, 0.5, 0.5, 0.0, 0.5, 0.5), 49.892718, "0574ef01344266c5"),
+    "gated": ("945e48e3ed3fc701", (0.5, 0.5, 0.5), 46.122939, "584c60da7fbd58af"),
+    "image": ("0d51cb7368c9b2c9", (0.5,), 2.692219, "7ba50730f6a7f52e"),
+    "mean": ("e7a22f9fdd5c2e2c", (0.5, 0.5), 30.45388, "fe36bee9bc12c7d2"),
+    "text": ("b134c1b4e4e55249", (0.5,), -6.851137, "8c8558b12d71f5bf"),
+    "union": ("e7a22f9fdd5c2e2c", (0.5, 0.5), 30.45388, "fe36bee9bc12c7d2"),
+    "xattn": ("8cd50ed1654ba096", (0.5, 0.5, 0.0, 0.5, 0.5), 285.747773, "617a9c52e8b16155"),
+    "xattn+mean": ("fc75deb04fb22622", (0.5, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5), 345.690095, "a433269e85120b7f"),
 }
 
 
@@ -80,8 +81,12 @@ def fingerprint(head):
     state = head.state_dict()
     layout = "\n".join(f"{k} {tuple(v.shape)}" for k, v in state.items())
     drops = tuple(m.p for m in head.modules() if isinstance(m, torch.nn.Dropout))
+    values = hashlib.sha256()  # every initial value, exactly (a sum can hide a changed init)
+    for name, v in state.items():
+        values.update(name.encode())
+        values.update(v.detach().contiguous().numpy().tobytes())
     return (hashlib.sha256(layout.encode()).hexdigest()[:16], drops,
-            sum(float(v.double().sum()) for v in state.values()))
+            sum(float(v.double().sum()) for v in state.values()), values.hexdigest()[:16])
 
 
 @pytest.mark.parametrize("name", sorted(BEFORE_OPTIONS))
@@ -89,10 +94,11 @@ def test_default_hyper_parameters_build_the_heads_of_before(name):
     from mmtag.config import ModelConfig
 
     torch.manual_seed(0)
-    layout, drops, total = fingerprint(create_head(name, DIMS, 3, ModelConfig()))
-    want_layout, want_drops, want_total = BEFORE_OPTIONS[name]
+    layout, drops, total, values = fingerprint(create_head(name, DIMS, 3, ModelConfig()))
+    want_layout, want_drops, want_total, want_values = BEFORE_OPTIONS[name]
     assert (layout, drops) == (want_layout, want_drops)
-    assert total == pytest.approx(want_total, abs=1e-5)
+    assert total == pytest.approx(want_total, abs=1e-5)  # the sum recorded from fusion.py then
+    assert values == want_values  # recorded when the sum still matched: the same init, exactly
 
 
 def test_every_head_reads_its_hyper_parameters_from_declared_model_options():
