@@ -619,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "mmtag export runs/fused --out runs/fused-int8 --int8 --retune")
     p.add_argument("run", type=Path, help="a trained run directory (mmtag train --out)")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="(default: onnx)")
-    p.add_argument("--int8", action="store_true", help="quantise the text encoder to int8")
+    p.add_argument("--int8", action="store_true",
+                   help="quantise the text encoder to int8 and store the image encoder's large "
+                        "weights in fp16 (the head is stored in fp16 in every export)")
     p.add_argument("--retune", action="store_true",
                    help="re-tune the thresholds on the run's validation split as scored by the "
                         "export (default: keep the run's thresholds and decision rule)")

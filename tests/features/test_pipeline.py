@@ -19,6 +19,19 @@ def test_modalities_follow_the_kinds_in_order(tmp_path):
     assert _featurizer(("image_tokens",), tmp_path).modalities == ["image"]
 
 
+def test_each_kind_has_one_modality_and_an_unknown_kind_is_an_error(tmp_path):
+    from mmtag.features import FEATURE_KINDS, KIND_MODALITY, modality_of
+
+    assert FEATURE_KINDS == tuple(KIND_MODALITY)
+    assert {k: modality_of(k) for k in FEATURE_KINDS} == {"image": "image", "image_tokens": "image",
+                                                          "text": "text"}
+    for kind in ("audio", "text_tokens", "", None):  # never guessed from the name
+        with pytest.raises(MmtagError, match=f"unknown feature kind {kind!r}"):
+            modality_of(kind)
+    with pytest.raises(MmtagError, match="unknown feature kind 'audio'"):
+        _featurizer(("image", "audio"), tmp_path).modalities
+
+
 def test_in_memory_inputs_are_checked_before_any_encoder_is_built(tmp_path):
     fz = _featurizer(("image", "text"), tmp_path)
     with pytest.raises(MmtagError, match="needs images"):

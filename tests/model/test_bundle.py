@@ -239,6 +239,35 @@ def test_named_labels_round_trip_and_an_integer_bundle_loads_as_before(small_bun
     assert api.Tagger.load(run).label_space == named
 
 
+def test_a_head_stored_in_fp16_loads_as_fp32(small_bundle: Path, tmp_path: Path) -> None:
+    """An export stores the head in fp16; the loader hands it on as fp32, which it computes in."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(small_bundle, run)
+    trained = bundle.load(small_bundle, build_encoders=False).head_state
+    _tensors("head.safetensors", lambda t: t.update({k: v.half() for k, v in t.items()}))(run)
+    _rehash(run)
+    loaded = bundle.load(run).head_state
+    assert {v.dtype for v in loaded.values()} == {torch.float32}
+    assert all(torch.equal(loaded[k], v.half().float()) for k, v in trained.items())
+    head = api.Tagger.load(run).head
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+
+
+def test_a_head_reading_a_kind_of_no_known_modality_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature kinds reach their modality through `features.modality_of` only: a kind it does
+    not know is an error naming it (it used to be read as text), and a kind added to
+    `KIND_MODALITY` is routed to its own modality."""
+    from mmtag import features
+
+    monkeypatch.setattr(bundle, "head_needs", lambda name: ("image", "audio"))
+    with pytest.raises(MmtagError, match="unknown feature kind 'audio'"):
+        bundle._head_modalities("concat")
+    monkeypatch.setitem(features.types.KIND_MODALITY, "audio", "audio")
+    assert bundle._head_modalities("concat") == ["audio", "image"]
+
+
 DAMAGES = [
     # weights
     pytest.param(_truncate("head.safetensors"), "head.safetensors", id="head-truncated"),
@@ -253,6 +282,8 @@ DAMAGES = [
     pytest.param(_tensors("head.safetensors",
                           lambda t: t.update({k: v.fill_(float("nan")) for k, v in t.items()})),
                  "head.safetensors", id="head-nan"),
+    pytest.param(_tensors("head.safetensors", lambda t: t.update({k: v.double() for k, v in t.items()})),
+                 "head.safetensors", id="head-float64"),  # fp32 (a run) or fp16 (an export) only
     pytest.param(_truncate("encoders/image/weights.safetensors"), "encoders/image/weights.safetensors",
                  id="image-weights-truncated"),
     pytest.param(_pickle_as("encoders/text/weights.safetensors"), "encoders/text/weights.safetensors",

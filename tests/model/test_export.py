@@ -30,10 +30,88 @@ def _holdout(tiny: SyntheticPaths) -> tuple[list[Path], list[str]]:
 
 def test_fp32_export_scores_match_eager(fused_run: Path, exported: dict[str, Path],
                                         tiny: SyntheticPaths) -> None:
+    # fp32 graphs and the head stored in fp16: the same scores to 1e-3, the same labels
     images, captions = _holdout(tiny)
-    eager = api.Tagger.load(fused_run).predict_proba(images, captions)
-    onnx = api.Tagger.load(exported["fp32"]).predict_proba(images, captions)
-    assert np.abs(eager - onnx).max() < 1e-3
+    run, export = api.Tagger.load(fused_run), api.Tagger.load(exported["fp32"])
+    assert np.abs(run.predict_proba(images, captions) - export.predict_proba(images, captions)).max() < 1e-3
+    assert ([p.labels for p in run.predict(images, captions)]
+            == [p.labels for p in export.predict(images, captions)])
+
+
+def test_export_stores_the_head_in_fp16_and_loads_it_as_fp32(fused_run: Path,
+                                                             exported: dict[str, Path]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from mmtag.model import bundle
+
+    trained = load_file(str(fused_run / "head.safetensors"))
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # training writes fp32, as ever
+    for kind, path in exported.items():
+        stored = load_file(str(path / "head.safetensors"))
+        assert {v.dtype for v in stored.values()} == {torch.float16}, kind
+        assert (path / "head.safetensors").stat().st_size < 0.55 * (fused_run / "head.safetensors").stat().st_size
+        loaded = bundle.load(path, build_encoders=False).head_state
+        assert {v.dtype for v in loaded.values()} == {torch.float32}
+        for key, value in trained.items():  # the run's weights, rounded to fp16 once
+            assert torch.equal(loaded[key], value.half().float()), key
+        assert json.loads((path / "metrics.json").read_text())["export"]["head_dtype"] == "float16"
+
+
+def test_int8_export_stores_the_image_encoders_large_weights_in_fp16(
+        exported: dict[str, Path], tiny: SyntheticPaths) -> None:
+    """With --int8 the image graph keeps its small tensors fp32 and stores its large ones in
+    fp16 behind Casts, which ONNX Runtime folds back into fp32 constants: about half the file,
+    features equal to the fp32 graph's to rounding, labels unchanged."""
+    import onnx
+    import torch
+    from onnx import TensorProto
+
+    from mmtag.data.images import decode_image
+    from mmtag.encoders.onnx_export import FP16_MIN_ELEMENTS
+    from mmtag.features import encode_images
+
+    graphs = {k: v / "encoders/image/model.onnx" for k, v in exported.items()}
+    assert graphs["int8"].stat().st_size < 0.6 * graphs["fp32"].stat().st_size
+    init = onnx.load(str(graphs["int8"])).graph.initializer
+    half = [i for i in init if i.data_type == TensorProto.FLOAT16]
+    assert half and all(int(np.prod(i.dims)) >= FP16_MIN_ELEMENTS for i in half)
+    assert all(i.data_type == TensorProto.FLOAT for i in onnx.load(str(graphs["fp32"])).graph.initializer)
+    meta = json.loads((exported["int8"] / "encoders/image/encoder.json").read_text())
+    assert meta["stored_weights"] == "fp16" and meta["precision"] == "fp32"
+    assert "stored_weights" not in json.loads((exported["fp32"] / "encoders/image/encoder.json").read_text())
+    # real (synthetic) images, not the export's random probes
+    images, _ = _holdout(tiny)
+    x = torch.from_numpy(np.stack([decode_image(p, 224) for p in images[:16]]))
+    feats = {k: encode_images(api.Tagger.load(v).encoders["image"], x.clone())["image"]
+             for k, v in exported.items()}
+    rel = np.linalg.norm(feats["int8"] - feats["fp32"], axis=1) / np.linalg.norm(feats["fp32"], axis=1)
+    assert rel.max() < 0.01
+
+
+def test_exported_scores_match_the_runs_on_its_validation_rows(exported: dict[str, Path]) -> None:
+    # export.agreement: the export's scores and decisions on the run's validation rows against
+    # the run's own; the fp32 export agrees to 1e-3 and decides every row alike
+    agreement = {k: json.loads((v / "metrics.json").read_text())["export"]["agreement"]
+                 for k, v in exported.items()}
+    assert agreement["fp32"]["rows"] > 0
+    assert agreement["fp32"]["max_score_diff"] < 1e-3 and agreement["fp32"]["decisions_equal"] == 1.0
+    assert agreement["int8"]["rows"] == agreement["fp32"]["rows"]
+    assert agreement["int8"]["decisions_equal"] >= 0.9
+
+
+def test_int8_exports_fp16_head_scores_like_the_fp32_head(fused_run: Path, exported: dict[str, Path],
+                                                         tiny: SyntheticPaths) -> None:
+    # The head's fp16 storage alone, on a few rows: the same export with the run's fp32 head
+    from mmtag.model import bundle
+
+    images, captions = _holdout(tiny)
+    export = api.Tagger.load(exported["int8"])
+    stored = export.predict_proba(images, captions)
+    labels = [p.labels for p in export.predict(images, captions)]
+    export.head.load_state_dict(bundle.load(fused_run, build_encoders=False).head_state)
+    assert np.abs(export.predict_proba(images, captions) - stored).max() < 1e-3
+    assert [p.labels for p in export.predict(images, captions)] == labels
 
 
 def test_parallel_runs_match_one_at_a_time(exported: dict[str, Path], tiny: SyntheticPaths) -> None:
@@ -97,11 +175,11 @@ def test_int8_export_reports_its_own_validation_metrics(exported: dict[str, Path
     assert again.samples_f1 == pytest.approx(recorded.samples_f1, abs=1e-9)
 
 
-def test_recalibrate_needs_the_validation_images(fused_run: Path) -> None:
+def test_recalibrate_needs_the_validation_images(fused_run: Path, tmp_path: Path) -> None:
     t = api.Tagger.load(fused_run)
     before = t.thresholds.to_dict()
     assert t.validation is not None
-    t.validation.image_paths = ["/nonexistent/" + i for i in t.validation.image_ids]
+    t.config.data.images = str(tmp_path / "moved")  # the run's images folder, gone
     assert t.recalibrate() is None
     assert t.thresholds.to_dict() == before
 

@@ -9,7 +9,10 @@ import numpy as np
 from ..data import Dataset
 from ..errors import DataError, MmtagError
 
-FEATURE_KINDS = ("image", "image_tokens", "text")
+# Every feature kind and the modality whose encoder makes it: the one place a kind is routed to
+# its modality (`modality_of`). A new modality adds its kinds here.
+KIND_MODALITY = {"image": "image", "image_tokens": "image", "text": "text"}
+FEATURE_KINDS = tuple(KIND_MODALITY)
 
 
 class Features:
@@ -47,8 +50,12 @@ class Features:
 
 
 def modality_of(kind: str) -> str:
-    """The modality a feature kind comes from: "image_tokens" → "image"."""
-    return kind.split("_", 1)[0]
+    """The modality a feature kind comes from ("image_tokens" → "image"); a kind not in
+    `KIND_MODALITY` is an MmtagError naming it, never guessed."""
+    try:
+        return KIND_MODALITY[kind]
+    except (KeyError, TypeError):
+        raise MmtagError(f"unknown feature kind {kind!r} (known: {', '.join(FEATURE_KINDS)})") from None
 
 
 def concat_features(a: Features, b: Features) -> Features:

@@ -3,7 +3,7 @@
     RUN/config.yaml        resolved configuration (reproduces the run)
     RUN/labels.json        label space (ids and names; for named labels, `vocab`: their spellings)
     RUN/thresholds.json    decision thresholds
-    RUN/head.safetensors   fusion head weights
+    RUN/head.safetensors   fusion head weights (fp32; fp16 in an export, read back as fp32)
     RUN/encoders/<modality>/weights.safetensors (+ config/tokenizer files)  fp16 encoder weights
     RUN/metrics.json       validation metrics and per-epoch history
     RUN/validation.safetensors + validation.json  validation scores, truth and items (report)
@@ -33,6 +33,7 @@ from ..config import Config, ModelConfig
 from ..data import LabelSpace, LabelVocab
 from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
 from ..errors import MmtagError
+from ..features import modality_of
 from ..decision import Metrics, Thresholds, ValidationRecord
 from ..heads import HEADS, create_model_head, head_needs
 from ..io import (RECORD_MAX_BYTES, RUN_FILE_MAX_BYTES, atomic_write_text, atomic_write_with,
@@ -40,6 +41,8 @@ from ..io import (RECORD_MAX_BYTES, RUN_FILE_MAX_BYTES, atomic_write_text, atomi
 from . import rundir
 
 FORMAT = "mmtag-bundle/1"
+# The dtypes a head's float tensors may be stored in (training writes fp32, an export fp16).
+STORED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -218,6 +221,8 @@ def load(run_dir: str | Path, *, verify: bool = True, build_encoders: bool = Tru
     val_metrics, metrics_raw = _read_metrics(run / "metrics.json")
     head_state = read_safetensors(run / "head.safetensors")
     _check_consistency(run, manifest, config, labels, thresholds, head_state)
+    # An export stores the head in fp16 (`model.export.fp16_head`); it computes in fp32.
+    head_state = {k: v.float() if v.dtype in STORED_FLOATS else v for k, v in head_state.items()}
     validation = _load_validation(run, len(labels))
     if build_encoders:
         encoders = _load_encoders(run, manifest)
@@ -392,8 +397,9 @@ def _verify_files(run: Path, manifest: dict[str, Any]) -> None:
 
 
 def _head_modalities(head_name: str) -> list[str]:
-    needs = head_needs(head_name)
-    return [m for m in ("image", "text") if any(k.startswith(m) for k in needs)]
+    """The modalities whose features head `head_name` reads (sorted), each kind routed by
+    `features.modality_of`: a kind it does not know is an error naming it."""
+    return sorted({modality_of(k) for k in head_needs(head_name)})
 
 
 def _check_consistency(run: Path, manifest: dict[str, Any], config: Config, labels: LabelSpace,
@@ -459,8 +465,11 @@ def _check_head_tensors(path: Path, state: dict[str, torch.Tensor], name: str, d
         if tuple(value.shape) != tuple(want[key].shape):
             raise MmtagError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, but {described} "
                              f"needs {tuple(want[key].shape)}")
-        if value.is_floating_point() != want[key].is_floating_point():
-            raise MmtagError(f"{path}: tensor '{key}' has dtype {value.dtype}, expected {want[key].dtype}")
+        if value.is_floating_point() != want[key].is_floating_point() or (
+                value.is_floating_point() and value.dtype not in STORED_FLOATS):
+            expected = (", ".join(str(t) for t in STORED_FLOATS) if want[key].is_floating_point()
+                        else str(want[key].dtype))
+            raise MmtagError(f"{path}: tensor '{key}' has dtype {value.dtype}, expected {expected}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise MmtagError(f"{path}: tensor '{key}' holds NaN or infinite values")
 
@@ -488,8 +497,11 @@ def _load_encoders(run: Path, manifest: dict[str, Any]) -> dict[str, Encoder]:
         enc.source = info.get("source", {})
         encoders[modality] = enc
     for kind, width in manifest["head"]["dims"].items():
-        modality = "image" if kind.startswith("image") else "text"
-        enc = encoders[modality]
+        modality = modality_of(kind)
+        enc = encoders.get(modality)
+        if enc is None:  # _check_consistency lets no such bundle through; never read it as another
+            raise MmtagError(f"{run / 'manifest.json'}: the head reads '{kind}' features, but no "
+                             f"{modality} encoder is listed")
         if enc.dim != width:
             raise MmtagError(f"{run / 'encoders' / modality}: the {modality} encoder gives {enc.dim}-d "
                              f"features, but the head in {run / 'manifest.json'} reads {width}-d '{kind}'")

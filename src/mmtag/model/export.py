@@ -4,8 +4,12 @@ An exported bundle is an ordinary bundle whose encoders are `onnx:<name>`: the s
 thresholds and labels, but the encoders run as ONNX graphs in ONNX Runtime (CPU), which fuses
 operators and runs convolutions in blocked layouts — several times faster than eager PyTorch on a
 laptop CPU. With `int8`, the text encoder's MatMul and embedding weights are quantised to int8
-(dynamic, per output channel), which quarters its size; the image encoder stays fp32, since
-dynamic int8 convolutions are slower on CPU than fp32 ones and the CNN is small anyway.
+(dynamic, per output channel), which quarters its size, and the image encoder's large weights are
+stored in fp16 (`encoders.onnx_export.store_fp16`); the image encoder still computes in fp32,
+since dynamic int8 convolutions are slower on CPU than fp32 ones, and ONNX Runtime turns the
+fp16 weights back into fp32 constants when it loads the graph, so it runs as fast. Every export
+stores the head's weights in fp16 (`fp16_head`), read back as fp32. Neither is done to a
+trained run: `mmtag train` writes fp32 heads and its encoders as they are.
 
 The tracing (`encoders.onnx_export`) and the encoders that run the graphs live in `encoders` with
 the others: feature extraction traces frozen encoders the same way (runtime twins), and loading a
@@ -19,7 +23,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ..encoders import Encoder, export_encoder
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def export_encoders(encoders: dict[str, Encoder], *, int8: bool) -> tuple[dict[str, Encoder], Path]:
@@ -28,8 +36,22 @@ def export_encoders(encoders: dict[str, Encoder], *, int8: bool) -> tuple[dict[s
     out: dict[str, Encoder] = {}
     try:
         for modality, enc in encoders.items():
-            out[modality] = export_encoder(enc, workdir, int8=int8)
+            # --int8 is the compact export: the image encoder's weights go to fp16 with it
+            out[modality] = export_encoder(enc, workdir, int8=int8, fp16_weights=int8)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     return out, workdir
+
+
+def fp16_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head's tensors to store in fp16: each fp32 tensor rounded to fp16 (one whose values
+    lie beyond fp16's range stays fp32; integer buffers stay as they are). Half the bytes of
+    `head.safetensors`; a bundle's loader reads them back as fp32. The export scores its
+    validation split with these very values, so its recorded metrics are the stored head's."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        fits = (value.dtype == torch.float32
+                and bool((value.abs() <= FP16_MAX).all()))  # NaN fails too: it stays as it was
+        out[key] = value.to(torch.float16) if fits else value
+    return out
