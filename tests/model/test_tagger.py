@@ -277,3 +277,63 @@ def test_early_fusion_refuses_one_input(tiny, fused_run):
         tagger.predict_proba(images=images)
     with pytest.raises(MmtagError, match="no branch 'text' that answers alone"):
         tagger.branch_decision("text")
+
+
+def test_loading_and_predicting_never_import_training(tiny, late_run):
+    """Prediction runs through the heads and the decision, never `mmtag.training`: a fresh
+    process imports the server, loads a run and predicts (both inputs, one input through a
+    branch's own tuned decision, a dataset through the cache) without loading any of it."""
+    import subprocess
+    import sys
+
+    images, captions = _items(tiny, 3)
+    script = f"""
+import sys
+
+def training():
+    return sorted(m for m in sys.modules if m == "mmtag.training" or m.startswith("mmtag.training."))
+
+import mmtag.serve.app
+assert not training(), ("import mmtag.serve.app", training())
+from mmtag.data import read_dataset
+from mmtag.model.tagger import Tagger
+tagger = Tagger.load({str(late_run)!r})
+assert not training(), ("Tagger.load", training())
+both = tagger.predict({[str(p) for p in images]!r}, {list(captions)!r})
+alone = tagger.predict(captions={list(captions)!r})
+assert len(both) == len(alone) == 3 and alone[0].modalities_used == ["text"]
+data, _ = read_dataset({str(tiny.holdout_csv)!r}, {str(tiny.images)!r}, labelled=True)
+tagger.predict_proba_dataset(data.subset(range(4)), progress=False)
+assert not training(), ("predict", training())
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1:] == ["ok"]
+
+
+@pytest.mark.parametrize("run", ["fused_run", "late_run"])
+def test_recalibrating_with_the_run_s_own_encoders_changes_nothing(run, request, tmp_path):
+    """Re-scoring the validation rows (one split; or cross-fitted, stacked, out of fold) with
+    the encoders that trained gives the run's thresholds, figures and decisions again; the images
+    are read from the run's images folder (`data.images`), wherever it is now."""
+    import shutil
+
+    tagger = Tagger.load(request.getfixturevalue(run))
+    state = tagger.state()
+    thresholds, metrics, rec = state.thresholds.to_dict(), state.val_metrics, state.validation
+    folds = state.extra.get("folds")
+    moved = tmp_path / "images"
+    shutil.copytree(tagger.config.data.images, moved)
+    tagger.config.data.images = str(moved)
+    assert tagger.recalibrate() == metrics
+    assert tagger.thresholds.to_dict() == thresholds
+    again = tagger.validation
+    assert np.allclose(again.probs, rec.probs, atol=1e-6) and again.image_ids == rec.image_ids
+    if folds:  # the out-of-fold decisions and each fold's figure
+        assert np.array_equal(again.decided, rec.decided)
+        assert tagger.state().extra["folds"]["samples_f1"] == pytest.approx(folds["samples_f1"])
+    else:
+        assert again.decided is None
+    tagger.config.data.images = str(tmp_path / "gone")  # the folder the images were moved from
+    assert tagger.recalibrate() is None and tagger.validation is again

@@ -7,9 +7,9 @@ import pytest
 
 from mmtag import Tagger, api
 from mmtag.decision import Scores, decide, samples_f1, tune_decisions
+from mmtag.decision.scoring import head_scores
 from mmtag.errors import MmtagError
 from mmtag.heads import FoldEnsemble
-from mmtag.training.loop import head_scores
 from mmtag.training.trainer import fold_indices
 
 
@@ -143,7 +143,7 @@ def test_the_folds_try_the_auto_candidates_the_model_s_rule_tried(monkeypatch):
     # and so must each fold's rule, or the figures would be of another procedure
     from mmtag.config import Config
     from mmtag.decision import thresholds
-    from mmtag.training.trainer import cross_fitted_decisions, decision_of
+    from mmtag.decision.tuning import cross_fitted_decisions, decision_of
 
     rng = np.random.default_rng(0)
     n, c = 1500, 30

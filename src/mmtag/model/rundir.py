@@ -25,7 +25,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..training.checkpoint import has_checkpoint
 from ..errors import MmtagError
 from ..io import check_writable_dir, make_dirs, not_a_directory, restore_staged
 
@@ -222,6 +221,9 @@ class Workspace:
     def resumable(self) -> bool:
         """Whether `--resume` has something here to continue: a checkpoint (some stage finished
         an epoch), or the earlier attempt this one continued."""
+        # imported here: loading a bundle (which reads run directories) never loads training
+        from ..training.checkpoint import has_checkpoint
+
         return self.resumed or has_checkpoint(self.work)
 
     def abandon(self) -> None:

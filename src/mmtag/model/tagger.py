@@ -8,7 +8,11 @@
 Like a scikit-learn estimator, `Tagger(config)` is a specification and `fit` learns; what it
 learns is one complete `Fitted` (label space, head, dims, thresholds, validation record) held
 whole or not at all, so a Tagger is never half-built. Training itself lives in
-`mmtag.training.trainer`; this module predicts, evaluates, saves and loads.
+`mmtag.training.trainer`; this module predicts, evaluates, saves and loads. Only what trains
+or replays training (`fit`, `recalibrate`, and the folds of a cross-fitted run whose record
+kept no decisions) imports `mmtag.training`, when called: importing this module, loading a
+bundle and predicting load none of it (heads score in `mmtag.heads.scoring`, decisions are
+tuned in `mmtag.decision.tuning`).
 """
 from __future__ import annotations
 
@@ -16,25 +20,28 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .. import dist
 from ..config import Config, default_cache_dir
 from ..data import Dataset, LabelSpace, LabelVocab
 from ..decision import Metrics, Scores, Thresholds, ValidationRecord, compute, decide
+from ..decision.fitted import Fitted
+from ..decision.scoring import head_scores
+from ..decision.tuning import cross_fitted_decisions, decide_out_of_fold, tune
 from ..encoders import Encoder
 from ..errors import DataError, MmtagError
 from ..features import FeatureCache, Features, FeatureSet
 from ..features.pipeline import Featurizer
-from ..heads import FeatureBatch, Head, create_model_head, head_needs, heads_with_branches
-from ..training.checkpoint import RunLog
-from ..training.loop import head_scores, sigmoid
-from ..training.trainer import (FitReport, Fitted, TrainInputs, cross_fitted_decisions, decision_of,
-                               figures_of, fit, fold_indices, out_of_fold_scores, resolve, tune)
+from ..heads import Head, create_model_head, head_needs, heads_with_branches
+from ..heads.scoring import branch_only_logits, sigmoid
 from . import bundle as bundle_io
+
+if TYPE_CHECKING:  # training is imported by the methods that train, when they are called
+    from ..training.checkpoint import RunLog
+    from ..training.trainer import FitReport
 
 log = logging.getLogger("mmtag")
 
@@ -176,6 +183,8 @@ class Tagger:
         without images) the text branch learns from those rows as well, which needs a text-only
         model or a late-fusion head (mean, union, gated).
         """
+        from ..training.trainer import TrainInputs, fit, resolve
+
         inputs = TrainInputs(train=train, val=val, unlabeled=unlabeled, extra_text=extra_text)
         self.config = resolve(self.config, inputs)  # `auto` settled: the saved config says what ran
         self.fitted, report = fit(self.config, self.featurizer, inputs, run_log=self.run_log,
@@ -194,36 +203,36 @@ class Tagger:
         the thresholds are tuned on it again, as training did, otherwise they are kept. A
         cross-fitted run's record is its training rows: they are re-scored out of fold (each by
         the fold head that did not train on it) and its figures decided out of fold, as training
-        did. None, and nothing changed, when the run kept no validation record or its images are
-        gone."""
+        did. None, and nothing changed, when the run kept no validation record, or its model reads
+        images and they are not (or no longer) in the images folder the run read them from
+        (`validation_images_dir`)."""
         state = self.state()
         rec = state.validation
         if rec is None:
             return None
-        images_dir = None
-        if "image" in self.modalities:
-            # path = <images dir>/<ImageID><image_ext>; one images folder per dataset
-            ext = self.config.data.image_ext
-            dirs = {p[:len(p) - len(i) - len(ext)] for p, i in zip(rec.image_paths, rec.image_ids)}
-            if len(dirs) != 1 or not all(Path(p).is_file() for p in rec.image_paths):
-                return None
-            images_dir = Path(dirs.pop())
+        reads_images = "image" in self.modalities
+        images_dir = self.validation_images_dir() if reads_images else None
+        if reads_images and images_dir is None:
+            return None  # nothing says where the validation images are
         data = Dataset(path=Path("validation"), image_ids=list(rec.image_ids),
                        captions=list(rec.captions), labels=None, images_dir=images_dir,
                        image_ext=self.config.data.image_ext)
+        if reads_images and not all(data.image_path(i).is_file() for i in range(len(data))):
+            return None
         feats = self.features(data, progress=progress).features
         y = rec.y_true.astype(np.float32)
         ls = state.label_space
         folds = self._record_folds()
         if folds:
+            from ..training.trainer import out_of_fold_scores
+
             # The record's rows are the training rows, and the bagged head trained on four
             # fifths of each: they are scored, stacked and decided out of fold, as in training.
             scores = out_of_fold_scores(self.head, feats, y, folds)
-            if retune:
-                state.thresholds = decision_of(self.config, scores, y)
-            decided = cross_fitted_decisions(self.config, scores, y, folds, state.thresholds)
-            state.val_metrics, per_fold = figures_of(decided, y, folds, ls)
-            state.extra["folds"] = {**state.extra["folds"], "samples_f1": per_fold}
+            oof = decide_out_of_fold(self.config, scores, y, folds, ls,
+                                     None if retune else state.thresholds)
+            state.thresholds, state.val_metrics, decided = oof.thresholds, oof.metrics, oof.decided
+            state.extra["folds"] = {**state.extra["folds"], "samples_f1": oof.fold_samples_f1}
         else:
             scores, decided = self.scores(feats), None
             if retune:
@@ -234,12 +243,28 @@ class Tagger:
                                    decided=decided)
         return state.val_metrics
 
+    def validation_images_dir(self) -> Path | None:
+        """The images folder of the run's validation rows: the config's `data.images` (`mmtag
+        train` sets it), else, for a Tagger fitted on Datasets, the one folder its recorded image
+        paths lie in (each is <folder>/<ImageID><image_ext>); None when neither says."""
+        if self.config.data.images:
+            return Path(self.config.data.images)
+        rec = self.state().validation
+        if rec is None or not rec.image_paths:
+            return None
+        ext = self.config.data.image_ext
+        folders = {Path(p).parents[len(Path(i + ext).parts) - 1]
+                   for p, i in zip(rec.image_paths, rec.image_ids)}
+        return folders.pop() if len(folders) == 1 else None
+
     def _record_folds(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """A cross-fitted run's folds over its validation record (its training rows); [] else."""
         state = self.state()
         crossfit = state.extra.get("folds")
         if not crossfit or state.validation is None:
             return []
+        from ..training.trainer import fold_indices  # the folds training drew
+
         seed = int(crossfit.get("seed", self.config.train.seed))
         return fold_indices(state.validation.y_true.astype(np.float32), int(crossfit["k"]), seed)
 
@@ -449,15 +474,6 @@ class Tagger:
                                       "finetune": b.extra.get("finetune") or {},
                                       **({"folds": b.extra["folds"]} if b.extra.get("folds") else {})})
         return tagger
-
-
-def branch_only_logits(head: Head, branch: str, features: np.ndarray) -> np.ndarray:
-    """(N, C) logits of `head`'s `branch` alone on that modality's pooled features (N, D)."""
-    head.eval()
-    device = next(head.parameters()).device
-    with torch.inference_mode():
-        x = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(device)
-        return head.branch_only(FeatureBatch({branch: x}), branch).float().cpu().numpy()
 
 
 def warn_unknown_labels(ls: LabelSpace, truth: list[list[int]], path: Path,

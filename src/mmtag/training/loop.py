@@ -29,9 +29,10 @@ from torch import nn
 from .. import dist
 from ..config import TrainConfig
 from ..decision.metrics import samples_f1
-from ..decision.thresholds import Scores, decide, tune_global
+from ..decision.thresholds import decide, tune_global
 from ..features import Features
 from ..heads import HEADS, FeatureBatch, Head
+from ..heads.scoring import batch_of, predict_logits, to_device
 from ..progress import Bar, Mode, duration, eta, line, mode
 from .checkpoint import RunLog, StageState
 from .optim import make_optimizer
@@ -65,50 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def batch_of(features: Features, needs: tuple[str, ...], index: np.ndarray | slice) -> FeatureBatch:
-    """Rows `index` of the kinds in `needs`, as float32 tensors."""
-    return FeatureBatch({kind: torch.from_numpy(np.asarray(features[kind][index], dtype=np.float32))
-                         for kind in needs})
-
-
-def to_device(batch: FeatureBatch, device: torch.device) -> FeatureBatch:
-    return batch if device.type == "cpu" else batch.to(device)
-
-
-def predict_outputs(head: Head, features: Features,
-                    batch_size: int = 1024) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Head logits and each branch's logits for every row, in order (on the head's device)."""
-    head.eval()
-    device = next(head.parameters()).device
-    n = len(features)
-    logits: list[np.ndarray] = []
-    branches: dict[str, list[np.ndarray]] = {}
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            batch = batch_of(features, head.needs, slice(start, min(start + batch_size, n)))
-            out = head(to_device(batch, device))
-            logits.append(out.logits.float().cpu().numpy())
-            for name, value in out.branches.items():
-                branches.setdefault(name, []).append(value.float().cpu().numpy())
-    return np.concatenate(logits), {k: np.concatenate(v) for k, v in branches.items()}
-
-
-def predict_logits(head: Head, features: Features, batch_size: int = 1024) -> np.ndarray:
-    """Head logits for every row, in order."""
-    return predict_outputs(head, features, batch_size)[0]
-
-
-def head_scores(head: nn.Module, feats: Features) -> Scores:
-    """The head's probabilities (and each branch's, for late fusion) on features."""
-    logits, branches = predict_outputs(head, feats)  # type: ignore[arg-type]
-    return Scores(probs=sigmoid(logits), branches={k: sigmoid(v) for k, v in branches.items()},
-                  union=head.decision == "union")
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def _loss(head: nn.Module, batch: FeatureBatch, y: torch.Tensor, criterion: nn.Module) -> torch.Tensor:

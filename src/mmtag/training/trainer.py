@@ -19,14 +19,16 @@ from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_names_of,
                     label_words, parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
 from ..decision import (FEW_VALIDATION_ROWS, Metrics, Scores, Thresholds, ValidationRecord,
-                        compute, decide, report_part, reporting, samples_f1, tune_decisions)
+                        reporting)
+from ..decision.fitted import Fitted
+from ..decision.scoring import head_scores
+from ..decision.tuning import decide_out_of_fold, deciding_label, tune
 from ..errors import DataError, MmtagError
 from ..features import Features, FeatureSet
 from ..features.pipeline import Featurizer
 from ..heads import FoldEnsemble, Head, StackedHead, can_stack, head_class
 from .checkpoint import RunLog
 from .folds import stratified_folds
-from .loop import head_scores
 from .stacking import fit_stacker, stacked_probs
 from .strategies import PseudoRound, Strategy, TrainInputs, TrainState, plan
 
@@ -49,44 +51,6 @@ class FitReport:
     # the decision applied: its rule (`auto` resolved to the one it chose) and, for auto, what
     # each candidate scored (`Thresholds.chosen_from`)
     decision: Thresholds | None = None
-
-
-@dataclass
-class Fitted:
-    """The learned state of a model, complete: a Tagger holds one of these or none."""
-
-    label_space: LabelSpace
-    head: Head
-    dims: dict[str, int]
-    thresholds: Thresholds
-    val_metrics: Metrics | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
-    validation: ValidationRecord | None = None
-    extra: dict[str, object] = field(default_factory=dict)  # what strategies logged
-
-    @property
-    def finetune_history(self) -> dict[str, list[dict[str, float]]]:
-        return self.extra.get("finetune") or {}  # type: ignore[return-value]
-
-
-def decision_of(config: Config, scores: Scores, y_val: np.ndarray,
-                skip: dict[str, str] | None = None) -> Thresholds:
-    """The configured decision rule tuned on validation scores (`skip`: see `tune_auto`)."""
-    ranges = {name: (float(r[0]), float(r[1])) for name, r in
-              (("image", config.train.union_image_range), ("text", config.train.union_text_range)) if r}
-    return tune_decisions(config.train.thresholds, scores, y_val, ranges, skip)
-
-
-def deciding_label(config: Config, y: np.ndarray) -> str:
-    """What the decision step's progress lines say it does."""
-    return f"{config.train.thresholds} over {y.shape[1]} labels and {len(y)} rows"
-
-
-def tune(config: Config, scores: Scores, y_val: np.ndarray,
-         label_space: LabelSpace) -> tuple[Thresholds, Metrics]:
-    """Thresholds tuned on validation scores, and the validation metrics they give."""
-    thresholds = decision_of(config, scores, y_val)
-    return thresholds, compute(y_val, decide(scores, thresholds), label_space.ids, label_space.names)
 
 
 def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
@@ -214,8 +178,9 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     """K-fold cross-fitting (`--folds K`): a head per fold, trained on the other folds and
     stopped early on its own; every training row is scored once, by the head that did not see
     it. Those out-of-fold scores choose the model's decision (thresholds) and give the run's
-    figures, whose decision is itself out of fold (`cross_fitted_decisions`); the model is the K
-    fold heads averaged (bagging), so no row of the data is left out of it."""
+    figures, whose decision is itself out of fold (`decision.tuning.decide_out_of_fold`, which
+    re-scoring the run replays); the model is the K fold heads averaged (bagging), so no row of
+    the data is left out of it."""
     label_space = label_space_of(cfg, full.dataset, inputs.extra_text)
     y = label_space.encode(full.dataset.label_rows())
     k = cfg.train.folds
@@ -240,11 +205,10 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
         model_head.weight.data = torch.as_tensor(w, dtype=torch.float32)
         model_head.bias.data = torch.as_tensor(b, dtype=torch.float32)
         scores = stacked_out_of_fold(scores, y, folds)
-    with reporting(deciding_label(cfg, y), show=progress):
-        report_part("the model's rule")
-        thresholds = decision_of(cfg, scores, y)  # the model's: chosen on every row's scores
-        decided = cross_fitted_decisions(cfg, scores, y, folds, thresholds)
-    oof_metrics, per_fold = figures_of(decided, y, folds, label_space)
+    # the model's rule, chosen on every row's scores; the figures, decided out of fold
+    decision = decide_out_of_fold(cfg, scores, y, folds, label_space, progress=progress)
+    thresholds, decided = decision.thresholds, decision.decided
+    oof_metrics, per_fold = decision.metrics, decision.fold_samples_f1
     best_epochs = [s.result.best_epoch for s in states]  # type: ignore[union-attr]
     extra = strategy_extras(states[0].log)
     extra["folds"] = {"k": k, "samples_f1": per_fold, "best_epochs": best_epochs,
@@ -302,36 +266,6 @@ def stacked_out_of_fold(scores: Scores, y: np.ndarray,
         w, b = fit_stacker([scores.branches[n][rest] for n in names], y[rest])
         probs[va_idx] = stacked_probs([scores.branches[n][va_idx] for n in names], w, b)
     return Scores(probs=probs, branches=scores.branches, union=scores.union)
-
-
-def cross_fitted_decisions(cfg: Config, scores: Scores, y: np.ndarray,
-                           folds: list[tuple[np.ndarray, np.ndarray]],
-                           model: Thresholds | None = None) -> np.ndarray:
-    """A cross-fitted run's decisions of its own rows, the decision out of fold as well: each
-    fold's rows decided by the rule tuned (and for `auto`, chosen) on the other folds' scores.
-    Scored at the decision tuned on every row, per-class thresholds fit the rows they score,
-    enough to rank the heads wrongly (docs/results.md, "Split figures against out-of-fold
-    figures"). With the `model`'s rule, `auto` leaves out the candidates it left out,
-    so the figures are of the procedure the model went through."""
-    pred = np.zeros(y.shape, dtype=bool)
-    skip = model.skipped if model is not None else None
-    chooser = logging.getLogger(tune_decisions.__module__)  # where `auto` logs
-    level = chooser.level
-    chooser.setLevel(logging.WARNING)  # `auto` says which rule it chose: of the model's, once
-    try:
-        for i, (rest, va_idx) in enumerate(folds, 1):
-            report_part(f"fold {i}/{len(folds)}'s rule")
-            pred[va_idx] = decide(scores.subset(va_idx), decision_of(cfg, scores.subset(rest), y[rest], skip))
-    finally:
-        chooser.setLevel(level)
-    return pred
-
-
-def figures_of(pred: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]],
-               label_space: LabelSpace) -> tuple[Metrics, list[float]]:
-    """The metrics of cross-fitted decisions over all rows, and each fold's sample-F1."""
-    metrics = compute(y, pred, label_space.ids, label_space.names)
-    return metrics, [samples_f1(y[va_idx], pred[va_idx]) for _, va_idx in folds]
 
 
 def validation_record(scores: Scores, y: np.ndarray, data: Dataset, featurizer: Featurizer,

@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ...config import Config
+from ...decision.scoring import head_scores
 from ...features import concat_features
-from ..loop import FitResult, head_scores
+from ..loop import FitResult
 from .base import Strategy, TrainInputs, TrainState, register_strategy
 
 log = logging.getLogger("mmtag")
