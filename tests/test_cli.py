@@ -17,8 +17,9 @@ def mmtag(*args, cwd=None):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    os.environ["MMTAG_TEST_CACHE"] = str(tmp_path_factory.mktemp("clicache"))
+def _cache(cache_dir):
+    # the session's feature cache (content-keyed): the tiny dataset's features are computed once
+    os.environ["MMTAG_TEST_CACHE"] = cache_dir
     yield
     os.environ.pop("MMTAG_TEST_CACHE", None)
 
@@ -81,7 +82,7 @@ def test_missing_image_strict_then_skip_bad(tiny, tmp_path):
               "--hidden", "32", "--workers", "0")
     assert r.returncode == 2 and "row 40" in r.stderr and "nope.jpg" in r.stderr and "not found" in r.stderr
     r = mmtag("train", csv_path, "--images", tiny.images, "--out", tmp_path / "run", "--epochs", "2",
-              "--hidden", "32", "--workers", "0", "--skip-bad")
+              "--hidden", "32", "--workers", "0", "--skip-bad", "--folds", "2")
     assert r.returncode == 0, r.stderr
     assert "skipped 1 bad row" in r.stderr and "nope.jpg" in r.stderr
 
@@ -95,7 +96,7 @@ def test_unknown_fusion_and_missing_run(tiny, tmp_path):
 
 def test_ablate_cli_and_union_info(tiny, tmp_path):
     r = mmtag("ablate", tiny.train_csv, "--images", tiny.images, "--out", tmp_path / "ab",
-              "--variants", "text,union")
+              "--variants", "text,union", "--folds", "2")
     assert r.returncode == 0, r.stderr
     assert "| union |" in r.stdout or "| **union** |" in r.stdout
     assert (tmp_path / "ab" / "ablation.csv").is_file()
@@ -106,7 +107,7 @@ def test_ablate_cli_and_union_info(tiny, tmp_path):
 
 def test_sweep_cli(tiny, tmp_path):
     r = mmtag("sweep", tiny.train_csv, "--out", tmp_path / "sw", "--grid",
-              "modalities=text lr=1e-3,3e-3 epochs=3")
+              "modalities=text lr=1e-3,3e-3 epochs=3", "--folds", "2")
     assert r.returncode == 0, r.stderr
     assert "Best configuration" in r.stdout and (tmp_path / "sw" / "sweep.png").is_file()
     best = r.stdout.strip().splitlines()[-1].split(": ", 1)[1]
