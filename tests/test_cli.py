@@ -218,7 +218,8 @@ def _registry_names(kind):
     ("--loss", "hinge", "train.loss", "loss"),
     ("--optimizer", "sgd", "train.optimizer", "optimizer"),
     ("--ft-optimizer", "sgd", "finetune.optimizer", "optimizer"),
-    ("--thresholds", "median", "train.thresholds", "thresholds"),
+    ("--thresholds", "median", "train.thresholds", "thresholds"),  # the older spelling, as given
+    ("--decision", "median", "train.thresholds", "thresholds"),
     ("--image-encoder", "resnet-9000", "model.image_encoder", "image"),
     ("--image-encoder", "minilm-l6", "model.image_encoder", "image"),  # a text encoder
     ("--text-encoder", "timm:resnet18", "model.text_encoder", "text"),  # an image family

@@ -658,6 +658,7 @@ class Flag:
     choices: tuple[str, ...] | None = None
     names: Callable[[], Iterable[str]] | None = None  # what "{names}" lists
     parse: Callable[[Any], Any] | None = None
+    check: Constraint | None = None  # the option's constraint
 
     @property
     def dest(self) -> str:
@@ -703,7 +704,8 @@ def _flag(key: str, f: dataclasses.Field, default: Any, hint: Any) -> Flag:
     check = meta.get("check")
     return Flag(key=key, name=meta["flag"], help=help.replace("{default}", _shown(default)),
                 kind=kind, metavar=meta.get("metavar"), choices=meta.get("choices"),
-                names=check.listing() if check is not None else None, parse=meta.get("parse"))
+                names=check.listing() if check is not None else None, parse=meta.get("parse"),
+                check=check)
 
 
 def _shown(value: Any) -> str:
@@ -748,7 +750,12 @@ class _Where:
             name = f"{flag} ({dotted})" if flag else dotted
         else:
             name = f"{self.source}: {dotted}"
-        return f"{name} {problem}" if problem.startswith(("must", "needs")) else f"{name}: {problem}"
+        return option_message(name, problem)
+
+
+def option_message(name: str, problem: str) -> str:
+    """A bad value's one line: `NAME must be ...` or `NAME: unknown ...`."""
+    return f"{name} {problem}" if problem.startswith(("must", "needs")) else f"{name}: {problem}"
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
