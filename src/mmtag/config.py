@@ -8,6 +8,7 @@ so a YAML file, a CLI flag and the Python API get the same one-line message befo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -672,7 +673,12 @@ class Flag:
 
 def flags(root: type | None = None) -> dict[str, Flag]:
     """Every option of the config tree `root` (default: `Config`) that declares a flag, by
-    dotted key, in declaration order."""
+    dotted key, in declaration order. Read once per tree (each command's parser asks)."""
+    return dict(_flags_of(root or Config))
+
+
+@functools.cache
+def _flags_of(root: type) -> dict[str, Flag]:
     found: dict[str, Flag] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -684,7 +690,7 @@ def flags(root: type | None = None) -> dict[str, Flag]:
             elif f.metadata.get("flag"):
                 found[f"{prefix}{f.name}"] = _flag(f"{prefix}{f.name}", f, value, hints[f.name])
 
-    walk((root or Config)(), "")
+    walk(root(), "")
     return found
 
 
