@@ -25,7 +25,7 @@ from typing import Any
 from . import registries
 from .version import __version__
 from .config import (AT_LEAST_1, FUSION_HEAD, POSITIVE, Config, Constraint, Interval, flags,
-                     option_message, read_yaml_mapping)
+                     read_yaml_mapping)
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "train.folds": _folds_of(args), "train.thresholds": _decision(args),
         "data.train_csv": str(args.train_csv) if args.train_csv else None,
         "data.images": str(args.images) if args.images else None,
-    })
+    }, spelled={"train.thresholds": "--thresholds"} if args.thresholds and not args.decision else None)
     from . import api, dist  # torch: after the config is checked, so a bad option answers at once
 
     ctx = dist.setup(config.device, config.amp)
@@ -94,11 +94,6 @@ def _decision(args: argparse.Namespace) -> str | None:
     if args.decision and args.thresholds and args.decision != args.thresholds:
         raise MmtagError(f"--decision {args.decision} and --thresholds {args.thresholds} name two "
                          "decision rules; give one (--thresholds is the older spelling)")
-    if args.thresholds and not args.decision:  # a bad value is named as the user spelled it
-        check = flags()["train.thresholds"].check
-        problem = check.problem(args.thresholds) if check is not None else None
-        if problem:
-            raise MmtagError(option_message("--thresholds (train.thresholds)", problem))
     return args.decision or args.thresholds
 
 

@@ -590,9 +590,10 @@ class Config:
     def save_yaml(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
-    def override(self, dotted: dict[str, Any]) -> "Config":
+    def override(self, dotted: dict[str, Any], *, spelled: dict[str, str] | None = None) -> "Config":
         """Return a validated copy with `{"train.lr": 1e-3, ...}` applied; None values are
-        ignored. A bad value names its flag first (`--lr (train.lr) must be ...`)."""
+        ignored. A bad value names its flag first (`--lr (train.lr) must be ...`), or the
+        spelling `spelled` gives for its key (an older flag name the user typed)."""
         raw = self.to_dict()
         applied = set()
         for key, value in dotted.items():
@@ -606,7 +607,7 @@ class Config:
                 raise MmtagError(f"unknown config option {quoted(key)}")
             node[leaf] = value
             applied.add(key)
-        where = _Where("config", applied)
+        where = _Where("config", applied, dict(spelled or {}))
         return _build(type(self), raw, "", where)._validate(where)
 
     def validate(self, source: str = "config") -> "Config":
@@ -659,7 +660,6 @@ class Flag:
     choices: tuple[str, ...] | None = None
     names: Callable[[], Iterable[str]] | None = None  # what "{names}" lists
     parse: Callable[[Any], Any] | None = None
-    check: Constraint | None = None  # the option's constraint
 
     @property
     def dest(self) -> str:
@@ -710,8 +710,7 @@ def _flag(key: str, f: dataclasses.Field, default: Any, hint: Any) -> Flag:
     check = meta.get("check")
     return Flag(key=key, name=meta["flag"], help=help.replace("{default}", _shown(default)),
                 kind=kind, metavar=meta.get("metavar"), choices=meta.get("choices"),
-                names=check.listing() if check is not None else None, parse=meta.get("parse"),
-                check=check)
+                names=check.listing() if check is not None else None, parse=meta.get("parse"))
 
 
 def _shown(value: Any) -> str:
@@ -749,19 +748,15 @@ class _Where:
 
     source: str
     overridden: set[str] = field(default_factory=set)
+    spelled: dict[str, str] = field(default_factory=dict)  # key -> the flag as the user typed it
 
     def say(self, dotted: str, f: dataclasses.Field | None, problem: str) -> str:
-        flag = f.metadata.get("flag") if f is not None else None
+        flag = self.spelled.get(dotted) or (f.metadata.get("flag") if f is not None else None)
         if dotted in self.overridden:
             name = f"{flag} ({dotted})" if flag else dotted
         else:
             name = f"{self.source}: {dotted}"
-        return option_message(name, problem)
-
-
-def option_message(name: str, problem: str) -> str:
-    """A bad value's one line: `NAME must be ...` or `NAME: unknown ...`."""
-    return f"{name} {problem}" if problem.startswith(("must", "needs")) else f"{name}: {problem}"
+        return f"{name} {problem}" if problem.startswith(("must", "needs")) else f"{name}: {problem}"
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
