@@ -82,7 +82,7 @@ mpnet:
 	echo "all-mpnet-base-v2 installed in $(MPNET_DIR) (use --text-encoder mpnet-base)"
 
 test: setup test-tools
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --dist loadfile
 
 # Benchmarks need ../shared/data; they print tables (see docs/results.md).
 bench: setup

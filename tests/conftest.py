@@ -1,7 +1,15 @@
 """Shared fixtures: a tiny generated dataset and one trained fused run, built once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: each gets one intra-op thread (inherited by
+    # the trainings the tests start in subprocesses), so the workers do not fight over the
+    # cores they share. Set before torch is imported, which reads it once.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import pytest
 

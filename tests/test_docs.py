@@ -92,4 +92,4 @@ def test_setup_installs_no_test_tools():
 def test_test_target_installs_the_test_tools():
     test = _recipes("test")
     assert '-e ".[dev]"' in test and "chromium" in test
-    assert test.rstrip().endswith("-m pytest -q")
+    assert test.rstrip().endswith("-m pytest -q -n auto --dist loadfile")  # one worker per core
