@@ -109,7 +109,9 @@ def test_check_finds_every_kind_of_problem(tiny, tmp_path):
     assert len(r.missing_images) == 1 and "row 2" in str(r.missing_images[0])
     assert len(r.corrupt_images) == 1 and "row 3" in str(r.corrupt_images[0])
     assert r.duplicate_ids == {first_id: 2}
-    assert r.problems == 5 and sum(r.label_counts.values()) >= 6
+    # another caption of the first image: a caption group, which is not a problem
+    assert r.repeated.caption_groups == {first_id: [1, 6]} and not r.repeated.conflicts
+    assert r.problems == 4 and sum(r.label_counts.values()) >= 6
 
     clean = api.check(tiny.train_csv, tiny.images, progress=False)
     assert clean.problems == 0 and clean.rows == len(tiny.train_csv.read_text().splitlines()) - 1

@@ -34,6 +34,14 @@ from .images import (  # noqa: F401
     load_image,
     open_image_bytes,
 )
+from .groups import (  # noqa: F401
+    RepeatedIds,
+    RowGroups,
+    caption_identity,
+    file_digest,
+    repeated_ids,
+    row_groups,
+)
 from .coco import COCO_NAMES  # noqa: F401
 from .augment import (  # noqa: F401
     CLASS_ALIASES,

@@ -263,13 +263,28 @@ def shared_vocab(*datasets: Dataset | None) -> LabelVocab:
     return vocab
 
 
-def train_val_split(n: int, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random split → (train_idx, val_idx), both sorted; at least one item in each."""
+def train_val_split(n: int, val_frac: float, seed: int,
+                    groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split → (train_idx, val_idx), both sorted; at least one item in each. With
+    `groups` (each row's group id, 0..G-1; see `data.groups`), whole groups go to one side: the
+    groups in a seeded order fill the validation part until it holds `val_frac` of the rows."""
     if not 0.0 < val_frac < 1.0:
         raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
     if n < 2:
         raise ValueError(f"need at least 2 rows to split off validation, got {n}")
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
     n_val = min(max(1, int(math.floor(n * val_frac + 0.5))), n - 1)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    if groups is None or len(np.unique(groups)) == n:  # one row per group: the row split
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1
+    if n_groups < 2:
+        raise ValueError("every row is in one group (they share images or captions): "
+                         "there is nothing to split off for validation")
+    sizes = np.bincount(groups, minlength=n_groups)
+    perm = rng.permutation(n_groups)
+    # the fewest groups in that order reaching n_val rows, leaving at least one group to train on
+    take = min(int(np.searchsorted(np.cumsum(sizes[perm]), n_val)) + 1, n_groups - 1)
+    val = np.isin(groups, perm[:take])
+    return np.flatnonzero(~val), np.flatnonzero(val)

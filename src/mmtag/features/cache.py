@@ -16,6 +16,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ..data.groups import file_digest
 from ..errors import MmtagError
 from ..io import atomic_write_with
 
@@ -143,8 +144,4 @@ def caption_key(caption: str) -> str:
 
 
 def file_key(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path)  # an image is its bytes, as row grouping sees it

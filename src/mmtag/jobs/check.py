@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import DataConfig
-from ..data import check_images_decode, locate_images, read_csv
+from ..data import RepeatedIds, check_images_decode, locate_images, read_csv, repeated_ids
 from ..errors import DataError, MmtagError
 
 
@@ -23,11 +23,15 @@ class CheckReport:
     missing_images: list[DataError]
     corrupt_images: list[DataError]
     duplicate_ids: dict[str, int]  # ImageID → times it occurs (only those occurring twice or more)
+    # what each repetition is: several captions of one image (not a problem: each row trains,
+    # and splits keep them together), copied rows, or the same image and caption with
+    # different labels
+    repeated: RepeatedIds = RepeatedIds({}, {}, {})
 
     @property
     def problems(self) -> int:
         return (len(self.bad_rows) + len(self.missing_images) + len(self.corrupt_images)
-                + len(self.duplicate_ids))
+                + len(self.repeated.copies) + len(self.repeated.conflicts))
 
 
 def check(csv_path: str | Path, images: str | Path | None = None, *, progress: bool = True,
@@ -56,4 +60,5 @@ def check(csv_path: str | Path, images: str | Path | None = None, *, progress: b
     return CheckReport(path=Path(csv_path), rows=len(d) + len(result.skipped), labelled=d.labelled,
                        label_counts=label_counts,
                        bad_rows=sorted(result.skipped + escaped, key=lambda e: e.row or 0),
-                       missing_images=missing, corrupt_images=corrupt, duplicate_ids=dup)
+                       missing_images=missing, corrupt_images=corrupt, duplicate_ids=dup,
+                       repeated=repeated_ids(d))

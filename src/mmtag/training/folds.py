@@ -7,44 +7,63 @@ rows × labels² in all, which is minutes at 10,000 labels (issue 29). Here the 
 up to date as rows are assigned, and each label's rows are listed once. Every other step, and
 every draw of the random stream, is the package's, in its order; tests/training/test_folds.py
 checks the folds against it.
+
+Grouped (`groups`): the same algorithm over groups of rows that must stay together (rows sharing
+an image or a caption, `data.groups`): a group carries its rows' label counts and its size, as
+a multi-row item of iterative stratification; groups of one row each give the ungrouped folds.
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-def stratified_folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def stratified_folds(y: np.ndarray, k: int, seed: int,
+                     groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, validation rows) of each of `k` folds of the label matrix `y` (N, C), as
-    MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split does."""
+    MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split does; with
+    `groups` (each row's group id, 0..G-1), no group on both sides of a fold."""
     labels = np.asarray(y, dtype=bool)
-    n = len(labels)
+    if groups is None:
+        counts, sizes, of = labels.astype(np.int64), np.ones(len(labels), dtype=np.int64), None
+    else:
+        of = np.asarray(groups, dtype=np.int64)
+        n_groups = int(of.max()) + 1 if len(of) else 0
+        counts = np.zeros((n_groups, labels.shape[1]), dtype=np.int64)
+        np.add.at(counts, of, labels.astype(np.int64))
+        sizes = np.bincount(of, minlength=n_groups).astype(np.int64)
+    n = len(counts)
     if k > n:
+        items = "samples" if groups is None else "groups of rows"
         raise ValueError(f"cannot have number of splits n_splits={k} greater than the number "
-                         f"of samples: n_samples={n}")
+                         f"of {items}: n_{items.split()[0]}={n}")
     rng = np.random.RandomState(seed)
     order = np.arange(n)
     rng.shuffle(order)
-    fold_of = _assign(labels[order], k, rng)[np.argsort(order)]
+    fold_of = _assign(counts[order], sizes[order], k, rng)[np.argsort(order)]
+    if of is not None:
+        fold_of = fold_of[of]
     return [(np.flatnonzero(fold_of != i), np.flatnonzero(fold_of == i)) for i in range(k)]
 
 
-def _assign(labels: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
-    """The fold of each (shuffled) row: the package's IterativeStratification."""
+def _assign(counts: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarray:
+    """The fold of each (shuffled) item: the package's IterativeStratification, where an item
+    (a row, or a group of rows) carries `counts` of each label and `sizes` rows."""
+    labels = counts > 0
     n = len(labels)
     share = np.asarray([1 / k] * k)
     fold_of = np.zeros(n, dtype=int)
-    wanted = share * n  # rows each fold still wants
-    wanted_of_label = np.outer(share, labels.sum(axis=0))  # (k, C): of each label
-    left = labels.sum(axis=0)  # each label's unassigned rows
+    wanted = share * sizes.sum()  # rows each fold still wants
+    wanted_of_label = np.outer(share, counts.sum(axis=0))  # (k, C): of each label
+    left = labels.sum(axis=0)  # each label's unassigned items
     unassigned = np.ones(n, dtype=bool)
     n_unassigned = n
     rows_by_label, labels_by_row = _incidence(labels)
     while n_unassigned:
-        if not left.any():  # only rows without labels remain: spread them evenly
+        if not left.any():  # only items without labels remain: spread them evenly
             for row in np.flatnonzero(unassigned):
                 fold = _pick(np.flatnonzero(wanted == wanted.max()), rng)
                 fold_of[row] = fold
-                wanted[fold] -= 1
+                wanted[fold] -= sizes[row]
             break
         # the label with the fewest (but at least one) unassigned rows, ties drawn at random
         fewest = np.flatnonzero(left == left[left > 0].min())
@@ -62,8 +81,8 @@ def _assign(labels: np.ndarray, k: int, rng: np.random.RandomState) -> np.ndarra
             fold_of[row] = fold
             unassigned[row] = False
             n_unassigned -= 1
-            wanted_of_label[fold, labels_by_row[row]] -= 1
-            wanted[fold] -= 1
+            wanted_of_label[fold, labels_by_row[row]] -= counts[row, labels_by_row[row]]
+            wanted[fold] -= sizes[row]
             left[labels_by_row[row]] -= 1
     return fold_of
 

@@ -17,7 +17,8 @@ from torch import nn
 from .. import dist
 from ..config import Config
 from ..data import (Dataset, LabelSpace, check_images_decode, check_images_exist, label_names_of,
-                    label_words, parse_image_aug, parse_text_aug, shared_vocab, train_val_split)
+                    label_words, parse_image_aug, parse_text_aug, row_groups, shared_vocab,
+                    train_val_split)
 from ..decision import (FEW_VALIDATION_ROWS, Metrics, Scores, Thresholds, ValidationRecord,
                         reporting)
 from ..decision.fitted import Fitted
@@ -105,10 +106,12 @@ def fit(config: Config, featurizer: Featurizer, inputs: TrainInputs, *,
             # undecodable images dropped under --skip-bad may leave too few rows to split
             check_trainable(full.dataset, None, extra_text, dropped=len(skipped),
                             folds=cfg.train.folds)
+            groups = groups_of(cfg, full.dataset)
             if cfg.train.folds > 1:
-                return cross_fit(cfg, featurizer, inputs, strategies, full, skipped,
+                return cross_fit(cfg, featurizer, inputs, strategies, full, skipped, groups,
                                  run_log=run_log, progress=progress)
-            tr_idx, va_idx = train_val_split(len(full.dataset), cfg.data.val_frac, cfg.train.seed)
+            tr_idx, va_idx = train_val_split(len(full.dataset), cfg.data.val_frac, cfg.train.seed,
+                                             groups)
             tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
             va = FeatureSet(full.features.subset(va_idx), full.dataset.subset(va_idx))
         else:
@@ -173,19 +176,21 @@ def run_head_strategies(cfg: Config, featurizer: Featurizer, inputs: TrainInputs
 
 
 def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
-              strategies: list[type[Strategy]], full: FeatureSet, skipped: list[DataError], *,
+              strategies: list[type[Strategy]], full: FeatureSet, skipped: list[DataError],
+              groups: np.ndarray | None = None, *,
               run_log: RunLog | None, progress: bool) -> tuple[Fitted, FitReport]:
     """K-fold cross-fitting (`--folds K`): a head per fold, trained on the other folds and
     stopped early on its own; every training row is scored once, by the head that did not see
     it. Those out-of-fold scores choose the model's decision (thresholds) and give the run's
     figures, whose decision is itself out of fold (`decision.tuning.decide_out_of_fold`, which
     re-scoring the run replays); the model is the K fold heads averaged (bagging), so no row of
-    the data is left out of it."""
+    the data is left out of it. `groups` (each row's, see `groups_of`): rows of one group share
+    a fold."""
     label_space = label_space_of(cfg, full.dataset, inputs.extra_text)
     y = label_space.encode(full.dataset.label_rows())
     k = cfg.train.folds
     heads: list[Head] = []
-    folds = fold_indices(y, k, cfg.train.seed)
+    folds = fold_indices(y, k, cfg.train.seed, groups)
     states = []
     for i, (tr_idx, va_idx) in enumerate(folds, 1):
         tr = FeatureSet(full.features.subset(tr_idx), full.dataset.subset(tr_idx))
@@ -218,7 +223,8 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     assert first is not None
     fitted = Fitted(label_space=label_space, head=model_head, dims=states[0].dims,  # type: ignore[arg-type]
                     thresholds=thresholds, val_metrics=oof_metrics, history=first.history_dicts(),
-                    validation=validation_record(scores, y, full.dataset, featurizer, decided),
+                    validation=validation_record(scores, y, full.dataset, featurizer, decided,
+                                                 fold_numbers(folds, len(y))),
                     extra=extra)
     report = FitReport(n_train=len(full.dataset), n_val=len(full.dataset), val_dataset=full.dataset,
                        skipped=skipped, val_metrics=oof_metrics,
@@ -228,10 +234,48 @@ def cross_fit(cfg: Config, featurizer: Featurizer, inputs: TrainInputs,
     return fitted, report
 
 
-def fold_indices(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def fold_indices(y: np.ndarray, k: int, seed: int,
+                 groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """K seeded folds, stratified on every label at once (iterative stratification), so each
-    fold's validation rows hold each label in about the same proportion."""
-    return [(np.sort(a), np.sort(b)) for a, b in stratified_folds(y, k, seed)]
+    fold's validation rows hold each label in about the same proportion; with `groups`, each
+    group's rows in one fold."""
+    try:
+        return [(np.sort(a), np.sort(b)) for a, b in stratified_folds(y, k, seed, groups)]
+    except ValueError:
+        if groups is None:
+            raise
+        raise MmtagError(f"--folds {k}: the rows form only {int(np.max(groups)) + 1} group(s) of "
+                         "rows that share an image or a caption, fewer than the folds; use fewer "
+                         "folds, or --no-group-rows to split rows alone (their figures will be "
+                         "optimistic)") from None
+
+
+def fold_numbers(folds: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """Each row's fold (0..K-1), as a run's validation record keeps it."""
+    fold = np.zeros(n, dtype=np.int64)
+    for i, (_, va_idx) in enumerate(folds):
+        fold[va_idx] = i
+    return fold
+
+
+def folds_of(fold: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train rows, validation rows) of each fold, from each row's fold number."""
+    return [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(int(fold.max()) + 1)]
+
+
+def groups_of(cfg: Config, data: Dataset) -> np.ndarray | None:
+    """Each row's group of rows sharing an image or a caption, which every split keeps on one
+    side (`data.group_rows`); None when each row is alone (or grouping is off)."""
+    if not cfg.data.group_rows:
+        return None
+    groups = row_groups(data)
+    if groups.trivial:
+        return None
+    if dist.context().is_main:
+        log.info("%d of %d rows share an image (%d) or a caption (%d) with another row: %d groups, "
+                 "each kept on one side of every split (--no-group-rows: split rows alone)",
+                 groups.grouped_rows, len(data), groups.by_image, groups.by_caption, groups.n_groups)
+    return groups.of
 
 
 def out_of_fold_scores(head: nn.Module, features: Features, y: np.ndarray,
@@ -269,9 +313,11 @@ def stacked_out_of_fold(scores: Scores, y: np.ndarray,
 
 
 def validation_record(scores: Scores, y: np.ndarray, data: Dataset, featurizer: Featurizer,
-                      decided: np.ndarray | None = None) -> ValidationRecord:
+                      decided: np.ndarray | None = None,
+                      fold: np.ndarray | None = None) -> ValidationRecord:
     return ValidationRecord.of(scores.probs, scores.branches, y, data,
-                               with_images="image" in featurizer.modalities, decided=decided)
+                               with_images="image" in featurizer.modalities, decided=decided,
+                               fold=fold)
 
 
 def strategy_extras(log: dict[str, object]) -> dict[str, object]:
@@ -309,7 +355,8 @@ def split(config: Config, train: Dataset, val: Dataset | None) -> tuple[Dataset,
     """The user's validation set, or the seeded `val_frac` split every training path uses."""
     if val is not None:
         return train, val
-    tr_idx, va_idx = train_val_split(len(train), config.data.val_frac, config.train.seed)
+    tr_idx, va_idx = train_val_split(len(train), config.data.val_frac, config.train.seed,
+                                     groups_of(config, train))
     return train.subset(tr_idx), train.subset(va_idx)
 
 
