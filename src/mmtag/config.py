@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the reader's type, for annotations only
     from .data.reader import CsvFormat
 
 FEATURE_RUNTIMES = ("auto", "onnx", "torch")  # Config.feature_runtime
+IMAGE_POOLS = ("mean", "mean+max")  # ModelConfig.image_pool (features.IMAGE_POOL_KINDS: the same)
 MODALITIES = ("image", "text")  # the inputs a model can read; one encoder field each below
 AUTO = "auto"  # an option the trainer settles from the data (TrainConfig.resolved)
 # --folds auto: 5 folds measured best out of fold (docs/results.md); below this many
@@ -236,6 +237,19 @@ class AutoOr(Constraint):
         return f"must be auto or {got}, got {quoted(value)}"
 
 
+@dataclass(frozen=True)
+class ZeroOr(Constraint):
+    """0 (which means `zero`, e.g. "the encoder's own size") or a value `inner` accepts."""
+
+    inner: Interval
+    zero: str
+
+    def problem(self, value: Any) -> str | None:
+        if (value == 0 and not isinstance(value, bool)) or self.inner.contains(value):
+            return None
+        return f"must be 0 ({self.zero}) or {self.inner.describe()}, got {quoted(value)}"
+
+
 class LabelSeparator(Constraint):
     """What separates the labels in a Labels cell: one character that cannot be part of a label
     id or break the CSV (no letter, digit, quote or line break); " " means any whitespace."""
@@ -286,6 +300,15 @@ def option(default: Any = dataclasses.MISSING, check: Constraint | None = None,
     return field(default=default, metadata=meta)
 
 
+# What prediction can group rows by (`predict --group-by`): the image each row names, so an
+# image listed with several captions gets one answer.
+GROUP_BY = "ImageID"
+
+# `mmtag audit --fix`: a label is changed only when its issue scores at least this (for a label
+# issue, the out-of-fold probability against the given label).
+AUDIT_FIX_MIN_SCORE = 0.9
+
+
 # ------------------------------------------------------------------------------ the tree
 @dataclass
 class DataConfig:
@@ -295,6 +318,11 @@ class DataConfig:
     images: str = ""  # images directory (--images)
     val_frac: float = option(0.1, Interval(0, 1, closed="neither"), "--val-frac", metavar="F",
                              help="validation fraction (default: {default}; implies --folds 1)")
+    # rows sharing an image (file bytes) or a caption are one group, kept on one side of every
+    # split: a copy on the other side makes every choice and figure made on validation optimistic
+    group_rows: bool = option(True, flag="--group-rows",
+                              help="keep rows that share an image or a caption on one side of "
+                                   "every split (default: on; --no-group-rows splits rows alone)")
     skip_bad: bool = option(False, flag="--skip-bad", help="skip bad rows instead of failing")
     # DataLoader workers that decode JPEGs while the encoder computes
     workers: int = option(2, AT_LEAST_0, "--workers", metavar="N", help="image decoding workers")
@@ -364,6 +392,23 @@ class ModelConfig:
     image_encoder: str = option("efficientnet-lite0", EncoderName("image"), "--image-encoder",
                                 metavar="NAME", help="image encoder: {names} (default: {default}; "
                                                      "timm: needs mmtag[timm])")
+    # the side of the square images the image encoder reads; 0 keeps each encoder's own (224 for
+    # efficientnet-lite0, 240 for -lite1, 260 for -lite2). Any other size is part of the
+    # encoder's id (cached features of two sizes never mix); the bounds are
+    # encoders.base.MIN_IMAGE_SIZE and MAX_IMAGE_SIZE (no multiple of 32 is needed: Lite1 and
+    # Lite2 read 240 and 260, and the backbone is built for the size it reads)
+    image_size: int = option(0, ZeroOr(Interval(32, 1024, integer=True), "the encoder's own size"),
+                             "--image-size", metavar="N",
+                             help="side in pixels of the images the image encoder reads (default: "
+                                  "0, the encoder's own: 224 for efficientnet-lite0, 240 for -lite1, "
+                                  "260 for -lite2)")
+    # what the "image" vector every head (and a late-fusion head's image branch) reads is: the
+    # mean of the image encoder's spatial tokens, or that and their max concatenated (twice as
+    # wide). Applied by the feature pipeline (features.IMAGE_POOL_KINDS), so no head declares it
+    image_pool: str = option("mean", OneOf("image pooling", lambda: IMAGE_POOLS), "--image-pool",
+                             choices=IMAGE_POOLS,
+                             help="the image vector the head reads: mean of the spatial tokens, "
+                                  "or mean+max (both concatenated)")
     text_encoder: str = option("minilm-l6", EncoderName("text"), "--text-encoder", metavar="NAME",
                                help="text encoder: {names}, hf: being any local Hugging Face model")
     # mean (late fusion): out of fold on coco-real it learns from captions without images
@@ -408,7 +453,7 @@ class TrainConfig:
                        help="random seed")
     epochs: int = option(100, AT_LEAST_1, "--epochs", metavar="N", help="most epochs of head training")
     patience: int = option(15, AT_LEAST_0, "--patience", metavar="N",
-                           help="epochs without a better validation samples F1 before stopping")
+                           help="epochs without a better validation F1 (--metric) before stopping")
     batch_size: int = option(256, AT_LEAST_1, "--batch-size", metavar="N", help="batch size")
     lr: float = option(1e-3, POSITIVE, "--lr", metavar="F", help="learning rate")
     weight_decay: float = option(0.05, Interval(0, None))
@@ -425,6 +470,14 @@ class TrainConfig:
              "negatives balance; gfm: each item's expected-F1-maximising label set, nothing tuned; "
              "auto: of global, per-class and gfm, the one that scores best on validation rows it "
              "was not tuned on (global unless another clearly wins on enough rows)")
+    # the figure every choice optimises (thresholds, auto's pick, the best epoch, ablate's and
+    # sweep's ranking); the names are registries.METRICS's
+    metric: str = option(
+        "samples", OneOf("metric", registries.lister("metric")), "--metric", metavar="NAME",
+        help="the F1 every choice optimises: {names} (default: {default}). samples: each item's "
+             "F1, averaged (Kaggle's Mean F1); micro: every label decision pooled (overall "
+             "precision and recall); macro: each label's F1, averaged, so a rare label counts "
+             "as much as a common one")
     oversample: bool = option(False, flag="--oversample", help="repeat rows that carry rare labels")
     # union fusion: restrict each branch's threshold search to [lo, hi] (empty = the full grid)
     union_image_range: list[float] = option(check=ThresholdRange(), factory=list)

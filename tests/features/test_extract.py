@@ -76,3 +76,23 @@ def test_interrupted_extraction_resumes_where_it_stopped(tiny, tmp_path, encoder
     assert sum(counted) == len(data) - done  # only what was missing
     full = run_extract(data, FeatureCache(tmp_path / "fresh"), encoders, kinds=("image",), batch_size=8)
     assert np.array_equal(resumed.features["image"], full.features["image"])
+
+
+def test_an_image_listed_with_several_captions_is_encoded_once(tiny, tmp_path, encoders, monkeypatch):
+    # a COCO-style CSV: one row per caption, three per image
+    data, _ = read_dataset(tiny.holdout_csv, tiny.images, labelled=True)
+    data = data.subset([i for i in range(10) for _ in range(3)])
+    data.captions = [f"{c} ({k})" for c, k in zip(data.captions, [0, 1, 2] * 10)]
+    real_images, real_text = extract_mod.encode_images, extract_mod.encode_captions
+    images: list[int] = []
+    captions: list[int] = []
+    monkeypatch.setattr(extract_mod, "encode_images",
+                        lambda enc, a: images.append(len(a)) or real_images(enc, a))
+    monkeypatch.setattr(extract_mod, "encode_captions",
+                        lambda enc, c: captions.append(len(c)) or real_text(enc, c))
+    fs = run_extract(data, FeatureCache(tmp_path / "c"), encoders)
+    assert sum(images) == 10 and sum(captions) == 30  # each image once, each caption once
+    img = fs.features["image"]
+    assert img.shape[0] == 30 and all(np.array_equal(img[3 * i], img[3 * i + k])
+                                      for i in range(10) for k in (1, 2))
+    assert not np.array_equal(fs.features["text"][0], fs.features["text"][1])

@@ -24,7 +24,7 @@ def test_each_kind_has_one_modality_and_an_unknown_kind_is_an_error(tmp_path):
 
     assert FEATURE_KINDS == tuple(KIND_MODALITY)
     assert {k: modality_of(k) for k in FEATURE_KINDS} == {"image": "image", "image_tokens": "image",
-                                                          "text": "text"}
+                                                          "text": "text", "image_max": "image"}
     for kind in ("audio", "text_tokens", "", None):  # never guessed from the name
         with pytest.raises(MmtagError, match=f"unknown feature kind {kind!r}"):
             modality_of(kind)

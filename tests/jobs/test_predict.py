@@ -272,3 +272,30 @@ def test_a_label_that_would_be_a_second_proba_column_is_refused(tmp_path) -> Non
     assert not (tmp_path / "p.csv").exists()
     write_probabilities(tmp_path / "p.csv", ["a.jpg"], probs, ["Cat", "cat"])  # distinct columns
     assert _rows(tmp_path / "p.csv")[0] == ["ImageID", "Cat", "cat"]
+
+
+def test_group_by_image_id_answers_once_per_image_from_its_averaged_scores(tiny, make_config, tmp_path):
+    from mmtag import Tagger
+
+    run = tmp_path / "run"
+    api.train(tiny.train_csv, None, run, make_config(**{"model.modalities": ["text"]}), progress=False)
+    # each test image listed with two captions (its own, and another row's), one image once
+    rows = _rows(tiny.holdout_csv)
+    header, body = rows[0], rows[1:7]
+    listed = [body[0], [body[0][0], body[0][1], body[3][2]], body[1],
+              [body[1][0], body[1][1], body[4][2]], body[2]]
+    csv_path = _write(tmp_path / "several.csv", [header, *listed])
+    per_row = api.predict(run, csv_path, None, tmp_path / "rows.csv", progress=False)
+    grouped = api.predict(run, csv_path, None, tmp_path / "sub.csv", progress=False,
+                          group_by="ImageID", proba=tmp_path / "p.csv")
+    ids = [body[0][0], body[1][0], body[2][0]]
+    assert grouped.dataset.image_ids == ids and [r[0] for r in _rows(tmp_path / "sub.csv")[1:]] == ids
+    want = np.stack([per_row.probs[[0, 1]].mean(0), per_row.probs[[2, 3]].mean(0), per_row.probs[4]])
+    assert np.allclose(grouped.probs, want, atol=1e-6)
+    tagger = Tagger.load(run)
+    from mmtag.decision import decide
+
+    assert np.array_equal(grouped.mask, decide(want.astype(np.float32), tagger.thresholds))
+    assert len(_rows(tmp_path / "p.csv")) == 4
+    with pytest.raises(MmtagError, match="grouped by ImageID"):
+        api.predict(run, csv_path, None, tmp_path / "x.csv", progress=False, group_by="Caption")

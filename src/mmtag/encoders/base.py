@@ -78,14 +78,56 @@ class Encoder(nn.Module):
         raise MmtagError(f"encoder '{self.name}' cannot be fine-tuned")
 
 
+# The image sizes `ImageEncoder.set_image_size` accepts (`model.image_size` in the config, whose
+# own check says the same: 0 there means the encoder's own size).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+
+
 class ImageEncoder(Encoder):
     modality = "image"
-    image_size: int
+    image_size: int  # the side of the square images it reads, set by each encoder (its own size)
     channels_last = True  # eager PyTorch convolutions run ≈ 1.5x faster on CPU in NHWC
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) normalised images → pooled (B, D) and spatial tokens (B, T, D)."""
         raise NotImplementedError
+
+    @property
+    def native_image_size(self) -> int:
+        """The size the encoder reads unless told otherwise (`set_image_size`): 224 for
+        EfficientNet-Lite0, 240 for Lite1, 260 for Lite2."""
+        return int(getattr(self, "_native_image_size", None) or self.image_size)
+
+    @property
+    def resized(self) -> bool:
+        """Whether it reads images at another size than its own (its id then says so)."""
+        return int(self.image_size) != self.native_image_size
+
+    @property
+    def encoder_id(self) -> str:
+        # The size joins the id only when it is not the encoder's own: features of other sizes
+        # never mix in the cache, while the ids of existing caches and bundles stay as they were.
+        base = super().encoder_id
+        return f"{base}-{int(self.image_size)}px" if self.resized else base
+
+    def set_image_size(self, size: int | None) -> None:
+        """Read images of `size` x `size` pixels from now on (None or 0: the encoder's own size).
+        The weights are unchanged, so the weights hash is too; `encoder_id` gains the size."""
+        native = self.native_image_size
+        size = native if not size else size
+        if isinstance(size, bool) or not isinstance(size, int) or \
+                not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+            raise MmtagError(f"image encoder '{self.name}': the image size must be an integer in "
+                             f"[{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {size!r}")
+        if size == int(self.image_size):
+            return
+        self._resize(size)
+        self._native_image_size = native
+        self.image_size = size
+
+    def _resize(self, size: int) -> None:
+        """Rebuild whatever depends on the input size (a fully convolutional backbone: nothing).
+        An encoder that cannot read other sizes raises MmtagError here."""
 
 
 class TextEncoder(Encoder):

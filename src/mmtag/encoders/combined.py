@@ -8,6 +8,9 @@
   image size and is shrunk (bilinear, antialiased) for each smaller part; each part's token grid
   is resized to the largest grid, so tokens are (B, T, dim) like every other encoder's.
 
+Another image size (`--image-size`) scales every part alike: `flip:` runs its encoder at that
+size, and `concat:` its largest part at it and each other part scaled by the same factor.
+
 Both compose (`flip:concat:efficientnet-lite0+efficientnet-lite2`, `concat:flip:a+b`) and take
 the one input contract every image encoder has (`data.normalize_images`: mean = std = 0.5; a part
 needing other statistics re-normalises inside itself, as `timm:` does), so parts never disagree
@@ -31,7 +34,8 @@ from torch import nn
 
 from ..errors import MmtagError, quoted
 from ..io import atomic_write_text, load_json
-from .base import Encoder, EncoderEntry, EncoderFamily, ImageEncoder, Lookup, error_summary
+from .base import (MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, Encoder, EncoderEntry, EncoderFamily, ImageEncoder,
+                   Lookup, error_summary)
 
 META_FILE = "encoder.json"
 
@@ -111,6 +115,9 @@ class FlipEncoder(CompositeImageEncoder):
     def inner(self) -> ImageEncoder:
         return self.parts["inner"]  # type: ignore[return-value]
 
+    def _resize(self, size: int) -> None:
+        self.inner.set_image_size(size)
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One batch of both views: one pass through the backbone instead of two half-full ones.
         pooled, tokens = self.inner(torch.cat([images, images.flip(-1)]))
@@ -133,6 +140,14 @@ class ConcatEncoder(CompositeImageEncoder):
         super().__init__(name, {f"part{i}": p for i, p in enumerate(parts)})
         self.dim = sum(p.dim for p in parts)
         self.image_size = max(p.image_size for p in parts)
+
+    def _resize(self, size: int) -> None:
+        """Every part scaled by the same factor, so each keeps its resolution relative to the
+        largest (which reads `size`): the whole's own size then restores every part's own."""
+        native = self.native_image_size
+        for part in self.parts.values():
+            scaled = round(size * part.native_image_size / native)  # type: ignore[operator]
+            part.set_image_size(min(max(scaled, MIN_IMAGE_SIZE), MAX_IMAGE_SIZE))  # type: ignore[operator]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, grids = [], []

@@ -37,8 +37,7 @@ class EfficientNetLite(ImageEncoder):
         from efficientnet_lite_pytorch import EfficientNet
 
         self.name = variant
-        self.net = EfficientNet.from_name(variant)
-        self.net._fc = nn.Identity()  # the ImageNet classifier is not part of the encoder
+        self.net = self._build(variant, None)
         if state is not None:  # None: random initialisation, only on explicit request
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
             missing, unexpected = self.net.load_state_dict(state, strict=False)
@@ -48,6 +47,28 @@ class EfficientNetLite(ImageEncoder):
         self.net.set_swish(memory_efficient=False)  # plain SiLU: exportable, and no grad needed
         self.image_size = int(EfficientNet.get_image_size(variant))
         self.dim = int(self.net._conv_head.out_channels)
+
+    @staticmethod
+    def _build(variant: str, image_size: int | None) -> nn.Module:
+        """The backbone for images of `image_size` (None: the variant's own size)."""
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(variant, **({"image_size": image_size} if image_size else {}))
+        net._fc = nn.Identity()  # the ImageNet classifier is not part of the encoder
+        return net
+
+    def _resize(self, size: int) -> None:
+        """The package pads its convolutions TensorFlow's "SAME" way with amounts fixed for one
+        input size when it builds them; at another size those amounts can be wrong (a stride-2
+        layer meeting an odd side), so the backbone is built again for `size` and takes the same
+        weights (the padding holds none)."""
+        net = self._build(self.name, size)
+        net.load_state_dict(self.net.state_dict())
+        net.set_swish(memory_efficient=False)
+        net.train(self.net.training)
+        for p, q in zip(net.parameters(), self.net.parameters()):
+            p.requires_grad_(q.requires_grad)
+        self.net = net.to(next(self.net.parameters()).device)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fmap = self.net.extract_features(images)  # (B, D, h, w)

@@ -80,9 +80,12 @@ class OnnxEncoder:
 
     def twin_of(self, source: Encoder) -> None:
         """Stand in for `source`, whose graph this is (`encoders.onnx_export.runtime_twin`):
-        its name and weights hash, hence its `encoder_id` and its feature-cache entries."""
+        its name and weights hash (and an image encoder's own size, from which its image size
+        may differ), hence its `encoder_id` and its feature-cache entries."""
         self.name = source.name
         self._weights_hash = source.weights_sha256
+        if isinstance(source, ImageEncoder):
+            self._native_image_size = source.native_image_size
 
     def _save_graph(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
@@ -112,6 +115,10 @@ class OnnxImageEncoder(OnnxEncoder, ImageEncoder):
         outs = self._run([{"images": x[i:i + RUN_BATCH]} for i in range(0, len(x), RUN_BATCH)])
         return (torch.from_numpy(np.concatenate([o[0] for o in outs])),
                 torch.from_numpy(np.concatenate([o[1] for o in outs])))
+
+    def _resize(self, size: int) -> None:
+        raise MmtagError(f"image encoder '{self.name}': its ONNX graph reads {self.image_size}x"
+                         f"{self.image_size} images (it was traced at that size), not {size}x{size}")
 
     def save(self, directory: Path) -> list[Path]:
         return [self._save_graph(directory)]

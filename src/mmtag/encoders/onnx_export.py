@@ -229,9 +229,11 @@ def runtime_twin(enc: Encoder, cache_root: Path | None) -> OnnxEncoder:
         meta = load_json(final / "done.json", "traced encoder's metadata file")
     except (OSError, ValueError):
         meta = None
-    if not isinstance(meta, dict) or meta.get("source_sha256") != enc.weights_sha256:
+    if not isinstance(meta, dict) or meta.get("source_sha256") != enc.weights_sha256 or \
+            meta.get("image_size") != getattr(enc, "image_size", None):
         # a foreign or damaged directory
-        raise MmtagError(f"{final}: damaged, or traced from other weights than '{enc.name}'; delete it")
+        raise MmtagError(f"{final}: damaged, or traced from other weights or another image size "
+                         f"than '{enc.name}'; delete it")
     cls = OnnxImageEncoder if enc.modality == "image" else OnnxTextEncoder
     twin = cls(enc.name, final / ONNX_MODEL_FILE, meta)
     twin.twin_of(enc)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import registries
 from ..errors import MmtagError
-from .base import Encoder, EncoderEntry, EncoderFamily
+from .base import Encoder, EncoderEntry, EncoderFamily, ImageEncoder
 
 # The built-ins are declared in mmtag.registries (names and modalities known without torch).
 ENCODERS = registries.ENCODERS
@@ -54,18 +54,31 @@ def encoder_entry(name: str, modality: str | None = None) -> EncoderEntry:
     return entry
 
 
-def create_encoder(name: str, modality: str | None = None, *, random_init: bool = False) -> Encoder:
-    """Build an encoder from its offline pretrained weights (random weights only when asked)."""
+def create_encoder(name: str, modality: str | None = None, *, random_init: bool = False,
+                   image_size: int | None = None) -> Encoder:
+    """Build an encoder from its offline pretrained weights (random weights only when asked).
+    `image_size`: the side of the images an image encoder reads (None or 0: its own size)."""
     enc = encoder_entry(name, modality).create(random_init)
+    _sized(enc, image_size)
     enc.finalize()
     return enc
 
 
-def load_encoder(name: str, directory: Path) -> Encoder:
-    """Rebuild a registered encoder from the weights a bundle saved."""
+def load_encoder(name: str, directory: Path, *, image_size: int | None = None) -> Encoder:
+    """Rebuild a registered encoder from the weights a bundle saved (`image_size` as in
+    `create_encoder`: a bundle's is its config's `model.image_size`)."""
     enc = encoder_entry(name).load(directory)
+    _sized(enc, image_size)
     enc.finalize()
     return enc
+
+
+def _sized(enc: Encoder, image_size: int | None) -> None:
+    if not image_size:
+        return
+    if not isinstance(enc, ImageEncoder):
+        raise MmtagError(f"encoder '{enc.name}' reads no images, so it takes no image size")
+    enc.set_image_size(image_size)
 
 
 @dataclass

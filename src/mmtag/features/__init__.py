@@ -2,6 +2,7 @@
 # The package's public names, wherever in it they live: other packages import from here.
 from .types import (  # noqa: F401
     FEATURE_KINDS,
+    IMAGE_POOL_KINDS,
     KIND_MODALITY,
     Features,
     concat_features,

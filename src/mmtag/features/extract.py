@@ -19,7 +19,7 @@ from ..data import Dataset, ImageItems, image_batches, image_loader, normalize_i
 from ..encoders import Encoder, ImageEncoder, TextEncoder
 from ..errors import DataError, MmtagError
 from .cache import SHARD_ITEMS, CorruptShard, FeatureCache, caption_key, file_key
-from .types import FEATURE_KINDS, Features, FeatureSet
+from .types import FEATURE_KINDS, KIND_MODALITY, Features, FeatureSet
 
 T = TypeVar("T")
 # (encoder, items it must compute) → what computes them: the encoder itself or its ONNX Runtime
@@ -68,10 +68,10 @@ def extract(dataset: Dataset, kinds: Iterable[str], *, image_encoder: ImageEncod
         raise MmtagError(f"unknown feature kind(s) {sorted(unknown)}")
     arrays: dict[str, np.ndarray] = {}
     skipped: list[DataError] = []
-    if kinds & {"image", "image_tokens"}:
+    image_kinds = sorted(k for k in kinds if KIND_MODALITY[k] == "image")
+    if image_kinds:
         if image_encoder is None:
             raise MmtagError("image features requested but no image encoder given")
-        image_kinds = sorted(kinds & {"image", "image_tokens"})
         image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
                                             skip_bad=skip_bad, workers=workers,
                                             batch_size=batch_size, progress=progress, runner=runner)
@@ -183,7 +183,7 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
     out: list[Features] = []
     for k in range(views):
         arrays: dict[str, np.ndarray] = {}
-        image_kinds = sorted(kinds & {"image", "image_tokens"})
+        image_kinds = sorted(kind for kind in kinds if KIND_MODALITY.get(kind) == "image")
         if image_kinds and image_augment is not None and image_encoder is not None:
             tag = f"{image_augment.spec}|seed{seed}|view{k}"
             image_arrays, keep, bad = _extract_images(dataset, image_kinds, image_encoder, cache,
@@ -203,8 +203,9 @@ def extract_views(dataset: Dataset, kinds: Iterable[str], views: int, *,
 
 def encode_images(encoder: ImageEncoder, images: torch.Tensor) -> dict[str, np.ndarray]:
     """One batch of decoded images (B, 3, S, S), uint8 (`data.decode_image`) or normalised
-    float (`data.load_image`) → {"image", "image_tokens"} arrays, computed on the encoder's
-    device (autocast under `--amp` on CUDA)."""
+    float (`data.load_image`) → {"image", "image_tokens", "image_max"} arrays (pooled, spatial
+    tokens, tokens max-pooled), computed on the encoder's device (autocast under `--amp` on
+    CUDA)."""
     device = dist.device_of(encoder)
     # Normalised after the move: on a GPU the uint8 batch is the smaller transfer.
     x = normalize_images(images.to(device))
@@ -212,7 +213,9 @@ def encode_images(encoder: ImageEncoder, images: torch.Tensor) -> dict[str, np.n
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), dist.context().autocast():
         pooled, tokens = encoder(x)
-    return {"image": pooled.float().cpu().numpy(), "image_tokens": tokens.float().cpu().numpy()}
+        peak = tokens.amax(dim=1)  # any encoder and its ONNX graph give tokens: no new output
+    return {"image": pooled.float().cpu().numpy(), "image_tokens": tokens.float().cpu().numpy(),
+            "image_max": peak.float().cpu().numpy()}
 
 
 def encode_captions(encoder: TextEncoder, captions: list[str]) -> np.ndarray:

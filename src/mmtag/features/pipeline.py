@@ -6,6 +6,7 @@ training time and at prediction time are computed by the same code from the same
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..encoders import (Encoder, ImageEncoder, OnnxEncoder, TextEncoder, create_
 from ..errors import DataError, MmtagError
 from .cache import FeatureCache
 from .extract import encode_captions, encode_images, extract, extract_views
-from .types import Features, FeatureSet, modality_of
+from .types import IMAGE_POOL_KINDS, Features, FeatureSet, modality_of
 
 log = logging.getLogger("mmtag")
 
@@ -36,19 +37,67 @@ TWIN_MIN_ITEMS = {"image": 200, "text": 5000}
 
 class Featurizer:
     """Features of the `kinds` a head needs, from `encoders` (modality → encoder); an encoder
-    not given is built from its registered name in `encoder_names` when first used."""
+    not given is built from its registered name in `encoder_names` when first used.
+
+    `image_size` (`model.image_size`; 0: the image encoder's own) is the side of the images the
+    image encoder reads: encoders built here are built for it, and a given one reading another
+    size is replaced by a copy that reads it (never changed itself: `mmtag sweep` shares it).
+    None (not said): given encoders read what they read, built ones their own size.
+    `image_pool` (`model.image_pool`) says what the "image" vector heads read is: the mean of
+    the spatial tokens, or that and their max side by side (`IMAGE_POOL_KINDS`)."""
 
     def __init__(self, kinds: tuple[str, ...], encoder_names: dict[str, str], cache: FeatureCache,
                  *, encoders: dict[str, Encoder] | None = None, workers: int = 2,
-                 random_init: bool = False, runtime: str = "torch") -> None:
+                 random_init: bool = False, runtime: str = "torch", image_size: int | None = None,
+                 image_pool: str = "mean") -> None:
+        if image_pool not in IMAGE_POOL_KINDS:
+            raise MmtagError(f"unknown image pooling {image_pool!r}; available: "
+                             f"{', '.join(IMAGE_POOL_KINDS)}")
         self.kinds = tuple(kinds)
         self.encoder_names = dict(encoder_names)
         self.cache = cache
-        self.encoders: dict[str, Encoder] = dict(encoders or {})
+        self.image_size = image_size
+        self.image_pool = image_pool
+        self.encoders: dict[str, Encoder] = {m: self._sized(e) for m, e in (encoders or {}).items()}
         self.workers = workers
         self.random_init = random_init
         self.runtime = runtime  # Config.feature_runtime: auto | onnx | torch
         self._twins: dict[str, Encoder] = {}  # encoder_id → what computes its features
+
+    @property
+    def cached_kinds(self) -> tuple[str, ...]:
+        """The kinds extracted (and cached) to make `kinds`: "image" stands for the kinds its
+        pooling joins (`pooled` joins them back)."""
+        out: list[str] = []
+        for kind in self.kinds:
+            out.extend(IMAGE_POOL_KINDS[self.image_pool] if kind == "image" else (kind,))
+        return tuple(dict.fromkeys(out))
+
+    def pooled(self, feats: Features) -> Features:
+        """`feats` with the image pooling's kinds joined into "image" (mean, then max); as they
+        are under mean pooling, or where the pooling's kinds are not all there (a view without
+        image augmentation carries no image kinds)."""
+        parts = IMAGE_POOL_KINDS[self.image_pool]
+        if len(parts) == 1 or not all(k in feats for k in parts):
+            return feats
+        arrays = {k: a for k, a in feats.arrays.items() if k not in parts}
+        arrays["image"] = np.concatenate([feats[k] for k in parts], axis=-1)
+        return Features(arrays)
+
+    def _sized(self, encoder: Encoder) -> Encoder:
+        """`encoder`, or for an image encoder reading another size than `image_size` asks, a
+        copy reading that size."""
+        if not isinstance(encoder, ImageEncoder) or self.image_size is None:
+            return encoder
+        want = self.image_size or encoder.native_image_size
+        if int(encoder.image_size) == want:
+            return encoder
+        if isinstance(encoder, OnnxEncoder):  # a graph reads the size it was traced at: it
+            encoder.set_image_size(want)  # refuses another with a line saying which it reads
+            return encoder
+        resized = copy.deepcopy(encoder)
+        resized.set_image_size(want)
+        return resized
 
     @property
     def modalities(self) -> list[str]:
@@ -57,8 +106,9 @@ class Featurizer:
 
     def encoder(self, modality: str) -> Encoder:
         if modality not in self.encoders:
+            size = self.image_size if modality == "image" else None  # None, 0: its own
             self.encoders[modality] = create_encoder(self.encoder_names[modality], modality,
-                                                     random_init=self.random_init)
+                                                     random_init=self.random_init, image_size=size)
         enc = self.encoders[modality]
         if dist.device_of(enc) != dist.context().device:
             enc.to(dist.context().device)  # --device: features are computed where the encoder lives
@@ -107,11 +157,13 @@ class Featurizer:
         skipped: list[DataError] = []
         if "image" in self.modalities:
             dataset, skipped = check_images_exist(dataset, skip_bad=skip_bad)
-        fs = extract(dataset, self.kinds, image_encoder=self._encoder_of(ImageEncoder, "image"),
+        fs = extract(dataset, self.cached_kinds,
+                     image_encoder=self._encoder_of(ImageEncoder, "image"),
                      text_encoder=self._encoder_of(TextEncoder, "text"), cache=self.cache,
                      skip_bad=skip_bad, workers=self.workers, progress=progress,
                      distribute=distribute, runner=self.runner)
         fs.skipped = skipped + fs.skipped
+        fs.features = self.pooled(fs.features)
         return fs
 
     def text_features(self, dataset: Dataset, *, progress: bool = True) -> Features:
@@ -123,12 +175,13 @@ class Featurizer:
     def views(self, dataset: Dataset, n: int, *, image_augment: ImageAugment | None,
               text_augment: TextAugment | None, seed: int, progress: bool) -> list[Features]:
         """`n` cached augmented views of every row (see `extract_views`)."""
-        return extract_views(dataset, self.kinds, n,
-                             image_encoder=self._encoder_of(ImageEncoder, "image", build=False),
-                             text_encoder=self._encoder_of(TextEncoder, "text", build=False),
-                             cache=self.cache, image_augment=image_augment,
-                             text_augment=text_augment, seed=seed, workers=self.workers,
-                             progress=progress, runner=self.runner)
+        views = extract_views(dataset, self.cached_kinds, n,
+                              image_encoder=self._encoder_of(ImageEncoder, "image", build=False),
+                              text_encoder=self._encoder_of(TextEncoder, "text", build=False),
+                              cache=self.cache, image_augment=image_augment,
+                              text_augment=text_augment, seed=seed, workers=self.workers,
+                              progress=progress, runner=self.runner)
+        return [self.pooled(v) for v in views]
 
     def _encoder_of(self, kind: type, modality: str, *, required: bool = False,
                     build: bool = True) -> Any:
@@ -166,11 +219,12 @@ class Featurizer:
             enc = self._encoder_of(TextEncoder, "text")
             encoded["text"] = np.concatenate([encode_captions(enc, list(captions[s:s + 128]))
                                               for s in range(0, n, 128)])
-        return Features(encoded)
+        return self.pooled(Features(encoded))
 
     def _encode_images(self, images: list[Any], n: int, batch_size: int) -> dict[str, np.ndarray]:
         enc = self._encoder_of(ImageEncoder, "image")
-        chunks: dict[str, list[np.ndarray]] = {"image": [], "image_tokens": []}
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in self.cached_kinds
+                                               if modality_of(k) == "image"}
         for start in range(0, n, batch_size):
             arrays = []
             for k, img in enumerate(images[start:start + batch_size]):
@@ -187,4 +241,4 @@ class Featurizer:
             out = encode_images(enc, torch.from_numpy(np.stack(arrays)))
             for kind in chunks:
                 chunks[kind].append(out[kind])
-        return {kind: np.concatenate(chunks[kind]) for kind in self.kinds if kind in chunks}
+        return {kind: np.concatenate(chunks[kind]) for kind in chunks}

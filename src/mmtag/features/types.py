@@ -10,9 +10,21 @@ from ..data import Dataset
 from ..errors import DataError, MmtagError
 
 # Every feature kind and the modality whose encoder makes it: the one place a kind is routed to
-# its modality (`modality_of`). A new modality adds its kinds here.
-KIND_MODALITY = {"image": "image", "image_tokens": "image", "text": "text"}
+# its modality (`modality_of`). A new modality adds its kinds here. "image_max" (the spatial
+# tokens max-pooled) is read by no head: the Featurizer joins it to "image" under
+# `model.image_pool` mean+max (see `IMAGE_POOL_KINDS`).
+KIND_MODALITY = {"image": "image", "image_tokens": "image", "text": "text", "image_max": "image"}
 FEATURE_KINDS = tuple(KIND_MODALITY)
+
+# `model.image_pool` → the cached kinds whose concatenation is the "image" vector heads read.
+# Max pooling is a kind of its own, computed from the spatial tokens alongside the mean, rather
+# than taken from the cached "image_tokens" when a head asks for it: the tokens are 49 vectors
+# per image (125 KB at fp16 for Lite0's 7x7x1280, 49x the pooled vector) in the cache and in
+# memory, and they are cached only for heads that read them (xattn), so reading them would
+# save no extraction either. A kind of its own costs one more vector per image, leaves every
+# head's `needs`, the bundle's checks and the branches that answer alone as they are (they read
+# "image"), and needs no change to any encoder or ONNX graph (`extract.encode_images`).
+IMAGE_POOL_KINDS = {"mean": ("image",), "mean+max": ("image", "image_max")}
 
 
 class Features:

@@ -39,11 +39,13 @@ def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, ou
             progress: bool = True, cache_dir: str | None = None, proba: str | Path | None = None,
             top_k: int | None = None, image_col: str | None = None,
             caption_col: str | None = None, labels_col: str | None = None,
-            label_sep: str | None = None, image_ext: str | None = None) -> DatasetPredictions:
+            label_sep: str | None = None, image_ext: str | None = None,
+            group_by: str | None = None) -> DatasetPredictions:
     """Predict every row of a CSV and write `ImageID,Labels` atomically, in input order, the
     labels spelled as the training CSV spelled them (ids or names). `proba`: also write every
     label's probability per row (`write_probabilities`). `top_k`: at most k labels per row, the
-    best-scoring of those the decision chose."""
+    best-scoring of those the decision chose. `group_by="ImageID"`: one row per image, decided
+    on the averaged scores of its rows (an image's several captions)."""
     if top_k is not None:
         check_top_k(top_k, "--top-k")  # before the model loads
     if dist.context().is_main:
@@ -60,7 +62,7 @@ def predict(run: str | Path, csv_path: str | Path, images: str | Path | None, ou
     if proba is not None:
         proba_header(tagger.label_space.tokens)  # refused before any row is scored
     dataset = read_for(tagger, csv_path, images, fmt, labelled=False)
-    preds = tagger.predict_proba_dataset(dataset, progress=progress, top_k=top_k)
+    preds = tagger.predict_proba_dataset(dataset, progress=progress, top_k=top_k, group_by=group_by)
     if dist.context().is_main:
         ls = tagger.label_space
         write_submission(out, preds.dataset.image_ids,

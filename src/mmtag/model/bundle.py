@@ -31,9 +31,10 @@ from safetensors.torch import save_file
 
 from ..config import Config, ModelConfig
 from ..data import LabelSpace, LabelVocab
-from ..encoders import Encoder, error_summary, load_encoder, read_safetensors, sha256_file
+from ..encoders import (Encoder, ImageEncoder, error_summary, load_encoder, read_safetensors,
+                        sha256_file)
 from ..errors import MmtagError
-from ..features import modality_of
+from ..features import IMAGE_POOL_KINDS, modality_of
 from ..decision import Metrics, Thresholds, ValidationRecord
 from ..heads import HEADS, create_model_head, head_needs
 from ..io import (RECORD_MAX_BYTES, RUN_FILE_MAX_BYTES, atomic_write_text, atomic_write_with,
@@ -71,6 +72,7 @@ def save(run_dir: str | Path, bundle: Bundle, *,
     new bundle before it is published (training adds metrics.csv and train.log; its report is
     drawn once the run is in place). The manifest, written last, covers every file. The run's
     lock (`rundir.lock`) is held throughout."""
+    _check_image_encoder(bundle)
     with rundir.lock(run_dir):
         rundir.inspect(run_dir)
         with staged_dir(run_dir) as run:
@@ -81,6 +83,25 @@ def save(run_dir: str | Path, bundle: Bundle, *,
                 manifest = _write_manifest(run, bundle, weight_files, encoders)
     bundle.manifest = manifest
     return manifest
+
+
+def _check_image_encoder(bundle: Bundle) -> None:
+    """Refuse to write what `load` would refuse to read: an image encoder reading another size
+    than config.yaml's `model.image_size` says (0: its own), or a head reading image vectors of
+    another width than `model.image_pool` makes of it."""
+    enc, model = bundle.encoders.get("image"), bundle.config.model
+    if not isinstance(enc, ImageEncoder):
+        return
+    want = model.image_size or enc.native_image_size
+    if int(enc.image_size) != want:
+        raise MmtagError(f"model.image_size is {model.image_size}, but the image encoder "
+                         f"'{enc.name}' reads {enc.image_size}-pixel images; not saving a bundle "
+                         "that would not load")
+    width = enc.dim * len(IMAGE_POOL_KINDS[model.image_pool])
+    if "image" in bundle.dims and bundle.dims["image"] != width:
+        raise MmtagError(f"model.image_pool {model.image_pool} makes {width}-d image vectors of "
+                         f"'{enc.name}', but the head reads {bundle.dims['image']}-d ones; not "
+                         "saving a bundle that would not load")
 
 
 def _write_files(run: Path, bundle: Bundle) -> tuple[list[Path], dict[str, Any]]:
@@ -96,6 +117,8 @@ def _write_files(run: Path, bundle: Bundle) -> tuple[list[Path], dict[str, Any]]
         weight_files += enc.save(run / "encoders" / modality)
         encoders[modality] = {"name": enc.name, "encoder_id": enc.encoder_id,
                               "weights_sha256": enc.weights_sha256, "source": enc.source}
+        if isinstance(enc, ImageEncoder):  # the size it read (config.yaml: 0 for its own)
+            encoders[modality]["image_size"] = int(enc.image_size)
     _write_json(run / "metrics.json", {
         "validation": bundle.val_metrics.to_dict() if bundle.val_metrics else None,
         "history": bundle.history, **bundle.extra})
@@ -103,7 +126,8 @@ def _write_files(run: Path, bundle: Bundle) -> tuple[list[Path], dict[str, Any]]
         v = bundle.validation
         arrays = {"probs": v.probs.astype(np.float32), "y_true": v.y_true.astype(np.uint8),
                   **{f"branch.{k}": b.astype(np.float32) for k, b in v.branches.items()},
-                  **({"decided": v.decided.astype(np.uint8)} if v.decided is not None else {})}
+                  **({"decided": v.decided.astype(np.uint8)} if v.decided is not None else {}),
+                  **({"fold": v.fold.astype(np.int32)} if v.fold is not None else {})}
         atomic_write_with(run / "validation.safetensors", lambda p: save_numpy(arrays, str(p)))
         _write_json(run / "validation.json", {"image_ids": v.image_ids, "captions": v.captions,
                                               "image_paths": v.image_paths})
@@ -225,7 +249,7 @@ def load(run_dir: str | Path, *, verify: bool = True, build_encoders: bool = Tru
     head_state = {k: v.float() if v.dtype in STORED_FLOATS else v for k, v in head_state.items()}
     validation = _load_validation(run, len(labels))
     if build_encoders:
-        encoders = _load_encoders(run, manifest)
+        encoders = _load_encoders(run, manifest, config.model)
     else:
         encoders = {}
         for rel in manifest["weight_files"]:
@@ -262,6 +286,7 @@ class _EncoderEntry(_Schema):
     name: str
     weights_sha256: Sha256
     source: dict[str, Any] = {}
+    image_size: PositiveInt | None = None  # an image encoder's; absent in older bundles
 
 
 class _Manifest(_Schema):
@@ -474,14 +499,17 @@ def _check_head_tensors(path: Path, state: dict[str, torch.Tensor], name: str, d
             raise MmtagError(f"{path}: tensor '{key}' holds NaN or infinite values")
 
 
-def _load_encoders(run: Path, manifest: dict[str, Any]) -> dict[str, Encoder]:
-    """Rebuild each encoder from its directory, then check it against the manifest: its weights'
-    hash, its modality, and the width of the features the head reads from it."""
+def _load_encoders(run: Path, manifest: dict[str, Any], model: ModelConfig) -> dict[str, Encoder]:
+    """Rebuild each encoder from its directory (an image encoder for config.yaml's
+    `model.image_size`), then check it against the manifest: its weights' hash, its modality,
+    the image size it reads, and the width of the features the head reads from it (an image
+    encoder's pooled width times the kinds `model.image_pool` joins)."""
     encoders: dict[str, Encoder] = {}
     for modality, info in manifest["encoders"].items():
         directory = run / "encoders" / modality
         try:
-            enc = load_encoder(info["name"], directory)
+            enc = load_encoder(info["name"], directory,
+                               image_size=model.image_size if modality == "image" else None)
         except MmtagError as exc:
             if str(run) in str(exc):
                 raise
@@ -494,6 +522,11 @@ def _load_encoders(run: Path, manifest: dict[str, Any]) -> dict[str, Encoder]:
                              f"{run / 'manifest.json'} lists it as the {modality} encoder")
         if enc.weights_sha256 != info["weights_sha256"]:
             raise MmtagError(f"{directory}: weights do not match the manifest")
+        size = info.get("image_size")
+        if size is not None and getattr(enc, "image_size", None) != size:
+            raise MmtagError(f"{run / 'config.yaml'}: model.image_size {model.image_size} gives the "
+                             f"{modality} encoder {getattr(enc, 'image_size', None)}-pixel images, "
+                             f"but {run / 'manifest.json'} says it read {size}-pixel ones")
         enc.source = info.get("source", {})
         encoders[modality] = enc
     for kind, width in manifest["head"]["dims"].items():
@@ -502,9 +535,12 @@ def _load_encoders(run: Path, manifest: dict[str, Any]) -> dict[str, Encoder]:
         if enc is None:  # _check_consistency lets no such bundle through; never read it as another
             raise MmtagError(f"{run / 'manifest.json'}: the head reads '{kind}' features, but no "
                              f"{modality} encoder is listed")
-        if enc.dim != width:
+        joined = len(IMAGE_POOL_KINDS[model.image_pool]) if kind == "image" else 1
+        if enc.dim * joined != width:
+            pooled = f" ({model.image_pool} pooled: {enc.dim * joined}-d)" if joined > 1 else ""
             raise MmtagError(f"{run / 'encoders' / modality}: the {modality} encoder gives {enc.dim}-d "
-                             f"features, but the head in {run / 'manifest.json'} reads {width}-d '{kind}'")
+                             f"features{pooled}, but the head in {run / 'manifest.json'} reads "
+                             f"{width}-d '{kind}'")
     return encoders
 
 
@@ -525,9 +561,13 @@ def _load_validation(run: Path, num_classes: int) -> ValidationRecord | None:
             raise MmtagError(f"{apath}: lacks '{key}'")
     n = len(arrays["probs"])
     for key, a in arrays.items():
-        if key not in ("probs", "y_true", "decided") and not key.startswith("branch."):
+        if key not in ("probs", "y_true", "decided", "fold") and not key.startswith("branch."):
             raise MmtagError(f"{apath}: unexpected array '{key}'")
-        if a.shape != (n, num_classes):
+        if key == "fold":
+            if a.shape != (n,) or a.dtype.kind not in "iu" or (n and a.min() < 0):
+                raise MmtagError(f"{apath}: 'fold' must be one fold number >= 0 per item ({n}), "
+                                 f"got shape {a.shape} of {a.dtype}")
+        elif a.shape != (n, num_classes):
             raise MmtagError(f"{apath}: '{key}' has shape {a.shape}, expected ({n}, {num_classes}) for "
                              f"{num_classes} labels")
     items = _validate(_ValidationItems, _read_json(ipath, RECORD_MAX_BYTES), ipath)
@@ -538,7 +578,8 @@ def _load_validation(run: Path, num_classes: int) -> ValidationRecord | None:
         probs=arrays["probs"], y_true=arrays["y_true"], image_ids=items.image_ids,
         captions=items.captions, image_paths=items.image_paths,
         branches={k.removeprefix("branch."): v for k, v in arrays.items() if k.startswith("branch.")},
-        decided=arrays["decided"].astype(bool) if "decided" in arrays else None)
+        decided=arrays["decided"].astype(bool) if "decided" in arrays else None,
+        fold=arrays["fold"].astype(np.int64) if "fold" in arrays else None)
 
 
 def _write_json(path: Path, obj: Any) -> None:

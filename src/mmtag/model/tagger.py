@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import dist
-from ..config import Config, default_cache_dir
+from ..config import GROUP_BY, Config, default_cache_dir
 from ..data import Dataset, LabelSpace, LabelVocab
 from ..decision import Metrics, Scores, Thresholds, ValidationRecord, compute, decide
 from ..decision.fitted import Fitted
-from ..decision.scoring import head_scores
+from ..decision.scoring import head_scores, mean_scores_by
 from ..decision.tuning import cross_fitted_decisions, decide_out_of_fold, tune
 from ..encoders import Encoder
 from ..errors import DataError, MmtagError
@@ -112,7 +112,7 @@ class Tagger:
             head_needs(m.head_name()), {"image": m.image_encoder, "text": m.text_encoder},
             FeatureCache(self.config.cache_dir or default_cache_dir()), encoders=encoders,
             workers=self.config.data.workers, random_init=m.random_init,
-            runtime=self.config.feature_runtime)
+            runtime=self.config.feature_runtime, image_size=m.image_size, image_pool=m.image_pool)
         self.fitted: Fitted | None = None
         # branch → (validation record, thresholds, its decision): tuned once per learned state
         self._branch_decisions: dict[str, tuple[Any, Any, BranchDecision]] = {}
@@ -263,8 +263,11 @@ class Tagger:
         crossfit = state.extra.get("folds")
         if not crossfit or state.validation is None:
             return []
-        from ..training.trainer import fold_indices  # the folds training drew
+        from ..training.trainer import fold_indices, folds_of  # the folds training drew
 
+        if state.validation.fold is not None:
+            return folds_of(state.validation.fold)
+        # runs from before the record kept its folds drew them ungrouped from the labels alone
         seed = int(crossfit.get("seed", self.config.train.seed))
         return fold_indices(state.validation.y_true.astype(np.float32), int(crossfit["k"]), seed)
 
@@ -348,9 +351,12 @@ class Tagger:
                            f"{branch} branch only")
 
     def predict_proba_dataset(self, dataset: Dataset, *, progress: bool = True,
-                              top_k: int | None = None) -> DatasetPredictions:
+                              top_k: int | None = None,
+                              group_by: str | None = None) -> DatasetPredictions:
         """Scores and decisions for every row (a bad row raises: predictions cover all rows);
-        `top_k` caps each row's labels (`decision.keep_top_k`).
+        `top_k` caps each row's labels (`decision.keep_top_k`). `group_by="ImageID"`: rows that
+        share an ImageID (an image's several captions) get one answer, decided on their scores
+        averaged, in the order of each image's first row (`dataset` holds those first rows).
 
         Under torchrun each rank scores its contiguous shard of the rows and every rank gets
         all rows back, in input order, each exactly once.
@@ -358,15 +364,23 @@ class Tagger:
         state = self.state()
         ctx = dist.context()
         part = dataset.subset(ctx.shard(len(dataset))) if ctx.distributed else dataset
+        if group_by is not None and group_by.casefold() != GROUP_BY.casefold():
+            raise MmtagError(f"--group-by {group_by!r}: rows can be grouped by {GROUP_BY} (the "
+                             "image column), not by another column")
 
-        def score() -> tuple[np.ndarray, np.ndarray]:
-            scores = self.scores(self.features(part, progress=progress, distribute=False).features)
-            return scores.probs, decide(scores, state.thresholds, top_k=top_k)
+        def score() -> Scores:
+            return self.scores(self.features(part, progress=progress, distribute=False).features)
 
         shards = dist.all_gather(dist.checked(score))  # in rank order: the input order
-        probs = np.concatenate([p for p, _ in shards])
-        mask = np.concatenate([m for _, m in shards])
-        return DatasetPredictions(dataset=dataset, probs=probs, mask=mask,
+        scores = Scores(probs=np.concatenate([s.probs for s in shards]),
+                        branches={k: np.concatenate([s.branches[k] for s in shards])
+                                  for k in shards[0].branches},
+                        union=shards[0].union)
+        if group_by is not None:
+            scores, first = mean_scores_by(scores, dataset.image_ids)
+            dataset = dataset.subset(first)
+        mask = decide(scores, state.thresholds, top_k=top_k)
+        return DatasetPredictions(dataset=dataset, probs=scores.probs, mask=mask,
                                   labels=state.label_space.decode(mask))
 
     def predict_proba(self, images: list[Any] | None = None,
