@@ -465,11 +465,12 @@ def test_info_is_a_readable_table(capsys, fused_run):
     rows = [line for line in out.splitlines() if not line.startswith(" ")]  # wrapped lines aside
     assert [r.split("  ")[0].strip() for r in rows] == [
         "run", "head", "image encoder", "text encoder", f"labels ({len(api.info(fused_run)['labels']['ids'])})",
-        "thresholds", "validation", "settings", "model size"]
+        "thresholds", "validation", "optimised for", "settings", "model size"]
     # plain words and numbers: no Python dict or list printed as it is
     assert not any(c in out for c in "{}[]'"), out
     assert "concat (hidden 128; inputs: image 1280, text 384)" in out
     assert "model.fusion=concat" in out and "train.epochs=40" in out
+    assert "sample-F1 (--metric samples)" in out  # the default metric, said
 
 
 def test_info_json_to_a_closed_pipe_exits_quietly(fused_run):

@@ -134,6 +134,15 @@ TUNERS = Registry("threshold mode", {  # the decision rules (`--decision`)
     "gfm": "mmtag.decision.thresholds:expected_f1_rule",
     "auto": "mmtag.decision.thresholds:tune_auto",
 })
+# The figure every choice optimises (`--metric`: the decision's thresholds, `auto`'s pick, the best
+# epoch, ablate's and sweep's ranking): name → score(y_true, y_pred) -> float, scikit-learn's F1
+# with that `average` (zero_division=0). The decision rules compute these three exactly from
+# counts (`decision.thresholds`), and `Metrics` has a figure of each (`<name>_f1`).
+METRICS = Registry("metric", {
+    "samples": "mmtag.decision.metrics:samples_f1",
+    "micro": "mmtag.decision.metrics:micro_f1",
+    "macro": "mmtag.decision.metrics:macro_f1",
+})
 
 # Encoders and their open-ended families ("hf:PATH"): each is an `EncoderEntry` or
 # `EncoderFamily` of its module (a plugin adds one with `encoders.register_encoder` or
@@ -161,7 +170,7 @@ ENCODER_FAMILIES = Registry("encoder family", {
          "onnx": {"modality": None, "placeholder": "NAME"}})
 
 REGISTRIES: dict[str, Registry] = {r.what: r for r in (HEADS, LOSSES, OPTIMIZERS, STRATEGIES, TUNERS,
-                                                       ENCODERS, ENCODER_FAMILIES)}
+                                                       METRICS, ENCODERS, ENCODER_FAMILIES)}
 
 
 def encoder_modality(name: str) -> str | None:

@@ -74,3 +74,42 @@ def test_ten_thousand_labels_are_scored_quickly():
     m = compute(y, y, tuple(range(10_000)), tuple(map(str, range(10_000))))
     assert m.samples_f1 == 1.0 and len(m.per_class) == 10_000
     assert time.perf_counter() - t0 < 60  # the dense call took minutes
+
+
+# --- `--metric`: the figures the decision rules, early stopping and rankings optimise
+@pytest.mark.parametrize("seed", range(30))
+def test_numpy_micro_and_macro_f1_are_sklearn_s_to_the_last_bit(seed):
+    from mmtag.decision.metrics import macro_f1, micro_f1
+
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(1, 60)), int(rng.integers(1, 9))
+    y = rng.random((n, c)) < rng.uniform(0, 0.5)
+    p = rng.random((n, c)) < rng.uniform(0, 0.5)
+    if seed == 0:
+        p[:] = False  # nothing predicted, and below: nothing true, nothing at all
+    if seed == 1:
+        y[:] = False
+    if seed == 2:
+        y[:], p[:] = False, False
+    m = compute(y, p, tuple(range(c)), tuple(map(str, range(c))))  # scikit-learn's figures
+    assert micro_f1(y, p) == m.micro_f1 and macro_f1(y, p) == m.macro_f1
+    if c > 1:  # (sklearn reads one column as a binary target; compute handles it, see above)
+        assert micro_f1(y, p) == f1_score(y, p, average="micro", zero_division=0)
+        occurring = np.flatnonzero(y.any(0) | p.any(0))
+        if len(occurring):
+            assert macro_f1(y, p) == f1_score(y, p, average="macro", zero_division=0,
+                                              labels=occurring)
+
+
+def test_the_metric_registry_names_the_three_figures_of_metrics():
+    from mmtag import registries
+    from mmtag.decision.metrics import macro_f1, metric_title, micro_f1
+
+    assert list(registries.METRICS) == ["samples", "micro", "macro"]
+    assert [registries.METRICS[n] for n in registries.METRICS] == [samples_f1, micro_f1, macro_f1]
+    y = np.array([[1, 0], [0, 1], [1, 1]])
+    p = np.array([[1, 1], [0, 0], [1, 1]])
+    m = compute(y, p, (1, 2), ("a", "b"))
+    for name in registries.METRICS:  # each name's figure of Metrics is its function's value
+        assert m.figure(name) == pytest.approx(registries.METRICS[name](y, p))
+    assert [metric_title(n) for n in registries.METRICS] == ["sample-F1", "micro-F1", "macro-F1"]

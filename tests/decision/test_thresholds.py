@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from mmtag.errors import MmtagError
-from mmtag.decision.metrics import samples_f1
+from mmtag.decision.metrics import compute, samples_f1
 from mmtag.decision.thresholds import FEW_VALIDATION_ROWS, GRID, Scores, Thresholds, decide, tune, tune_global
 
 
@@ -542,3 +542,203 @@ def test_slow_decision_steps_say_how_they_progress(monkeypatch, caplog):
     assert said[0].startswith("deciding: auto over 50 labels (fold 2/5's rule): auto: global 1/5 held parts")
     assert any("per-class: sweep 1" in m for m in said) and any("auto: gfm 5/5" in m for m in said)
     assert said[-1].startswith("deciding: auto over 50 labels: done, elapsed ")
+
+
+# --- `--metric micro|macro`: every rule tunes for the metric asked for (sample-F1 by default)
+def _figure(metric: str, y: np.ndarray, pred: np.ndarray) -> float:
+    """scikit-learn's figure of `metric` for these decisions (through `compute`)."""
+    c = y.shape[1]
+    return compute(y, pred, tuple(range(c)), tuple(map(str, range(c)))).figure(metric)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_micro_and_macro_global_curves_are_each_threshold_s_figure_to_the_last_bit(seed):
+    from mmtag.decision import f1_by_threshold
+
+    probs, y = _scale_case(seed, n=[5, 60, 200][seed % 3], c=[1, 7, 18, 40][seed % 4],
+                           dtype=[np.float32, np.float64][seed % 2])
+    probs[:3] *= 0.02  # rows that fall back on their top-1 label
+    for metric in ("micro", "macro"):
+        curve = f1_by_threshold(probs, y, metric=metric)
+        assert np.array_equal(curve, np.array([_figure(metric, y, decide(probs, t)) for t in GRID]))
+        best = tune_global(probs, y, metric=metric)
+        assert best.metric == metric and best.values[0] == np.float32(_best_near_half(GRID, curve))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_micro_and_macro_union_pair_figures_are_each_pair_s_to_the_last_bit(seed):
+    from mmtag.decision.metrics import macro_f1, micro_f1
+    from mmtag.decision.thresholds import tune_decisions, union_metric
+
+    probs, y = _scale_case(seed, n=[30, 120][seed % 2], c=[3, 9][seed // 2],
+                           dtype=[np.float32, np.float64][seed % 2])
+    rng = np.random.default_rng(seed)
+    image = np.clip(probs + rng.normal(0, 0.2, probs.shape), 0, 1).astype(probs.dtype)
+    image[:2] *= 0.05  # rows that fall back on their top-1 label
+    probs[:2] *= 0.05
+    scores = Scores(probs=(probs + image) / 2, branches={"image": image, "text": probs}, union=True)
+    coarse = np.round(np.arange(0.1, 0.951, 0.05), 2)
+    c = y.shape[1]
+    for metric, score in (("micro", micro_f1), ("macro", macro_f1)):
+        got = union_metric(image, probs, coarse, coarse, y, scores.probs, metric=metric)
+        want = np.array([[score(y, decide(scores, Thresholds("union/global", np.full(c, ta, np.float32), {
+            "image": np.full(c, ta, np.float32), "text": np.full(c, tb, np.float32)})))
+            for tb in coarse] for ta in coarse])
+        assert np.array_equal(got, want)
+        for i, j in ((0, 0), (5, 12), (17, 17)):  # and those are scikit-learn's figures
+            pred = _fallback((image >= np.float32(coarse[i])) | (probs >= np.float32(coarse[j])),
+                             scores.probs)
+            assert got[i, j] == _figure(metric, y, pred)
+        # the joint search keeps the best pair, ties to the pair nearest (0.5, 0.5)
+        tuned = tune_decisions("global", scores, y, metric=metric)
+        pair = (float(tuned.branches["image"][0]), float(tuned.branches["text"][0]))
+        assert tuned.metric == metric and want[list(coarse).index(round(pair[0], 2)),
+                                               list(coarse).index(round(pair[1], 2))] == want.max()
+
+
+def _rare_needs_low(n: int = 1200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three common labels scored high when true (0.55-1, negatives 0.1-0.6), and three rare
+    ones whose positives score low (0.12-0.3) but mostly above their negatives (0-0.15): a
+    threshold low enough for the rare labels floods the common ones with false positives, one
+    high enough for the common labels misses every rare one, so macro-F1 wants each label's own."""
+    rng = np.random.default_rng(seed)
+    c = 6
+    y = np.zeros((n, c))
+    y[:, :3] = rng.random((n, 3)) < 0.5
+    for k in range(3, c):
+        y[:, k] = rng.random(n) < 0.03
+    y[y.sum(axis=1) == 0, 0] = 1
+    probs = rng.uniform(0.0, 0.1, (n, c))
+    for k in range(3):
+        probs[:, k] = np.where(y[:, k] > 0, rng.uniform(0.55, 1.0, n), rng.uniform(0.1, 0.6, n))
+    for k in range(3, c):
+        probs[:, k] = np.where(y[:, k] > 0, rng.uniform(0.12, 0.3, n), rng.uniform(0.0, 0.15, n))
+    return probs.astype(np.float32), y
+
+
+def test_per_class_for_macro_chooses_each_class_s_own_best_and_beats_global():
+    from mmtag.decision.metrics import macro_f1
+
+    probs, y = _rare_needs_low()
+    glob = tune("global", probs, y, metric="macro")
+    per_class = tune("per-class", probs, y, metric="macro")
+    assert per_class.mode == "per-class" and per_class.metric == "macro"
+    assert per_class.values[3:].max() < 0.4 < per_class.values[:3].min()  # the rare labels go low
+    assert macro_f1(y, decide(probs, per_class)) > macro_f1(y, decide(probs, glob)) + 0.1
+    # each class at its own F1-maximising grid value (fallback ignored), ties nearest 0.5
+    truth = y.astype(bool)
+    grid = GRID.astype(np.float32)
+    for k in range(y.shape[1]):
+        pred = probs[:, k][None, :] >= grid[:, None]
+        tp = (pred & truth[None, :, k]).sum(axis=1)
+        f1 = 2.0 * tp / (truth[:, k].sum() + pred.sum(axis=1))
+        assert per_class.values[k] == np.float32(_best_near_half(grid, f1))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_per_class_for_macro_and_micro_is_never_worse_than_global_on_the_tuning_rows(seed):
+    from mmtag.decision.metrics import macro_f1, micro_f1
+
+    probs, y = _scale_case(seed, n=[8, 40, 200][seed % 3], c=[2, 5, 18][(seed // 3) % 3],
+                           dtype=[np.float32, np.float64][seed % 2])
+    probs[:2] *= 0.05
+    for metric, score in (("micro", micro_f1), ("macro", macro_f1)):
+        glob = decide(probs, tune("global", probs, y, metric=metric))
+        per_class = decide(probs, tune("per-class", probs, y, metric=metric))
+        assert score(y, per_class) >= score(y, glob)
+
+
+def _textbook_micro_per_class(probs: np.ndarray, y: np.ndarray, max_sweeps: int = 10) -> np.ndarray:
+    """Coordinate ascent on micro-F1 as written in a textbook: each class in turn tries every
+    grid value on the full decision matrix (fallback included)."""
+    from mmtag.decision.metrics import micro_f1
+
+    grid = GRID.astype(np.float32)
+    values = tune_global(probs, y, grid, metric="micro").values.copy()
+    current = micro_f1(y, decide(probs, values))
+    for _ in range(max_sweeps):
+        moved = False
+        for k in range(probs.shape[1]):
+            curve = []
+            for t in grid:
+                trial = values.copy()
+                trial[k] = t
+                curve.append(micro_f1(y, decide(probs, trial)))
+            curve = np.array(curve)
+            if curve.max() > current + 1e-12:
+                values[k] = _best_near_half(grid, curve)
+                current = micro_f1(y, decide(probs, values))
+                moved = True
+        if not moved:
+            break
+    return values
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_class_for_micro_chooses_what_the_textbook_coordinate_ascent_chooses(seed):
+    probs, y = _scale_case(seed, n=[8, 40, 120][seed % 3], c=[2, 5][seed % 2],
+                           dtype=[np.float32, np.float64][seed % 2])
+    probs[:2] *= 0.05  # rows whose only label may be the one moving: the fallback decides them
+    got = tune("per-class", probs, y, metric="micro")
+    assert got.metric == "micro" and np.array_equal(got.values, _textbook_micro_per_class(probs, y))
+
+
+def test_the_default_metric_is_sample_f1_and_changes_nothing():
+    from mmtag.decision.thresholds import tune_decisions
+
+    probs, y = _scale_case(4, n=300, c=7)
+    for mode in ("global", "per-class", "balanced", "gfm"):
+        default, samples = tune(mode, probs, y), tune(mode, probs, y, metric="samples")
+        assert np.array_equal(default.values, samples.values) and default.metric == "samples"
+        assert "metric" not in default.to_dict()  # thresholds.json as it was
+    assert np.array_equal(tune("per-class", probs, y).values, _textbook_per_class(probs, y))
+    scores = Scores(probs, {"image": probs * 0.9, "text": probs}, union=True)
+    assert tune_decisions("global", scores, y).to_dict() == \
+        tune_decisions("global", scores, y, metric="samples").to_dict()
+    # a record written before `--metric` was kept reads as sample-F1's; another round-trips
+    assert Thresholds.from_dict({"mode": "global", "values": [0.5]}).metric == "samples"
+    macro = tune("per-class", probs, y, metric="macro")
+    assert macro.to_dict()["metric"] == "macro" and Thresholds.from_dict(macro.to_dict()).metric == "macro"
+
+
+def test_a_plugin_rule_without_a_metric_still_tunes_and_an_unknown_metric_is_named(monkeypatch):
+    from mmtag.decision import thresholds
+
+    calls = []
+
+    def mine(probs, y_true):  # written before `--metric`: takes no metric
+        calls.append(1)
+        return thresholds.Thresholds.constant(0.3, probs.shape[1])
+
+    monkeypatch.setitem(thresholds.TUNERS, "mine", mine)
+    probs, y = _scale_case(1, n=40, c=3)
+    assert tune("mine", probs, y, metric="macro").metric == "macro" and calls == [1]
+    with pytest.raises(MmtagError, match="unknown metric 'nope'; available: samples, micro, macro"):
+        tune("per-class", probs, y, metric="nope")
+
+
+def test_auto_for_macro_compares_the_rules_by_macro_f1_and_says_so(caplog):
+    import logging
+
+    from mmtag.decision.metrics import macro_f1
+    from mmtag.decision.thresholds import AUTO_FOLDS
+
+    probs, y = _rare_needs_low(FEW_VALIDATION_ROWS + 200)
+    with caplog.at_level(logging.INFO, logger="mmtag.decision.thresholds"):
+        t = tune("auto", probs, y, metric="macro")
+    assert t.mode == "per-class" and t.metric == "macro"  # the rare labels need their own
+    assert t.chosen_from["per-class"] > t.chosen_from["global"]
+    # chosen_from holds each rule's mean held-part macro-F1 (the same seeded parts as auto's)
+    n = len(y)
+    parts = np.array_split(np.random.default_rng(0).permutation(n), AUTO_FOLDS)
+    held = []
+    for i, part in enumerate(parts):
+        rest = np.concatenate(parts[:i] + parts[i + 1:])
+        rule = tune("global", probs[rest], y[rest], metric="macro")
+        held.append(macro_f1(y[part], decide(probs[part], rule)))
+    assert t.chosen_from["global"] == pytest.approx(float(np.mean(held)), abs=1e-12)
+    assert any("macro-F1 on held parts" in r.getMessage() for r in caplog.records)
+    # by default the same candidates are compared by sample-F1
+    assert tune("auto", probs, y).chosen_from["global"] != pytest.approx(t.chosen_from["global"])
+    saved = Thresholds.from_dict(t.to_dict())
+    assert saved.metric == "macro" and saved.mode == "per-class"

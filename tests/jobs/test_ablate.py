@@ -61,3 +61,20 @@ def test_ablation_with_folds_ranks_by_out_of_fold_figures(tiny, make_config, tmp
     name = best.variant + (" (stacked)" if best.stack else "")
     assert f"| **{name}** | {best.samples_f1:.4f} ± {best.samples_f1_std:.4f} |" in md
     assert f"Best variant by out-of-fold sample-F1 (3 folds;" in md
+
+
+def test_the_table_ranks_by_the_metric_asked_for_and_says_which(tmp_path):
+    from mmtag.jobs.ablate import AblationRow, write_tables
+
+    rows = [AblationRow("image", 0.80, 0.70, 0.40, 1.0, 0.1, 5.0, folds=3, samples_f1_std=0.01),
+            AblationRow("text", 0.75, 0.72, 0.60, 1.0, 0.1, 5.0, folds=3, samples_f1_std=0.02),
+            AblationRow("concat", 0.78, 0.74, 0.50, 1.0, 0.1, 5.0, folds=3, samples_f1_std=0.01)]
+    for metric, best, title in (("samples", "image", "sample-F1"), ("micro", "concat", "micro-F1"),
+                                ("macro", "text", "macro-F1")):
+        write_tables(tmp_path, rows, metric=metric)
+        md = (tmp_path / "ablation.md").read_text()
+        assert f"| **{best}** |" in md and md.count("**") == 2
+        assert f"Best variant by out-of-fold {title} (3 folds;" in md
+    write_tables(tmp_path, [AblationRow("image", 0.8, 0.7, 0.4, 1.0, 0.1, 5.0)], metric="macro")
+    assert "Best variant by validation macro-F1 (one seeded split): image." in \
+        (tmp_path / "ablation.md").read_text()

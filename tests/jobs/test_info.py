@@ -34,3 +34,10 @@ def test_labels_row_cuts_long_names_and_lists_at_most_a_hundred_labels():
     assert text.startswith("0 " + "x" * 40 + "…(100,000 chars), 1 tag1, ")
     assert f"{LISTED_LABELS - 1} tag{LISTED_LABELS - 1}, … and 150 more (--json lists all)" in text
     assert len(text) < 2_000
+
+
+def test_the_metric_the_run_optimised_is_a_row():
+    assert dict(info_rows(_data(None)))["optimised for"] == "sample-F1 (--metric samples)"  # older runs
+    data = _data(None)
+    data["config"] = {"train": {"metric": "macro"}}
+    assert dict(info_rows(data))["optimised for"] == "macro-F1 (--metric macro)"

@@ -249,3 +249,25 @@ def test_sweep_rejects_bad_combinations_before_training(tiny, text_base, tmp_pat
         with pytest.raises(MmtagError, match=needle):
             run_sweep(tiny.train_csv, images, tmp_path, text_base, grid, progress=False)
     assert count_fits == [] and not (tmp_path / "runs").exists()
+
+
+def test_the_sweep_ranks_by_the_metric_asked_for_and_says_which(tmp_path):
+    from mmtag.jobs.sweep import SweepRow, _write_tables
+
+    def row(lr, samples, micro, macro):
+        return SweepRow(config={"lr": lr}, samples_f1=samples, micro_f1=micro, macro_f1=macro,
+                        val_loss=0.3, train_loss=0.2, train_s=1.0, model_size_mb=1.0,
+                        run=f"runs/lr={lr}")
+
+    rows = [row("1e-4", 0.80, 0.70, 0.40), row("1e-3", 0.75, 0.72, 0.60), row("1e-2", 0.78, 0.74, 0.50)]
+    assert best_row(rows) is rows[0] and best_row(rows, "samples") is rows[0]
+    assert best_row(rows, "micro") is rows[2] and best_row(rows, "macro") is rows[1]
+    grid = {"lr": ["1e-4", "1e-3", "1e-2"]}
+    _write_tables(tmp_path, grid, rows, "macro")
+    md = (tmp_path / "sweep.md").read_text()
+    assert "Best configuration: lr=1e-3 (validation macro F1 0.6000) → runs/lr=1e-3" in md
+    assert "Ranked by validation macro F1 (--metric macro)." in md
+    assert "| **1e-3** |" in md and (tmp_path / "sweep.png").stat().st_size > 0
+    _write_tables(tmp_path, grid, rows)  # the default: sample-F1, said as before
+    md = (tmp_path / "sweep.md").read_text()
+    assert "(validation samples F1 0.8000) → runs/lr=1e-4" in md and "Ranked by" not in md

@@ -136,3 +136,26 @@ def test_integer_labels_are_shown_as_themselves_unless_names_are_asked_for(
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "names.csv (line 2): label id 'x' is not an integer" in err[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_run_for_macro_f1_records_the_metric_and_every_choice_follows_it(
+        tiny, cache_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mmtag.jobs.info import info, info_rows
+    from mmtag.jobs.report import best_epoch
+    from mmtag.training.loop import higher_f1
+
+    run = tmp_path / "macro"
+    assert cli.main(["train", str(tiny.train_csv), *TEXT_OPTS, "--epochs", "3", "--decision",
+                     "per-class", "--metric", "macro", "--cache-dir", cache_dir,
+                     "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "optimised for: macro-F1 (--metric macro)" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["metric"] == "macro"
+    assert json.loads((run / "thresholds.json").read_text())["metric"] == "macro"
+    tagger = api.Tagger.load(run)
+    assert tagger.config.train.metric == "macro" and tagger.thresholds.metric == "macro"
+    # the history keeps each epoch's macro-F1, and the best epoch is the one of the highest
+    figures = [h["val_metric"] for h in tagger.history]
+    assert best_epoch(tagger.history, higher_f1) == 1 + figures.index(max(figures))
+    assert dict(info_rows(info(run)))["optimised for"] == "macro-F1 (--metric macro)"
+    assert "optimised for macro-F1" in (run / "report.html").read_text()

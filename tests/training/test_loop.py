@@ -241,3 +241,84 @@ def test_a_resumed_stage_says_where_it_resumes(tmp_path: Path, monkeypatch: pyte
 def test_stage_labels_say_what_trains(stage: str, label: str) -> None:
     head = create_head("concat", {"image": 4, "text": 4}, 2, hidden=8, dropout=0.0)
     assert stage_label(stage, head, 5) == label
+
+
+# ------------------------------------------------------------------ --metric
+class Scripted(Trainee):
+    """A trainee whose validation scores are scripted per epoch (its one weight trains on a
+    constant loss): the loop's choice of epoch is all that is tested."""
+
+    def __init__(self, scores: list[np.ndarray]) -> None:
+        self.scores, self.epoch = scores, 0
+        self.w = nn.Parameter(torch.zeros(1))
+        self.optimizer = make_optimizer("adamw", [self.w], 0.01, 0.0)
+
+    def train_mode(self) -> None:
+        self.epoch += 1
+
+    def epoch_batches(self, generator: torch.Generator) -> list[np.ndarray]:
+        return [np.arange(4)]
+
+    def batch_losses(self, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for idx in batches:
+            yield idx, (self.w ** 2).sum() + 1.0
+
+    def val_logits(self) -> torch.Tensor:
+        p = np.clip(self.scores[self.epoch - 1], 1e-6, 1 - 1e-6)
+        return torch.from_numpy(np.log(p / (1 - p)).astype(np.float32))
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"w": self.w.detach(), "epoch": torch.tensor(self.epoch)}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+def _common_then_rare() -> tuple[np.ndarray, list[np.ndarray]]:
+    """20 rows of a common label, 2 of them also a rare one. Epoch 1 never predicts the rare label
+    (sample-F1 0.9667, macro-F1 0.5); epoch 2 finds it at the cost of 6 false positives (the same
+    sample-F1 at its best threshold, macro-F1 0.7); epoch 3 is epoch 1 again."""
+    y = np.zeros((20, 2), dtype=np.float32)
+    y[:, 0] = 1
+    y[:2, 1] = 1
+    first = np.stack([np.full(20, 0.9), np.full(20, 0.1)], axis=1)
+    second = first.copy()
+    second[:8, 1] = 0.8
+    return y, [first, second, first]
+
+
+@pytest.mark.parametrize("metric, best_epoch", [("samples", 1), ("micro", 1), ("macro", 2)])
+def test_the_best_epoch_is_chosen_by_the_metric_asked_for(metric: str, best_epoch: int) -> None:
+    from mmtag.decision.metrics import macro_f1, micro_f1, samples_f1
+    from mmtag.decision.thresholds import decide, tune_global
+
+    y, scores = _common_then_rare()
+    result = train_loop(Scripted(scores), y, nn.BCEWithLogitsLoss(), epochs=3, seed=0,
+                        better=higher_f1, metric=metric, progress=Progress(show=False))
+    assert result.best_epoch == best_epoch
+    score = {"samples": samples_f1, "micro": micro_f1, "macro": macro_f1}[metric]
+    for entry, probs in zip(result.history, scores):
+        decided = decide(probs.astype(np.float32), tune_global(probs.astype(np.float32), y, metric=metric))
+        assert entry.val_metric == pytest.approx(score(y, decided))
+        assert entry.val_samples_f1 == pytest.approx(samples_f1(y, decided))  # kept, as before
+    if metric == "samples":
+        assert all(e.val_metric == e.val_samples_f1 for e in result.history)
+
+
+def test_a_history_written_before_the_metric_was_kept_reads_as_sample_f1(tmp_path: Path) -> None:
+    old = {"epoch": 2, "train_loss": 1.0, "val_loss": 0.5, "val_samples_f1": 0.7, "threshold": 0.4}
+    entry = EpochLog(**old)
+    assert entry.val_metric == 0.7
+    assert higher_f1(entry, EpochLog(**{**old, "val_samples_f1": 0.6}))
+
+
+def test_fit_head_chooses_its_epoch_by_the_configured_metric() -> None:
+    tr, ytr = _toy(200, 0)
+    va, yva = _toy(60, 1)
+    torch.manual_seed(0)
+    head = create_head("text", {"text": 8}, 2, hidden=16, dropout=0.0)
+    cfg = TrainConfig(epochs=6, patience=6, batch_size=64, lr=3e-3, metric="macro")
+    result = fit_head(head, tr, ytr, va, yva, cfg, progress=False)
+    figures = [e.val_metric for e in result.history]
+    assert result.best_epoch == 1 + int(np.argmax(np.round(figures, 9)))
+    assert any(e.val_metric != e.val_samples_f1 for e in result.history)  # macro-F1, not sample-F1

@@ -37,6 +37,10 @@ class Metrics:
         return cls(samples_f1=float(raw["samples_f1"]), micro_f1=float(raw["micro_f1"]),  # type: ignore[arg-type]
                    macro_f1=float(raw["macro_f1"]), per_class=per_class, n=int(raw["n"]))  # type: ignore[arg-type]
 
+    def figure(self, metric: str) -> float:
+        """The figure of `metric` (a name of registries.METRICS: samples, micro, macro)."""
+        return float(getattr(self, f"{metric}_f1"))
+
     def headline(self) -> str:
         return (f"samples_f1={self.samples_f1:.4f} micro_f1={self.micro_f1:.4f} "
                 f"macro_f1={self.macro_f1:.4f} (n={self.n})")
@@ -63,6 +67,44 @@ def samples_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     denom = t.sum(axis=1) + p.sum(axis=1)
     f1 = np.divide(2.0 * tp, denom, out=np.zeros(len(t)), where=denom > 0)
     return float(f1.mean()) if len(t) else 0.0
+
+
+def micro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Micro-averaged F1 in plain numpy, every label decision pooled: 2·TP / (true + predicted
+    labels). The same value as sklearn's f1_score(average="micro", zero_division=0)."""
+    t, p = np.asarray(y_true) != 0, np.asarray(y_pred) != 0
+    tp = int(np.count_nonzero(t & p))
+    denom = int(np.count_nonzero(t)) + int(np.count_nonzero(p))
+    return 2.0 * tp / denom if denom else 0.0
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Macro-averaged F1 in plain numpy: the mean of each class's F1 over the classes that occur
+    (in truth or prediction), as `compute` reports it. The same value as sklearn's
+    f1_score(average="macro", zero_division=0, labels=<those classes>)."""
+    t, p = np.asarray(y_true) != 0, np.asarray(y_pred) != 0
+    return macro_of_counts((t & p).sum(axis=0), t.sum(axis=0), p.sum(axis=0))
+
+
+def class_f1(tp: np.ndarray, n_true: np.ndarray, n_pred: np.ndarray) -> np.ndarray:
+    """Each class's F1 from its counts, 2·TP / (true + predicted), 0 where both are 0 (float64,
+    computed as scikit-learn computes it)."""
+    denom = np.asarray(n_true, dtype=np.float64) + np.asarray(n_pred, dtype=np.float64)
+    return np.divide(2.0 * np.asarray(tp, dtype=np.float64), denom,
+                     out=np.zeros(np.shape(denom)), where=denom > 0)
+
+
+def macro_of_counts(tp: np.ndarray, n_true: np.ndarray, n_pred: np.ndarray) -> float:
+    """Macro-F1 of per-class counts (C,): the mean F1 of the classes true or predicted anywhere."""
+    occurring = (np.asarray(n_true) > 0) | (np.asarray(n_pred) > 0)
+    if not occurring.any():
+        return 0.0
+    return float(class_f1(tp[occurring], n_true[occurring], n_pred[occurring]).mean())
+
+
+def metric_title(metric: str) -> str:
+    """How lines and tables name a metric of registries.METRICS: sample-F1, micro-F1, macro-F1."""
+    return "sample-F1" if metric == "samples" else f"{metric}-F1"
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float]:

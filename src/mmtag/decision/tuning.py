@@ -16,8 +16,8 @@ import numpy as np
 
 from ..config import Config
 from ..data import LabelSpace
-from .metrics import Metrics, compute, samples_f1
-from .thresholds import Scores, Thresholds, decide, report_part, reporting, tune_decisions
+from .metrics import Metrics, compute, metric_title, samples_f1
+from .thresholds import SAMPLES, Scores, Thresholds, decide, report_part, reporting, tune_decisions
 
 # (training rows, validation rows) of each fold of a cross-fitted run
 Folds = list[tuple[np.ndarray, np.ndarray]]
@@ -25,15 +25,19 @@ Folds = list[tuple[np.ndarray, np.ndarray]]
 
 def decision_of(config: Config, scores: Scores, y_val: np.ndarray,
                 skip: dict[str, str] | None = None) -> Thresholds:
-    """The configured decision rule tuned on validation scores (`skip`: see `tune_auto`)."""
+    """The configured decision rule tuned on validation scores for the configured metric
+    (`train.metric`; `skip`: see `tune_auto`)."""
     ranges = {name: (float(r[0]), float(r[1])) for name, r in
               (("image", config.train.union_image_range), ("text", config.train.union_text_range)) if r}
-    return tune_decisions(config.train.thresholds, scores, y_val, ranges, skip)
+    return tune_decisions(config.train.thresholds, scores, y_val, ranges, skip,
+                          metric=config.train.metric)
 
 
 def deciding_label(config: Config, y: np.ndarray) -> str:
     """What the decision step's progress lines say it does."""
-    return f"{config.train.thresholds} over {y.shape[1]} labels and {len(y)} rows"
+    metric = config.train.metric
+    aim = "" if metric == SAMPLES else f" for {metric_title(metric)}"
+    return f"{config.train.thresholds}{aim} over {y.shape[1]} labels and {len(y)} rows"
 
 
 def tune(config: Config, scores: Scores, y_val: np.ndarray,

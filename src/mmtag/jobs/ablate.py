@@ -2,7 +2,9 @@
 
 The single-modality models and every fusion head are trained on the same folds with the same
 seed (out-of-fold figures; `folds=1`: one shared validation split); encoder features are computed
-once and shared through the cache, so only heads are trained.
+once and shared through the cache, so only heads are trained. The variants are ranked by the
+base config's metric (`train.metric`, `--metric`: sample-F1 by default), which the summary
+line names.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from ..data import read_dataset
 from ..decision import mean_and_std
+from ..decision.metrics import metric_title
 from ..model.tagger import Tagger
 from ..config import Config
 from ..heads import HEADS, takes_unpaired
@@ -81,19 +84,27 @@ def run_ablation(train_csv: str | Path, images: str | Path, out: str | Path, bas
                                 float(manifest["model_size_mb"]), report.folds,
                                 mean_and_std(folds)[1] if folds else 0.0,
                                 bool(tagger.config.train.stack)))
-        write_tables(out, rows, extra_text=extra_text)  # after every variant: an interrupted
+        write_tables(out, rows, extra_text=extra_text,  # after every variant: an interrupted
+                     metric=base.train.metric)
         # ablation keeps the rows it finished
     return rows
 
 
-def write_tables(out: Path, rows: list[AblationRow], *, extra_text: str | Path | None = None) -> None:
+def figure_of(row: AblationRow, metric: str) -> float:
+    """A row's figure of `metric` (a name of registries.METRICS): what the variants rank by."""
+    return float(getattr(row, f"{metric}_f1"))
+
+
+def write_tables(out: Path, rows: list[AblationRow], *, extra_text: str | Path | None = None,
+                 metric: str = "samples") -> None:
+    """ablation.csv and ablation.md; the best variant (bold) by `metric`'s figure."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(asdict(rows[0])), lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(r).items()})
     atomic_write_text(out / "ablation.csv", buf.getvalue())
-    best = max(rows, key=lambda r: r.samples_f1)
+    best = max(rows, key=lambda r: figure_of(r, metric))
     oof = rows[0].folds > 1
     lines = ["| variant | samples F1 | micro F1 | macro F1 | train s | predict s | model MB |",
              "|---|---|---|---|---|---|---|"]
@@ -104,8 +115,11 @@ def write_tables(out: Path, rows: list[AblationRow], *, extra_text: str | Path |
         lines.append(f"| {name} | {f1} | {r.micro_f1:.4f} | {r.macro_f1:.4f} | "
                      f"{r.train_s:.1f} | {r.predict_s:.2f} | {r.model_size_mb:.1f} |")
     lines.append("")
-    figure = (f"out-of-fold sample-F1 ({rows[0].folds} folds; ± the std of the folds' figures)"
-              if oof else "validation sample-F1 (one seeded split)")
+    title = metric_title(metric)
+    spread = ("± the std of the folds' figures" if metric == "samples"
+              else "the samples F1 column's ± is the std of the folds' sample-F1s")
+    figure = (f"out-of-fold {title} ({rows[0].folds} folds; {spread})"
+              if oof else f"validation {title} (one seeded split)")
     lines.append(f"Best variant by {figure}: {best.variant}.")
     users = [r.variant for r in rows if uses_extra_text(r.variant)]
     if extra_text and users:

@@ -8,6 +8,7 @@ from typing import Any
 from ..config import Config
 from ..data import display_name
 from ..decision import mean_and_std
+from ..decision.metrics import metric_title
 from ..encoders import EncoderInfo, list_encoders
 from ..io import load_json
 from ..model import bundle as bundle_io
@@ -72,6 +73,10 @@ def info_rows(data: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("validation", f"samples F1 {val['samples_f1']:.4f}, micro F1 "
                                    f"{val['micro_f1']:.4f}, macro F1 {val['macro_f1']:.4f} "
                                    f"({where})"))
+    # what the thresholds, the decision rule and the best epoch were chosen by (a run saved
+    # before `--metric` existed chose by sample-F1)
+    metric = (data["config"].get("train") or {}).get("metric") or "samples"
+    rows.append(("optimised for", f"{metric_title(metric)} (--metric {metric})"))
     changed = _changed_settings(data["config"], Config().to_dict())
     rows.append(("settings", ", ".join(f"{k}={v}" for k, v in changed) if changed
                  else "the defaults"))

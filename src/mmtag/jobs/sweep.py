@@ -5,7 +5,8 @@
     best_row(rows).run   # a normal run bundle: `mmtag predict --run <it>`
 
 Each combination is `base.override(...)` trained into `OUT/runs/<slug>` on the same seeded folds
-and ranked by out-of-fold figures, or with `folds` 1 on the same validation split (seed and
+and ranked by out-of-fold figures of the base's metric (`train.metric`, `--metric`: sample-F1
+unless told), or with `folds` 1 on the same validation split (seed and
 val_frac of `base`, whatever the axes say), like `mmtag ablate`; encoder features
 come from the shared cache, so a sweep over head settings only trains heads. After every run
 `sweep.csv`, `sweep.md` and `sweep.png` are rewritten atomically, so an interrupted sweep resumes:
@@ -31,7 +32,7 @@ from typing import Any
 from .ablate import uses_extra_text
 from ..data import read_dataset
 from ..model.tagger import Tagger
-from ..training.trainer import TrainInputs, resolve
+from ..training.trainer import TrainInputs, groups_of, resolve
 from ..config import AUTO, Config, flags, read_yaml_mapping
 from ..data import Dataset, train_val_split
 from ..encoders import Encoder
@@ -268,7 +269,7 @@ def run_sweep(train_csv: str | Path, images: str | Path | None, out: str | Path,
         rows[i] = row
     if done:
         log.info("sweep: %d of %d combinations already trained in %s", len(done), len(combos), out)
-        _write_tables(out, grid, [rows[i] for i in sorted(rows)])
+        _write_tables(out, grid, [rows[i] for i in sorted(rows)], base.train.metric)
     todo = [i for i in range(len(combos)) if i not in rows]
     if not todo:
         return [rows[i] for i in range(len(combos))]
@@ -279,7 +280,8 @@ def run_sweep(train_csv: str | Path, images: str | Path | None, out: str | Path,
                               csv_format=base.data.csv_format())
     # One split for all: the base's seed and val_frac, even when an axis sets train.seed.
     try:
-        tr_idx, va_idx = train_val_split(len(dataset), base.data.val_frac, base.train.seed)
+        tr_idx, va_idx = train_val_split(len(dataset), base.data.val_frac, base.train.seed,
+                                         groups_of(base, dataset))
     except ValueError as exc:
         raise MmtagError(f"{train_csv}: {exc}") from None
     train_part, val_part = dataset.subset(tr_idx), dataset.subset(va_idx)
@@ -291,7 +293,8 @@ def run_sweep(train_csv: str | Path, images: str | Path | None, out: str | Path,
         log.info("sweep %d/%d: %s", n, len(todo), slug)
         rows[i] = _train_one(cfg, combos[i], out / "runs" / slug, dataset, train_part, val_part,
                              image_dir, side_data, encoders, progress=progress)
-        _write_tables(out, grid, [rows[k] for k in sorted(rows)])  # after every run: resumable
+        _write_tables(out, grid, [rows[k] for k in sorted(rows)],  # after every run: resumable
+                      base.train.metric)
     return [rows[i] for i in range(len(combos))]
 
 
@@ -359,11 +362,17 @@ def _best_epoch(history: list[dict[str, float]], best_epoch: int) -> dict[str, f
     return {}
 
 
-def best_row(rows: list[SweepRow]) -> SweepRow:
-    """Highest validation sample-F1; ties go to the earlier combination in grid order."""
+def best_row(rows: list[SweepRow], metric: str = "samples") -> SweepRow:
+    """Highest validation F1 of `metric` (the base config's `train.metric`; sample-F1 unless
+    told); ties go to the earlier combination in grid order."""
     if not rows:
         raise MmtagError("the sweep has no finished runs")
-    return max(rows, key=lambda r: r.samples_f1)
+    return max(rows, key=lambda r: figure_of(r, metric))
+
+
+def figure_of(row: SweepRow, metric: str) -> float:
+    """A row's figure of `metric` (a name of registries.METRICS): what the sweep ranks by."""
+    return float(getattr(row, f"{metric}_f1"))
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -421,7 +430,9 @@ def _strip(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ tables
-def _write_tables(out: Path, grid: dict[str, list[Any]], rows: list[SweepRow]) -> None:
+def _write_tables(out: Path, grid: dict[str, list[Any]], rows: list[SweepRow],
+                  metric: str = "samples") -> None:
+    """sweep.csv, sweep.md and sweep.png; the best combination by `metric`'s figure."""
     axes = list(grid)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=axes + METRIC_COLUMNS + ["run"], lineterminator="\n")
@@ -434,7 +445,7 @@ def _write_tables(out: Path, grid: dict[str, list[Any]], rows: list[SweepRow]) -
         writer.writerow({k: csv_cell(v) if isinstance(v, str) else v for k, v in rec.items()})
     atomic_write_text(out / "sweep.csv", buf.getvalue())
 
-    best = best_row(rows)
+    best = best_row(rows, metric)
     lines = ["| " + " | ".join(axes + ["samples F1", "micro F1", "macro F1", "val loss",
                                         "train loss", "train s", "model MB", "run"]) + " |",
              "|" + "---|" * (len(axes) + 8)]
@@ -447,23 +458,33 @@ def _write_tables(out: Path, grid: dict[str, list[Any]], rows: list[SweepRow]) -
             cells = [f"**{c}**" for c in cells]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Best configuration: {_describe(best, axes)} (validation samples F1 "
-                 f"{best.samples_f1:.4f}) → {best.run}")
+    title = _figure_title(metric)
+    lines.append(f"Best configuration: {_describe(best, axes)} (validation {title} "
+                 f"{figure_of(best, metric):.4f}) → {best.run}")
+    if metric != "samples":
+        lines.append(f"Ranked by validation {title} (--metric {metric}).")
     atomic_write_text(out / "sweep.md", "\n".join(lines) + "\n")
-    _write_chart(out / "sweep.png", axes, rows, best)
+    _write_chart(out / "sweep.png", axes, rows, best, metric)
+
+
+def _figure_title(metric: str) -> str:
+    """A metric as the sweep's table heads name it: samples F1, micro F1, macro F1."""
+    return f"{metric} F1"
 
 
 def _describe(row: SweepRow, axes: list[str]) -> str:
     return ", ".join(f"{a}={row.config.get(a, '')}" for a in axes)
 
 
-def _write_chart(path: Path, axes: list[str], rows: list[SweepRow], best: SweepRow) -> None:
-    """Horizontal bars of validation samples F1, one per configuration, the best highlighted."""
+def _write_chart(path: Path, axes: list[str], rows: list[SweepRow], best: SweepRow,
+                 metric: str = "samples") -> None:
+    """Horizontal bars of the validation F1 ranked by (`metric`), one per configuration, the
+    best highlighted."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     labels = [" ".join(f"{a}={r.config.get(a, '')}" for a in axes) for r in rows]
-    scores = [r.samples_f1 for r in rows]
+    scores = [figure_of(r, metric) for r in rows]
     fig = Figure(figsize=(8, 1.2 + 0.35 * len(rows)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -471,7 +492,7 @@ def _write_chart(path: Path, axes: list[str], rows: list[SweepRow], best: SweepR
     bars = ax.barh(y, scores, color=["#d62728" if r is best else "#7f9fbf" for r in rows])
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlim(0, max(1.0, max(scores) * 1.05))
-    ax.set_xlabel("validation samples F1")
+    ax.set_xlabel(f"validation {_figure_title(metric)}")
     ax.set_title(f"sweep: {len(rows)} configurations (best in red)")
     for bar, s in zip(bars, scores):
         ax.text(bar.get_width() + 0.005, bar.get_y() + bar.get_height() / 2, f"{s:.3f}",

@@ -36,7 +36,8 @@ from ..io import atomic_write_text, atomic_write_with, load_json
 
 log = logging.getLogger("mmtag")
 
-METRIC_FIELDS = ["stage", "epoch", "train_loss", "val_loss", "val_samples_f1", "threshold"]
+# val_metric: the F1 of the run's metric (--metric), what the best epoch is chosen by
+METRIC_FIELDS = ["stage", "epoch", "train_loss", "val_loss", "val_samples_f1", "threshold", "val_metric"]
 
 
 def has_checkpoint(run_dir: str | Path) -> bool:

@@ -58,8 +58,9 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
                   y_val: np.ndarray, cfg: FinetuneConfig, *, loss: nn.Module | None = None,
                   seed: int = 0, augment: TextAugment | None = None,
                   progress: bool = True, run_log: RunLog | None = None,
-                  stage: str = "finetune-text") -> FinetuneResult:
+                  stage: str = "finetune-text", metric: str = "samples") -> FinetuneResult:
     """Fine-tune a copy of the whole text transformer on (captions, y); `encoder` is untouched.
+    The epoch kept is the one of the best validation F1 of `metric` (`--metric`).
     With `augment` (e.g. synonym replacement), training captions are rewritten with a fresh
     seed each time they are drawn; validation captions never are. With `run_log`, every epoch
     is checkpointed under `stage` and an interrupted run resumes to the uninterrupted result.
@@ -72,7 +73,7 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     if cfg.top_layers > 0:
         return _finetune_text_top(encoder, captions, y, val_captions, y_val, cfg, loss=loss,
                                  seed=seed, augment=augment, progress=progress, run_log=run_log,
-                                 stage=stage)
+                                 stage=stage, metric=metric)
     torch.manual_seed(seed)
     enc = copy.deepcopy(encoder)
     trainable = enc.trainable_groups()
@@ -106,7 +107,7 @@ def finetune_text(encoder: TextEncoder, captions: list[str], y: np.ndarray, val_
     return _finetune(EncoderTrainee(enc, trainable, params, set_train, train_batches, val_batches,
                                     y, len(y_val), cfg, _criterion(loss), augment_rng=rng),
                      y_val, cfg, seed=seed, progress=progress, source=encoder, run_log=run_log,
-                     stage=stage)
+                     stage=stage, metric=metric)
 
 
 def _finetune_text_top(encoder: TextEncoder, captions: list[str], y: np.ndarray,
@@ -114,7 +115,7 @@ def _finetune_text_top(encoder: TextEncoder, captions: list[str], y: np.ndarray,
                       loss: nn.Module | None = None, seed: int = 0,
                       augment: TextAugment | None = None, progress: bool = True,
                       run_log: RunLog | None = None,
-                      stage: str = "finetune-text") -> FinetuneResult:
+                      stage: str = "finetune-text", metric: str = "samples") -> FinetuneResult:
     """Fine-tune a copy of the text encoder's last `cfg.top_layers` transformer layers; the
     embeddings and lower layers stay as they are, so their output is computed once per caption
     (`LowerStates`) and every epoch runs only the top layers, on length-bucketed batches. The
@@ -166,7 +167,7 @@ def _finetune_text_top(encoder: TextEncoder, captions: list[str], y: np.ndarray,
                                augment_rng=np.random.default_rng(seed + 1),
                                lengths=train_states.lengths)
     return _finetune(trainee, y_val, cfg, seed=seed, progress=progress, source=encoder,
-                     run_log=run_log, stage=stage)
+                     run_log=run_log, stage=stage, metric=metric)
 
 
 @dataclass
@@ -224,7 +225,8 @@ def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: n
                    val_images: Sequence[Path] | Dataset, y_val: np.ndarray, cfg: FinetuneConfig, *,
                    loss: nn.Module | None = None, seed: int = 0, workers: int = 2,
                    augment: ImageAugment | None = None, progress: bool = True,
-                   run_log: RunLog | None = None, stage: str = "finetune-image") -> FinetuneResult:
+                   run_log: RunLog | None = None, stage: str = "finetune-image",
+                   metric: str = "samples") -> FinetuneResult:
     """Fine-tune a copy of the image encoder's last `cfg.unfreeze_blocks` blocks + head conv/BN.
 
     `images` and `val_images` are image files, or Datasets (then an image that cannot be decoded
@@ -283,7 +285,7 @@ def finetune_image(encoder: ImageEncoder, images: Sequence[Path] | Dataset, y: n
     return _finetune(EncoderTrainee(enc, trainable, params, set_train, train_batches, val_batches,
                                     y, len(y_val), cfg, _criterion(loss), augment_rng=rng),
                      y_val, cfg, seed=seed, progress=progress, source=encoder, run_log=run_log,
-                     stage=stage)
+                     stage=stage, metric=metric)
 
 
 def _image_items(images: Sequence[Path] | Dataset, size: int,
@@ -442,11 +444,12 @@ def bucketed_batches(lengths: np.ndarray, batch_size: int,
 
 def _finetune(trainee: EncoderTrainee, y_val: np.ndarray, cfg: FinetuneConfig, *, seed: int,
               progress: bool, source: Encoder, run_log: RunLog | None,
-              stage: str) -> FinetuneResult:
-    """Train, validate each epoch, keep the best weights; then finalize the encoder."""
+              stage: str, metric: str = "samples") -> FinetuneResult:
+    """Train, validate each epoch (F1 of `metric`), keep the best weights; then finalize the
+    encoder."""
     enc = trainee.enc
     done = train_loop(trainee, y_val, trainee.criterion, epochs=cfg.epochs, seed=seed,
-                      better=higher_f1_then_lower_loss, run_log=run_log, stage=stage,
+                      better=higher_f1_then_lower_loss, run_log=run_log, stage=stage, metric=metric,
                       progress=Progress(label=f"finetune {enc.name}", per_row=True,
                                         log_epochs=True, show=progress))
     enc.cpu()  # the bundle and the hash are made from CPU weights; Tagger moves it back

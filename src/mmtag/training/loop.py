@@ -2,15 +2,16 @@
 
 `train_loop` runs the epochs of whatever trains on the multi-label task (a `Trainee`: a head on
 cached features here, an encoder with a temporary task head in `training.finetune`): batches
-split across torchrun ranks, gradient scaling under `--amp`, validation sample-F1 at its tuned
-global threshold every epoch, the best epoch's weights kept by a rule the caller picks, optional
+split across torchrun ranks, gradient scaling under `--amp`, validation F1 (the run's metric,
+`--metric`: sample-F1 by default) at its tuned global threshold every epoch, the best epoch's
+weights kept by a rule the caller picks, optional
 early stopping, and per-epoch checkpoints through `RunLog` that a resumed run continues from to
 exactly the uninterrupted result. Seeded and deterministic on CPU. It reports through
 `mmtag.progress`: a labelled bar in a terminal, a line per stage and epoch (losses, val F1,
 elapsed, ETA) elsewhere, and those lines in the run's train.log always.
 
 `fit_head` trains a head with BCE-with-logits (or the given loss), AdamW by default, and early
-stopping on validation sample-F1.
+stopping on validation F1 of the configured metric (`train.metric`).
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ from torch import nn
 
 from .. import dist
 from ..config import TrainConfig
-from ..decision.metrics import samples_f1
-from ..decision.thresholds import decide, tune_global
+from ..decision.metrics import metric_title, samples_f1
+from ..decision.thresholds import SAMPLES, decide, metric_score, tune_global
 from ..features import Features
 from ..heads import HEADS, FeatureBatch, Head
 from ..heads.scoring import batch_of, predict_logits, to_device
@@ -40,14 +41,22 @@ from .sampling import epoch_order, repeat_factors
 
 @dataclass
 class EpochLog:
-    """One finished epoch: mean training loss, and validation loss and sample-F1 at the tuned
-    global threshold."""
+    """One finished epoch: mean training loss, and validation loss, sample-F1 and the run's
+    metric (`val_metric`, what the best epoch is chosen by) at the global threshold tuned for
+    that metric."""
 
     epoch: int
     train_loss: float
     val_loss: float
     val_samples_f1: float
     threshold: float
+    # the F1 of the run's metric (`--metric`); histories written before it was kept chose by
+    # sample-F1, so a missing one reads as val_samples_f1
+    val_metric: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.val_metric is None:
+            self.val_metric = self.val_samples_f1
 
 
 @dataclass
@@ -147,18 +156,23 @@ BestRule = Callable[[EpochLog, EpochLog | None], bool]  # (this epoch, best so f
 
 
 def higher_f1(epoch: EpochLog, best: EpochLog | None) -> bool:
-    """Better = a validation sample-F1 higher than the best so far by more than 1e-6."""
-    best_f1 = best.val_samples_f1 if best is not None else -1.0
-    return epoch.val_samples_f1 > best_f1 + 1e-6
+    """Better = a validation F1 of the run's metric (`val_metric`; sample-F1 by default) higher
+    than the best so far by more than 1e-6."""
+    best_f1 = _figure(best) if best is not None else -1.0
+    return _figure(epoch) > best_f1 + 1e-6
 
 
 def higher_f1_then_lower_loss(epoch: EpochLog, best: EpochLog | None) -> bool:
-    """Better = a higher validation sample-F1 (to 6 decimals); a tie (common on small
-    validation sets) goes to the lower validation loss."""
+    """Better = a higher validation F1 of the run's metric (to 6 decimals); a tie (common on
+    small validation sets) goes to the lower validation loss."""
     def key(e: EpochLog) -> tuple[float, float]:
-        return round(e.val_samples_f1, 6), -e.val_loss
+        return round(_figure(e), 6), -e.val_loss
 
     return best is None or key(epoch) > key(best)
+
+
+def _figure(e: EpochLog) -> float:
+    return e.val_samples_f1 if e.val_metric is None else e.val_metric
 
 
 @dataclass(frozen=True)
@@ -188,13 +202,14 @@ class LoopResult:
 def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epochs: int,
                seed: int, better: BestRule, patience: int | None = None,
                run_log: RunLog | None = None, stage: str = "head",
-               progress: Progress = Progress()) -> LoopResult:
+               progress: Progress = Progress(), metric: str = SAMPLES) -> LoopResult:
     """Train `trainee` for up to `epochs` epochs and leave it holding its best epoch's weights.
 
     Each epoch: the trainee's batches (shuffled by a generator seeded with `seed`) are trained
-    on, then the validation logits are scored with `criterion` and with sample-F1 against
-    `y_val` at the global threshold `tune_global` picks; `better(epoch, best)` says whether the
-    epoch's weights replace the best so far. With `patience`, training stops after that many
+    on, then the validation logits are scored with `criterion`, and with `metric` (sample-F1
+    unless told; `val_metric`) and sample-F1 against `y_val` at the global threshold
+    `tune_global` picks for `metric`; `better(epoch, best)` says whether the epoch's weights
+    replace the best so far. With `patience`, training stops after that many
     epochs in a row without a better one.
 
     With `run_log`, every epoch is logged and checkpointed under `stage` (weights, best weights,
@@ -235,9 +250,10 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
         if saved.done:
             start = epochs + 1  # finished before the interruption: nothing left to train
     label = progress.label
+    f1_name = "F1" if metric == SAMPLES else metric_title(metric)  # what the lines quote
     if saved is not None and saved.done:
         line(f"{label}: finished before the interruption (best epoch {saved.best_epoch}, "
-             f"val F1 {saved.best_f1:.4f})", show=progress.show)
+             f"val {f1_name} {saved.best_f1:.4f})", show=progress.show)
     elif saved is not None:
         line(f"{label}: resuming after epoch {saved.epoch}/{epochs} (stage {stage})",
              show=progress.show)
@@ -288,9 +304,11 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
         with torch.no_grad():
             val_loss = float(criterion(val_logits.to(ctx.device), yv.to(ctx.device)))
         probs = torch.sigmoid(val_logits).numpy()
-        thr = tune_global(probs, y_val)
-        f1 = samples_f1(y_val, decide(probs, thr))
-        entry = EpochLog(epoch, train_loss, val_loss, f1, float(thr.values[0]))
+        thr = tune_global(probs, y_val, metric=metric)
+        decided = decide(probs, thr)
+        sample_f1 = samples_f1(y_val, decided)
+        f1 = sample_f1 if metric == SAMPLES else metric_score(metric)(y_val, decided)
+        entry = EpochLog(epoch, train_loss, val_loss, sample_f1, float(thr.values[0]), f1)
         result.history.append(entry)
         result.seconds.append(time.perf_counter() - t0)
         stop = False
@@ -303,13 +321,13 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
             # Ranks compute the same validation numbers, but one decision keeps them in lockstep.
             stop = dist.broadcast(stop)
         best = _best(result)
-        best_f1 = best.val_samples_f1 if best is not None else -1.0
+        best_f1 = _figure(best) if best is not None else -1.0
         bar.set_postfix(loss=f"{train_loss:.4f}", val_f1=f"{f1:.4f}", refresh=False)
         bar.update(1)
         elapsed = time.perf_counter() - stage_t0
         left = 0 if stop else epochs - epoch
         line(f"{label}: epoch {epoch}/{epochs}, train loss {train_loss:.4f}, val loss "
-             f"{val_loss:.4f}, val F1 {f1:.4f} (best {best_f1:.4f} at epoch "
+             f"{val_loss:.4f}, val {f1_name} {f1:.4f} (best {best_f1:.4f} at epoch "
              f"{result.best_epoch}), elapsed {duration(elapsed)}, ETA "
              f"{duration(eta(elapsed, epoch - start + 1, epoch - start + 1 + left))}",
              console=console)
@@ -332,8 +350,8 @@ def train_loop(trainee: Trainee, y_val: np.ndarray, criterion: nn.Module, *, epo
     if start <= epochs:
         best = _best(result)
         line(f"{label}: {'early stop at' if stop else 'done after'} epoch {epoch}/{epochs}, "
-             f"best epoch {result.best_epoch} (val F1 "
-             f"{best.val_samples_f1 if best is not None else float('nan'):.4f}), "
+             f"best epoch {result.best_epoch} (val {f1_name} "
+             f"{_figure(best) if best is not None else float('nan'):.4f}), "
              f"elapsed {duration(time.perf_counter() - stage_t0)}", show=progress.show)
     trainee.load_state(best_state)
     return result
@@ -400,7 +418,8 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
              cfg: TrainConfig, *, criterion: nn.Module | None = None,
              views: list[Features] | None = None, progress: bool = True,
              run_log: RunLog | None = None, stage: str = "head") -> FitResult:
-    """Train `head` and return it with the weights of its best validation epoch.
+    """Train `head` and return it with the weights of its best validation epoch (by validation
+    F1 of `cfg.metric`).
 
     With `views` (augmented versions of `train`, row-aligned), each row is drawn each epoch from
     its plain features or one of its views, uniformly. With `run_log`, every epoch is logged and
@@ -421,7 +440,7 @@ def fit_head(head: Head, train: Features, y_train: np.ndarray, val: Features, y_
     label = stage_label(stage, head, cfg.folds)
     done = train_loop(trainee, y_val, criterion, epochs=cfg.epochs, seed=cfg.seed,
                       better=higher_f1, patience=cfg.patience, run_log=run_log, stage=stage,
-                      progress=Progress(label=label, show=progress))
+                      progress=Progress(label=label, show=progress), metric=cfg.metric)
     head.cpu().eval()
     return FitResult(head=head, history=done.history, best_epoch=done.best_epoch)
 

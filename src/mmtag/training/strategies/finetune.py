@@ -43,13 +43,15 @@ class Finetune(Strategy):
                                          protected=label_words(state.label_space.names))
                 res = finetune_text(enc, tr.captions, y_tr, va.captions, y_va,  # type: ignore[arg-type]
                                     cfg.finetune, loss=loss, seed=cfg.train.seed, augment=augment,
-                                    progress=state.progress, run_log=state.run_log)
+                                    progress=state.progress, run_log=state.run_log,
+                                    metric=cfg.train.metric)
             else:
                 # Datasets, not paths: a bad image is reported with its CSV row, as extraction does.
                 res = finetune_image(enc, tr, y_tr, va, y_va, cfg.finetune,  # type: ignore[arg-type]
                                      loss=loss, seed=cfg.train.seed, workers=cfg.data.workers,
                                      augment=parse_image_aug(cfg.augment.image_spec(True)),
-                                     progress=state.progress, run_log=state.run_log)
+                                     progress=state.progress, run_log=state.run_log,
+                                     metric=cfg.train.metric)
             state.featurizer.replace_encoder(modality, res.encoder)
             history[modality] = res.history
         state.log["finetune"] = history
