@@ -12,6 +12,7 @@ the jobs in `mmtag.jobs.*`, reading CSVs in `mmtag.data`.
 from __future__ import annotations
 
 from .data import read_dataset  # noqa: F401
+from .jobs.audit import audit  # noqa: F401
 from .jobs.check import CheckReport, check  # noqa: F401
 from .jobs.export import export  # noqa: F401
 from .jobs.info import available_encoders, info  # noqa: F401

@@ -24,8 +24,8 @@ from typing import Any
 
 from . import registries
 from .version import __version__
-from .config import (AT_LEAST_1, FUSION_HEAD, POSITIVE, Config, Constraint, Interval, flags,
-                     read_yaml_mapping)
+from .config import (AT_LEAST_1, AUDIT_FIX_MIN_SCORE, FUSION_HEAD, GROUP_BY, POSITIVE, Config,
+                     Constraint, Interval, flags, read_yaml_mapping)
 from .errors import DataError, MmtagError
 
 log = logging.getLogger("mmtag")
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         _, report, manifest = api.train(args.train_csv, args.images, out, config,
                                         progress=_progress(args), tensorboard=args.tensorboard,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, audit=args.audit)
     except KeyboardInterrupt:
         raise _interrupted(out) from None
     return _print_trained(out, report, manifest)
@@ -107,6 +107,7 @@ def _interrupted(run: Path) -> KeyboardInterrupt:
 
 def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
     from .decision import mean_and_std
+    from .decision.metrics import metric_title
 
     if not manifest:  # a rank other than 0 under torchrun: it wrote nothing to describe
         return 0
@@ -127,9 +128,12 @@ def _print_trained(out: Path, report: Any, manifest: dict[str, Any]) -> int:
         if m is not None:
             print(f"validation: {m.headline()}")
     decision = report.decision
+    metric = decision.metric if decision is not None else "samples"
+    if metric != "samples":
+        print(f"optimised for: {metric_title(metric)} (--metric {metric})")
     if decision is not None and decision.chosen_from:
-        print(f"decision: {decision.mode}, chosen by --decision auto (sample-F1 on validation "
-              "rows each rule was not tuned on: " + ", ".join(
+        print(f"decision: {decision.mode}, chosen by --decision auto ({metric_title(metric)} on "
+              "validation rows each rule was not tuned on: " + ", ".join(
                   f"{rule} {f1:.4f}" for rule, f1 in decision.chosen_from.items()) + ")")
     elif decision is not None:
         print(f"decision: {decision.mode}")
@@ -213,7 +217,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
 
     # the new output options reach the API only when given, so the call is today's otherwise
-    extra = {k: v for k, v in (("proba", args.proba), ("top_k", args.top_k)) if v is not None}
+    extra = {k: v for k, v in (("proba", args.proba), ("top_k", args.top_k),
+                               ("group_by", args.group_by)) if v is not None}
     preds = api.predict(args.run, args.csv, args.images, args.out, progress=_progress(args),
                         cache_dir=args.cache_dir, **_layout(args), **extra)
     print(f"wrote {len(preds.labels)} predictions to {args.out}")
@@ -286,10 +291,36 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  ... and {len(errors) - 5} more")
     print(f"duplicate ImageIDs: {len(r.duplicate_ids)}"
           + (f" (e.g. {', '.join(list(r.duplicate_ids)[:5])})" if r.duplicate_ids else ""))
+    for title, found in (("caption groups (one image, several captions: fine)", r.repeated.caption_groups),
+                         ("copied rows (same image and caption)", r.repeated.copies),
+                         ("conflicts (same image and caption, different labels)", r.repeated.conflicts)):
+        if found:
+            print(f"  {title}: {len(found)}, e.g. "
+                  + "; ".join(f"{i} rows {', '.join(map(str, rows))}" for i, rows in list(found.items())[:3]))
     if args.images is None:
         print("images: not checked (give --images DIR)")
     print("OK" if r.problems == 0 else f"{r.problems} problem(s) found")
     return 0 if r.problems == 0 else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .jobs.audit import audit
+    from .jobs.audit_findings import KINDS
+
+    result = audit(args.csv, args.images, run=args.run, tests=args.test, out=args.out,
+                   fix=args.fix, fix_min_score=args.fix_min_score, cache_dir=args.cache_dir,
+                   progress=_progress(args))
+    counts = result.counts()
+    print(f"{args.csv}: {len(result.data)} rows, {len(result.issues)} suspected issues: "
+          + ", ".join(f"{n} {k}" for k, n in counts.items() if n), file=sys.stderr)
+    for kind in KINDS:
+        for issue in [i for i in result.issues if i.kind == kind][:3]:
+            print(f"  {kind}: row {issue.row} {issue.image_id}"
+                  f"{' ' + issue.label if issue.label else ''} ({issue.evidence})", file=sys.stderr)
+    print(f"issues written to {args.out / 'issues.csv'} and {args.out / 'audit.html'}")
+    if args.fix is not None:
+        print(f"corrected copy written to {args.fix} (changes: {args.out / 'changes.csv'})")
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -544,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (it stays intact until the new one is complete)")
     p.add_argument("--tensorboard", action="store_true", help="also log epochs to RUN/tensorboard")
+    p.add_argument("--audit", action="store_true",
+                   help="also audit the training CSV from the run's out-of-fold scores into "
+                        "RUN/audit/ (label errors, duplicates, outliers; see mmtag audit)")
     p.add_argument("--config", type=Path, metavar="YAML",
                    help="YAML config (e.g. RUN/config.yaml); flags override it")
     p.add_argument("--preset", names=_preset_names, metavar="NAME",
@@ -610,6 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "replaced if it exists)")
     p.add_argument("--proba", type=Path, metavar="CSV",
                    help="also write every label's probability for each row (default: not written)")
+    p.add_argument("--group-by", metavar="COLUMN", choices=[GROUP_BY],
+                   help=f"{GROUP_BY}: one answer per image, from the averaged scores of its rows "
+                        "(an image listed with several captions); default: one per row")
     p.add_argument("--top-k", type=int, metavar="K",
                    help="at most K labels per row, the most probable (default: no cap)")
     _add_config_flags(p, (*LAYOUT_KEYS, "cache_dir", *DEVICE))
@@ -671,6 +708,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check every image exists and decodes (default: not checked)")
     _add_config_flags(p, LAYOUT_KEYS)
     p.set_defaults(func=cmd_check)
+
+    p = command("audit", "find label errors, duplicates, leaks and outliers in a training CSV",
+                "mmtag audit train.csv --images images/ --run runs/fused --out audit/",
+                "mmtag audit train.csv --images images/ --test test.csv --fix clean.csv")
+    p.add_argument("csv", type=Path, help="the labelled training CSV to audit")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="images folder (without it, the audit reads the captions only)")
+    p.add_argument("--run", type=Path, metavar="RUN",
+                   help="a run cross-fitted on this CSV: its out-of-fold scores and cached "
+                        "features are used (default: cross-fit the default model first)")
+    p.add_argument("--test", type=Path, metavar="CSV", action="append", default=[],
+                   help="a test or validation CSV to check for rows copied from training "
+                        "(repeatable)")
+    p.add_argument("--out", type=Path, metavar="DIR", default=Path("audit"),
+                   help="where issues.csv and audit.html go (default: %(default)s)")
+    p.add_argument("--fix", type=Path, metavar="CSV",
+                   help="also write a corrected copy of the CSV (and DIR/changes.csv); the input "
+                        "is never modified")
+    p.add_argument("--fix-min-score", type=float, metavar="S", default=AUDIT_FIX_MIN_SCORE,
+                   help="change a label only when its issue scores at least S (default: %(default)s)")
+    _add_config_flags(p, ("cache_dir",))
+    p.set_defaults(func=cmd_audit)
 
     p = command("info", "what a run holds",
                 "mmtag info runs/fused",

@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ from ..model import bundle as bundle_io
 from ..model.tagger import Tagger, warn_unknown_labels
 from ..decision import (FEW_VALIDATION_ROWS, GRID, Metrics, Thresholds, ValidationRecord,
                         compute, confusion_counts, decide, f1_by_threshold, pr_curve)
+from ..decision.metrics import metric_title
 from ..training.loop import BestRule, EpochLog, higher_f1, higher_f1_then_lower_loss
 
+AUDIT_DIR = "audit"  # `mmtag train --audit` writes the run's data audit here
 EXAMPLES = 12  # validation items shown with their true and predicted labels
 # The report's size must not grow with the label space beyond one table row per label: each
 # per-class plot shows at most PLOTTED labels (the most frequent; PR_PLOTTED precision-recall
@@ -86,6 +89,8 @@ class ReportData:
     config_yaml: str
     source: ValidationSource
     train_folds: int = 1  # the run's own training: > 1 = cross-fitted, `history` is fold 1's
+    metric: str = "samples"  # what the run optimised (train.metric, --metric)
+    audit: str = ""  # the run's data audit (RUN/audit/audit.html), relative to the report
 
 
 def _plt() -> Any:
@@ -154,14 +159,16 @@ def best_epoch(history: list[dict[str, float]], better: BestRule) -> int:
     best: EpochLog | None = None
     at = 0
     for h in history:
-        entry = EpochLog(**{f.name: h[f.name] for f in fields(EpochLog)})
+        # a history written before `val_metric` was kept lacks it (EpochLog reads it as sample-F1)
+        entry = EpochLog(**{f.name: h[f.name] for f in fields(EpochLog) if f.name in h})
         if better(entry, best):
             best, at = entry, int(entry.epoch)
     return at
 
 
 def training_figure(d: ReportData) -> Any | None:
-    """Loss and validation sample-F1 per epoch for the head and each fine-tuned encoder, the best
+    """Loss and validation sample-F1 per epoch for the head and each fine-tuned encoder (and the
+    run's metric when it is not sample-F1: what the head's best epoch was chosen by), the best
     epoch (the weights kept) marked by a vertical line; None without any history."""
     head = "head" if d.train_folds <= 1 else f"head (fold 1 of {d.train_folds})"
     runs = [(head, d.history, higher_f1)]
@@ -173,12 +180,17 @@ def training_figure(d: ReportData) -> Any | None:
     fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.2 * len(runs)), squeeze=False)
     for (name, hist, rule), (ax_loss, ax_f1) in zip(runs, axes):
         epochs = [h["epoch"] for h in hist]
-        f1 = [h["val_samples_f1"] for h in hist]
+        # the epochs were chosen by the run's metric (a history without it: by sample-F1)
+        chosen_by = d.metric if all(h.get("val_metric") is not None for h in hist) else "samples"
+        f1 = [h["val_samples_f1"] if chosen_by == "samples" else h["val_metric"] for h in hist]
         best = best_epoch(hist, rule)
         best_f1 = f1[epochs.index(best)]
         ax_loss.plot(epochs, [h["train_loss"] for h in hist], label="train loss")
         ax_loss.plot(epochs, [h["val_loss"] for h in hist], label="validation loss")
-        ax_f1.plot(epochs, f1, color="tab:green", label="validation sample-F1")
+        if chosen_by != "samples":
+            ax_f1.plot(epochs, [h["val_samples_f1"] for h in hist], color="tab:olive", lw=1,
+                       alpha=0.7, label="validation sample-F1")
+        ax_f1.plot(epochs, f1, color="tab:green", label=f"validation {metric_title(chosen_by)}")
         ax_f1.plot([best], [best_f1], "o", color="tab:red", ms=5)
         for ax in (ax_loss, ax_f1):
             ax.axvline(best, color="tab:red", ls="--", lw=1, label=f"best epoch {best}")
@@ -190,8 +202,10 @@ def training_figure(d: ReportData) -> Any | None:
                        ha="right" if left else "left", fontsize=8, color="tab:red",
                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
         ax_loss.set(title=f"{name}: loss", xlabel="epoch")
-        ax_f1.set(title=f"{name}: validation sample-F1", xlabel="epoch")
+        ax_f1.set(title=f"{name}: validation {metric_title(chosen_by)}", xlabel="epoch")
         ax_loss.legend(fontsize=8, loc="best")
+        if chosen_by != "samples":
+            ax_f1.legend(fontsize=8, loc="best")
     fig.tight_layout()
     return fig
 
@@ -355,7 +369,8 @@ def _pr_curves(d: ReportData) -> str:
 
 def _threshold_curve(d: ReportData) -> str:
     plt = _plt()
-    f1 = f1_by_threshold(d.record.probs, d.record.y_true, GRID)
+    f1 = f1_by_threshold(d.record.probs, d.record.y_true, GRID, metric=d.metric)
+    title = metric_title(d.metric)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(GRID, f1, label="one global threshold")
     thr = d.thresholds
@@ -369,8 +384,8 @@ def _threshold_curve(d: ReportData) -> str:
     else:
         ax.axvline(float(np.mean(thr.values)), color="tab:red", ls="--",
                    label=f"{thr.mode} thresholds, mean {float(np.mean(thr.values)):.2f} "
-                         f"(F1 {d.metrics.samples_f1:.4f})")
-    ax.set(xlabel="threshold", ylabel="sample-F1", title="validation sample-F1 vs threshold")
+                         f"(F1 {d.metrics.figure(d.metric):.4f})")
+    ax.set(xlabel="threshold", ylabel=title, title=f"validation {title} vs threshold")
     ax.legend(fontsize=8)
     return _figure_html(fig, "threshold versus F1")
 
@@ -517,9 +532,13 @@ def render(d: ReportData) -> str:
             f"{html.escape(d.title)}</title><style>{STYLE}</style></head><body>"
             f"<h1>mmtag report</h1><p>{html.escape(d.title)}</p>"
             f'<p class="headline">sample-F1 <b>{m.samples_f1:.4f}</b> · micro-F1 {m.micro_f1:.4f} · '
-            f"macro-F1 {m.macro_f1:.4f} · n = {m.n} · thresholds: {html.escape(d.thresholds.mode)}</p>"
+            f"macro-F1 {m.macro_f1:.4f} · n = {m.n} · thresholds: {html.escape(d.thresholds.mode)} · "
+            f"optimised for {html.escape(metric_title(d.metric))}</p>"
             f'<p class="source">Validation figures: {html.escape(d.source.describe())}.</p>'
-            f"{_banner(d)}{body}</body></html>\n")
+            + (f'<p class="audit">Data audit of the training CSV (label errors, duplicates, leaks, '
+               f'outliers): <a href="{html.escape(d.audit)}">{html.escape(d.audit)}</a></p>'
+               if d.audit else "")
+            + f"{_banner(d)}{body}</body></html>\n")
 
 
 def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Path | None = None,
@@ -562,8 +581,11 @@ def report(run: str | Path, out: str | Path | None = None, *, csv_path: str | Pa
         thresholds=tagger.thresholds, metrics=compute(record.y_true, mask, ls.ids, ls.names),
         history=tagger.history, finetune_history=tagger.finetune_history,
         config_yaml=_yaml(tagger.config.to_dict()), source=source,
-        train_folds=int(tagger.config.train.folds))
+        train_folds=int(tagger.config.train.folds), metric=tagger.config.train.metric)
     target = Path(out) if out is not None else Path(run) / "report.html"
+    audited = Path(run) / AUDIT_DIR / "audit.html"
+    if csv_path is None and audited.is_file():
+        data.audit = os.path.relpath(audited, target.resolve().parent if out is not None else run)
     bundle_io.write_file(run, target, render(data))  # RUN/report.html: the manifest follows
     return target
 

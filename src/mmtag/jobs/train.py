@@ -19,7 +19,7 @@ from ..model.tagger import Tagger
 from ..progress import line, train_log
 from ..training.checkpoint import RunLog
 from ..training.trainer import FitReport
-from .report import report
+from .report import AUDIT_DIR, report
 
 log = logging.getLogger("mmtag")
 
@@ -29,7 +29,7 @@ TRAIN_LOG = "train.log"
 
 def train(train_csv: str | Path | None, images: str | Path | None, out: str | Path, config: Config,
           *, progress: bool = True, resume: bool = False, tensorboard: bool = False,
-          overwrite: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
+          overwrite: bool = False, audit: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
     """Read, train, tune, save: the whole `mmtag train` job. Returns tagger, report, manifest.
 
     `train_csv` / `images` default to the config's `data.train_csv` / `data.images`. The resolved
@@ -39,6 +39,8 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
     The finished run (bundle, metrics.csv, report, manifest last) is assembled beside OUT and
     moved into place complete (see `mmtag.model.rundir`). A finished or interrupted run at OUT
     is refused unless `overwrite`; until the new run is complete, it stays exactly as it was.
+    `audit`: once the run is in place, audit its training CSV from its out-of-fold scores
+    (RUN/audit/, `mmtag audit --run`), which the report links.
     """
     out = Path(out)
     train_csv = train_csv or config.data.train_csv or None
@@ -75,12 +77,13 @@ def train(train_csv: str | Path | None, images: str | Path | None, out: str | Pa
         raise
     with held:
         return _train_in(space, tagger, config, train_csv, image_dir, out, progress=progress,
-                         resume=resume, tensorboard=tensorboard)
+                         resume=resume, tensorboard=tensorboard, audit=audit)
 
 
 def _train_in(space: rundir.Workspace | None, tagger: Tagger, config: Config,
               train_csv: str | Path, image_dir: str | Path | None, out: Path, *, progress: bool,
-              resume: bool, tensorboard: bool) -> tuple[Tagger, FitReport, dict[str, Any]]:
+              resume: bool, tensorboard: bool,
+              audit: bool = False) -> tuple[Tagger, FitReport, dict[str, Any]]:
     """Train in the prepared workspace (None on ranks that do not write), save, then report."""
     run_log: RunLog | None = None
     try:
@@ -97,8 +100,11 @@ def _train_in(space: rundir.Workspace | None, tagger: Tagger, config: Config,
                     assert run_log is not None
                     run_log.close()
                     if fit.val_metrics is not None:
+                        metric = config.train.metric  # what the run optimised, when not samples
+                        aim = ("" if metric == "samples" else f", {metric} F1 "
+                               f"{fit.val_metrics.figure(metric):.4f} (--metric {metric})")
                         line(f"trained: {'out-of-fold' if fit.folds > 1 else 'validation'} "
-                             f"samples F1 {fit.val_metrics.samples_f1:.4f}", show=progress)
+                             f"samples F1 {fit.val_metrics.samples_f1:.4f}{aim}", show=progress)
                     line(f"saving the run to {out}", show=progress)
                     work = space.work
                     manifest = bundle_io.save(out, tagger.bundle(),
@@ -127,6 +133,9 @@ def _train_in(space: rundir.Workspace | None, tagger: Tagger, config: Config,
     if space is not None:
         # The run is complete and in place before its report is drawn: a report that fails (or
         # a plotting library that crashes the process) costs the report, never the trained model.
+        # So is its audit, drawn first so the report links it.
+        if audit:
+            _audit(out, train_csv, image_dir, tagger, progress)
         if _draw_report(out):
             manifest = bundle_io.read_manifest(out)  # it covers report.html now
     dist.barrier()  # no rank reports success before the bundle exists
@@ -173,6 +182,22 @@ def add_run_files(work: Path, run: Path) -> None:
             shutil.copy2(work / name, run / name)
     if (work / "tensorboard").is_dir():
         shutil.copytree(work / "tensorboard", run / "tensorboard")
+
+
+def _audit(run: Path, train_csv: str | Path, image_dir: str | Path | None, tagger: Tagger,
+           progress: bool) -> None:
+    """RUN/audit/ from the finished run's out-of-fold scores; a failure is a warning."""
+    from .audit import audit
+
+    if int(tagger.config.train.folds) < 2:
+        log.warning("mmtag: --audit needs a cross-fitted run (--folds K, K >= 2) for out-of-fold "
+                    "scores; this run used a split, so no audit was made")
+        return
+    try:
+        audit(train_csv, image_dir, run=run, out=run / AUDIT_DIR, progress=progress)
+    except Exception as exc:  # the run is saved; the audit can be rerun by itself
+        log.warning("mmtag: the run is saved, but its audit failed (%s: %s); `mmtag audit %s "
+                    "--run %s` tries again", exc.__class__.__name__, exc, train_csv, run)
 
 
 def _draw_report(run: Path) -> bool:
