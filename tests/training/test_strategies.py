@@ -150,8 +150,10 @@ def test_augmented_views_reach_the_head(tiny, make_config, monkeypatch, mods, au
     assert not np.array_equal(views[0], plain) and not np.array_equal(views[0], views[1])
     # the plain features are the unaugmented ones (what validation and prediction use)
     from mmtag.data import train_val_split
+    from mmtag.training.trainer import groups_of
 
-    tr_idx, _ = train_val_split(len(train), cfg.data.val_frac, cfg.train.seed)
+    # the split keeps rows sharing a caption together (the synthetic captions repeat)
+    tr_idx, _ = train_val_split(len(train), cfg.data.val_frac, cfg.train.seed, groups_of(cfg, train))
     unaugmented = Tagger(make_config(**{"model.modalities": mods})).features(train, progress=False)
     assert np.array_equal(unaugmented.features.get(kind)[tr_idx], plain)
 
