@@ -39,6 +39,7 @@ from .groups import (  # noqa: F401
     RowGroups,
     caption_identity,
     file_digest,
+    image_keys,
     repeated_ids,
     row_groups,
 )

@@ -24,9 +24,10 @@ from .dataset import Dataset
 from ..errors import MmtagError
 
 
-def file_digest(path: Path) -> str:
-    """The SHA-1 of a file's bytes: the identity of an image (the feature cache's key too)."""
-    h = hashlib.sha1()
+def file_digest(path: str | Path, algorithm: str = "sha1") -> str:
+    """A hash of a file's bytes, read in chunks. SHA-1: the identity of an image (the feature
+    cache's key too); SHA-256: the weight and bundle files' checksums."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
@@ -77,7 +78,7 @@ def row_groups(data: Dataset) -> RowGroups:
         return int(i)
 
     shared = {"image": np.zeros(n, dtype=bool), "caption": np.zeros(n, dtype=bool)}
-    for kind, keys in (("image", _image_keys(data)), ("caption", map(caption_identity, data.captions))):
+    for kind, keys in (("image", image_keys(data)), ("caption", map(caption_identity, data.captions))):
         first: dict[str, int] = {}
         for i, key in enumerate(keys):
             j = first.setdefault(key, i)
@@ -92,7 +93,8 @@ def row_groups(data: Dataset) -> RowGroups:
                      by_caption=int(shared["caption"].sum()))
 
 
-def _image_keys(data: Dataset) -> list[str]:
+def image_keys(data: Dataset) -> list[str]:
+    """Each row's image identity: its file's bytes where it can be read, else its ImageID."""
     keys = []
     for i, image_id in enumerate(data.image_ids):
         key = "id:" + image_id

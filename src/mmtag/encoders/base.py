@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..data.groups import file_digest
 from ..errors import MmtagError
 
 # Set here, where every encoder family starts, so no family can import transformers or
@@ -175,11 +176,7 @@ class EncoderFamily:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def error_summary(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import AUDIT_FIX_MIN_SCORE
-from ..data import Dataset, caption_identity, file_digest
+from ..data import Dataset, caption_identity, image_keys
 from ..errors import MmtagError
 
 log = logging.getLogger("mmtag")
@@ -281,16 +281,8 @@ def label_table(y: np.ndarray, issues: list[Issue], tokens: list[str]) -> list[L
 
 
 def image_keys_of(data: Dataset) -> list[str] | None:
-    """Each row's image identity (its bytes), or None for data without images."""
-    if data.images_dir is None:
-        return None
-    keys = []
-    for i in range(len(data)):
-        try:
-            keys.append(file_digest(data.image_path(i)))
-        except (OSError, MmtagError):
-            keys.append("id:" + data.image_ids[i])
-    return keys
+    """Each row's image identity (`data.image_keys`), or None for data without images."""
+    return None if data.images_dir is None else image_keys(data)
 
 
 def find_issues(data: Dataset, y: np.ndarray, probs: np.ndarray, tokens: list[str],
